@@ -1,0 +1,241 @@
+"""Model sampling: how a raw network becomes a denoiser D(x, σ) -> x̂₀, and which σ it knows.
+
+Three families, each written from its paper:
+- `DiscreteVP`: DDPM-style 1000-step variance-preserving models (SD1/2/XL), eps or v prediction.
+  In VE form x = x₀ + σ·ε with σ² = (1 − ᾱ)/ᾱ (Karras et al. 2022, Table 1, "VP" column);
+  the network sees the VP input x/√(1+σ²) and the discrete timestep t(σ).
+- `EDM`: continuous VE with preconditioning c_skip, c_out, c_in, c_noise (Karras et al. 2022, Eq. 7, Table 1).
+- `DiscreteFlow`: rectified flow x = (1 − σ)·x₀ + σ·ε, velocity v = ε − x₀, with the timestep shift
+  σ' = s·σ/(1 + (s − 1)·σ) of SD3 (Esser et al. 2024, Eq. 23), timestep = 1000·σ.
+
+Every class exposes the protocol the schedules need (`sigmas` ascending, `sigma_min`, `sigma_max`,
+`timestep(σ)`, `sigma(t)`), the noise form samplers need (`is_flow`, `alpha(σ)`: x = α(σ)·x₀ + σ·ε),
+`noise_scaling` for img2img, and `calculate_input` / `calculate_denoised` to wrap a network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from latentforge.schedules import make_betas, rescale_zero_terminal_snr
+
+
+def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    v = torch.as_tensor(v)
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+class _LogSigmaTable:
+    """σ(t) and t(σ) by linear interpolation in log σ over a discrete table (k-diffusion `DiscreteSchedule`)."""
+
+    sigmas: torch.Tensor  # [T] ascending in t
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_sigmas = self.sigmas.double().log()
+        log_sigma = sigma.clamp_min(1e-30).log()
+        dists = log_sigma.reshape(-1, 1) - log_sigmas.reshape(1, -1)  # [N, T]
+        low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=log_sigmas.shape[0] - 2)
+        high = low + 1
+        lo, hi = log_sigmas[low], log_sigmas[high]
+        w = ((lo - log_sigma.reshape(-1)) / (lo - hi)).clamp(0, 1)
+        t = (1 - w) * low + w * high
+        return t.reshape(sigma.shape).to(torch.float32 if sigma.dtype != torch.float64 else torch.float64)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float64).clamp(0, self.sigmas.shape[0] - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        log_sigmas = self.sigmas.double().log()
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp().to(self.sigmas.dtype)
+
+
+@dataclass
+class DiscreteVP(_LogSigmaTable):
+    """SD1/2/XL: 1000 discrete steps, `scaled_linear` betas 0.00085..0.012, eps or v prediction."""
+
+    prediction: Literal["eps", "v"] = "eps"
+    beta_schedule: str = "scaled_linear"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    sigma_data: float = 1.0
+    sigmas: torch.Tensor = field(init=False, repr=False)
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+
+    is_flow = False
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        betas = make_betas(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end)
+        if self.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        if self.zero_terminal_snr:
+            # σ would be infinite at ᾱ = 0; keep it finite as ComfyUI and A1111 do (σ_max ≈ 1429).
+            ac[-1] = 4.8973451890853435e-08
+        self.alphas_cumprod = ac.float()
+        self.sigmas = ((1 - ac) / ac).sqrt().float()
+
+    def alpha(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(torch.as_tensor(sigma))
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x / _append_dims((sigma**2 + self.sigma_data**2).sqrt(), x.ndim)
+
+    def calculate_denoised(self, sigma, model_output, x):
+        s = _append_dims(sigma, x.ndim)
+        if self.prediction == "eps":  # D = x − σ·ε̂
+            return x - s * model_output
+        # v-prediction (Salimans & Ho 2022, Eq. 9 in VE form): D = c_skip·x − c_out·v
+        sd2 = self.sigma_data**2
+        return x * sd2 / (s**2 + sd2) - model_output * s * self.sigma_data / (s**2 + sd2).sqrt()
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
+        s = _append_dims(sigma, noise.ndim)
+        if max_denoise:  # unit-variance VP noise at the top of the schedule
+            s = (s**2 + 1).sqrt()
+        return latent + noise * s
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent
+
+
+@dataclass
+class EDM:
+    """Karras et al. 2022 preconditioning (Table 1, "ours"): the network predicts F, D = c_skip·x + c_out·F."""
+
+    sigma_data: float = 0.5
+    sigma_min_: float = 0.002
+    sigma_max_: float = 80.0
+    prediction: Literal["x0", "v"] = "x0"
+
+    is_flow = False
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return torch.tensor(self.sigma_min_)
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return torch.tensor(self.sigma_max_)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        # A 1000-entry table uniform in log σ, so table-based schedules (simple, beta) also work.
+        return torch.linspace(math.log(self.sigma_min_), math.log(self.sigma_max_), 1000).exp()
+
+    def timestep(self, sigma):  # c_noise = ¼·ln σ (Table 1)
+        return torch.as_tensor(sigma).log() / 4
+
+    def sigma(self, timestep):
+        return (torch.as_tensor(timestep) * 4).exp()
+
+    def alpha(self, sigma):
+        return torch.ones_like(torch.as_tensor(sigma))
+
+    def calculate_input(self, sigma, x):
+        return x / _append_dims((sigma**2 + self.sigma_data**2).sqrt(), x.ndim)
+
+    def calculate_denoised(self, sigma, model_output, x):
+        s = _append_dims(sigma, x.ndim)
+        sd = self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        if self.prediction == "v":
+            c_out = -c_out
+        return c_skip * x + c_out * model_output
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
+        return latent + noise * _append_dims(sigma, noise.ndim)
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent
+
+
+def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
+    """SD3 timestep shift (Esser et al. 2024, Eq. 23): σ' = s·t / (1 + (s − 1)·t)."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass
+class DiscreteFlow(_LogSigmaTable):
+    """Rectified flow (SD3/3.5): x = (1 − σ)·x₀ + σ·ε, the network predicts v = ε − x₀ at t = 1000·σ."""
+
+    shift: float = 3.0
+    multiplier: float = 1000.0
+    timesteps: int = 1000
+    sigmas: torch.Tensor = field(init=False, repr=False)
+
+    is_flow = True
+
+    def __post_init__(self):
+        ts = torch.arange(1, self.timesteps + 1, dtype=torch.float64) / self.timesteps
+        self.sigmas = time_snr_shift(self.shift, ts).float()
+
+    def timestep(self, sigma):
+        return torch.as_tensor(sigma) * self.multiplier
+
+    def sigma(self, timestep):
+        return time_snr_shift(self.shift, torch.as_tensor(timestep) / self.multiplier)
+
+    def alpha(self, sigma):
+        return 1 - torch.as_tensor(sigma)
+
+    def calculate_input(self, sigma, x):
+        return x
+
+    def calculate_denoised(self, sigma, model_output, x):  # x₀ = x − σ·v
+        return x - _append_dims(sigma, x.ndim) * model_output
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
+        s = _append_dims(sigma, noise.ndim)
+        return s * noise + (1 - s) * latent
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent / (1 - _append_dims(sigma, latent.ndim))
+
+
+ModelSampling = DiscreteVP | EDM | DiscreteFlow
+
+
+class Denoiser(torch.nn.Module):
+    """Wraps a raw network `net(x_in, timestep, **cond)` into D(x, σ, **cond) -> x̂₀.
+
+    The c_* weights are computed in float32 (float64 if x is float64); the network runs in its own
+    dtype and its output is cast back (the EDM2 `Precond` boundary).
+    """
+
+    def __init__(self, net: torch.nn.Module, model_sampling: ModelSampling, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net = net
+        self.model_sampling = model_sampling
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xw = x.to(work)
+        sigma = torch.as_tensor(sigma, device=x.device).to(work).expand(x.shape[0])
+        ms = self.model_sampling
+        x_in = ms.calculate_input(sigma, xw)
+        t = ms.timestep(sigma).to(device=x.device, dtype=work)
+        net_dtype = self.dtype or work
+        out = self.net(x_in.to(net_dtype), t.to(net_dtype) if net_dtype.is_floating_point else t, **cond)
+        return ms.calculate_denoised(sigma, out.to(work), xw).to(x.dtype)

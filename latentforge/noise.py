@@ -1,0 +1,123 @@
+"""Seeded noise: initial latents, per-step noise and Brownian-tree noise.
+
+Every image in a batch owns its seed, so image k's noise never depends on the batch size
+(k-diffusion #25, A1111 #5210). Noise is drawn on the CPU by default and moved to the
+tensor's device, so one seed gives the same image on any device (diffusers' advice; ComfyUI's
+`prepare_noise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def seeds_for(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """Per-image seeds: an int gives seed, seed+1, ... (A1111's batch convention)."""
+    if seed is None:
+        return [int(s) for s in torch.randint(0, 2**63 - 1, (batch,), dtype=torch.int64)]
+    if isinstance(seed, int):
+        return [seed + k for k in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}; give one seed per image or an int")
+    return seeds
+
+
+def randn_seeded(
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator_device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Standard normal noise [B, *shape[1:]] where row k is drawn from its own generator seeded seeds[k]."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator(device=generator_device).manual_seed(int(s))
+        rows.append(torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32, device=generator_device))
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class SeededNoiseSampler:
+    """`noise_sampler(sigma, sigma_next)` with one CPU generator per image.
+
+    The step-noise stream of image k is seeded with `seeds[k] + offset`, so it is independent
+    of the initial-noise stream (seeded with `seeds[k]`) and of the other images.
+    """
+
+    def __init__(self, x: torch.Tensor, seeds: Sequence[int], offset: int = 0x5EED, device: str = "cpu"):
+        self.shape = tuple(x.shape[1:])
+        self.dtype, self.out_device = x.dtype, x.device
+        self.gens = [torch.Generator(device=device).manual_seed(int(s) + offset) for s in seeds]
+        self.device = device
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        rows = [torch.randn(self.shape, generator=g, device=self.device) for g in self.gens]
+        return torch.stack(rows).to(device=self.out_device, dtype=self.dtype)
+
+
+class BrownianTreeNoiseSampler:
+    """Normalised Brownian increments W(σ_next) − W(σ) / √|σ_next − σ| from a seeded torchsde tree.
+
+    Using one Brownian path for the whole trajectory makes SDE samplers converge as steps grow
+    (Kloeden & Platen; the reason k-diffusion uses it for DPM++ SDE). One tree per image.
+    `cpu=True` builds the trees on the CPU (the plain sampler names); `cpu=False` on x's device
+    (the `_gpu` names), which gives different noise for the same seed, as in ComfyUI.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        sigma_min: float,
+        sigma_max: float,
+        seeds: Sequence[int],
+        cpu: bool = True,
+    ):
+        import torchsde
+
+        self.t0, self.t1 = float(sigma_min), float(sigma_max)
+        if not self.t0 < self.t1:
+            raise ValueError(f"Brownian tree needs sigma_min < sigma_max, got {self.t0} and {self.t1}")
+        self.device = torch.device("cpu") if cpu else x.device
+        self.out_device, self.dtype = x.device, x.dtype
+        self.shape = (x.shape[0], *x.shape[1:])
+        w0 = torch.zeros(tuple(x.shape[1:]), device=self.device, dtype=torch.float64)
+        self.trees = [
+            torchsde.BrownianTree(t0=self.t0, w0=w0, t1=self.t1, entropy=int(s) % (2**63), tol=1e-6)
+            for s in seeds
+        ]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        a = min(max(float(sigma), self.t0), self.t1)
+        b = min(max(float(sigma_next), self.t0), self.t1)
+        lo, hi = min(a, b), max(a, b)
+        if hi - lo <= 0:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.out_device)
+        sign = 1.0 if b >= a else -1.0
+        w = torch.stack([tree(lo, hi) for tree in self.trees]) * (sign / (hi - lo) ** 0.5)
+        return w.to(device=self.out_device, dtype=self.dtype)
+
+
+def default_noise_sampler(
+    x: torch.Tensor,
+    seed: int | Sequence[int] | None,
+    sigmas: torch.Tensor | None = None,
+    brownian: bool = False,
+    cpu: bool = True,
+) -> NoiseSampler:
+    """The noise a stochastic sampler uses when the caller gives no `noise_sampler`.
+
+    seed: an int (image k uses seed+k), a list (one per image) or None (drawn from torch's global RNG,
+    so `torch.manual_seed` still makes a run repeatable).
+    """
+    seeds = seeds_for(seed, x.shape[0])
+    if brownian:
+        if sigmas is None:
+            raise ValueError("a Brownian-tree noise sampler needs the sigmas it will be queried on")
+        pos = sigmas[sigmas > 0]
+        return BrownianTreeNoiseSampler(x, float(pos.min()), float(sigmas.max()), seeds, cpu=cpu)
+    return SeededNoiseSampler(x, seeds)

@@ -1,0 +1,117 @@
+"""Samplers: pure functions f(model, x, sigmas, extra_args=None, callback=None, disable=None, **options).
+
+`model(x, σ[B], **extra_args)` returns the denoised x̂₀; `x` enters as noise·σ₀; `sigmas` decreases
+(usually to 0). `SAMPLERS` lists every sampler under ComfyUI's names; its entries validate the
+sigmas, check every model output for NaN/inf (naming the step), and cast model outputs to x's dtype.
+The raw `sample_<name>` functions live in the group modules.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from latentforge.samplers import dpmsolver, karras, multistep, stochastic
+from latentforge.schedules import get_sigmas, unknown_name_error
+
+SAMPLER_NAMES = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+]  # fmt: skip
+
+# ComfyUI computes the schedule for steps+1 and drops the second-to-last σ for these (KSampler).
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+
+
+def validate_sigmas(sigmas) -> torch.Tensor:
+    sigmas = torch.as_tensor(sigmas)
+    if not sigmas.is_floating_point():
+        sigmas = sigmas.float()
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(
+            f"sigmas must be a 1-D tensor of at least 2 values (steps >= 1), got shape {tuple(sigmas.shape)}"
+        )
+    if not torch.isfinite(sigmas).all():
+        bad = int((~torch.isfinite(sigmas)).nonzero()[0])
+        raise ValueError(f"sigmas[{bad}] = {float(sigmas[bad])} is not finite")
+    if (sigmas < 0).any():
+        bad = int((sigmas < 0).nonzero()[0])
+        raise ValueError(f"sigmas[{bad}] = {float(sigmas[bad])} is negative; σ must be >= 0")
+    step = sigmas[1:] >= sigmas[:-1]
+    if step.any():
+        i = int(step.nonzero()[0])
+        raise ValueError(
+            f"sigmas must be strictly decreasing: step {i} goes from σ={float(sigmas[i]):.6g} "
+            f"to σ={float(sigmas[i + 1]):.6g}"
+        )
+    return sigmas
+
+
+class _CheckedModel:
+    """Forwards to the denoiser; raises on a non-finite output naming the step and σ."""
+
+    def __init__(self, model, sigmas: torch.Tensor, name: str):
+        self.model, self.sigmas, self.name = model, sigmas, name
+        self.model_sampling = getattr(model, "model_sampling", None)
+        if hasattr(model, "with_uncond"):
+            self.with_uncond = self._with_uncond
+
+    def _step_of(self, sigma) -> int:
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        pos = (self.sigmas >= s * (1 - 1e-6)).nonzero()
+        return int(pos[-1]) if len(pos) else 0
+
+    def _check(self, out, x, sigma):
+        if not torch.isfinite(out).all():
+            s = float(torch.as_tensor(sigma).reshape(-1)[0])
+            raise FloatingPointError(
+                f"sampler {self.name!r}: the model returned non-finite values (NaN or inf) at step "
+                f"{self._step_of(sigma)} of {len(self.sigmas) - 1} (σ={s:.6g})"
+            )
+        return out.to(x.dtype)
+
+    def __call__(self, x, sigma, **kw):
+        return self._check(self.model(x, sigma, **kw), x, sigma)
+
+    def _with_uncond(self, x, sigma, **kw):
+        d, u = self.model.with_uncond(x, sigma, **kw)
+        return self._check(d, x, sigma), self._check(u, x, sigma)
+
+
+def _checked(name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        sigmas = validate_sigmas(sigmas).to(x.device)
+        out = fn(_CheckedModel(model, sigmas, name), x, sigmas, extra_args, callback, disable, **options)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"sampler {name!r} produced non-finite values from finite model outputs")
+        return out
+
+    return run
+
+
+_RAW = {**karras.SAMPLERS, **dpmsolver.SAMPLERS, **multistep.SAMPLERS, **stochastic.SAMPLERS}
+SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in SAMPLER_NAMES if name in _RAW}
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in SAMPLERS:
+        raise unknown_name_error("sampler", name, SAMPLER_NAMES)
+    return SAMPLERS[name]
+
+
+def sigmas_for(sampler: str, scheduler: str, model_sampling, steps: int) -> torch.Tensor:
+    """The schedule a KSampler-style front end uses: for the samplers that discard the penultimate σ,
+    compute steps+1 and drop it, so the sampler still takes `steps` steps."""
+    get_sampler(sampler)
+    if sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+        sig = get_sigmas(model_sampling, scheduler, steps + 1)
+        return torch.cat([sig[:-2], sig[-1:]])
+    return get_sigmas(model_sampling, scheduler, steps)

@@ -1,0 +1,128 @@
+"""What every sampler shares: the Karras derivative, the noise form (VE or flow), ancestral steps,
+the unconditional prediction for CFG++, default noise, progress.
+
+Notation (k-diffusion): D(x, σ) is the denoiser (x̂₀); d = (x − D)/σ the probability-flow ODE
+derivative dx/dσ (Karras et al. 2022, Eq. 3 with s = 1); λ = log(α/σ) the half log-SNR.
+
+A sampler works in the model's own coordinates x = α(σ)·x₀ + σ·ε. For VE/VP models (and any
+plain callable D) α = 1 and λ = −log σ; for rectified-flow models (model_sampling.is_flow)
+α = 1 − σ and λ = log((1 − σ)/σ). The ODE dx/dσ = (x − D)/σ holds for both: for flow,
+(x − x₀)/σ = ε − x₀ = v (Liu et al. 2022, Eq. 1), so Euler/Heun/LMS need no change; the
+exponential integrators and ancestral steps use α and λ.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange as _trange
+
+from latentforge.noise import NoiseSampler, default_noise_sampler
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """Karras ODE derivative d = (x − D)/σ."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def svec(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """σ as a [B] vector for the model call, keeping the schedule's dtype (never rounded to bf16)."""
+    return sigma.to(x.device).expand(x.shape[0])
+
+
+def trange(n: int, disable: bool | None = None):
+    return _trange(n, disable=disable if disable is not None else True, leave=False)
+
+
+def model_sampling_of(model):
+    return getattr(model, "model_sampling", None)
+
+
+def is_flow(model) -> bool:
+    ms = model_sampling_of(model)
+    return bool(getattr(ms, "is_flow", False))
+
+
+# --- noise form -----------------------------------------------------------------------------
+
+
+def alpha(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
+    return 1 - sigma if flow else torch.ones_like(sigma)
+
+
+def half_log_snr(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
+    """λ = log(α/σ); −∞ at σ = 1 for flow, +∞ at σ = 0."""
+    if flow:
+        return torch.log1p(-sigma) - sigma.log()
+    return -sigma.log()
+
+
+def sigma_from_half_log_snr(lam: torch.Tensor, flow: bool) -> torch.Tensor:
+    return torch.sigmoid(-lam) if flow else torch.exp(-lam)
+
+
+def first_sigma_for_log_snr(sigmas: torch.Tensor, flow: bool) -> torch.Tensor:
+    """σ = 1 has λ = −∞ for flow models; start a hair below it (as ComfyUI does) so h stays finite."""
+    if flow and float(sigmas[0]) >= 1.0:
+        sigmas = sigmas.clone()
+        sigmas[0] = 0.9999
+    return sigmas
+
+
+def get_ancestral_step(sigma, sigma_next, eta: float = 1.0, flow: bool = False):
+    """Split a step σ → σ_next into a deterministic step to σ_down and fresh noise of size σ_up.
+
+    Returns (σ_down, σ_up, scale): x_next = scale·x(σ_down) + σ_up·z.
+    VE (DDIM, Song et al. 2021, Eq. 16 in σ form): σ_up = min(σ_next, η·√(σ_next²(σ² − σ_next²)/σ²)),
+    σ_down = √(σ_next² − σ_up²), scale = 1.
+    Flow: σ_down = σ_next·(1 + (σ_next/σ − 1)·η); the state at σ_down is rescaled to the signal level
+    α_next = 1 − σ_next and topped up with noise to total σ_next:
+    σ_up = √(σ_next² − (σ_down·α_next/α_down)²), scale = α_next/α_down.
+    """
+    if float(sigma_next) == 0 or not eta:
+        return sigma_next, sigma_next * 0, torch.ones_like(sigma_next)
+    if flow:
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        a_next, a_down = 1 - sigma_next, 1 - sigma_down
+        scale = a_next / a_down
+        sigma_up = (sigma_next**2 - (sigma_down * scale) ** 2).clamp_min(0).sqrt()
+        return sigma_down, sigma_up, scale
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+    sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
+    return sigma_down, sigma_up, torch.ones_like(sigma_next)
+
+
+# --- model calls ------------------------------------------------------------------------------
+
+
+def denoise_with_uncond(model, x, sigma, extra_args):
+    """(guided D, unconditional D) for the CFG++ samplers (Chung et al. 2024).
+
+    A guidance wrapper exposes `with_uncond`; for any other model both are the same prediction,
+    so a `_cfg_pp` sampler equals its base sampler.
+    """
+    if hasattr(model, "with_uncond"):
+        return model.with_uncond(x, svec(sigma, x), **extra_args)
+    d = model(x, svec(sigma, x), **extra_args)
+    return d, d
+
+
+def make_noise_sampler(
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise_sampler: NoiseSampler | None,
+    seed=None,
+    brownian: bool = False,
+    cpu: bool = True,
+) -> NoiseSampler:
+    if noise_sampler is not None:
+        return noise_sampler
+    return default_noise_sampler(x, seed, sigmas=sigmas, brownian=brownian, cpu=cpu)
+
+
+def report(callback, x, i, sigma, sigma_hat, denoised) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
