@@ -76,7 +76,11 @@ class BrownianTreeNoiseSampler:
         sigma_max: float,
         seeds: Sequence[int],
         cpu: bool = True,
+        per_image: bool = True,
+        tol: float = 1e-6,
     ):
+        """per_image=False: one tree over the whole batch, seeded seeds[0] (fast for large batches of
+        points, as in benchmarks; image k's noise then depends on the batch)."""
         import torchsde
 
         self.t0, self.t1 = float(sigma_min), float(sigma_max)
@@ -85,10 +89,12 @@ class BrownianTreeNoiseSampler:
         self.device = torch.device("cpu") if cpu else x.device
         self.out_device, self.dtype = x.device, x.dtype
         self.shape = (x.shape[0], *x.shape[1:])
-        w0 = torch.zeros(tuple(x.shape[1:]), device=self.device, dtype=torch.float64)
+        self.per_image = per_image
+        shape = tuple(x.shape[1:]) if per_image else tuple(x.shape)
+        w0 = torch.zeros(shape, device=self.device, dtype=torch.float64)
         self.trees = [
-            torchsde.BrownianTree(t0=self.t0, w0=w0, t1=self.t1, entropy=int(s) % (2**63), tol=1e-6)
-            for s in seeds
+            torchsde.BrownianTree(t0=self.t0, w0=w0, t1=self.t1, entropy=int(s) % (2**63), tol=tol)
+            for s in (seeds if per_image else seeds[:1])
         ]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,11 @@ class BrownianTreeNoiseSampler:
         if hi - lo <= 0:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.out_device)
         sign = 1.0 if b >= a else -1.0
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * (sign / (hi - lo) ** 0.5)
+        if self.per_image:
+            w = torch.stack([tree(lo, hi) for tree in self.trees])
+        else:
+            w = self.trees[0](lo, hi)
+        w = w * (sign / (hi - lo) ** 0.5)
         return w.to(device=self.out_device, dtype=self.dtype)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from latentforge.cli import main
+
+sys.exit(main())
