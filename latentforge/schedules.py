@@ -90,15 +90,16 @@ AYS_SIGMAS = {
 
 
 def get_sigmas_ays(n: int, model_type: str = "sd1") -> torch.Tensor:
-    """n σ values from the AYS table for `model_type` (sd1, sdxl, svd), interpolated in log σ; then 0."""
+    """n steps from the AYS table for `model_type` (sd1, sdxl, svd): the 11 levels interpolated in log σ
+    to n+1 points, the last replaced by 0 (ComfyUI's AlignYourStepsScheduler convention)."""
     if model_type not in AYS_SIGMAS:
         raise ValueError(f"unknown AYS model type {model_type!r}; expected one of {sorted(AYS_SIGMAS)}")
+    _check_steps(n)
     table = np.log(np.array(AYS_SIGMAS[model_type]))
-    if n == len(table):
-        out = table
-    else:
-        out = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(table)), table)
-    return append_zero(torch.tensor(np.exp(out), dtype=torch.float32))
+    out = np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(table)), table)
+    sig = torch.tensor(np.exp(out), dtype=torch.float32)
+    sig[-1] = 0
+    return sig
 
 
 # --------------------------------------------------------------------------------------------
