@@ -83,6 +83,9 @@ class GaussianMixture:
                 s = s.reshape(-1, *([1] * (x.ndim - 1)))
             xin = x.to(torch.float64)
             if flow:
+                # at σ = 1 (pure noise) the limit σ_VE → ∞ gives the data mean; clamping σ a hair
+                # below 1 reaches that limit to ~1e-9 in float64
+                s = s.clamp(max=1 - 1e-9)
                 out = self.denoise_ve(xin / (1 - s), (s / (1 - s)).reshape(-1))
             else:
                 out = self.denoise_ve(xin, s.reshape(-1))

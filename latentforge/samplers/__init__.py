@@ -92,7 +92,7 @@ def _checked(name: str, fn: Callable) -> Callable:
         out = fn(_CheckedModel(model, sigmas, name), x, sigmas, extra_args, callback, disable, **options)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"sampler {name!r} produced non-finite values from finite model outputs")
-        return out
+        return out.to(x.dtype)  # a bfloat16 x may be carried in float32 inside; hand back its dtype
 
     return run
 
