@@ -52,8 +52,10 @@ def run_diffusers(name, steps, x0, ms):
     for t in sch.timesteps:
         x_in = sch.scale_model_input(x, t)
         eps = eps_model(x_in, t, ms)
-        x = sch.step(eps, t, x, generator=g).prev_sample if "generator" in sch.step.__code__.co_varnames else (
-            sch.step(eps, t, x).prev_sample
+        x = (
+            sch.step(eps, t, x, generator=g).prev_sample
+            if "generator" in sch.step.__code__.co_varnames
+            else (sch.step(eps, t, x).prev_sample)
         )
     return time.perf_counter() - t0, len(sch.timesteps)
 
@@ -92,7 +94,9 @@ def main():
     for name in ("euler", "euler_ancestral", "heun", "dpmpp_2m", "lms", "uni_pc_bh2", "ddim"):
         ours = min(run_ours(name, a.steps, x0, ms)[0] for _ in range(a.repeat))
         n_ours = run_ours(name, a.steps, x0, ms)[1]
-        theirs, n_theirs = min((run_diffusers(name, a.steps, x0, ms) for _ in range(a.repeat)), key=lambda r: r[0])
+        theirs, n_theirs = min(
+            (run_diffusers(name, a.steps, x0, ms) for _ in range(a.repeat)), key=lambda r: r[0]
+        )
         o, t = 1e3 * ours / n_ours, 1e3 * theirs / n_theirs
         print(f"{name:16s} {o:13.2f} {t:18.2f} {t / o:7.2f}")
 

@@ -30,7 +30,7 @@ def _append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class _LogSigmaTable:
-    """σ(t) and t(σ) by linear interpolation in log σ over a discrete table (k-diffusion `DiscreteSchedule`)."""
+    """σ(t) and t(σ) by linear interpolation in log σ over a discrete table (k-diffusion)."""
 
     sigmas: torch.Tensor  # [T] ascending in t
 
@@ -118,7 +118,7 @@ class DiscreteVP(_LogSigmaTable):
 
 @dataclass
 class EDM:
-    """Karras et al. 2022 preconditioning (Table 1, "ours"): the network predicts F, D = c_skip·x + c_out·F."""
+    """Karras et al. 2022 preconditioning (Table 1, "ours"): D = c_skip·x + c_out·F(c_in·x, c_noise)."""
 
     sigma_data: float = 0.5
     sigma_min_: float = 0.002

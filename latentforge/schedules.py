@@ -18,7 +18,9 @@ import torch
 # Discrete beta schedules (DDPM, Ho et al. 2020 §4; Nichol & Dhariwal 2021, Eq. 17)
 
 
-def make_betas(schedule: str, timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012):
+def make_betas(
+    schedule: str, timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012
+):
     """β_t for t = 0..T−1 under diffusers' names: `linear`, `scaled_linear` (ldm's "linear"), `cosine`."""
     if schedule == "linear":
         return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
@@ -29,7 +31,9 @@ def make_betas(schedule: str, timesteps: int = 1000, linear_start: float = 0.000
         t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
         f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {schedule!r}; expected one of 'linear', 'scaled_linear', 'cosine'")
+    raise ValueError(
+        f"unknown beta schedule {schedule!r}; expected one of 'linear', 'scaled_linear', 'cosine'"
+    )
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

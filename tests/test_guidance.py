@@ -5,7 +5,6 @@ import torch
 
 from latentforge.guidance import CFGDenoiser
 from latentforge.samplers import SAMPLERS
-from latentforge.schedules import get_sigmas_karras
 
 
 class Recorder:
@@ -37,7 +36,9 @@ def test_one_batched_call_and_formula():
 def test_scale_one_skips_uncond():
     m = Recorder()
     x = torch.randn(2, 2)
-    out = CFGDenoiser(m, scale=1.0)(x, torch.ones(2), cond={"label": torch.tensor([1, 1])}, uncond={"label": torch.tensor([0, 0])})
+    out = CFGDenoiser(m, scale=1.0)(
+        x, torch.ones(2), cond={"label": torch.tensor([1, 1])}, uncond={"label": torch.tensor([0, 0])}
+    )
     assert len(m.calls) == 1 and m.calls[0][0] == 2
     assert torch.allclose(out, Recorder()(x, torch.ones(2), torch.tensor([1, 1])))
 
@@ -59,7 +60,9 @@ def test_per_image_scales_equal_separate_runs():
     c, u = torch.tensor([1, 2]), torch.tensor([0, 0])
     both = CFGDenoiser(Recorder(), scale=[2.0, 9.0])(x, sigma, cond={"label": c}, uncond={"label": u})
     for k, w in enumerate((2.0, 9.0)):
-        one = CFGDenoiser(Recorder(), scale=w)(x[k : k + 1], sigma[:1], cond={"label": c[k : k + 1]}, uncond={"label": u[:1]})
+        one = CFGDenoiser(Recorder(), scale=w)(
+            x[k : k + 1], sigma[:1], cond={"label": c[k : k + 1]}, uncond={"label": u[:1]}
+        )
         assert torch.allclose(both[k : k + 1], one)
 
 
@@ -83,7 +86,10 @@ def test_rescale():
 def test_mismatched_cond_shapes():
     with pytest.raises(ValueError, match="same shape"):
         CFGDenoiser(Recorder(), scale=3.0)(
-            torch.zeros(2, 2), torch.ones(2), cond={"label": torch.ones(2, 3)}, uncond={"label": torch.ones(2, 4)}
+            torch.zeros(2, 2),
+            torch.ones(2),
+            cond={"label": torch.ones(2, 3)},
+            uncond={"label": torch.ones(2, 4)},
         )
 
 

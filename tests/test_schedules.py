@@ -69,10 +69,16 @@ def test_all_schedulers_end_in_zero_and_decrease():
 def test_flow_tables():
     # reference §7: diffusers FlowMatch(shift=3) == ComfyUI normal; ComfyUI simple differs.
     fl = DiscreteFlow(shift=3.0)
-    assert torch.allclose(SCHEDULERS["normal"](fl, 4), torch.tensor([1, 0.8577, 0.6022, 0.0089, 0]), atol=6e-5)
+    assert torch.allclose(
+        SCHEDULERS["normal"](fl, 4), torch.tensor([1, 0.8577, 0.6022, 0.0089, 0]), atol=6e-5
+    )
     assert torch.allclose(SCHEDULERS["simple"](fl, 4), torch.tensor([1, 0.9, 0.75, 0.5, 0]), atol=6e-5)
-    assert torch.allclose(SCHEDULERS["normal"](fl, 28)[-4:], torch.tensor([0.1998, 0.1109, 0.0089, 0]), atol=6e-5)
-    assert torch.allclose(SCHEDULERS["simple"](fl, 28)[-4:], torch.tensor([0.2664, 0.1888, 0.1007, 0]), atol=6e-5)
+    assert torch.allclose(
+        SCHEDULERS["normal"](fl, 28)[-4:], torch.tensor([0.1998, 0.1109, 0.0089, 0]), atol=6e-5
+    )
+    assert torch.allclose(
+        SCHEDULERS["simple"](fl, 28)[-4:], torch.tensor([0.2664, 0.1888, 0.1007, 0]), atol=6e-5
+    )
 
 
 def test_flow_normal_equals_diffusers_flowmatch():
@@ -105,7 +111,11 @@ def test_karras_and_normal_equal_diffusers_euler():
 def test_beta_schedules_equal_diffusers():
     from diffusers import DDPMScheduler
 
-    for name, dname in (("linear", "linear"), ("scaled_linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")):
+    for name, dname in (
+        ("linear", "linear"),
+        ("scaled_linear", "scaled_linear"),
+        ("cosine", "squaredcos_cap_v2"),
+    ):
         ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=dname).betas.double()
         assert torch.allclose(make_betas(name), ref, rtol=1e-6, atol=1e-9), name
 

@@ -24,8 +24,8 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """Karras ODE derivative d = (x − D)/σ."""
-    return (x - denoised) / append_dims(sigma, x.ndim)
+    """Karras ODE derivative d = (x − D)/σ, in x's dtype."""
+    return ((x - denoised) / append_dims(sigma, x.ndim)).to(x.dtype)
 
 
 def svec(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

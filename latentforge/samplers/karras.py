@@ -1,14 +1,20 @@
 """Samplers that step in σ along the Karras ODE derivative d = (x − D)/σ, and their ancestral forms.
 
 Karras et al. 2022 ("Elucidating the design space", EDM), Algorithm 2 for Euler/Heun with churn;
-DDIM (Song et al. 2021) for the ancestral split; CFG++ (Chung et al. 2024) for the `_cfg_pp` forms.
+DDIM (Song et al. 2021) for the ancestral split; CFG++ (Chung et al. 2024) for the `_cfg_pp` forms;
+DPM-Solver-2 (Lu et al. 2022a), linear multistep, the DDPM posterior step (Ho et al. 2020), LCM
+multistep sampling (Luo et al. 2023) and gradient estimation (Permenter & Yuan 2024).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from latentforge.samplers.common import (
+    alpha,
     denoise_with_uncond,
     get_ancestral_step,
     is_flow,
@@ -141,10 +147,364 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return sample_euler_ancestral(model, x, sigmas, extra_args, callback, disable, eta=eta, **kw)
 
 
+# --- Heun, Heun++, DPM-Solver-2 -----------------------------------------------------------------
+
+
+def _to_d(x, sigma, denoised):
+    """`to_d` kept in x's dtype (common.to_d turns a 0-d float32 σ into a [1, 1] tensor, which
+    promotes bfloat16 x to float32)."""
+    return to_d(x, sigma, denoised).to(x.dtype)
+
+
+def _d(model, x, sigma, extra_args):
+    """(D, d) at (x, σ): the denoised prediction and the Karras derivative d = (x − D)/σ."""
+    denoised = model(x, svec(sigma, x), **extra_args)
+    return denoised, _to_d(x, sigma, denoised)
+
+
+@torch.no_grad()
+def sample_heun(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """Karras et al. 2022, Algorithm 2 (Heun's 2nd-order method with churn, lines 4-11).
+
+    Predictor x' = x + Δσ·d(x, σ̂), Δσ = σ_{i+1} − σ̂; corrector x ← x + Δσ·(d + d(x', σ_{i+1}))/2.
+    The step to σ = 0 is Euler (Alg. 2 line 9: d(x', 0) is undefined); it returns D(x, σ̂) exactly.
+    2 NFE per step except the last.
+    """
+    extra_args = extra_args or {}
+    n = len(sigmas) - 1
+    if s_churn > 0:
+        noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    for i in trange(n, disable):
+        sigma_next = sigmas[i + 1]
+        x, sigma_hat = _churn(x, sigmas[i], i, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, sigma_next)
+        denoised, d = _d(model, x, sigma_hat, extra_args)
+        report(callback, x, i, sigmas[i], sigma_hat, denoised)
+        dt = sigma_next - sigma_hat
+        if float(sigma_next) == 0:
+            x = x + d * dt
+            continue
+        x2 = x + d * dt
+        _, d2 = _d(model, x2, sigma_next, extra_args)
+        x = x + (d + d2) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_heunpp2(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """ "Heun++" (ComfyUI `heunpp2`, from Carzit/sd-webui-samplers-scheduler; no paper): Karras Alg. 2
+    churn, then a weighted three-point derivative along an Euler chain σ̂ → σ_{i+1} → σ_{i+2}:
+
+        x₂ = x + Δσ·d,  d₂ = d(x₂, σ_{i+1});  x₃ = x₂ + (σ_{i+2} − σ_{i+1})·d₂,  d₃ = d(x₃, σ_{i+2})
+        x ← x + Δσ·(w₁d + w₂d₂ + w₃d₃),  w₂ = σ_{i+1}/(3σ₀), w₃ = σ_{i+2}/(3σ₀), w₁ = 1 − w₂ − w₃.
+
+    On the next-to-last step (no σ_{i+2}) it uses two points with w₂ = σ_{i+1}/(2σ₀), w₁ = 1 − w₂; the
+    last step is Euler. The weights fade towards Euler as σ falls, so this is a consistent but only
+    first-order method (Heun's order-2 condition needs w₂ = ½); tests measure its order.
+    3 NFE per step (2 on the next-to-last, 1 on the last).
+    """
+    extra_args = extra_args or {}
+    n = len(sigmas) - 1
+    if s_churn > 0:
+        noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    sigma0 = sigmas[0]
+    for i in trange(n, disable):
+        sigma_next = sigmas[i + 1]
+        x, sigma_hat = _churn(x, sigmas[i], i, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, sigma_next)
+        denoised, d = _d(model, x, sigma_hat, extra_args)
+        report(callback, x, i, sigmas[i], sigma_hat, denoised)
+        dt = sigma_next - sigma_hat
+        if i == n - 1 or float(sigma_next) == 0:  # last step: Euler
+            x = x + d * dt
+            continue
+        x2 = x + d * dt
+        _, d2 = _d(model, x2, sigma_next, extra_args)
+        if i == n - 2:  # next-to-last: two-point weights
+            w2 = sigma_next / (2 * sigma0)
+            x = x + ((1 - w2) * d + w2 * d2) * dt
+            continue
+        sigma_2 = sigmas[i + 2]
+        x3 = x2 + d2 * (sigma_2 - sigma_next)
+        _, d3 = _d(model, x3, sigma_2, extra_args)
+        w2, w3 = sigma_next / (3 * sigma0), sigma_2 / (3 * sigma0)
+        x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * d3) * dt
+    return x
+
+
+def _dpm2_step(model, x, sigma, sigma_to, d, extra_args):
+    """DPM-Solver-2 in Karras form (Lu et al. 2022a, Algorithm 1 with r₁ = ½: the intermediate point
+    at the midpoint in λ = −log σ, σ_mid = √(σ·σ_to)), with plain Euler sub-steps in σ on d = ε̂ instead
+    of the exponential-integrator sub-steps (k-diffusion's variant; still order 2):
+    x ← x + (σ_to − σ)·d(x + (σ_mid − σ)·d, σ_mid)."""
+    sigma_mid = (sigma.log() + sigma_to.log()).div(2).exp()
+    x2 = x + d * (sigma_mid - sigma)
+    _, d2 = _d(model, x2, sigma_mid, extra_args)
+    return x + d2 * (sigma_to - sigma)
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """DPM-Solver-2 (Lu et al. 2022a, "DPM-Solver", Algorithm 1, r₁ = ½: the midpoint in
+    λ = −log σ) on the Karras ODE, with Karras et al. 2022 Alg. 2 churn. Euler on the step to σ = 0
+    (log 0 has no midpoint). 2 NFE per step. ComfyUI drops the penultimate σ of the schedule for it
+    (`DISCARD_PENULTIMATE_SIGMA_SAMPLERS`)."""
+    extra_args = extra_args or {}
+    n = len(sigmas) - 1
+    if s_churn > 0:
+        noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    for i in trange(n, disable):
+        sigma_next = sigmas[i + 1]
+        x, sigma_hat = _churn(x, sigmas[i], i, n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, sigma_next)
+        denoised, d = _d(model, x, sigma_hat, extra_args)
+        report(callback, x, i, sigmas[i], sigma_hat, denoised)
+        if float(sigma_next) == 0:
+            x = x + d * (sigma_next - sigma_hat)
+        else:
+            x = _dpm2_step(model, x, sigma_hat, sigma_next, d, extra_args)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """DPM-Solver-2 (Lu et al. 2022a, Alg. 1, r₁ = ½) to σ_down, then fresh noise σ_up: the ancestral
+    split of DDIM (Song et al. 2021, Eq. 16), flow-aware through `get_ancestral_step`
+    (x ← scale·x(σ_down) + σ_up·z). Euler when σ_down = 0. 2 NFE per step."""
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, d = _d(model, x, sigma, extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        sigma_down, sigma_up, scale = get_ancestral_step(sigma, sigma_next, eta, flow)
+        if float(sigma_down) == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            x = _dpm2_step(model, x, sigma, sigma_down, d, extra_args)
+        if float(sigma_next) > 0 and float(sigma_up) > 0:
+            x = scale * x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+    return x
+
+
+# --- linear multistep ---------------------------------------------------------------------------
+
+
+def _lms_coeffs(sig: list[float], i: int, k: int) -> list[float]:
+    """c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(τ) dτ for j < k, where ℓ_j is the Lagrange basis polynomial on the
+    nodes σ_i, σ_{i−1}, …, σ_{i−k+1} (ℓ_j(σ_{i−m}) = δ_jm). Exact: the polynomial is built and
+    integrated with numpy, in the shifted variable τ − σ_i to keep it well conditioned."""
+    P = np.polynomial.Polynomial
+    nodes = [sig[i - j] - sig[i] for j in range(k)]
+    end = sig[i + 1] - sig[i]
+    out = []
+    for j in range(k):
+        others = nodes[:j] + nodes[j + 1 :]
+        ell = P.fromroots(others) / math.prod(nodes[j] - m for m in others) if others else P([1.0])
+        big = ell.integ()  # antiderivative, 0 at τ − σ_i = 0
+        out.append(float(big(end)))
+    return out
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep in σ: the explicit Adams method with variable steps (Hairer, Nørsett & Wanner,
+    "Solving ODEs I", §III.1 and §III.5): x ← x + Σ_{j<k} c_j·d_{i−j}, k = min(i + 1, order),
+    c_j the integral of the j-th Lagrange basis over [σ_i, σ_{i+1}] (`_lms_coeffs`).
+    1 NFE per step; the order ramps up 1, 2, …, `order` over the first steps."""
+    extra_args = extra_args or {}
+    sig = [float(s) for s in sigmas.double().cpu()]
+    ds = []  # d_i, d_{i−1}, …  (newest first)
+    for i in trange(len(sigmas) - 1, disable):
+        denoised, d = _d(model, x, sigmas[i], extra_args)
+        report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        ds = [d, *ds[: order - 1]]
+        coeffs = _lms_coeffs(sig, i, len(ds))
+        x = x + sum(c * dj for c, dj in zip(coeffs, ds, strict=True))
+    return x
+
+
+# --- DDPM, LCM ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x̂₀) (Ho et al. 2020, Eq. 6-7), derived
+    for a general noise form x = α·x₀ + σ·ε (q(z_s | z_t, x) of Kingma et al. 2021, VDM, App. A):
+    with t = σ_i (noisier), s = σ_{i+1}, a = α_t/α_s and var = σ_t² − a²σ_s² (the variance of q(x_t|x_s)),
+
+        μ = (a·σ_s²/σ_t²)·x_t + (α_s·var/σ_t²)·x̂₀,    σ̃² = var·σ_s²/σ_t²,    x_s = μ + σ̃·z.
+
+    Written as x_s = α_s·x̂₀ + √(σ_s² − η²σ̃²)·ε̂ + η·σ̃·z with ε̂ = (x_t − α_t·x̂₀)/σ_t, the same
+    formula is DDIM (Song et al. 2021, Eq. 12/16); η = 1 (the default) is exactly the DDPM posterior
+    above (its "fixed_small" variance β̃). VE: equals Euler ancestral (η = 1). Flow: α = 1 − σ.
+    """
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        if float(sigma_next) == 0:  # α_s = 1, σ_s = 0: the posterior mean is x̂₀
+            x = denoised
+            continue
+        a_t, a_s = alpha(sigma, flow), alpha(sigma_next, flow)
+        a_ts = a_t / a_s
+        var_ts = (sigma**2 - a_ts**2 * sigma_next**2).clamp_min(0)
+        post_var = var_ts * sigma_next**2 / sigma**2  # σ̃²
+        eps = (x - a_t * denoised) / sigma
+        x = a_s * denoised + (sigma_next**2 - eta**2 * post_var).clamp_min(0).sqrt() * eps
+        if eta > 0:
+            x = x + noise_sampler(sigma, sigma_next) * s_noise * (eta * post_var.sqrt())
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.0, noise_sampler=None, seed=None
+):
+    """Multistep consistency sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1;
+    Song et al. 2023, Algorithm 1): x ← f(x, σ_i) = D, then re-noise to σ_{i+1} with fresh noise,
+    x = α(σ_{i+1})·D + σ_{i+1}·z (the model's `noise_scaling` when it has one: VE D + σz, flow
+    (1 − σ)D + σz). With a consistency model D is the ODE end point; with an ordinary denoiser it is
+    the posterior mean, so samples are shrunk towards it (see the tests)."""
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    ms = getattr(model, "model_sampling", None)
+    noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        x = denoised
+        if float(sigma_next) > 0:
+            z = noise_sampler(sigma, sigma_next) * s_noise
+            if ms is not None and hasattr(ms, "noise_scaling"):
+                x = ms.noise_scaling(svec(sigma_next, x), z, denoised).to(denoised.dtype)
+            else:
+                x = alpha(sigma_next, flow) * denoised + sigma_next * z
+    return x
+
+
+# --- gradient estimation ------------------------------------------------------------------------
+
+
+def _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp):
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    d_old = None
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if cfg_pp:
+            denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
+        else:
+            denoised = uncond = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        d = _to_d(x, sigma, uncond)  # ε̂ (VE) or velocity (flow), unconditional for CFG++
+        dt = sigma_next - sigma
+        if cfg_pp:  # CFG++ Euler: guided x̂₀ re-noised along the unconditional ε̂
+            a, a_next = alpha(sigma, flow), alpha(sigma_next, flow)
+            x_new = a_next * denoised + sigma_next * (x - a * uncond) / sigma
+        else:
+            x_new = x + d * dt
+        if d_old is not None:  # d̄ = γ·d_i + (1 − γ)·d_{i−1} = d_i + (γ − 1)(d_i − d_{i−1})
+            x_new = x_new + (ge_gamma - 1) * (d - d_old) * dt
+        x, d_old = x_new, d
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from
+    an optimization perspective", ICML 2024, arXiv 2306.04848, Algorithm 2): Euler on the
+    averaged gradient ε̄ = γ·ε̂_i + (1 − γ)·ε̂_{i−1}, i.e. x ← x + Δσ·(d_i + (γ − 1)(d_i − d_{i−1}));
+    the first step is plain Euler. γ = 2 (the paper's choice). 1 NFE per step."""
+    return _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0
+):
+    """Gradient estimation with CFG++ (Chung et al. 2024, Alg. 2 in σ form): the Euler part is
+    x ← α_{i+1}·D_cfg + σ_{i+1}·ε̂_uncond, and d̄'s correction (γ − 1)(d_i − d_{i−1})·Δσ uses the
+    unconditional derivatives. Equals `gradient_estimation` without guidance."""
+    return _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=True)
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "euler_cfg_pp": sample_euler_cfg_pp,
     "euler_ancestral": sample_euler_ancestral,
     "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
     "ddim": sample_ddim,
+    "heun": sample_heun,
+    "heunpp2": sample_heunpp2,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "ddpm": sample_ddpm,
+    "lcm": sample_lcm,
+    "gradient_estimation": sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": sample_gradient_estimation_cfg_pp,
 }
