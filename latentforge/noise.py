@@ -83,9 +83,10 @@ class BrownianTreeNoiseSampler:
         points, as in benchmarks; image k's noise then depends on the batch)."""
         import torchsde
 
-        self.t0, self.t1 = float(sigma_min), float(sigma_max)
-        if not self.t0 < self.t1:
-            raise ValueError(f"Brownian tree needs sigma_min < sigma_max, got {self.t0} and {self.t1}")
+        if not 0 <= float(sigma_min) < float(sigma_max):
+            raise ValueError(f"Brownian tree needs 0 <= sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        # a hair of slack so queries at the ends never fall outside the tree (torchsde warns otherwise)
+        self.t0, self.t1 = float(sigma_min) * (1 - 1e-6), float(sigma_max) * (1 + 1e-6)
         self.device = torch.device("cpu") if cpu else x.device
         self.out_device, self.dtype = x.device, x.dtype
         self.shape = (x.shape[0], *x.shape[1:])
@@ -129,5 +130,7 @@ def default_noise_sampler(
         if sigmas is None:
             raise ValueError("a Brownian-tree noise sampler needs the sigmas it will be queried on")
         pos = sigmas[sigmas > 0]
-        return BrownianTreeNoiseSampler(x, float(pos.min()), float(sigmas.max()), seeds, cpu=cpu)
+        hi = float(sigmas.max())
+        lo = float(pos.min()) if float(pos.min()) < hi else hi / 2  # one positive σ: any lower end works
+        return BrownianTreeNoiseSampler(x, lo, hi, seeds, cpu=cpu)
     return SeededNoiseSampler(x, seeds)

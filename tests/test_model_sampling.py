@@ -122,3 +122,24 @@ def test_denoiser_runs_network_in_its_dtype():
 def test_bad_prediction():
     with pytest.raises(ValueError, match="'eps' or 'v'"):
         DiscreteVP(prediction="x0")
+
+
+def test_flow_euler_is_euler_with_velocity():
+    """SD3's flow-matching Euler x ← x + (σ_next − σ)·v (diffusers FlowMatchEulerDiscreteScheduler.step)
+    is Karras Euler on D = x − σ·v, since d = (x − D)/σ = v."""
+    from latentforge.samplers import SAMPLERS
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    class VNet(torch.nn.Module):
+        def forward(self, x, t):
+            return x @ W + t[:, None] / 1000
+
+    D = Denoiser(VNet(), DiscreteFlow(shift=3.0))
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0], dtype=torch.float64)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    manual = x.clone()
+    for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
+        manual = manual + (b - a) * VNet()(manual, torch.full((3,), 1000 * float(a), dtype=torch.float64))
+    assert torch.allclose(SAMPLERS["euler"](D, x, sigmas), manual, atol=1e-12)
