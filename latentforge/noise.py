@@ -84,7 +84,7 @@ class BrownianTreeNoiseSampler:
         import torchsde
 
         if not 0 <= float(sigma_min) < float(sigma_max):
-            raise ValueError(f"Brownian tree needs 0 <= sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise ValueError(f"Brownian tree needs 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         # a hair of slack so queries at the ends never fall outside the tree (torchsde warns otherwise)
         self.t0, self.t1 = float(sigma_min) * (1 - 1e-6), float(sigma_max) * (1 + 1e-6)
         self.device = torch.device("cpu") if cpu else x.device

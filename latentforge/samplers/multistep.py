@@ -1,3 +1,434 @@
-"""placeholder"""
+"""Multistep samplers: one model call per step, reusing the outputs of earlier steps.
 
-SAMPLERS = {}
+- `ipndm`, `ipndm_v`: Adams–Bashforth on the Karras derivative d = (x − D)/σ in σ, with fixed-step
+  (iPNDM; Zhang & Chen 2023, App. on iPNDM; Liu et al. 2022, PNDM Eq. 12) or variable-step coefficients.
+- `deis`: DEIS tAB (Zhang & Chen 2023, Eq. 14-15), ε-prediction form, polynomial extrapolation in the
+  DEIS (VP) time t.
+- `res_multistep*`: RES 2nd-order multistep (Zhang et al. 2023, arXiv 2308.02157), data prediction,
+  optional ancestral noise (η = 1) and CFG++ renoising.
+- `uni_pc`, `uni_pc_bh2`: UniPC (Zhao et al. 2023, Alg. 1-3), data prediction, UniP-p predictor + UniC-p
+  corrector, B(h) = h (bh1) or e^h − 1 (bh2).
+
+Conventions shared by all of them:
+- One model call per step (NFE = steps). A step to σ = 0 is the final denoise x ← D(x, σ_i): it is the
+  first-order (Euler/DDIM) step to 0, and it avoids extrapolating earlier outputs over the large last
+  step σ_min → 0 (ComfyUI does the same for ipndm, ipndm_v, deis and res_multistep; for UniPC it
+  steps to σ = 0.001 instead, which is x ≈ D up to 1e-3).
+- Exponential integrators work in the model's own coordinates x = α·x₀ + σ·ε (common.alpha,
+  common.half_log_snr): α = 1, λ = −log σ for VE/VP and plain callables; α = 1 − σ,
+  λ = log((1 − σ)/σ) for rectified flow. The first σ = 1 of a flow schedule (λ = −∞) is moved to
+  0.9999 (common.first_sigma_for_log_snr) for the model call and the coefficients, as ComfyUI does.
+- All coefficients are computed in float64 on the CPU as Python floats; tensors stay in x's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from latentforge.samplers.common import (
+    alpha,
+    denoise_with_uncond,
+    first_sigma_for_log_snr,
+    get_ancestral_step,
+    half_log_snr,
+    is_flow,
+    make_noise_sampler,
+    report,
+    svec,
+    to_d,
+    trange,
+)
+
+# --- shared numerics ------------------------------------------------------------------------------
+
+# 16-point Gauss–Legendre rule on [−1, 1]: exact for polynomials of degree ≤ 31.
+_GL_U, _GL_W = np.polynomial.legendre.leggauss(16)
+
+
+def _phi(k: int, z: float) -> float:
+    """φ_k(z) = ∫₀¹ e^{(1−θ)z} θ^{k−1}/(k−1)! dθ, so φ₀ = e^z and φ_{k+1}(z) = (φ_k(z) − 1/k!)/z.
+
+    The recursion cancels for small |z|; there the Taylor series Σ_m z^m/(m+k)! is used (30 terms,
+    truncation error < 0.5³⁰/30! for |z| < 0.5).
+    """
+    if abs(z) < 0.5:
+        return sum(z**m / math.factorial(m + k) for m in range(30))
+    p = math.exp(z)
+    for j in range(k):
+        p = (p - 1 / math.factorial(j)) / z
+    return p
+
+
+def _lagrange_integrals(nodes, a: float, b: float, jac=None) -> list[float]:
+    """c_j = ∫_a^b L_j(τ)·jac(τ) dτ for the Lagrange basis L_j(τ) = Π_{k≠j} (τ − τ_k)/(τ_j − τ_k) on `nodes`.
+
+    Fixed 16-point Gauss–Legendre quadrature: exact (to rounding) when jac is None (degree < 4 here);
+    for a smooth jac (DEIS) the error is far below float64 rounding on the intervals samplers use.
+    """
+    tau = (a + b) / 2 + (b - a) / 2 * _GL_U  # [16]
+    w = (b - a) / 2 * _GL_W  # [16]
+    if jac is not None:
+        w = w * jac(tau)
+    out = []
+    for j, tj in enumerate(nodes):
+        basis = np.ones_like(tau)
+        for k, tk in enumerate(nodes):
+            if k != j:
+                basis *= (tau - tk) / (tj - tk)
+        out.append(float((w * basis).sum()))
+    return out
+
+
+def _combine(coeffs, tensors):
+    """Σ_j c_j·t_j with Python-float coefficients (keeps the tensors' dtype)."""
+    out = coeffs[0] * tensors[0]
+    for c, t in zip(coeffs[1:], tensors[1:], strict=True):
+        out = out + c * t
+    return out
+
+
+def _check_order(max_order: int, hi: int) -> None:
+    if not 1 <= int(max_order) <= hi:
+        raise ValueError(f"max_order must be between 1 and {hi}, got {max_order}")
+
+
+# --- iPNDM ------------------------------------------------------------------------------------------
+
+# Adams–Bashforth coefficients for a uniform step (Hairer, Nørsett & Wanner I, §III.1), newest first.
+_AB_FIXED = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM: Adams–Bashforth in σ on d = (x − D)/σ with the fixed (uniform-step) coefficients.
+
+    PNDM's linear multistep part (Liu et al. 2022, Eq. 12, the 4th-order AB formula) applied to the
+    Karras ODE dx/dσ = d, with the "improved" lower-order warm start instead of Runge–Kutta
+    pseudo-steps (iPNDM, Zhang & Chen 2023, DEIS paper App. on iPNDM; zju-pi/diff-solvers):
+        x_{i+1} = x_i + (σ_{i+1} − σ_i)·Σ_j b_j·d_{i−j},
+    b = (1), (3/2, −1/2), (23/12, −16/12, 5/12), (55/24, −59/24, 37/24, −9/24) for orders 1..4,
+    order = min(max_order, i + 1). The coefficients ignore the actual step ratios, so on a
+    non-uniform schedule the method is formally 2nd order (use `ipndm_v` for full order).
+    A step to σ = 0 is the final denoise x ← D.
+    """
+    _check_order(max_order, 4)
+    extra_args = extra_args or {}
+    ds: list[torch.Tensor] = []  # d at σ_i, σ_{i−1}, … (newest first)
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        if float(sigma_next) == 0:
+            x = denoised
+            continue
+        ds = [to_d(x, sigma, denoised), *ds][:max_order]
+        dt = float(sigma_next) - float(sigma)
+        x = x + dt * _combine(_AB_FIXED[len(ds)], ds)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM-v: variable-step Adams–Bashforth in σ on d = (x − D)/σ.
+
+    The derivative is replaced by its Lagrange interpolant through the last k = min(max_order, i + 1)
+    nodes σ_i, σ_{i−1}, …, σ_{i−k+1} and integrated exactly (Adams' construction, Hairer, Nørsett &
+    Wanner I, §III.1 / §III.5 for variable steps):
+        x_{i+1} = x_i + Σ_j c_j·d_{i−j},   c_j = ∫_{σ_i}^{σ_{i+1}} Π_{m≠j} (τ − σ_{i−m})/(σ_{i−j} − σ_{i−m}) dτ.
+    On a uniform grid this is exactly `ipndm`. A step to σ = 0 is the final denoise x ← D.
+    """
+    _check_order(max_order, 4)
+    extra_args = extra_args or {}
+    ds: list[torch.Tensor] = []  # newest first
+    nodes: list[float] = []
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        if float(sigma_next) == 0:
+            x = denoised
+            continue
+        ds = [to_d(x, sigma, denoised), *ds][:max_order]
+        nodes = [float(sigma), *nodes][:max_order]
+        c = _lagrange_integrals(nodes, float(sigma), float(sigma_next))
+        x = x + _combine(c, ds)
+    return x
+
+
+# --- DEIS -------------------------------------------------------------------------------------------
+
+# DEIS time: the VP-SDE time t of Song et al. 2021 with σ(t)² = exp(β_d t²/2 + β_min t) − 1, fitted so
+# that σ(ε_s) = 0.002 and σ(1) = 80 with ε_s = 1e-3 (EDM's range; the convention of zju-pi/diff-solvers
+# and ComfyUI). Any smooth monotone time gives a valid tAB method; this one only fixes which.
+_DEIS_SMIN, _DEIS_SMAX, _DEIS_EPS = 0.002, 80.0, 1e-3
+_DEIS_BD = 2 * (math.log1p(_DEIS_SMIN**2) / _DEIS_EPS - math.log1p(_DEIS_SMAX**2)) / (_DEIS_EPS - 1)
+_DEIS_BMIN = math.log1p(_DEIS_SMAX**2) - _DEIS_BD / 2
+
+
+def _deis_t(rho: float) -> float:
+    """Inverse of ρ(t) = √(exp(β_d t²/2 + β_min t) − 1)."""
+    return (math.sqrt(_DEIS_BMIN**2 + 2 * _DEIS_BD * math.log1p(rho**2)) - _DEIS_BMIN) / _DEIS_BD
+
+
+def _deis_drho_dt(tau: np.ndarray) -> np.ndarray:
+    """dρ/dt = (β_d t + β_min)·e^{β_d t²/2 + β_min t} / (2ρ)."""
+    e = 0.5 * _DEIS_BD * tau**2 + _DEIS_BMIN * tau
+    return (_DEIS_BD * tau + _DEIS_BMIN) * np.exp(e) / (2 * np.sqrt(np.expm1(e)))
+
+
+def _deis_coeffs(ts, rho_a: float, rho_b: float) -> list[float]:
+    """C_j = ∫_{t(ρ_a)}^{t(ρ_b)} L_j(τ)·dρ/dτ dτ over the DEIS-time nodes `ts` (newest first)."""
+    if len(ts) == 1:
+        return [rho_b - rho_a]
+    return _lagrange_integrals(ts, _deis_t(rho_a), _deis_t(rho_b), jac=_deis_drho_dt)
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3):
+    """DEIS tAB (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator",
+    Eq. 14-15 with the ρ reparametrisation of §4), ε-prediction form.
+
+    With y = x/α and ρ = σ/α = e^{−λ}, the probability-flow ODE is dy/dρ = ε̂(x, σ) (for VE, y = x and
+    ρ = σ, so ε̂ = d = (x − D)/σ); the exponential integrator takes the linear part exactly and
+    extrapolates ε̂ by the Lagrange polynomial in the DEIS time t through the last
+    k = min(max_order, i + 1) nodes:
+        y_{i+1} = y_i + Σ_j C_j·ε̂_{i−j},   C_j = ∫_{t_i}^{t_{i+1}} L_j(τ)·(dρ/dτ) dτ,
+    C_j by 16-point Gauss–Legendre quadrature. Written as x_{i+1} = α_{i+1}D_i + σ_{i+1}ε̂_i
+    + α_{i+1}Σ_{j≥1} C_j(ε̂_{i−j} − ε̂_i) (Σ_j C_j = ρ_{i+1} − ρ_i), which avoids the 1/α blow-up near
+    σ = 1 for flow models. A step to σ = 0 is the final denoise x ← D.
+    """
+    _check_order(max_order, 4)
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    sigmas = first_sigma_for_log_snr(sigmas, flow)
+    s64 = sigmas.double().cpu()
+    a64 = alpha(s64, flow)
+    eps_hist: list[torch.Tensor] = []  # ε̂ at σ_i, σ_{i−1}, … (newest first)
+    ts: list[float] = []
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        if float(sigma_next) == 0:
+            x = denoised
+            continue
+        s, sn, a, an = float(s64[i]), float(s64[i + 1]), float(a64[i]), float(a64[i + 1])
+        eps = (x - a * denoised) / s
+        eps_hist = [eps, *eps_hist][:max_order]
+        ts = [_deis_t(s / a), *ts][:max_order]
+        c = _deis_coeffs(ts, s / a, sn / an)
+        x = an * denoised + sn * eps
+        if len(c) > 1:
+            x = x + an * _combine(c[1:], [e - eps for e in eps_hist[1:]])
+    return x
+
+
+# --- RES multistep ----------------------------------------------------------------------------------
+
+
+def _res_multistep(
+    model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, cfg_pp
+):
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    sigmas = first_sigma_for_log_snr(sigmas, flow)
+    if eta:
+        noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
+    old = None  # (h_{i−1}, D_{i−1}): the previous deterministic step's λ-length and model output
+    for i in trange(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if cfg_pp:
+            denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
+        else:
+            denoised = uncond = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        s64, sn64 = sigma.double().cpu(), sigma_next.double().cpu()
+        sd64, s_up, scale = get_ancestral_step(s64, sn64, eta, flow)
+        if float(sd64) == 0:
+            x = denoised
+        else:
+            s, sd = float(s64), float(sd64)
+            a, ad = float(alpha(s64, flow)), float(alpha(sd64, flow))
+            h = float(half_log_snr(sd64, flow) - half_log_snr(s64, flow))
+            p1, p2 = _phi(1, -h), _phi(2, -h)
+            if old is None:  # exponential Euler (DDIM): b₁ = φ₁, b₂ = 0
+                d_bar = denoised
+            else:  # c₂ = −r, r = h_{i−1}/h: b₁ = φ₁ + φ₂/r, b₂ = −φ₂/r, so h(b₁D + b₂D_old) = hφ₁·d_bar
+                r = old[0] / h
+                d_bar = denoised + (p2 / (p1 * r)) * (denoised - old[1])
+            x = (sd / s) * x + (ad * h * p1) * d_bar
+            if cfg_pp:  # renoise along the unconditional ε̂: + α_d·e^{−h}·(D_cfg − D_uncond)
+                x = x + (sd * a / s) * (denoised - uncond)
+            old = (h, denoised)
+        if float(sigma_next) > 0 and float(s_up) > 0:
+            x = float(scale) * x + noise_sampler(sigma, sigma_next) * (s_noise * float(s_up))
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """RES 2nd-order multistep (Zhang et al. 2023, "Improved order analysis and design of exponential
+    integrator for diffusion models", arXiv 2308.02157), data-prediction form.
+
+    With h = λ_{i+1} − λ_i, the exact solution x_{i+1} = (σ_{i+1}/σ_i)x_i + σ_{i+1}∫e^λ D dλ is
+    approximated with D interpolated linearly through (λ_{i−1}, D_{i−1}), (λ_i, D_i):
+        x_{i+1} = (σ_{i+1}/σ_i)·x_i + α_{i+1}·h·(b₁D_i + b₂D_{i−1}),
+    where the paper's order conditions b₁ + b₂ = φ₁(−h), b₂c₂ = φ₂(−h) with c₂ = −(λ_i − λ_{i−1})/h give
+    b₂ = φ₂/c₂, b₁ = φ₁ − b₂. The first step is exponential Euler (DDIM); a step to σ = 0 is x ← D.
+    """
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, False)
+
+
+@torch.no_grad()
+def sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """`res_multistep` with CFG++ (Chung et al. 2024): the next state is α_{i+1}·D̄_cfg + σ_{i+1}·ε̂_uncond,
+    i.e. the RES update with guided D plus α_{i+1}e^{−h}(D_cfg − D_uncond). Equals `res_multistep`
+    when the model has no separate unconditional prediction."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, True)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """`res_multistep` with ancestral noise: the RES step goes to σ_down (h = λ(σ_down) − λ_i, the
+    history node stays at λ_{i−1}), then fresh noise σ_up is added (common.get_ancestral_step, DDIM
+    η-split for VE; signal-preserving split for flow)."""
+    return _res_multistep(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, False
+    )
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_cfg_pp(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """`res_multistep_ancestral` with CFG++ renoising along the unconditional prediction."""
+    return _res_multistep(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, True
+    )
+
+
+# --- UniPC --------------------------------------------------------------------------------------------
+
+
+def _vander_solve(rs: list[float], rhs: list[float]) -> list[float]:
+    """Solve Σ_m a_m r_m^{k−1} = rhs_k, k = 1..len(rs) (the matrix R_p of UniPC, Alg. 1-2)."""
+    R = np.vander(np.asarray(rs, dtype=np.float64), increasing=True).T  # R[k, m] = r_m^k
+    return [float(v) for v in np.linalg.solve(R, np.asarray(rhs, dtype=np.float64))]
+
+
+def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order, lower_order_final):
+    """UniPC multistep, data prediction (Zhao et al. 2023, Alg. 1-3 and App. for the x₀ form).
+
+    Per step s = σ_i → t = σ_{i+1}, h = λ_t − λ_s, hh = −h, order p:
+      r_m = (λ_{i−m} − λ_i)/h,  D1_m = (m_{i−m} − m_i)/r_m  (m = 1..p−1),
+      g_k = k!·hh·φ_{k+1}(hh)/B(h), k = 1..p  (so that B·Σ_m a_m r_m^{k−1}/k! matches hh·φ_{k+1}(hh)),
+      base  = (σ_t/σ_s)x − α_t(e^{hh} − 1)m_i,
+      UniP-p: x̃ = base − α_t·B·Σ_m a_m D1_m,  R_{p−1}a = g_{1..p−1}  (a = ½ for p = 2),
+      UniC-p: x  = base − α_t·B·(Σ_m c_m D1_m + c_p(m_t − m_i)),  R_p c = g  (r_p = 1; c = ½ for p = 1),
+    where m_t = D(x̃, σ_t) is also the model output that the next step uses (NFE = steps).
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    _check_order(max_order, 3)
+    extra_args = extra_args or {}
+    flow = is_flow(model)
+    sigmas = first_sigma_for_log_snr(sigmas, flow)
+    s64 = sigmas.double().cpu()
+    lam64, a64 = half_log_snr(s64, flow), alpha(s64, flow)
+    n = len(sigmas) - 1
+    hist = [(float(lam64[0]), model(x, svec(sigmas[0], x), **extra_args))]  # (λ, m), newest last
+    for i in trange(n, disable):
+        report(callback, x, i, sigmas[i], sigmas[i], hist[-1][1])
+        lam_s, m0 = hist[-1]
+        if float(sigmas[i + 1]) == 0:  # final denoise (order 1 step to σ = 0)
+            x = m0
+            break
+        p = min(max_order, len(hist), n - i if lower_order_final else max_order)
+        lam_t, a_t = float(lam64[i + 1]), float(a64[i + 1])
+        h = lam_t - lam_s
+        hh = -h
+        bh = hh if variant == "bh1" else math.expm1(hh)
+        prev = hist[-p:-1][::-1]  # p − 1 earlier outputs, newest first
+        rks = [(lam_k - lam_s) / h for lam_k, _ in prev]
+        d1s = [(m_k - m0) / r for r, (_, m_k) in zip(rks, prev, strict=True)]
+        g = [math.factorial(k) * hh * _phi(k + 1, hh) / bh for k in range(1, p + 1)]
+        base = float(s64[i + 1] / s64[i]) * x - (a_t * math.expm1(hh)) * m0
+        # predictor UniP-p
+        if p == 1:
+            x_pred = base
+        else:
+            a_p = [0.5] if p == 2 else _vander_solve(rks, g[: p - 1])
+            x_pred = base - (a_t * bh) * _combine(a_p, d1s)
+        if i == n - 1:  # no corrector after the last step (no model call there)
+            x = x_pred
+            break
+        m_t = model(x_pred, svec(sigmas[i + 1], x), **extra_args)
+        # corrector UniC-p, reusing m_t
+        c = [0.5] if p == 1 else _vander_solve([*rks, 1.0], g)
+        x = base - (a_t * bh) * _combine(c, [*d1s, m_t - m0])
+        hist = [*hist, (lam_t, m_t)][-max_order:]
+    return x
+
+
+@torch.no_grad()
+def sample_uni_pc(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
+):
+    """UniPC, B(h) = h ("bh1"), data prediction (Zhao et al. 2023, "UniPC: A unified predictor-corrector
+    framework for fast sampling of diffusion models", Alg. 1-3; see `_uni_pc` for the update).
+
+    Order p_i = min(max_order, i + 1, n − i) (warm start; lower_order_final: lower order on the last
+    steps as the paper recommends for few steps; ComfyUI uses order = min(3, len(sigmas) − 2)).
+    The corrector runs after every step except the last; a step to σ = 0 is the final denoise x ← D
+    (ComfyUI instead replaces σ = 0 by 0.001). NFE = steps.
+    """
+    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh1", max_order, lower_order_final)
+
+
+@torch.no_grad()
+def sample_uni_pc_bh2(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
+):
+    """UniPC with B(h) = e^h − 1 ("bh2"; Zhao et al. 2023, §3.3 / Alg. 1-3), otherwise as `uni_pc`."""
+    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh2", max_order, lower_order_final)
+
+
+SAMPLERS = {
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_cfg_pp": sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
+    "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": sample_uni_pc_bh2,
+}
