@@ -150,16 +150,10 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 # --- Heun, Heun++, DPM-Solver-2 -----------------------------------------------------------------
 
 
-def _to_d(x, sigma, denoised):
-    """`to_d` kept in x's dtype (common.to_d turns a 0-d float32 σ into a [1, 1] tensor, which
-    promotes bfloat16 x to float32)."""
-    return to_d(x, sigma, denoised).to(x.dtype)
-
-
 def _d(model, x, sigma, extra_args):
     """(D, d) at (x, σ): the denoised prediction and the Karras derivative d = (x − D)/σ."""
     denoised = model(x, svec(sigma, x), **extra_args)
-    return denoised, _to_d(x, sigma, denoised)
+    return denoised, to_d(x, sigma, denoised)
 
 
 @torch.no_grad()
@@ -460,7 +454,7 @@ def _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gam
         else:
             denoised = uncond = model(x, svec(sigma, x), **extra_args)
         report(callback, x, i, sigma, sigma, denoised)
-        d = _to_d(x, sigma, uncond)  # ε̂ (VE) or velocity (flow), unconditional for CFG++
+        d = to_d(x, sigma, uncond)  # ε̂ (VE) or velocity (flow), unconditional for CFG++
         dt = sigma_next - sigma
         if cfg_pp:  # CFG++ Euler: guided x̂₀ re-noised along the unconditional ε̂
             a, a_next = alpha(sigma, flow), alpha(sigma_next, flow)
