@@ -90,9 +90,13 @@ def _checked(name: str, fn: Callable) -> Callable:
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         sigmas = validate_sigmas(sigmas).to(x.device)
         out = fn(_CheckedModel(model, sigmas, name), x, sigmas, extra_args, callback, disable, **options)
+        info = None
+        if isinstance(out, tuple):  # dpm_adaptive(return_info=True) -> (x, info)
+            out, info = out
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"sampler {name!r} produced non-finite values from finite model outputs")
-        return out.to(x.dtype)  # a bfloat16 x may be carried in float32 inside; hand back its dtype
+        out = out.to(x.dtype)  # a bfloat16 x may be carried in float32 inside; hand back its dtype
+        return out if info is None else (out, info)
 
     return run
 
