@@ -85,8 +85,11 @@ class BrownianTreeNoiseSampler:
 
         if not 0 <= float(sigma_min) < float(sigma_max):
             raise ValueError(f"Brownian tree needs 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        # a hair of slack so queries at the ends never fall outside the tree (torchsde warns otherwise)
-        self.t0, self.t1 = float(sigma_min) * (1 - 1e-6), float(sigma_max) * (1 + 1e-6)
+        # The ends are rounded to 6 significant digits, so float32 and float64 schedules build the same tree
+        # (a tree's dyadic splits, hence its path, depend on t0 and t1), and widened by a hair so queries
+        # at the ends never fall outside it (torchsde warns otherwise).
+        self.t0 = float(f"{float(sigma_min):.6g}") * (1 - 1e-5)
+        self.t1 = float(f"{float(sigma_max):.6g}") * (1 + 1e-5)
         self.device = torch.device("cpu") if cpu else x.device
         self.out_device, self.dtype = x.device, x.dtype
         self.shape = (x.shape[0], *x.shape[1:])

@@ -84,10 +84,14 @@ def test_dpm_adaptive_reaches_tolerance():
     assert float((out - ref).abs().max()) < 1e-2
 
 
-def _kw(name, x, seed):
-    """Stochastic samplers get a seed; those accepting noise_sampler use their default (per-image) noise."""
+def _takes(name, option):
     params = inspect.signature(inspect.unwrap(SAMPLERS[name])).parameters
-    return {"seed": seed} if "seed" in params else {}
+    return option in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _kw(name, x, seed):
+    """Stochastic samplers get a seed and use their default (per-image) noise."""
+    return {"seed": seed} if _takes(name, "seed") else {}
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
@@ -188,8 +192,7 @@ def test_stochastic_moments(name):
     g = GaussianMixture.random(k=2, dim=2, seed=0)
     s = get_sigmas_karras(60, SMIN, SMAX).double()
     x = torch.randn(3000, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * s[0]
-    params = inspect.signature(inspect.unwrap(fn)).parameters
-    kw = {"noise_sampler": _batched_tree(x)} if "noise_sampler" in params else {}
+    kw = {"noise_sampler": _batched_tree(x)} if _takes(name, "noise_sampler") else {}
     out = fn(g.denoiser(), x, s, **kw)
     mean, cov = g.mean(), g.cov()
     sd = cov.diagonal().sqrt()
