@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from latentforge.gmm import GaussianMixture
 from latentforge.noise import BrownianTreeNoiseSampler
-from latentforge.plot import line_plot
+from latentforge.plot import line_plot, save_png, stack
 from latentforge.samplers import SAMPLER_NAMES, SAMPLERS
 from latentforge.schedules import get_sigmas_karras
 
@@ -69,17 +69,32 @@ def frechet(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float:
     return float(((m1 - mean) ** 2).sum() + torch.trace(c1 + cov - 2 * sqrtm(r @ c1 @ r)))
 
 
-def _run(name, D, x, sigmas, seed):
+# dpm_adaptive picks its own steps: its NFE is set through the tolerance (rtol, with atol = rtol/6.4 as in
+# its defaults 0.05 / 0.0078); the bench takes the loosest tolerance whose NFE reaches the target.
+ADAPTIVE_RTOLS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
+
+
+def _run(name, D, x, sigmas, seed, rtol=None):
     fn = SAMPLERS[name]
     model = _Counter(D)
-    kwargs = {}
+    kwargs = {} if rtol is None else {"rtol": rtol, "atol": rtol / 6.4}
     raw = inspect.signature(inspect.unwrap(fn)).parameters
-    if "noise_sampler" in raw:
+    if name not in DETERMINISTIC and (
+        "noise_sampler" in raw or any(p.kind == p.VAR_KEYWORD for p in raw.values())
+    ):
         kwargs["noise_sampler"] = BrownianTreeNoiseSampler(
             x, SIGMA_MIN * 0.5, SIGMA_MAX, [seed], per_image=False, tol=1e-4
         )
     out = fn(model, x, sigmas, disable=True, **kwargs)
     return out, model.calls
+
+
+def _adaptive_rtol_for_nfe(D, target, x, sigmas):
+    """The loosest rtol whose NFE is at least `target` (dpm_adaptive's NFE depends on the data)."""
+    for rtol in ADAPTIVE_RTOLS:
+        if _run("dpm_adaptive", D, x[:256], sigmas, 0, rtol)[1] >= target:
+            return rtol
+    return ADAPTIVE_RTOLS[-1]
 
 
 def _steps_for_nfe(name, D, target, dim):
@@ -119,13 +134,20 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
     for name in names:
         rows = []
         for target in NFE_TARGETS:
-            steps = _steps_for_nfe(name, D, target, gmm.dim)
-            sig = get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
+            rtol = None
+            if name == "dpm_adaptive":  # a schedule only gives its ends; the tolerance sets the NFE
+                steps, sig = 0, get_sigmas_karras(2, SIGMA_MIN, SIGMA_MAX).double()
+                rtol = _adaptive_rtol_for_nfe(D, target, noise_det * sig[0], sig)
+            else:
+                steps = _steps_for_nfe(name, D, target, gmm.dim)
+                sig = get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
             t0 = time.perf_counter()
             if name in DETERMINISTIC:
-                out, nfe = _run(name, D, noise_det * sig[0], sig, 0)
+                out, nfe = _run(name, D, noise_det * sig[0], sig, 0, rtol)
                 err = float(((out - reference) ** 2).mean().sqrt())
                 rows.append({"nfe_target": target, "steps": steps, "nfe": nfe, "rmse": err})
+                if rtol is not None:
+                    rows[-1]["rtol"] = rtol
             else:
                 out, nfe = _run(name, D, noise_sto * sig[0], sig, 0)
                 row = {"nfe_target": target, "steps": steps, "nfe": nfe, "sliced_w1": sliced_w1(out, data)}
@@ -152,23 +174,21 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
         json.dump(report, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "samplers.json"))
 
-    series = {}
-    for name, r in results.items():
-        key = "rmse" if r["kind"] == "deterministic" else "sliced_w1"
-        series[name + ("" if key == "rmse" else " (SW1)")] = (
-            [row["nfe"] for row in r["runs"]],
-            [row[key] for row in r["runs"]],
-        )
-    line_plot(
-        series,
-        os.path.join(out_dir, "samplers.png"),
-        title="latentforge samplers on a 4-component Gaussian mixture (SD1 sigma range, Karras schedule): "
-        f"RMSE vs exact ODE, or sliced W1 to data (floor {floor:.3g})",
-        xlabel="NFE (model calls)",
-        ylabel="error",
-        logx=True,
-        logy=True,
-    )
+    panels = []
+    for kind, key, label in (
+        ("deterministic", "rmse", "ODE samplers: RMSE against the exact probability-flow solution"),
+        ("stochastic", "sliced_w1", f"SDE samplers: sliced W1 to mixture samples (noise floor {floor:.3g})"),
+    ):
+        series = {
+            name: ([row["nfe"] for row in r["runs"]], [row[key] for row in r["runs"]])
+            for name, r in results.items()
+            if r["kind"] == kind
+        }
+        if series:
+            title = f"latentforge, 4-component Gaussian mixture, SD1 sigma range, Karras schedule. {label}"
+            panels.append(line_plot(series, None, title, "NFE (model calls)", key, logx=True, logy=True))
+    if panels:
+        save_png(stack(panels), os.path.join(out_dir, "samplers.png"))
     return report
 
 

@@ -32,17 +32,35 @@ def _fmt(v: float) -> str:
     return f"{v:.0e}" if (abs(v) >= 1e4 or 0 < abs(v) < 1e-2) else f"{v:g}"
 
 
+def save_png(img: Image.Image, path: str) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def stack(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one above the other."""
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for im in images:
+        out.paste(im, (0, y))
+        y += im.height
+    return out
+
+
 def line_plot(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    path: str,
+    path: str | None = None,
     title: str = "",
     xlabel: str = "",
     ylabel: str = "",
     logx: bool = False,
     logy: bool = False,
     size: tuple[int, int] = (1400, 900),
-) -> None:
-    """Draw each series (name -> (xs, ys)) as a polyline with markers and a legend; write a PNG atomically."""
+) -> Image.Image:
+    """Draw each series (name -> (xs, ys)) as a polyline with markers and a legend; returns the image and,
+    given a path, writes it as a PNG atomically."""
     W, H = size
     legend_w = 260 if len(series) > 1 else 0
     left, right, top, bottom = 80, 20 + legend_w, 40, 60
@@ -117,6 +135,6 @@ def line_plot(
             dr.line([lx, ly + 6, lx + 24, ly + 6], fill=color, width=3 if dash is None else 1)
             dr.text((lx + 30, ly), name, fill="black", font=font)
 
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    if path is not None:
+        save_png(img, path)
+    return img
