@@ -1,0 +1,351 @@
+"""DiT: Diffusion Transformer with adaLN-Zero blocks (Peebles & Xie 2023, "Scalable Diffusion Models with
+Transformers", arXiv:2212.09748), in the layout of facebookresearch/DiT `models.py`.
+
+Attribute paths equal the keys of the released `DiT-XL-2-256x256.pt` (a bare state_dict, no prefix), so
+`DiT(PRESETS["dit-xl-2-256"]).load_state_dict(torch.load(path), strict=True)` works with no renaming.
+
+The network (N = batch, T = (input_size / patch_size)² tokens, D = hidden_size):
+    x [N, C, H, W] -> patchify + fixed 2-D sin-cos pos_embed -> [N, T, D]
+    c = t_embedder(t) + y_embedder(y)                          -> [N, D]
+    depth × DiTBlock(x, c) (adaLN-Zero)                        -> [N, T, D]
+    final_layer(x, c) -> unpatchify                            -> [N, out_channels, H, W]
+With `learn_sigma` the output has 2·C channels: ε, then the variance-interpolation value v of
+Nichol & Dhariwal 2021 (IDDPM) that the learned-range variance uses.
+
+Text-conditioned variant (our own models, `context_dim > 0`): every block gets a cross-attention to a text
+context [N, L, context_dim] after its self-attention (as in PixArt-α), and the pooled text [N, pooled_dim]
+enters c through `y_embedder.mlp` (Linear-SiLU-Linear, the SD3 `y_embedder` form) instead of the label table.
+With `context_dim == 0` the module tree is exactly the original class-conditional DiT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DiTConfig:
+    """Field names follow `DiT.__init__` in facebookresearch/DiT `models.py`."""
+
+    input_size: int = 32  # latent height = width (256² image / 8)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0 adds the null class row (index num_classes) for CFG
+    num_classes: int = 1000
+    learn_sigma: bool = True  # doubles the output channels (ε and the IDDPM variance value)
+    context_dim: int = 0  # 0: class-conditional original; > 0: cross-attention to a text context
+    pooled_dim: int = 0  # text variant only: width of the pooled text vector (0: none)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+# DiT-XL/2 (`DiT_XL_2` in models.py: depth 28, hidden 1152, patch 2, 16 heads) at 256² and 512² images.
+PRESETS: dict[str, DiTConfig] = {
+    "dit-xl-2-256": DiTConfig(input_size=32),
+    "dit-xl-2-512": DiTConfig(input_size=64),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [N, T, D] · (1 + scale[N, D]) + shift[N, D] (models.py L19-20)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """GLIDE sinusoid [cos | sin] of t [N] -> [N, dim], frequencies max_period^(-i / (dim/2)), i < dim/2.
+
+    Computed in float32 like the original (whatever the weights' dtype); the caller casts.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # [N, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid_size², embed_dim] (MAE form, models.py L274-321).
+
+    Token k = i·grid_size + j (row i, column j). Channels [0, D/2) encode the column j and [D/2, D) the row i
+    (the original's `meshgrid(grid_w, grid_h)` quirk), each as [sin(p·ω) | cos(p·ω)] with
+    ω_m = 10000^(-m / (D/4)), m < D/4. Computed in float64 like the numpy original.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    out = pos[:, None] * omega[None]  # [G, D/4]
+    emb_1d = torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # [G, D/2]
+    col = emb_1d[None, :, :].expand(grid_size, grid_size, -1)  # [i, j] -> embedding of j
+    row = emb_1d[:, None, :].expand(grid_size, grid_size, -1)  # [i, j] -> embedding of i
+    return torch.cat([col, row], dim=-1).reshape(grid_size * grid_size, embed_dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches -> tokens (timm `PatchEmbed`): [N, C, H, W] -> [N, T, D]."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """t [N] -> 256-d sinusoid -> Linear-SiLU-Linear -> [N, D] (models.py L27-64)."""
+
+    frequency_embedding_size = 256
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(self.frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # [N, 256] float32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels [N] -> [N, D]; row `num_classes` is the null class (models.py L67-94).
+
+    In training mode each label is replaced by the null class with probability `dropout_prob`, as the
+    original does, so the unconditional branch of classifier-free guidance is trained. At sampling time the
+    guidance code passes `y = num_classes` itself.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class PooledEmbedder(nn.Module):
+    """Text variant: pooled text [N, pooled_dim] -> Linear-SiLU-Linear -> [N, D] (SD3's `y_embedder`)."""
+
+    def __init__(self, pooled_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm `Attention`, qkv_bias=True)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        # qkv rows are [q | k | v], each head-major: [N, T, 3, heads, d_head] -> 3 × [N, heads, T, d_head]
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, d_head]
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Text variant: tokens [N, T, D] attend to a context [N, L, context_dim]."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h, dh = self.num_heads, d // self.num_heads
+        q = self.q(x).reshape(n, t, h, dh).transpose(1, 2)  # [N, heads, T, d_head]
+        k, v = (
+            self.kv(context).reshape(n, context.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
+        )  # [N, heads, L, dh]
+        x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, d_head]
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (timm `Mlp` as DiT builds it)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block (models.py L101-122; paper §3.2):
+    x += gate_msa · attn(modulate(norm1 x, shift_msa, scale_msa))
+    [text variant: x += cross_attn(norm_cross x, context)]
+    x += gate_mlp · mlp(modulate(norm2 x, shift_mlp, scale_mlp))
+    with (shift, scale, gate) × 2 = adaLN_modulation(c) chunked 6 ways.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, context_dim: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        if context_dim > 0:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x [N, T, D], c [N, D] -> six [N, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> adaLN (shift, scale) -> Linear(D, p²·out_channels) (models.py L125-142)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 × [N, D]
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [N, T, p²·C_out]
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: `forward(x [N, C, H, W], t [N], y) -> [N, out_channels, H, W]`.
+
+    Class-conditional (`context_dim == 0`): y = labels [N] (long), `num_classes` is the null class.
+    Text variant (`context_dim > 0`): y = pooled text [N, pooled_dim] (or None when pooled_dim == 0) and
+    context = text tokens [N, L, context_dim].
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        if config.context_dim == 0:
+            self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        elif config.pooled_dim > 0:
+            self.y_embedder = PooledEmbedder(config.pooled_dim, d)
+        grid = config.input_size // config.patch_size
+        # Fixed, but saved in the released checkpoint (a requires_grad=False Parameter there): a persistent
+        # buffer keeps the key and stays out of model.parameters().
+        pos_embed = sincos_pos_embed_2d(d, grid).to(device=self.x_embedder.proj.weight.device)
+        self.register_buffer("pos_embed", pos_embed.float()[None], persistent=True)  # [1, T, D]
+        self.blocks = nn.ModuleList(
+            [DiTBlock(d, config.num_heads, config.mlp_ratio, config.context_dim) for _ in range(config.depth)]
+        )
+        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The original init (models.py L182-216): xavier-uniform Linears with zero bias, the patch conv as a
+        flattened Linear, N(0, 0.02) label table and timestep MLP, and adaLN-Zero: every adaLN modulation and
+        the final linear are zero, so a fresh DiT is the identity in each block and outputs exactly zero.
+        The text variant's cross-attention output projection is zeroed too (each block stays the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if isinstance(getattr(self, "y_embedder", None), LabelEmbedder):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for block in self.blocks:
+            zero.append(block.adaLN_modulation[-1])
+            if hasattr(block, "cross_attn"):
+                zero.append(block.cross_attn.proj)
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T, p²·C] -> [N, C, H, W] (einsum 'nhwpqc->nchpwq' as the original)."""
+        p, c = self.config.patch_size, self.config.out_channels
+        h = w = int(round(x.shape[1] ** 0.5))
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        if x.shape[-2:] != (cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"DiT expects {cfg.input_size}×{cfg.input_size} latents, got {tuple(x.shape[-2:])}"
+            )
+        dtype = self.x_embedder.proj.weight.dtype
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # a scalar t applies to the whole batch
+        h = self.x_embedder(x.to(dtype)) + self.pos_embed  # [N, T, D], T = H·W / p²
+        c = self.t_embedder(t)  # [N, D]
+        if cfg.context_dim == 0:
+            if y is None:
+                raise ValueError(
+                    "class-conditional DiT needs labels y [N] (use num_classes for the null class)"
+                )
+            c = c + self.y_embedder(y)  # [N, D]
+        else:
+            if context is None:
+                raise ValueError("text-conditioned DiT needs context [N, L, context_dim]")
+            context = context.to(dtype)
+            if cfg.pooled_dim > 0:
+                if y is None:
+                    raise ValueError("text-conditioned DiT with pooled_dim > 0 needs the pooled text y")
+                c = c + self.y_embedder(y.to(dtype))  # [N, D]
+        for block in self.blocks:
+            h = block(h, c, context)  # [N, T, D]
+        h = self.final_layer(h, c)  # [N, T, p²·C_out]
+        return self.unpatchify(h).to(x.dtype)  # [N, C_out, H, W]
