@@ -1,0 +1,379 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022, §3 and App. G), in the LDM checkpoint layout.
+
+    x ∈ [-1, 1]^(3×H×W) --Encoder--> moments (2·z, H/f, W/f) --quant_conv--> N(mean, exp(logvar))
+    z (embed_dim, H/f, W/f) --post_quant_conv--> --Decoder--> x̂,        f = 2^(len(ch_mult) - 1)
+
+Module paths are the keys of `first_stage_model.*` in SD1/SD2/SDXL/SD3 checkpoints
+(`CompVis/stable-diffusion:ldm/modules/diffusionmodules/model.py` Encoder L368 / Decoder L462,
+`ldm/models/autoencoder.py` AutoencoderKL L285; SD3: `Stability-AI/sd3.5:sd3_impls.py` L380-742, the same
+topology with 16 latent channels and no quant convs). Notable layout facts:
+- every norm is GroupNorm(32, eps=1e-6) and the nonlinearity is swish x·σ(x);
+- Downsample pads (0, 1, 0, 1) and then runs a stride-2 3×3 conv without padding (asymmetric);
+- the mid attention is single-head over the H·W positions, with q/k/v/proj_out as 1×1 convs;
+- `decoder.up` is indexed by resolution level, not by execution order: `up.{last}` runs first.
+
+Latent scaling is not part of the network: `LatentFormat` maps VAE latents to the denoiser's space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AutoencoderKLConfig:
+    # Field names follow the LDM `ddconfig` (+ `embed_dim` of AutoencoderKL).
+    ch: int = 128  # base channel count
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # channels per resolution level = ch·ch_mult[i]
+    num_res_blocks: int = 2  # ResnetBlocks per encoder level (the decoder has one more)
+    z_channels: int = 4  # latent channels at the encoder/decoder boundary
+    double_z: bool = True  # encoder outputs mean and logvar (2·z_channels)
+    in_channels: int = 3
+    out_ch: int = 3
+    resolution: int = 256  # nominal image size; only used to place attn_resolutions
+    attn_resolutions: tuple[int, ...] = ()  # levels (by feature-map size) that get an AttnBlock per block
+    embed_dim: int = 4  # latent channels after quant_conv
+    use_quant_conv: bool = True  # SD1/2/XL: quant_conv/post_quant_conv; SD3 (16 ch): none
+
+    def __post_init__(self):
+        if not self.use_quant_conv and self.embed_dim != self.z_channels:
+            raise ValueError(
+                "without quant convs the latent has z_channels channels: set embed_dim = z_channels"
+            )
+
+
+PRESETS = {
+    # SD1.x / SD2.x / SDXL VAE (v1-inference.yaml, v2-inference-v.yaml, sd_xl_base.yaml ddconfig).
+    "sd": AutoencoderKLConfig(),
+    # SD3 / SD3.5 VAE (sd3_impls.py SDVAE): 16 latent channels, no quant convs.
+    "sd3": AutoencoderKLConfig(z_channels=16, embed_dim=16, use_quant_conv=False),
+}
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """Denoiser latent = (VAE latent − shift)·scale (`sd3_impls.py` SD3LatentFormat L271-282)."""
+
+    scale_factor: float
+    shift_factor: float = 0.0
+
+    def process_in(self, z: torch.Tensor) -> torch.Tensor:  # VAE latent -> denoiser latent
+        return (z - self.shift_factor) * self.scale_factor
+
+    def process_out(self, z: torch.Tensor) -> torch.Tensor:  # denoiser latent -> VAE latent
+        return z / self.scale_factor + self.shift_factor
+
+
+LATENT_FORMATS = {
+    "sd1": LatentFormat(0.18215),  # v1-inference.yaml scale_factor
+    "sd2": LatentFormat(0.18215),  # v2-inference-v.yaml scale_factor
+    "sdxl": LatentFormat(0.13025),  # sd_xl_base.yaml scale_factor
+    "sd3": LatentFormat(1.5305, 0.0609),  # sd3_impls.py SD3LatentFormat
+}
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))) from the moments [B, 2C, h, w] (`ldm/modules/distributions`)."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)  # [B, C, h, w] each
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        # KL(q || N(0, I)) summed over the latent, per image: [B]
+        return 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks (model.py: Normalize, nonlinearity, ResnetBlock, AttnBlock, Downsample, Upsample).
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    # x + conv2(swish(norm2(conv1(swish(norm1(x)))))); the VAE has no timestep input and dropout 0.
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # 1×1 projection of the skip path on a channel change
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, H, W] -> [B, Cout, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    # Single-head self-attention over the H·W positions, softmax(q·kᵀ/√C)·v, with 1×1-conv projections.
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        B, C, H, W = x.shape
+        h = self.norm(x)
+
+        def tokens(t):  # [B, C, H, W] -> [B, 1, H·W, C] (one head)
+            return t.reshape(B, 1, C, H * W).transpose(-1, -2)
+
+        h = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
+        h = h.transpose(-1, -2).reshape(B, C, H, W)  # [B, 1, H·W, C] -> [B, C, H, W]
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, ⌊H/2⌋, ⌊W/2⌋]
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, 2H, 2W]
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    # One resolution level: keys `block.M`, `attn.M` (only at attn_resolutions), `downsample`/`upsample`.
+    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+
+    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        return h
+
+
+class Mid(nn.Module):
+    # block_1 -> attn_1 -> block_2 at the lowest resolution (keys `mid.block_1`, `mid.attn_1`, `mid.block_2`)
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderKLConfig):
+        super().__init__()
+        n = len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        res, c_in = cfg.resolution, cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            c_out = cfg.ch * mult
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level = Level(blocks, attns)
+            if i != n - 1:
+                level.downsample = Downsample(c_out)
+                res //= 2
+            self.down.append(level)
+            c_in = c_out
+        self.mid = Mid(c_in)
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f]
+        h = self.conv_in(x)  # [B, ch, H, W]
+        for level in self.down:
+            h = level.run_blocks(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)  # halves H and W
+        h = self.mid(h)  # [B, ch·ch_mult[-1], H/f, W/f]
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderKLConfig):
+        super().__init__()
+        n = len(cfg.ch_mult)
+        c_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // 2 ** (n - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.mid = Mid(c_in)
+        # Built from the lowest resolution up, but stored so that up[i] is level i (up[0] = full resolution).
+        levels: list[Level] = []
+        for i in reversed(range(n)):
+            c_out = cfg.ch * cfg.ch_mult[i]
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level = Level(blocks, attns)
+            if i != 0:
+                level.upsample = Upsample(c_out)
+                res *= 2
+            levels.insert(0, level)
+            c_in = c_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, h·f, w·f]
+        h = self.mid(self.conv_in(z))  # [B, ch·ch_mult[-1], h, w]
+        for level in reversed(self.up):  # execution order: lowest resolution first
+            h = level.run_blocks(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)  # doubles H and W
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, out_ch, h·f, w·f]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiling. The image (or latent) is cut into tiles of equal size whose starts are spread evenly so that
+# neighbours overlap by at least `overlap`; each tile is run on its own and its output is added into the
+# result with a weight that ramps linearly across the actual overlap with each neighbour (1 elsewhere),
+# then divided by the summed weight. Peak memory: the network only ever sees one tile, so its activations
+# are bounded by the tile size whatever the image area; what grows with area is the result itself plus a
+# one-channel weight map [1, 1, H, W] (1/out_ch of the result), i.e. only the output we must return.
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))  # >= 2
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def _ramp(starts: list[int], i: int, size: int, scale: int, device) -> torch.Tensor:
+    # Weight along one axis of tile i, in output units ([size·scale]): rises over the overlap with tile i-1
+    # and falls over the overlap with tile i+1. Values are (k + 0.5)/overlap, never 0.
+    n = size * scale
+    k = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones(n, device=device)
+    if i > 0 and (ov := (starts[i - 1] + size - starts[i]) * scale) > 0:
+        w = torch.minimum(w, k / ov)
+    if i < len(starts) - 1 and (ov := (starts[i] + size - starts[i + 1]) * scale) > 0:
+        w = torch.minimum(w, (n - k) / ov)
+    return w
+
+
+def _run_tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    unit_in: int,
+    unit_out: int,
+) -> torch.Tensor:
+    # A grid unit is `unit_in` input and `unit_out` output pixels (encoder: f and 1, decoder: 1 and f).
+    if tile % unit_in or overlap % unit_in or x.shape[-2] % unit_in or x.shape[-1] % unit_in:
+        raise ValueError(f"tile, overlap and the input size must be multiples of {unit_in}")
+    H, W = x.shape[-2] // unit_in, x.shape[-1] // unit_in  # in grid units
+    th, tw = min(tile // unit_in, H), min(tile // unit_in, W)
+    ov = overlap // unit_in
+    if not 0 <= ov < tile // unit_in:
+        raise ValueError(f"need 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
+    ys, xs = _tile_starts(H, th, ov), _tile_starts(W, tw, ov)
+    out = weight = None
+    for i, y0 in enumerate(ys):
+        wy = _ramp(ys, i, th, unit_out, x.device)
+        for j, x0 in enumerate(xs):
+            crop = x[..., y0 * unit_in : (y0 + th) * unit_in, x0 * unit_in : (x0 + tw) * unit_in]
+            y = fn(crop)  # [B, C, th·unit_out, tw·unit_out]
+            if out is None:
+                out = y.new_zeros((*y.shape[:2], H * unit_out, W * unit_out))
+                weight = y.new_zeros((1, 1, H * unit_out, W * unit_out))
+            w = (wy[:, None] * _ramp(xs, j, tw, unit_out, x.device)[None, :]).to(y.dtype)
+            sl = (..., slice(y0 * unit_out, (y0 + th) * unit_out), slice(x0 * unit_out, (x0 + tw) * unit_out))
+            out[sl] += y * w
+            weight[sl] += w
+    return out / weight
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: AutoencoderKLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = None
+
+    @property
+    def downscale(self) -> int:  # f: image pixels per latent pixel along each axis
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.cfg.embed_dim
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2·embed_dim, H/f, W/f]
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:  # [B, embed_dim, h, w] -> [B, 3, h·f, w·f]
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """x: images in [-1, 1], [B, 3, H, W] -> q(z|x) over [B, embed_dim, H/f, W/f] (unscaled latents)."""
+        return DiagonalGaussian(self._moments(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: unscaled latents [B, embed_dim, h, w] -> images [B, 3, h·f, w·f], nominally in [-1, 1]."""
+        return self._decode(z)
+
+    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussian:
+        """Encode tile by tile (tile, overlap: image pixels, multiples of f); blends mean and logvar."""
+        f = self.downscale
+        return DiagonalGaussian(_run_tiled(self._moments, x, tile, overlap, unit_in=f, unit_out=1))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """Decode tile by tile (tile, overlap in latent pixels); the images are blended over the overlaps."""
+        return _run_tiled(self._decode, z, tile, overlap, unit_in=1, unit_out=self.downscale)
+
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        # Reconstruction for training: (x̂, q(z|x)).
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior

@@ -1,0 +1,116 @@
+"""Checkpoint files: safe reading, atomic writing, stray keys, family detection from the real key lists."""
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+from latentforge.checkpoints import (
+    detect_family,
+    join_components,
+    read_state_dict,
+    save_state_dict,
+    split_components,
+    strip_stray,
+)
+
+KEYS = pathlib.Path(__file__).parent / "data" / "checkpoint_keys"
+
+
+def _load(name):
+    out = {}
+    for line in (KEYS / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
+FAMILIES = {
+    "sd15": ["sd1_unet_ldm.txt", "sd_vae_ldm.txt", "sd1_clip_l_text_hf4x.txt"],
+    "sd21": ["sd2_unet_ldm.txt", "sd_vae_ldm.txt", "sd2_openclip_vith_text.txt"],
+    "sdxl-base": ["sdxl_base_unet_sgm.txt", "sd_vae_ldm.txt", "sdxl_openclip_bigg_text.txt"],
+    "sdxl-refiner": ["sdxl_refiner_unet_sgm.txt", "sd_vae_ldm.txt"],
+    "sd3-medium": ["sd3_medium_mmdit.txt"],
+    "sd35-medium": ["sd3.5_medium_mmditx.txt"],
+    "sd35-large": ["sd3.5_large_mmdit.txt"],
+    "dit-xl-2-256": ["dit_xl2_256.txt"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_detect_family_from_real_key_lists(family):
+    shapes = {}
+    for f in FAMILIES[family]:
+        shapes.update(_load(f))
+    det = detect_family(shapes)
+    assert det.family == family, str(det)
+
+
+def test_split_and_join_roundtrip():
+    shapes = {}
+    for f in FAMILIES["sd15"]:
+        shapes.update(_load(f))
+    sd = {k: torch.zeros(1) for k in shapes}
+    parts = split_components(sd, "sd15")
+    assert not parts["unknown"]
+    assert "time_embed.0.weight" in parts["unet"] and "encoder.conv_in.weight" in parts["vae"]
+    assert "transformer.text_model.final_layer_norm.weight" in parts["clip_l"]
+    assert join_components({k: v for k, v in parts.items() if k != "unknown"}, "sd15").keys() == sd.keys()
+
+
+def test_strip_stray():
+    sd = {"model.diffusion_model.x": 1, "model_ema.decay": 2, "model_ema.diffusion_modelinput": 3, "betas": 4,
+          "alphas_cumprod": 5, "sqrt_alphas_cumprod": 6, "first_stage_model.y": 7}  # fmt: skip
+    kept, dropped = strip_stray(sd)
+    assert sorted(kept) == ["first_stage_model.y", "model.diffusion_model.x"] and len(dropped) == 5
+
+
+def test_safetensors_roundtrip_is_atomic(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    sd = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    save_state_dict(sd, path, metadata={"family": "test"})
+    back = read_state_dict(path)
+    assert torch.equal(back["a"], sd["a"]) and torch.equal(back["b"], sd["b"])
+    assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary left behind
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = str(tmp_path / "m.safetensors")
+    save_state_dict({"a": torch.ones(2)}, path)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_state_dict({"a": torch.zeros(2)}, path)
+    assert torch.equal(read_state_dict(path)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_ckpt_only_plain_tensors(tmp_path):
+    good = tmp_path / "g.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, good)
+    assert torch.equal(read_state_dict(str(good))["w"], torch.ones(2))
+    bad = tmp_path / "b.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": _Evil()}, bad)
+    with pytest.raises(ValueError, match="weights_only"):
+        read_state_dict(str(bad))
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(str(tmp_path / "nope.safetensors"))
+    (tmp_path / "x.onnx").write_bytes(b"0")
+    with pytest.raises(ValueError, match=".safetensors"):
+        read_state_dict(str(tmp_path / "x.onnx"))
+    with pytest.raises(ValueError, match="written as .safetensors"):
+        save_state_dict({}, str(tmp_path / "y.ckpt"))
