@@ -1,0 +1,392 @@
+"""The Stable Diffusion UNet (SD1.x, SD2.x, SDXL base/refiner) in the original LDM/SGM checkpoint layout.
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models" (the ADM UNet of
+Dhariwal & Nichol 2021 with cross-attention transformer blocks), and Podell et al. 2023 (SDXL).
+Every module path is its key under `model.diffusion_model.` in a `.ckpt`/`.safetensors`:
+`input_blocks.N.M.*`, `middle_block.*`, `output_blocks.N.M.*`, `out.{0,2}`, `time_embed.{0,2}`,
+`label_emb.0.{0,2}` (SDXL), so `UNet(cfg).load_state_dict(sd, strict=True)` needs no renaming.
+Shapes: x (B, C, H, W) latents, timesteps (B,) float (fractional allowed), context (B, L, context_dim),
+y (B, adm_in_channels) for SDXL (see `sdxl_vector`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    """Field names are those of `UNetModel` in ldm/sgm `openaimodel.py` (and of the original YAMLs)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors `ds` that get a transformer
+    num_heads: int = -1  # heads per transformer (SD1: 8), or -1 to derive from num_head_channels
+    num_head_channels: int = -1  # channels per head (SD2/SDXL: 64), or -1 to derive from num_heads
+    transformer_depth: int | tuple[int, ...] = 1  # int or one entry per level
+    transformer_depth_middle: int | None = None  # None: the last entry of transformer_depth (sgm)
+    context_dim: int | tuple[int, ...] | None = 768  # a tuple gives one dim per block of each transformer
+    use_linear_in_transformer: bool = False  # proj_in/proj_out as Linear (SD2, SDXL) or 1x1 conv (SD1)
+    num_classes: str | None = None  # "sequential": `label_emb` MLP on the vector y (SDXL)
+    adm_in_channels: int | None = None  # width of y for num_classes="sequential"
+
+    def depths(self) -> list[int]:
+        d = self.transformer_depth
+        return [d] * len(self.channel_mult) if isinstance(d, int) else list(d)
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(num_heads, dim_head) of a transformer with `ch` channels (openaimodel.py, legacy=False)."""
+        if self.num_head_channels == -1:
+            return self.num_heads, ch // self.num_heads
+        return ch // self.num_head_channels, self.num_head_channels
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (epsilon prediction)
+    "sd15": UNetConfig(num_heads=8, context_dim=768),
+    # Stability-AI/stablediffusion configs/stable-diffusion/v2-inference-v.yaml (v prediction; the
+    # 512 base model, v2-inference.yaml, has the same UNet with epsilon prediction)
+    "sd21": UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+    # Stability-AI/generative-models configs/inference/sd_xl_base.yaml (level 0 has no attention, so
+    # the first depth entry is unused; the middle block takes the last one, 10)
+    "sdxl-base": UNetConfig(
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(4, 2),
+        num_head_channels=64,
+        transformer_depth=(1, 2, 10),
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+        adm_in_channels=2816,
+    ),
+    # .../sd_xl_refiner.yaml
+    "sdxl-refiner": UNetConfig(
+        model_channels=384,
+        attention_resolutions=(4, 2),
+        num_head_channels=64,
+        transformer_depth=4,
+        context_dim=(1280, 1280, 1280, 1280),
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+        adm_in_channels=2560,
+    ),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) → (B, dim) sinusoidal embedding, [cos | sin], frequencies exp(−ln(max_period)·i/half),
+    i = 0..half−1, computed in float32 as in ldm `util.timestep_embedding` (cos first, unlike the VAE's)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sdxl_vector(
+    pooled: torch.Tensor,
+    original_size: tuple[int, int] | torch.Tensor,
+    crop_coords: tuple[int, int] | torch.Tensor,
+    target_size: tuple[int, int] | torch.Tensor,
+) -> torch.Tensor:
+    """SDXL base `y` (B, 1280 + 3·512 = 2816): pooled bigG text embedding, then each of (h, w),
+    (top, left), (h, w) as 256-d sinusoidal embeddings, one per number (sgm `ConcatTimestepEmbedderND`
+    with outdim 256, in the order of the `conditioner` in sd_xl_base.yaml). Sizes are in pixels."""
+    return _vector(pooled, [original_size, crop_coords, target_size])
+
+
+def sdxl_refiner_vector(
+    pooled: torch.Tensor,
+    original_size: tuple[int, int] | torch.Tensor,
+    crop_coords: tuple[int, int] | torch.Tensor,
+    aesthetic_score: float | torch.Tensor = 6.0,
+) -> torch.Tensor:
+    """SDXL refiner `y` (B, 1280 + 2·512 + 256 = 2560): pooled, (h, w), (top, left), aesthetic score
+    (sd_xl_refiner.yaml; 6.0 is the usual positive score, 2.5 the negative)."""
+    return _vector(pooled, [original_size, crop_coords, aesthetic_score])
+
+
+def _vector(pooled: torch.Tensor, groups: list) -> torch.Tensor:
+    """Each group is a number, a k-tuple (shared by the batch) or a (B, k) tensor of per-sample values."""
+    b, parts = pooled.shape[0], [pooled]
+    for g in groups:
+        g = torch.as_tensor(g, dtype=torch.float32, device=pooled.device)
+        g = g.reshape(1, -1).expand(b, -1) if g.ndim <= 1 else g  # (B, k)
+        emb = timestep_embedding(g.reshape(-1), 256)  # (B·k, 256), [cos | sin] per number
+        parts.append(emb.reshape(b, -1).to(pooled.dtype))  # (B, k·256), number-major
+    return torch.cat(parts, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (ldm/modules/diffusionmodules/openaimodel.py, ldm/modules/attention.py)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32, C, eps=1e-5) computed in at least float32 (`util.normalization`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w, b = self.weight.to(dt), self.bias.to(dt)
+        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """h = conv(SiLU(GN(x))) + Linear(SiLU(emb)); h = conv(Dropout(SiLU(GN(h)))); return skip(x) + h."""
+
+    def __init__(self, ch: int, emb_ch: int, out_ch: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        nn.init.zeros_(self.out_layers[3].weight)  # zero_module: the block starts as the identity
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, out_ch, H, W)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """softmax(q kᵀ / √d) v with `heads` heads of `dim_head`; k, v from `context` (or x: self-attention)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|L, inner)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # default scale dim_head**-0.5
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """Shazeer 2020: proj to 2·dim_out, a ⊙ GELU(gate) with [a | gate] = proj(x)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN: x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """(B, C, H, W) → GN → proj_in → (B, HW, inner) → depth × block → proj_out → + x."""
+
+    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, context_dims: list[int], linear: bool):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        proj = nn.Linear if linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = proj(ch, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dims[k]) for k in range(depth)
+        )
+        self.proj_out = proj(inner, ch)
+        nn.init.zeros_(self.proj_out.weight)  # zero_module
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x)
+        if not self.linear:
+            t = self.proj_in(t)
+        t = t.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.linear:
+            t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        if self.linear:
+            t = self.proj_out(t)
+        t = t.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.linear:
+            t = self.proj_out(t)
+        return x + t
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)  # (H, W) → (⌈H/2⌉, ⌈W/2⌉)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        # Nearest ×2; `size` (the next skip's H, W) also handles latents not divisible by 2^levels, where
+        # the original would fail at the skip concatenation (diffusers and ComfyUI do the same).
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """An `input_blocks.N`, `output_blocks.N` or `middle_block`: routes emb and context to its layers."""
+
+    def forward(self, x, emb, context=None, upsample_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if cfg.num_heads == -1 and cfg.num_head_channels == -1:
+            raise ValueError("set num_heads or num_head_channels")
+        if cfg.num_classes not in (None, "sequential"):
+            raise ValueError(f"num_classes={cfg.num_classes!r} is not supported (only None or 'sequential')")
+        self.cfg = cfg
+        mc, levels = cfg.model_channels, len(cfg.channel_mult)
+        depths = cfg.depths()
+        depth_mid = depths[-1] if cfg.transformer_depth_middle is None else cfg.transformer_depth_middle
+        emb_ch = 4 * mc  # time_embed_dim
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads(ch)
+            cd = cfg.context_dim
+            dims = [cd] * depth if isinstance(cd, int) else list(cd)
+            return SpatialTransformer(ch, heads, dim_head, depth, dims, cfg.use_linear_in_transformer)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.num_classes == "sequential":  # SDXL: label_emb.0.{0,2}
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
+
+        # Encoder: conv_in, then per level num_res_blocks × (Res [+ ST]) and a Downsample except at the last.
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
+        )
+        skip_chs, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch, depths[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chs.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chs.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_ch, ch), transformer(ch, depth_mid), ResBlock(ch, emb_ch, ch)
+        )
+
+        # Decoder: per level (reversed) num_res_blocks + 1 × (Res on [h | skip] [+ ST]), then Upsample.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch, depths[level]))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out[2].weight)  # zero_module
+        nn.init.zeros_(self.out[2].bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, in_channels, H, W), timesteps (B,) or scalar in [0, 1000), context (B, L, context_dim),
+        y (B, adm_in_channels) → (B, out_channels, H, W) in x's dtype; computed in the weights' dtype."""
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4·mc)
+        if self.cfg.num_classes is not None:
+            if y is None or y.shape[0] != x.shape[0]:
+                raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
+            emb = emb + self.label_emb(y.to(dtype))
+        if context is not None:
+            context = context.to(dtype)
+
+        h, skips = x.to(dtype), []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)
