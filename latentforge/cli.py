@@ -25,6 +25,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _shapes(args) -> int:
+    from latentforge.shapes import export
+
+    out = export(args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split)
+    print(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
+    return 0
+
+
 def _info(args) -> int:
     from latentforge.samplers import SAMPLER_NAMES
     from latentforge.schedules import SCHEDULERS
@@ -42,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="out/bench", help="output folder (samplers.json, samplers.png)")
     b.add_argument("--samplers", default="", help="comma-separated subset of sampler names (default: all)")
     b.set_defaults(func=_bench)
+
+    sh = sub.add_parser("shapes", help="the procedural shapes benchmark data")
+    shs = sh.add_subparsers(dest="shapes_command", required=True)
+    ex = shs.add_parser("export", help="write rendered images, .txt captions and metadata.jsonl to DIR")
+    ex.add_argument("dir")
+    ex.add_argument("--n", type=int, default=1000, help="number of images")
+    ex.add_argument("--size", type=int, default=64, help="resolution, 32..512")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--split", default="train", choices=["train", "validation", "heldout"])
+    ex.set_defaults(func=_shapes)
 
     i = sub.add_parser("info", help="list samplers and schedulers")
     i.set_defaults(func=_info)

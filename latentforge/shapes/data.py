@@ -1,0 +1,138 @@
+"""Streaming dataset and on-disk export for the shapes benchmark.
+
+Sample ``i`` of a stream is a pure function of ``(seed, split, i)`` (its own ``numpy`` generator), so the
+stream is the same whatever the number of DataLoader workers or ranks: global index ``i`` goes to the
+shard ``i % (world_size * num_workers) == rank * num_workers + worker_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captions import describe
+from .render import SPLITS, Scene, check_resolution, normalize_split, render, sample_scene
+
+
+def sample(seed: int, split: str, index: int, size: int = 64) -> tuple[np.ndarray, str, Scene, Scene]:
+    """Sample ``index`` of stream ``(seed, split)``: (uint8 image HxWx3, caption, scene, stated spec)."""
+    split = normalize_split(split)
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    scene = sample_scene(rng, split=split)
+    text, spec = describe(scene, rng)
+    return render(scene, size), text, scene, spec
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 3xHxW in [-1, 1]."""
+    return torch.from_numpy(img).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ShapesDataset(torch.utils.data.IterableDataset):
+    """Streams ``(image, caption, scene_dict)`` rendered on the fly; image: float32 [3, size, size], [-1, 1].
+
+    ``length=None`` streams forever; otherwise the stream has ``length`` samples in total, shared between
+    ranks and workers without duplicates. ``rank``/``world_size`` default to torch.distributed's when it is
+    initialised. ``set_epoch(e)`` changes the stream (the seed becomes ``(seed, e)``). With
+    ``with_spec=True`` the scene dict also holds ``"caption_spec"``: what the caption states (see captions).
+    Batch with ``collate`` (images stacked, captions and scenes as lists).
+    """
+
+    def __init__(
+        self,
+        size: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        length: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        with_spec: bool = False,
+    ):
+        super().__init__()
+        self.size = check_resolution(size)
+        self.seed = int(seed)
+        self.split = normalize_split(split)
+        if length is not None and length < 0:
+            raise ValueError(f"length must be >= 0 or None, got {length}")
+        self.length = length
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        self.world_size = (
+            world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        self.with_spec = with_spec
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _seed(self):
+        return self.seed if self.epoch == 0 else self.seed * 1_000_003 + self.epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, dict]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        stride = self.world_size * nw
+        i = self.rank * nw + wid
+        seed = self._seed()
+        while self.length is None or i < self.length:
+            img, text, scene, spec = sample(seed, self.split, i, self.size)
+            d = scene.to_dict()
+            d["index"] = i
+            if self.with_spec:
+                d["caption_spec"] = spec.to_dict()
+            yield to_tensor(img), text, d
+            i += stride
+
+
+def collate(batch):
+    """DataLoader collate_fn for ShapesDataset: (images [B, 3, H, W], captions list, scene dicts list)."""
+    imgs, texts, scenes = zip(*batch, strict=True)
+    return torch.stack(imgs), list(texts), list(scenes)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def export(directory, n: int, size: int = 64, seed: int = 0, split: str = "train") -> Path:
+    """Write ``n`` samples of stream ``(seed, split)`` to ``directory``: ``NNNNNN.png`` and ``NNNNNN.txt``
+    (the caption), and ``metadata.jsonl`` with one ``{"file_name", "text", "scene", "caption_spec"}`` line per
+    image (Hugging Face ``imagefolder`` layout). Every file is written to a temporary name and renamed.
+    Returns the directory."""
+    import io
+
+    size = check_resolution(size)
+    split = normalize_split(split)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        img, text, scene, spec = sample(seed, split, i, size)
+        name = f"{i:06d}"
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        _atomic_write(out / f"{name}.png", buf.getvalue())
+        _atomic_write(out / f"{name}.txt", (text + "\n").encode())
+        rec = {
+            "file_name": f"{name}.png",
+            "text": text,
+            "scene": scene.to_dict(),
+            "caption_spec": spec.to_dict(),
+        }
+        lines.append(json.dumps(rec))
+    _atomic_write(out / "metadata.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    return out

@@ -1,0 +1,170 @@
+"""Shapes benchmark captions: the grammar's paraphrases and its exact parser."""
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from latentforge.shapes import Obj, Scene, caption, describe, parse, relation_holds, sample_scene, satisfies
+
+
+def satisfies_obj(o, s):
+    return (
+        o.shape == s.shape
+        and o.color == s.color
+        and s.size in (None, o.size)
+        and s.position in (None, o.position)
+    )
+
+
+def _pairs(n, split="train", seed=0):
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        scene = sample_scene(rng, split=split)
+        text, spec = describe(scene, rng)
+        yield scene, text, spec
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_parse_round_trip(split):
+    n = 5000 if split == "train" else 1000
+    for scene, text, spec in _pairs(n, split):
+        got = parse(text)
+        assert got == spec, (text, got, spec)
+        assert satisfies(scene, got), (text, scene, got)
+        for i, rel, j in got.relations:  # a stated relation is true of some pair of objects it could name
+            a_ok = [o for o in scene.objects if satisfies_obj(o, got.objects[i])]
+            b_ok = [o for o in scene.objects if satisfies_obj(o, got.objects[j])]
+            assert any(relation_holds(a, rel, b) for a in a_ok for b in b_ok if a is not b)
+
+
+def test_round_trip_hypothesis():
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=300, deadline=None)
+    @hyp.given(
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from(["train", "validation", "heldout"]),
+    )
+    def check(scene_seed, caption_seed, split):
+        scene = sample_scene(np.random.default_rng(scene_seed), split=split)
+        text, spec = describe(scene, np.random.default_rng(caption_seed))
+        assert parse(text) == spec and satisfies(scene, spec)
+
+    check()
+
+
+def test_caption_matches_describe_and_is_deterministic():
+    scene = sample_scene(np.random.default_rng(0))
+    assert caption(scene, np.random.default_rng(1)) == describe(scene, np.random.default_rng(1))[0]
+    assert caption(scene, np.random.default_rng(1)) == caption(scene, np.random.default_rng(1))
+
+
+def test_paraphrase_variety():
+    texts, specs = [], []
+    for _, text, spec in _pairs(3000, seed=1):
+        texts.append(text.lower())
+        specs.append(spec)
+    joined = "\n".join(texts)
+    for word in ["big", "large", "little", "tiny", "small", "disk", "plus sign", "rhombus", "grey", "gray",
+                 "two", "background", "above", "below", "left of", "right of", "corner", ": ", "there is",
+                 "an image of", "in the middle"]:  # fmt: skip
+        assert word in joined, word
+    assert re.search(r"\bthree\b|\b3\b", joined)
+    assert len(set(texts)) > 2900
+    # the optional parts are optional
+    assert Counter(s.background is None for s in specs).most_common()[-1][1] > 500
+    assert sum(bool(s.relations) for s in specs) > 200
+    sizes = Counter(o.size is None for s in specs for o in s.objects)
+    positions = Counter(o.position is None for s in specs for o in s.objects)
+    assert min(sizes.values()) > 500 and min(positions.values()) > 500
+
+
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("a large red circle in the top left corner", Scene((Obj("circle", "red", "large", "top_left"),))),
+        ("Top left: a big red circle.", Scene((Obj("circle", "red", "large", "top_left"),))),
+        (
+            "a red circle above a blue square",
+            Scene((Obj("circle", "red"), Obj("square", "blue")), None, ((0, "above", 1),)),
+        ),
+        (
+            "two green stars on a white background",
+            Scene((Obj("star", "green"), Obj("star", "green")), "white"),
+        ),
+        (
+            "there are 2 tiny grey disks and a plus sign in orange at the bottom.",
+            Scene(
+                (
+                    Obj("circle", "gray", "small"),
+                    Obj("circle", "gray", "small"),
+                    Obj("cross", "orange", None, "bottom"),
+                )
+            ),
+        ),
+        (
+            "a black background with a pink rhombus, a yellow heart to the right of a cyan little hexagon",
+            None,  # three items need "and"
+        ),
+        (
+            "A black background with a pink rhombus, a yellow heart, and a cyan little hexagon in the middle",
+            Scene(
+                (Obj("diamond", "pink"), Obj("heart", "yellow"), Obj("hexagon", "cyan", "small", "center")),
+                "black",
+            ),
+        ),
+        (
+            "center: a white star; lower right: an orange big triangle; background: black",
+            Scene(
+                (Obj("star", "white", None, "center"), Obj("triangle", "orange", "large", "bottom_right")),
+                "black",
+            ),
+        ),
+        (
+            "an image of a purple star in the middle left and a blue cross to the left of a red heart",
+            Scene(
+                (Obj("star", "purple", None, "left"), Obj("cross", "blue"), Obj("heart", "red")),
+                None,
+                ((1, "left_of", 2),),
+            ),
+        ),
+    ],
+)
+def test_parse_examples(text, spec):
+    assert parse(text) == spec
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        ".",
+        "hello world",
+        "a red circle in the top left corner banana",
+        "a circle",  # no colour
+        "a red blob",
+        "a magenta circle",
+        "a red circle in the top left corner and",
+        "a red circle, a blue square",
+        "red circle",  # no article
+        "a red circle on a red background",  # unsatisfiable: object colour = background
+        "a red circle in the center and a blue star in the center",  # two objects in one cell
+        "three red stars and a blue square",  # four objects
+        "a red circle in the top left corner above a blue square",  # positioned relation: not in the grammar
+        "top left: a red circle; top left: a blue square",
+        "background: white",
+        "a red circle!",
+        "a red circle..",
+        "a large small red circle",
+        "a big red circle in the top left corner on a white background on a black background",
+        "a red circle" * 200,
+        None,
+        42,
+    ],
+)
+def test_parse_rejects(text):
+    assert parse(text) is None
