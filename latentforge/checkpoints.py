@@ -9,10 +9,13 @@ Nothing is unpickled: `.safetensors` through safetensors, `.ckpt`/`.pt` only thr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,8 +41,9 @@ PREFIXES: dict[str, dict[str, str]] = {
         "clip_g": "text_encoders.clip_g.",
         "t5xxl": "text_encoders.t5xxl.",
     },
-    "dit-xl-2-256": {"dit": ""},
-    "dit-xl-2-512": {"dit": ""},
+    # DiT releases hold the bare network; a VAE saved beside it (our files) sits under the LDM prefix
+    "dit-xl-2-256": {"dit": "", "vae": "first_stage_model."},
+    "dit-xl-2-512": {"dit": "", "vae": "first_stage_model."},
 }
 PREFIXES["sd35-medium"] = PREFIXES["sd3-medium"]
 PREFIXES["sd35-large"] = PREFIXES["sd3-medium"]
@@ -198,3 +202,203 @@ def join_components(
             )
         out.update({prefixes[comp] + k: v for k, v in sd.items()})
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Components: which network (and which preset) each part of a family's checkpoint is.
+
+
+def _sd3_clip_l():
+    from latentforge.models.text import PRESETS
+
+    return dataclasses.replace(PRESETS["clip-l"], projection_dim=768)  # CLIPTextModelWithProjection
+
+
+def _sd3_clip_g():
+    from latentforge.models.text import CLIPTextConfig
+
+    # SD3 stores bigG in the HF (OpenAI) naming: `transformer.text_model.*` + `transformer.text_projection`
+    return CLIPTextConfig(
+        layout="openai", hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+    )  # fmt: skip
+
+
+def preset_configs(family: str) -> dict[str, Any]:
+    """{component: config} of the full-size networks of a family's single-file checkpoint."""
+    from latentforge.models import DIT_PRESETS, MMDIT_PRESETS, TEXT_PRESETS, UNET_PRESETS, VAE_PRESETS
+
+    if family in ("sd15", "sd21", "sdxl-base", "sdxl-refiner"):
+        text = {
+            "sd15": {"clip_l": TEXT_PRESETS["clip-l"]},
+            "sd21": {"clip_h": TEXT_PRESETS["openclip-h"]},
+            "sdxl-base": {"clip_l": TEXT_PRESETS["clip-l"], "clip_g": TEXT_PRESETS["openclip-bigg"]},
+            "sdxl-refiner": {"clip_g": TEXT_PRESETS["openclip-bigg"]},
+        }[family]
+        return {"unet": UNET_PRESETS[family], "vae": VAE_PRESETS["sd"], **text}
+    if family in ("sd3-medium", "sd35-medium", "sd35-large"):
+        return {
+            "mmdit": MMDIT_PRESETS[family],
+            "vae": VAE_PRESETS["sd3"],
+            "clip_l": _sd3_clip_l(),
+            "clip_g": _sd3_clip_g(),
+        }
+    if family in ("dit-xl-2-256", "dit-xl-2-512"):
+        return {"dit": DIT_PRESETS[family]}
+    raise ValueError(f"unknown preset {family!r}; known: {', '.join(PREFIXES)}")
+
+
+def build_component(name: str, config) -> torch.nn.Module:
+    """The network for component `name` (unet, mmdit, dit, vae, clip_l, clip_h, clip_g) with `config`."""
+    from latentforge.models import DiT, MMDiT, UNet
+    from latentforge.models.text import CLIPTextModel
+    from latentforge.models.vae import AutoencoderKL
+
+    if name == "unet":
+        return UNet(config)
+    if name == "mmdit":
+        return MMDiT(config)
+    if name == "dit":
+        return DiT(config)
+    if name == "vae":
+        return AutoencoderKL(config)
+    if name in ("clip_l", "clip_h", "clip_g"):
+        return CLIPTextModel(config)
+    raise ValueError(f"no network for component {name!r} (T5-XXL is not supported yet)")
+
+
+def _config_class(name: str):
+    from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, MMDiTConfig, UNetConfig
+
+    classes = {"unet": UNetConfig, "mmdit": MMDiTConfig, "dit": DiTConfig, "vae": AutoencoderKLConfig}
+    return classes.get(name, CLIPTextConfig)
+
+
+def state_dict_layout(preset: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape of the single-file checkpoint `preset` loads, with the original prefixes (on meta)."""
+    out = {}
+    for name, cfg in preset_configs(preset).items():
+        with torch.device("meta"):
+            module = build_component(name, cfg)
+        pre = PREFIXES[preset][name]
+        out.update({pre + k: tuple(v.shape) for k, v in module.state_dict().items()})
+    return out
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def configs_to_json(configs: Mapping[str, Any]) -> str:
+    return json.dumps({k: dataclasses.asdict(c) for k, c in configs.items()})
+
+
+def configs_from_json(text: str) -> dict[str, Any]:
+    raw = json.loads(text)
+    out = {}
+    for name, fields in raw.items():
+        cls = _config_class(name)
+        known = {f.name for f in dataclasses.fields(cls)}
+        out[name] = cls(**{k: _tuples(v) for k, v in fields.items() if k in known})
+    return out
+
+
+def save_checkpoint(path: str, family: str, components: Mapping[str, torch.nn.Module], configs=None) -> None:
+    """Write a single-file checkpoint in the original layout (prefixes of `family`), atomically.
+    The configs go into the safetensors metadata, so a model of any size loads back as it was."""
+    sd = join_components({n: m.state_dict() for n, m in components.items()}, family)
+    meta = {"latentforge.family": family}
+    if configs:
+        meta["latentforge.configs"] = configs_to_json(configs)
+    save_state_dict(sd, path, metadata=meta)
+
+
+@dataclass
+class Loaded:
+    family: str
+    detection: Detection
+    components: dict[str, torch.nn.Module]
+    configs: dict[str, Any]
+    dropped: list[str]  # EMA copies and buffers that were not loaded
+
+
+def _read_metadata(path: str) -> dict[str, str]:
+    if not path.lower().endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _load_component(name, cfg, sd, dtype, source) -> torch.nn.Module:
+    with torch.device("meta"):
+        module = build_component(name, cfg)
+    expected = module.state_dict()
+    if "transformer.text_model.embeddings.position_ids" in expected and (
+        "transformer.text_model.embeddings.position_ids" not in sd
+    ):  # newer exports drop this constant buffer
+        sd = {
+            **sd,
+            "transformer.text_model.embeddings.position_ids": torch.arange(cfg.max_position_embeddings)[None],
+        }
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: component {name!r} does not match its network: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
+        )
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(
+                f"{source}: {name}.{k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+            )
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, vae: str | None = None) -> Loaded:
+    """Load a single-file checkpoint: detect its family, strip EMA copies and stray buffers, and load
+    every component strictly in `dtype`. `vae` overrides the checkpoint's VAE with a separate file."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    raw = read_state_dict(path)
+    meta = _read_metadata(path)
+    sd, dropped = strip_stray(raw)
+    if "latentforge.family" in meta:
+        family = meta["latentforge.family"]
+        if family not in PREFIXES:
+            raise ValueError(f"{path}: metadata names an unknown family {family!r}")
+        detection = Detection(family, "named in the file's latentforge metadata")
+    else:
+        detection = detect_family({k: tuple(v.shape) for k, v in sd.items()})
+        family = detection.family
+    parts = split_components(sd, family)
+    if parts["unknown"]:
+        some = sorted(parts["unknown"])[:5]
+        raise ValueError(
+            f"{path}: {len(parts['unknown'])} keys belong to no component of {family} (e.g. {some})"
+        )
+    configs = preset_configs(family)
+    if "latentforge.configs" in meta:
+        configs.update(configs_from_json(meta["latentforge.configs"]))
+    if vae is not None:
+        vsd, _ = strip_stray(read_state_dict(vae))
+        parts["vae"] = {k.removeprefix("first_stage_model."): v for k, v in vsd.items()}
+        if family.startswith("dit") and "vae" not in configs:
+            configs["vae"] = preset_configs("sd15")["vae"]
+    components = {}
+    for name, psd in parts.items():
+        if name == "unknown" or not psd:
+            continue
+        if name == "t5xxl":
+            dropped.extend("text_encoders.t5xxl." + k for k in psd)  # T5 is not supported yet: zeros instead
+            continue
+        if name not in configs:
+            configs[name] = preset_configs("sd15")["vae"] if name == "vae" else None
+        components[name] = _load_component(name, configs[name], psd, dtype, path)
+    return Loaded(
+        family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped
+    )

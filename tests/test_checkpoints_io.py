@@ -114,3 +114,98 @@ def test_bad_paths(tmp_path):
         read_state_dict(str(tmp_path / "x.onnx"))
     with pytest.raises(ValueError, match="written as .safetensors"):
         save_state_dict({}, str(tmp_path / "y.ckpt"))
+
+
+LAYOUT_LISTS = {
+    "sd15": ["sd1_unet_ldm.txt", "sd_vae_ldm.txt", "sd1_clip_l_text_hf4x.txt"],
+    "sd21": ["sd2_unet_ldm.txt", "sd_vae_ldm.txt", "sd2_openclip_vith_text.txt"],
+    "sdxl-base": ["sdxl_base_unet_sgm.txt", "sd_vae_ldm.txt", "sdxl_openclip_bigg_text.txt"],
+    "sdxl-refiner": ["sdxl_refiner_unet_sgm.txt", "sd_vae_ldm.txt"],
+    "sd3-medium": ["sd3_medium_mmdit.txt"],
+    "sd35-medium": ["sd3.5_medium_mmditx.txt"],
+    "sd35-large": ["sd3.5_large_mmdit.txt"],
+    "dit-xl-2-256": ["dit_xl2_256.txt"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(LAYOUT_LISTS))
+def test_state_dict_layout_contains_the_real_keys(preset):
+    from latentforge.checkpoints import state_dict_layout
+
+    layout = state_dict_layout(preset)
+    for f in LAYOUT_LISTS[preset]:
+        ref = _load(f)
+        missing = [k for k in ref if k not in layout]
+        assert not missing, (f, missing[:5])
+        wrong = [(k, ref[k], layout[k]) for k in ref if layout[k] != ref[k]]
+        assert not wrong, (f, wrong[:5])
+    # and the layout detects as itself
+    assert detect_family(layout).family == preset
+
+
+def test_dit_512_layout():
+    from latentforge.checkpoints import state_dict_layout
+
+    assert state_dict_layout("dit-xl-2-512")["pos_embed"] == (1, 1024, 1152)
+
+
+def _tiny_sd15():
+    from latentforge.checkpoints import build_component
+    from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
+
+    configs = {
+        "unet": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
+                           num_heads=2, transformer_depth=1, context_dim=64),
+        "vae": AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32),
+        "clip_l": CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    return configs, {n: build_component(n, c).eval() for n, c in configs.items()}
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    from latentforge.checkpoints import load_checkpoint, save_checkpoint
+
+    configs, comps = _tiny_sd15()
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(path, "sd15", comps, configs)
+    raw = read_state_dict(path)
+    assert (
+        "model.diffusion_model.time_embed.0.weight" in raw
+        and "first_stage_model.encoder.conv_in.weight" in raw
+    )
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in raw
+    loaded = load_checkpoint(path)
+    assert loaded.family == "sd15" and loaded.configs == configs
+    for name, module in comps.items():
+        a, b = module.state_dict(), loaded.components[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, 64)
+    assert torch.equal(comps["unet"](x, t, ctx), loaded.components["unet"](x, t, ctx))
+    half = load_checkpoint(path, dtype=torch.bfloat16)
+    assert half.components["unet"].time_embed[0].weight.dtype == torch.bfloat16
+
+
+def test_load_rejects_stray_and_mismatched_keys(tmp_path):
+    from latentforge.checkpoints import load_checkpoint, save_checkpoint
+
+    configs, comps = _tiny_sd15()
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(path, "sd15", comps, configs)
+    sd = read_state_dict(path)
+    meta = {
+        "latentforge.family": "sd15",
+        "latentforge.configs": __import__("latentforge.checkpoints").checkpoints.configs_to_json(configs),
+    }
+    # EMA copies and schedule buffers are dropped, not fatal
+    save_state_dict(
+        {**sd, "model_ema.decay": torch.tensor(0.999), "alphas_cumprod": torch.ones(1000)}, path, meta
+    )
+    assert sorted(load_checkpoint(path).dropped) == ["alphas_cumprod", "model_ema.decay"]
+    # a missing weight is an error naming the component and the key
+    bad = {k: v for k, v in sd.items() if k != "model.diffusion_model.out.2.weight"}
+    save_state_dict(bad, path, meta)
+    with pytest.raises(ValueError, match=r"'unet' does not match.*out\.2\.weight"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_checkpoint(path, dtype=torch.int8)
