@@ -153,12 +153,13 @@ def _tiny_sd15():
     from latentforge.checkpoints import build_component
     from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 
-    configs = {
-        "unet": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                           num_heads=2, transformer_depth=1, context_dim=64),
-        "vae": AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32),
-        "clip_l": CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-    }  # fmt: skip
+    unet = UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+        transformer_depth=1, context_dim=64,
+    )  # fmt: skip
+    vae = AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32)
+    clip = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    configs = {"unet": unet, "vae": vae, "clip_l": clip}
     torch.manual_seed(0)
     return configs, {n: build_component(n, c).eval() for n, c in configs.items()}
 
