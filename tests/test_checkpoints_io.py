@@ -116,16 +116,7 @@ def test_bad_paths(tmp_path):
         save_state_dict({}, str(tmp_path / "y.ckpt"))
 
 
-LAYOUT_LISTS = {
-    "sd15": ["sd1_unet_ldm.txt", "sd_vae_ldm.txt", "sd1_clip_l_text_hf4x.txt"],
-    "sd21": ["sd2_unet_ldm.txt", "sd_vae_ldm.txt", "sd2_openclip_vith_text.txt"],
-    "sdxl-base": ["sdxl_base_unet_sgm.txt", "sd_vae_ldm.txt", "sdxl_openclip_bigg_text.txt"],
-    "sdxl-refiner": ["sdxl_refiner_unet_sgm.txt", "sd_vae_ldm.txt"],
-    "sd3-medium": ["sd3_medium_mmdit.txt"],
-    "sd35-medium": ["sd3.5_medium_mmditx.txt"],
-    "sd35-large": ["sd3.5_large_mmdit.txt"],
-    "dit-xl-2-256": ["dit_xl2_256.txt"],
-}
+LAYOUT_LISTS = FAMILIES  # the key lists each preset's layout must contain
 
 
 @pytest.mark.parametrize("preset", sorted(LAYOUT_LISTS))
