@@ -1,0 +1,372 @@
+"""Text-to-image on any family with one sampling loop (DESIGN.md, "One interface in the middle").
+
+    prompt ─ conditioning.encode ─► cond / uncond dicts
+    noise(seed + k)·σ₀ ─► sampler( CFGDenoiser(Denoiser(net, model_sampling)), sigmas ) ─► latent
+    latent ─ LatentFormat.process_out ─ VAE decode ─► [-1, 1] ─► uint8 PIL images
+
+What differs per family is data, written out below: the components (`component_configs`), the model sampling
+(`model_sampling_for`), the latent scaling (`LATENT_FORMAT`) and the default image size (`DEFAULT_SIZE`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import nn
+
+from latentforge import conditioning
+from latentforge.checkpoints import PREFIXES, build_component, preset_configs
+from latentforge.guidance import CFGDenoiser
+from latentforge.model_sampling import Denoiser, DiscreteFlow, DiscreteVP
+from latentforge.models.vae import LATENT_FORMATS, AutoencoderKL, LatentFormat
+from latentforge.models.vae import PRESETS as VAE_PRESETS
+from latentforge.noise import randn_seeded
+from latentforge.samplers import get_sampler, sigmas_for
+from latentforge.schedules import SCHEDULERS, unknown_name_error
+
+
+def component_configs(family: str) -> dict[str, object]:
+    """{component: config} of the released model: the checkpoint's networks (checkpoints.preset_configs),
+    plus the SD VAE for DiT, whose files hold the DiT alone (DiT sample.py decodes with sd-vae-ft-ema/mse)."""
+    configs = preset_configs(family)
+    if family.startswith("dit-"):
+        configs["vae"] = VAE_PRESETS["sd"]
+    return configs
+
+
+FAMILIES = tuple(PREFIXES)
+OPTIONAL_COMPONENTS = {"t5xxl"}  # SD3's T5-XXL: not supported yet, its tokens are zeros
+
+
+# Denoiser latent = (VAE latent − shift)·scale (architectures.md §2.2).
+LATENT_FORMAT: dict[str, LatentFormat] = {
+    "sd15": LATENT_FORMATS["sd1"],
+    "sd21": LATENT_FORMATS["sd2"],
+    "sdxl-base": LATENT_FORMATS["sdxl"],
+    "sdxl-refiner": LATENT_FORMATS["sdxl"],
+    "sd3-medium": LATENT_FORMATS["sd3"],
+    "sd35-medium": LATENT_FORMATS["sd3"],
+    "sd35-large": LATENT_FORMATS["sd3"],
+    "dit-xl-2-256": LatentFormat(0.18215),  # DiT sample.py: vae.decode(samples / 0.18215)
+    "dit-xl-2-512": LatentFormat(0.18215),
+}
+
+# The resolution each model was trained at (pixels); DiT's is fixed by its config (input_size·8).
+DEFAULT_SIZE = {
+    "sd15": 512,
+    "sd21": 768,
+    "sdxl-base": 1024,
+    "sdxl-refiner": 1024,
+    "sd3-medium": 1024,
+    "sd35-medium": 1024,
+    "sd35-large": 1024,
+}
+
+MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
+
+
+def model_sampling_for(family: str, prediction: str | None = None, shift: float | None = None):
+    """SD1 eps; SD2 v by default (the 768-v release; the 512 base is eps: prediction="eps"); SDXL eps;
+    SD3/3.5 rectified flow with shift 3.0; DiT eps on its linear 1e-4..0.02 betas
+    (DiT diffusion/__init__.py)."""
+    if family in ("sd3-medium", "sd35-medium", "sd35-large"):
+        if prediction not in (None, "flow"):
+            raise ValueError(f"{family} is a rectified-flow model; prediction={prediction!r} does not apply")
+        return DiscreteFlow(shift=3.0 if shift is None else float(shift))
+    if shift is not None:
+        raise ValueError(f"shift applies to the flow models (sd3, sd35), not {family}")
+    if family.startswith("dit-"):
+        return DiscreteVP(
+            prediction=prediction or "eps", beta_schedule="linear", linear_start=1e-4, linear_end=0.02
+        )
+    default = "v" if family == "sd21" else "eps"
+    return DiscreteVP(prediction=prediction or default)
+
+
+class FirstChannels(nn.Module):
+    """DiT with learn_sigma outputs [ε | variance value] (8 channels); sampling uses the ε half."""
+
+    def __init__(self, net: nn.Module, channels: int):
+        super().__init__()
+        self.net, self.channels = net, channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return self.net(x, t, **cond)[:, : self.channels]
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> B RGB images (clamped, rounded to uint8)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB") for a in arr]
+
+
+class Pipeline:
+    """Text-to-image for one family.
+
+    family: one of FAMILIES. components: name -> module (unet | mmdit | dit, vae, clip_l | clip_h | clip_g).
+    prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift."""
+
+    def __init__(
+        self,
+        family: str,
+        components: dict[str, nn.Module],
+        prediction: str | None = None,
+        shift: float | None = None,
+    ):
+        if family not in PREFIXES:
+            raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        needed = set(component_configs(family)) - OPTIONAL_COMPONENTS
+        missing = sorted(c for c in needed if components.get(c) is None)
+        if missing:
+            hint = " (a DiT file holds no VAE: pass vae=PATH)" if missing == ["vae"] else ""
+            raise ValueError(
+                f"a {family} pipeline needs components {missing}{hint}; got {sorted(components)}"
+            )
+        extra = set(components) - needed - OPTIONAL_COMPONENTS
+        if extra:
+            raise ValueError(f"components {sorted(extra)} have no place in a {family} pipeline")
+        self.family = family
+        self.components = {k: m.eval().requires_grad_(False) for k, m in components.items() if m is not None}
+        self.model_sampling = model_sampling_for(family, prediction, shift)
+        self.latent_format = LATENT_FORMAT[family]
+        # each network keeps its config (UNet/VAE as .cfg, the others as .config): what save_checkpoint stores
+        self.configs = {k: getattr(m, "config", getattr(m, "cfg", None)) for k, m in self.components.items()}
+        self.detection = None  # set by from_single_file: what decided the family
+
+    # -- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, configs: dict | None = None, dtype: torch.dtype = torch.float32, **kw):
+        """Every component built from its preset with random init; `configs` overrides per component."""
+        if name not in PREFIXES:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(FAMILIES)}")
+        configs = {**component_configs(name), **(configs or {})}
+        components = {c: build_component(c, cfg).to(dtype) for c, cfg in configs.items()}
+        return cls(name, components, **kw)
+
+    @classmethod
+    def from_single_file(cls, path: str, dtype: torch.dtype = torch.float32, vae: str | None = None, **kw):
+        """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own."""
+        from latentforge.checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(path, dtype=dtype, vae=vae)
+        pipe = cls(ckpt.family, dict(ckpt.components), **kw)
+        pipe.detection = ckpt.detection
+        return pipe
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Pipeline:
+        for m in self.components.values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    # -- pieces ------------------------------------------------------------------------------------------
+
+    @property
+    def net(self) -> nn.Module:
+        """The denoising network: unet, mmdit or dit."""
+        for name in ("unet", "mmdit", "dit"):
+            if name in self.components:
+                return self.components[name]
+        raise AssertionError("no denoising network")
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.components["vae"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def downscale(self) -> int:
+        return self.vae.downscale
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        if "dit" in self.components:
+            s = self.components["dit"].config.input_size * self.downscale
+            return s, s
+        return DEFAULT_SIZE[self.family], DEFAULT_SIZE[self.family]
+
+    def check_size(self, width: int, height: int) -> tuple[int, int]:
+        f = self.downscale
+        if "dit" in self.components:  # a fixed position table: one size only
+            s = self.default_size[0]
+            if (width, height) != (s, s):
+                raise ValueError(
+                    f"this DiT generates {s}x{s} images only, got width={width}, height={height}"
+                )
+            return width, height
+        unit, top = f, MAX_SIZE
+        if "mmdit" in self.components:  # latent must be whole patches within the P×P position table
+            cfg = self.components["mmdit"].config
+            unit = f * cfg.patch_size
+            top = min(top, cfg.pos_embed_max_size * unit)
+        for name, v in (("width", width), ("height", height)):
+            _int(name, v, unit, top)
+            if v % unit:
+                raise ValueError(f"{name} must be a multiple of {unit} for {self.family}, got {v}")
+        return width, height
+
+    def encode_prompt(self, prompts: Sequence[str], width: int, height: int, negative: bool = False) -> dict:
+        enc = {k: m for k, m in self.components.items() if k.startswith(("clip_", "t5"))}
+        kw = {}
+        if "mmdit" in self.components:
+            kw["context_dim"] = self.components["mmdit"].config.context_dim
+        if "dit" in self.components:
+            kw["num_classes"] = self.components["dit"].config.num_classes
+        # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
+        unique = list(dict.fromkeys(prompts))
+        cond = conditioning.encode(self.family, enc, unique, width, height, negative, **kw)
+        index = torch.tensor([unique.index(p) for p in prompts])
+        return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}
+
+    def denoiser(self) -> Denoiser:
+        net = self.net
+        if "dit" in self.components and net.config.learn_sigma:
+            net = FirstChannels(net, net.config.in_channels)
+        return Denoiser(net, self.model_sampling)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents [B, C, h, w] -> images [B, 3, h·f, w·f] in [-1, 1] (not clamped)."""
+        vae = self.vae
+        z = self.latent_format.process_out(latents.float())
+        dtype = next(vae.parameters()).dtype
+        return torch.cat([vae.decode(z[k : k + 1].to(dtype)).float() for k in range(z.shape[0])])
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        steps: int = 20,
+        sampler: str = "euler",
+        scheduler: str = "normal",
+        cfg: float = 7.0,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        batch_size: int = 1,
+        callback: Callable | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The denoised latents [B, C, h, w] (see `__call__` for the arguments)."""
+        batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
+        prompts = self._prompts("prompt", prompt, batch_size)
+        negatives = self._prompts("negative_prompt", negative_prompt, batch_size)
+        if self.family.startswith("dit-") and any(negatives):
+            raise ValueError("a DiT model has no negative prompt: its unconditional branch is the null class")
+        steps = _int("steps", steps, 1, MAX_STEPS)
+        sample_fn = get_sampler(sampler)
+        if scheduler not in SCHEDULERS:
+            raise unknown_name_error("scheduler", scheduler, list(SCHEDULERS))
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
+            raise ValueError(f"cfg must be a number in [0, {MAX_CFG:g}], got {cfg!r}")
+        seed = _int("seed", seed, 0, 2**63 - 1 - batch_size)
+        dw, dh = self.default_size
+        width, height = self.check_size(dw if width is None else width, dh if height is None else height)
+
+        cond = self.encode_prompt(prompts, width, height)
+        uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, negative=True)
+        model = CFGDenoiser(self.denoiser(), scale=float(cfg))
+
+        f, c = self.downscale, self.vae.latent_channels
+        seeds = [seed + k for k in range(batch_size)]
+        # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch
+        noise = randn_seeded((batch_size, c, height // f, width // f), seeds)
+        sigmas = sigmas_for(sampler, scheduler, self.model_sampling, steps).to(self.device)
+        x = noise.to(self.device) * sigmas[0]
+        options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
+        return sample_fn(
+            model,
+            x,
+            sigmas,
+            extra_args={"cond": cond, "uncond": uncond},
+            callback=callback,
+            disable=not progress,
+            **options,
+        )
+
+    def __call__(self, *args, **kwargs) -> list[Image.Image]:
+        """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch.
+
+        prompt: text (a class index such as "207" for DiT), or one per image. negative_prompt: the
+        unconditional prompt ("" by default). steps >= 1; sampler and scheduler under ComfyUI's names;
+        cfg in [0, 100] (1 skips the unconditional pass); width/height in pixels (family default if None).
+        callback(dict(x, i, sigma, sigma_hat, denoised)) is called after each step; progress shows a bar.
+        """
+        latents = self.sample(*args, **kwargs)
+        with torch.no_grad():
+            return to_pil(self.decode(latents))
+
+    @staticmethod
+    def _prompts(name: str, value, batch_size: int) -> list[str]:
+        if isinstance(value, str):
+            return [value] * batch_size
+        values = list(value) if isinstance(value, Sequence) else None
+        if values is None or any(not isinstance(v, str) for v in values):
+            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        if len(values) != batch_size:
+            raise ValueError(f"{name} has {len(values)} entries for a batch of {batch_size}")
+        return values
+
+
+# -- output files ------------------------------------------------------------------------------------------
+
+
+def _quote(value) -> str:
+    """A1111 `infotext_utils.quote`: a value holding ',', ':' or a newline is written as a JSON string."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
+    """A1111's `parameters` text (`create_infotext`): the prompt, "Negative prompt: ..." when there is one,
+    then one line of `Key: value` pairs (None values dropped), which A1111, sd.cpp and civitai parse."""
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def save_png(image: Image.Image, folder: str, parameters: str, seed: int) -> str:
+    """Write `NNNNN-seed.png` (the next free number in `folder`) with a `parameters` text chunk (tEXt, or
+    iTXt for non-Latin-1 text, as Pillow decides), under a temporary name renamed into place."""
+    os.makedirs(folder, exist_ok=True)
+    numbers = [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"(\d{5,})-", n))]
+    counter = max(numbers, default=-1) + 1
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    while True:
+        path = os.path.join(folder, f"{counter:05d}-{seed}.png")
+        if not os.path.exists(path):
+            break
+        counter += 1
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
