@@ -66,7 +66,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if low.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error type for bad headers and short files
+            size = os.path.getsize(path)
+            raise ValueError(
+                f"{path!r} is not a readable safetensors file ({size} bytes; truncated or not a "
+                f"checkpoint): {e}"
+            ) from e
     if low.endswith((".ckpt", ".pt", ".pth", ".bin")):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -366,6 +373,15 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, vae: str | No
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     raw = read_state_dict(path)
     meta = _read_metadata(path)
+    try:
+        return _load(path, raw, meta, dtype, vae)
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _load(path, raw, meta, dtype, vae) -> Loaded:
     sd, dropped = strip_stray(raw)
     if "latentforge.family" in meta:
         family = meta["latentforge.family"]
@@ -398,7 +414,7 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, vae: str | No
             continue
         if name not in configs:
             configs[name] = preset_configs("sd15")["vae"] if name == "vae" else None
-        components[name] = _load_component(name, configs[name], psd, dtype, path)
+        components[name] = _load_component(name, configs[name], psd, dtype, f"{path} ({detection})")
     return Loaded(
         family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped
     )

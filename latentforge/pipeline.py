@@ -224,7 +224,11 @@ class Pipeline:
         for name, v in (("width", width), ("height", height)):
             _int(name, v, unit, top)
             if v % unit:
-                raise ValueError(f"{name} must be a multiple of {unit} for {self.family}, got {v}")
+                near = min(max(unit, round(v / unit) * unit), top - top % unit)
+                raise ValueError(
+                    f"{name} must be a multiple of {unit} for {self.family}, got {v}; "
+                    f"the nearest valid size is {near}"
+                )
         return width, height
 
     def encode_prompt(self, prompts: Sequence[str], width: int, height: int, negative: bool = False) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from latentforge.checkpoints import (
+    configs_to_json,
     detect_family,
     join_components,
     read_state_dict,
@@ -201,3 +202,38 @@ def test_load_rejects_stray_and_mismatched_keys(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="dtype must be"):
         load_checkpoint(path, dtype=torch.int8)
+
+
+def test_not_a_checkpoint_and_truncated(tmp_path):
+    from latentforge.checkpoints import load_checkpoint
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("this is a text file, not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.safetensors.*not a readable safetensors file"):
+        load_checkpoint(str(junk))
+    good = tmp_path / "g.safetensors"
+    save_state_dict({"a": torch.randn(64, 64)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*truncated"):
+        load_checkpoint(str(cut))
+
+
+def test_unknown_family_and_shape_mismatch(tmp_path):
+    from latentforge.checkpoints import load_checkpoint, save_checkpoint
+
+    odd = tmp_path / "odd.safetensors"
+    save_state_dict({"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(2)}, str(odd))
+    with pytest.raises(ValueError, match=r"odd\.safetensors: cannot tell the model family.*decoder\.bias"):
+        load_checkpoint(str(odd))
+    configs, comps = _tiny_sd15()
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(path, "sd15", comps, configs)
+    sd = read_state_dict(path)
+    sd["model.diffusion_model.out.2.weight"] = torch.zeros(4, 32, 3, 5)
+    meta = {"latentforge.family": "sd15", "latentforge.configs": configs_to_json(configs)}
+    save_state_dict(sd, path, meta)
+    with pytest.raises(
+        ValueError, match=r"tiny\.safetensors \(sd15 .*unet\.out\.2\.weight has shape \(4, 32, 3, 5\)"
+    ):
+        load_checkpoint(path)

@@ -367,3 +367,13 @@ def test_full_size_conditioning_shapes_on_meta(family, shapes):
     assert (
         shapes["context"][-1] == ctx and shapes.get("y", (0, net.adm_in_channels))[1] == net.adm_in_channels
     )
+
+
+def test_bad_size_names_the_nearest_valid_one():
+    # the tiny VAEs downscale by 2 (a full SD VAE by 8); the tiny MMDiT adds patch 2
+    with pytest.raises(ValueError, match="multiple of 2 for sd15, got 71; the nearest valid size is 72"):
+        tiny("sd15").check_size(71, 64)
+    with pytest.raises(
+        ValueError, match="multiple of 4 for sd3-medium, got 41; the nearest valid size is 40"
+    ):
+        tiny("sd3-medium").check_size(64, 41)
