@@ -374,6 +374,6 @@ def test_bad_size_names_the_nearest_valid_one():
     with pytest.raises(ValueError, match="multiple of 2 for sd15, got 71; the nearest valid size is 72"):
         tiny("sd15").check_size(71, 64)
     with pytest.raises(
-        ValueError, match="multiple of 4 for sd3-medium, got 41; the nearest valid size is 40"
+        ValueError, match="multiple of 4 for sd3-medium, got 21; the nearest valid size is 20"
     ):
         tiny("sd3-medium").check_size(32, 21)
