@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -30,6 +31,54 @@ def _shapes(args) -> int:
 
     out = export(args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split)
     print(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
+    return 0
+
+
+def _eval_generate(args) -> str:
+    """One image per held-out shapes prompt from the model; returns the folder (images + metadata)."""
+    import tempfile
+
+    import numpy as np
+
+    from latentforge.pipeline import Pipeline
+    from latentforge.shapes import caption, sample_scene
+
+    out = args.out or tempfile.mkdtemp(prefix="latentforge-eval-")
+    os.makedirs(out, exist_ok=True)
+    pipe = Pipeline.from_single_file(args.model)
+    print(f"loaded {args.model}: {pipe.detection}")
+    rng = np.random.default_rng(args.seed)
+    prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(args.n)]
+    lines = []
+    for k, prompt in enumerate(prompts):
+        (img,) = pipe(prompt, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
+                      seed=args.seed + k, width=args.width, height=args.height, progress=False)  # fmt: skip
+        name = f"{k:06d}.png"
+        tmp = os.path.join(out, f".{name}.tmp.png")
+        img.save(tmp)
+        os.replace(tmp, os.path.join(out, name))
+        lines.append(json.dumps({"file_name": name, "text": prompt}))
+    tmp = os.path.join(out, ".metadata.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "metadata.jsonl"))
+    return out
+
+
+def _eval(args) -> int:
+    from latentforge.shapes.evaluate import evaluate_folder, format_report
+
+    if (args.images is None) == (args.model is None):
+        print("error: give exactly one of --images DIR or --model PATH", file=sys.stderr)
+        return 2
+    folder = args.images if args.images is not None else _eval_generate(args)
+    if not os.path.isdir(folder):
+        print(f"error: --images {folder!r} is not a folder", file=sys.stderr)
+        return 2
+    report = evaluate_folder(folder, json_path=args.json, size=args.size)
+    print(format_report(report))
+    if args.json:
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -142,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="score prompt adherence")
+    evs = ev.add_subparsers(dest="eval_command", required=True)
+    es = evs.add_parser(
+        "shapes", help="the shapes benchmark: score a folder, or generate from a model and score"
+    )
+    es.add_argument("--images", help="folder of images with .txt captions or metadata.jsonl")
+    es.add_argument("--model", help="a checkpoint: generate from held-out prompts, then score")
+    es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model)")
+    es.add_argument("--steps", type=int, default=20)
+    es.add_argument("--sampler", default="dpmpp_2m")
+    es.add_argument("--scheduler", default="karras")
+    es.add_argument("--cfg", type=float, default=5.0)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument(
+        "--out", default=None, help="where generated images go (with --model; default: a temp folder)"
+    )
+    es.add_argument("--width", type=int, default=None, help="generation width (default: the model's)")
+    es.add_argument("--height", type=int, default=None, help="generation height (default: the model's)")
+    es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at")
+    es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
+    es.set_defaults(func=_eval)
 
     i = sub.add_parser("info", help="list samplers and schedulers")
     i.set_defaults(func=_info)

@@ -37,3 +37,44 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["samplers"]) == 42 and "karras" in out["schedulers"]
+
+
+def test_eval_shapes_folder(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["shapes", "export", str(data), "--n", "20", "--seed", "2", "--split", "heldout"]) == 0
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "shapes", "--images", str(data), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 20 and report["all_correct"] == 1.0  # true captions of clean renders
+    assert "all correct" in capsys.readouterr().out
+    assert main(["eval", "shapes"]) == 2
+
+
+def test_eval_shapes_generates_from_a_model(tmp_path):
+    import torch
+
+    from latentforge.checkpoints import save_checkpoint
+    from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
+    from latentforge.pipeline import Pipeline
+
+    configs = {
+        "unet": UNetConfig(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+            transformer_depth=1, context_dim=64,
+        ),
+        "vae": AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32),
+        "clip_l": CLIPTextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        ),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    pipe = Pipeline.from_preset("sd15", configs)
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(path, "sd15", pipe.components, configs)
+    out, report_path = tmp_path / "gen", tmp_path / "r.json"
+    argv = ["eval", "shapes", "--model", path, "--n", "3", "--steps", "2", "--width", "64", "--height", "64",
+            "--out", str(out), "--json", str(report_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 3 and 0.0 <= report["all_correct"] <= 1.0
+    assert len(list(out.glob("*.png"))) == 3 and (out / "metadata.jsonl").exists()
