@@ -366,22 +366,45 @@ def _load_component(name, cfg, sd, dtype, source) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, vae: str | None = None) -> Loaded:
+def _component_file(name: str, path: str) -> dict[str, torch.Tensor]:
+    """A separately distributed component (a VAE, a text encoder) in any of its usual namings: inside a
+    single-file prefix, bare (ComfyUI's `clip_l.safetensors`: `text_model.*`), or exactly our keys."""
+    sd, _ = strip_stray(read_state_dict(path))
+    prefixes = {p[name] for p in PREFIXES.values() if name in p} | {"first_stage_model.", "vae."}
+    for pre in sorted(prefixes, key=len, reverse=True):
+        if pre and all(k.startswith(pre) for k in sd):
+            sd = {k[len(pre) :]: v for k, v in sd.items()}
+            break
+    if name.startswith("clip_"):
+        if any(k.startswith("text_model.") for k in sd):  # HF CLIPTextModel(WithProjection) file
+            sd = {"transformer." + k: v for k, v in sd.items()}
+        elif any(k.startswith(("transformer.resblocks.", "token_embedding.")) for k in sd):  # bare open_clip
+            sd = {"model." + k: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    vae: str | None = None,
+    text_encoders: Mapping[str, str] | None = None,
+) -> Loaded:
     """Load a single-file checkpoint: detect its family, strip EMA copies and stray buffers, and load
-    every component strictly in `dtype`. `vae` overrides the checkpoint's VAE with a separate file."""
+    every component strictly in `dtype`. `vae` overrides the checkpoint's VAE with a separate file;
+    `text_encoders` ({"clip_l": path, ...}) overrides or supplies its text encoders."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     raw = read_state_dict(path)
     meta = _read_metadata(path)
     try:
-        return _load(path, raw, meta, dtype, vae)
+        return _load(path, raw, meta, dtype, vae, dict(text_encoders or {}))
     except ValueError as e:
         if str(e).startswith(path):
             raise
         raise ValueError(f"{path}: {e}") from e
 
 
-def _load(path, raw, meta, dtype, vae) -> Loaded:
+def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
     sd, dropped = strip_stray(raw)
     if "latentforge.family" in meta:
         family = meta["latentforge.family"]
@@ -401,10 +424,14 @@ def _load(path, raw, meta, dtype, vae) -> Loaded:
     if "latentforge.configs" in meta:
         configs.update(configs_from_json(meta["latentforge.configs"]))
     if vae is not None:
-        vsd, _ = strip_stray(read_state_dict(vae))
-        parts["vae"] = {k.removeprefix("first_stage_model."): v for k, v in vsd.items()}
+        parts["vae"] = _component_file("vae", vae)
         if family.startswith("dit") and "vae" not in configs:
             configs["vae"] = preset_configs("sd15")["vae"]
+    for name, file in text_encoders.items():
+        if name not in configs or not name.startswith("clip_"):
+            known = [c for c in configs if c.startswith("clip_")]
+            raise ValueError(f"{family} has no text encoder {name!r}; its text encoders: {known}")
+        parts[name] = _component_file(name, file)
     components = {}
     for name, psd in parts.items():
         if name == "unknown" or not psd:

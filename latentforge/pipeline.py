@@ -163,11 +163,14 @@ class Pipeline:
         return cls(name, components, **kw)
 
     @classmethod
-    def from_single_file(cls, path: str, dtype: torch.dtype = torch.float32, vae: str | None = None, **kw):
-        """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own."""
+    def from_single_file(
+        cls, path: str, dtype: torch.dtype = torch.float32, vae: str | None = None, text_encoders=None, **kw
+    ):
+        """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own;
+        `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders."""
         from latentforge.checkpoints import load_checkpoint
 
-        ckpt = load_checkpoint(path, dtype=dtype, vae=vae)
+        ckpt = load_checkpoint(path, dtype=dtype, vae=vae, text_encoders=text_encoders)
         pipe = cls(ckpt.family, dict(ckpt.components), **kw)
         pipe.detection = ckpt.detection
         return pipe

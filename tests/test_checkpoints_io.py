@@ -237,3 +237,31 @@ def test_unknown_family_and_shape_mismatch(tmp_path):
         ValueError, match=r"tiny\.safetensors \(sd15 .*unet\.out\.2\.weight has shape \(4, 32, 3, 5\)"
     ):
         load_checkpoint(path)
+
+
+def test_component_overrides_in_their_usual_namings(tmp_path):
+    """A VAE file with the LDM prefix and a CLIP-L file in HF naming (`text_model.*`, as ComfyUI ships
+    clip_l.safetensors) replace the checkpoint's own."""
+    from latentforge.checkpoints import load_checkpoint, save_checkpoint
+
+    configs, comps = _tiny_sd15()
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(path, "sd15", comps, configs)
+    torch.manual_seed(1)
+    _, other = _tiny_sd15()
+    for p in other["vae"].parameters():
+        p.data.normal_()
+    vae_file = str(tmp_path / "vae.safetensors")
+    save_state_dict({"first_stage_model." + k: v for k, v in other["vae"].state_dict().items()}, vae_file)
+    clip_file = str(tmp_path / "clip_l.safetensors")
+    clip_sd = {k.removeprefix("transformer."): v + 1 for k, v in comps["clip_l"].state_dict().items()}
+    save_state_dict(clip_sd, clip_file)
+    loaded = load_checkpoint(path, vae=vae_file, text_encoders={"clip_l": clip_file})
+    for k, v in other["vae"].state_dict().items():
+        assert torch.equal(loaded.components["vae"].state_dict()[k], v)
+    got = loaded.components["clip_l"].state_dict()
+    assert torch.equal(
+        got["transformer.text_model.final_layer_norm.weight"], clip_sd["text_model.final_layer_norm.weight"]
+    )
+    with pytest.raises(ValueError, match=r"sd15 has no text encoder 'clip_g'"):
+        load_checkpoint(path, text_encoders={"clip_g": clip_file})
