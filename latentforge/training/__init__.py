@@ -1,0 +1,1 @@
+"""Training: objectives (noise-level sampling, prediction targets, loss weighting) for latent diffusion."""
