@@ -1,1 +1,1 @@
-"""Training: objectives (noise-level sampling, prediction targets, loss weighting) for latent diffusion."""
+"""Training: data, objectives (noise levels, targets, loss weighting) and exactly resumable state."""

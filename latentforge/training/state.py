@@ -1,0 +1,534 @@
+"""Everything a trainer needs to stop and resume exactly, stored without pickles.
+
+* `EMA`: a float32 exponential moving average of a model's parameters (buffers are copied), with the
+  warm-up decay min(decay, (1 + step)/(10 + step)) of ldm's `LitEma` (CompVis/latent-diffusion,
+  ldm/modules/ema.py) and diffusers' `EMAModel.get_decay` (diffusers/training_utils.py).
+* `lr_at`: the learning rate as a pure function of the step: linear warm-up, then constant, cosine or linear
+  decay to `min_lr_ratio * base_lr` (the shapes of transformers/diffusers `get_*_schedule_with_warmup`,
+  diffusers/optimization.py; the first step of a warm-up has lr 0 as there).
+* `save_training_state` / `load_training_state`: one folder per step, ``dir/step-00001234/``, with
+
+      model.safetensors      the model's state dict
+      ema.safetensors        the EMA's state dict (model layout, float32; usable as a weights file)
+      optimizer.safetensors  every optimizer-state tensor as "state.{param_index}.{name}"; the param
+                             groups' hyperparameters and the non-tensor state in the metadata (JSON)
+      rng.safetensors        "torch.cpu" (uint8), "torch.cuda.{i}" (uint8); numpy's global bit-generator
+                             state and python `random`'s state as JSON in the metadata
+      state.json             step, data position, config, GradScaler state, EMA settings, versions
+
+  The folder is written under a temporary name and renamed into place (`os.replace` of the directory), so a
+  crash mid-write leaves the previous checkpoint as it was; then the `last` file (written atomically)
+  names it and folders beyond `keep_last` are removed. Nothing is pickled: tensors go through safetensors,
+  everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentforge.checkpoints import read_state_dict, save_state_dict
+
+SCHEDULES = ("constant", "cosine", "linear")
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+# --------------------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of `model`'s parameters, kept in float32 whatever dtype the model trains in.
+
+    ``shadow ← shadow + (1 − d)·(param − shadow)`` with d = min(decay, (1 + step)/(10 + step)) when `warmup`
+    (LitEma's num_updates rule), else d = decay. Buffers (e.g. norm statistics) are copied, not averaged.
+    Keys are the model's state-dict keys, so `state_dict()` is a loadable weights file.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+        self.param_names = [n for n, _ in model.named_parameters()]
+        self.shadow: dict[str, torch.Tensor] = {}
+        sd = model.state_dict()
+        for k, v in sd.items():
+            v = v.detach()
+            self.shadow[k] = v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+
+    def decay_at(self, step: int) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int | None = None) -> float:
+        """Fold the model's current weights in; `step` defaults to the number of updates so far.
+        Returns the decay used."""
+        d = self.decay_at(self.num_updates if step is None else int(step))
+        params = dict(model.named_parameters())
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if k in params and s.is_floating_point():
+                s.lerp_(v.detach().to(device=s.device, dtype=torch.float32), 1.0 - d)
+            else:
+                s.copy_(v.detach())
+        self.num_updates += 1
+        return d
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Write the averaged weights into `model` (cast to each tensor's dtype, in place)."""
+        for k, v in model.state_dict().items():
+            v.copy_(self.shadow[k])
+
+    @contextlib.contextmanager
+    def swapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Temporarily put the EMA weights into `model` (e.g. to sample); the training weights come back
+        bit for bit on exit, even when the body raises."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(backup[k])
+
+    def to(self, device: torch.device | str) -> EMA:
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def settings(self) -> dict[str, Any]:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
+
+    @torch.no_grad()
+    def load_state_dict(
+        self, sd: Mapping[str, torch.Tensor], settings: Mapping[str, Any] | None = None
+    ) -> None:
+        missing = sorted(set(self.shadow) - set(sd))
+        unexpected = sorted(set(sd) - set(self.shadow))
+        if missing or unexpected:
+            raise ValueError(
+                f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(self.shadow[k].shape):
+                raise ValueError(f"EMA {k}: shape {tuple(v.shape)}, expected {tuple(self.shadow[k].shape)}")
+            self.shadow[k].copy_(v)
+        if settings:
+            self.decay = float(settings.get("decay", self.decay))
+            self.warmup = bool(settings.get("warmup", self.warmup))
+            self.num_updates = int(settings.get("num_updates", self.num_updates))
+
+
+# --------------------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+
+def lr_at(
+    step: int,
+    base_lr: float,
+    warmup_steps: int = 0,
+    total_steps: int = 0,
+    schedule: str = "constant",
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """The learning rate at `step` (0-based): base_lr·step/warmup_steps during warm-up, then
+
+    constant: base_lr
+    cosine:   base_lr·(m + (1 − m)·½(1 + cos(π·p)))
+    linear:   base_lr·(m + (1 − m)·(1 − p))
+
+    with p = (step − warmup_steps)/(total_steps − warmup_steps) clamped to [0, 1] and m = `min_lr_ratio`
+    (diffusers/optimization.py `get_cosine_schedule_with_warmup`, `get_linear_schedule_with_warmup`)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not supported; expected one of {', '.join(SCHEDULES)}")
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step ({step}) and warmup_steps ({warmup_steps}) must be >= 0")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if total_steps <= warmup_steps:
+        raise ValueError(
+            f"a {schedule} schedule needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})"
+        )
+    p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set `lr` on every param group, times the group's optional "lr_scale" (e.g. 0.1 for a text encoder)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float, **schedule: Any) -> float:
+    """`set_lr(optimizer, lr_at(step, base_lr, **schedule))`; returns the learning rate."""
+    return set_lr(optimizer, lr_at(step, base_lr, **schedule))
+
+
+# --------------------------------------------------------------------------------------------------------
+# flattening: optimizer, RNG
+
+
+def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): clone every repeat."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr in seen:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, json): state[i][name] → "state.{i}.{name}" when a tensor, else json["state"][i][name];
+    param-group hyperparameters to json["param_groups"] (tensor hyperparameters as "group.{g}.{name}")."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for i, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{i}.{name}"] = v.detach().cpu()
+            else:
+                plain_state.setdefault(str(i), {})[name] = v
+    groups = []
+    for g, group in enumerate(sd["param_groups"]):
+        out = {}
+        for name, v in group.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"group.{g}.{name}"] = v.detach().cpu()
+            else:
+                out[name] = list(v) if isinstance(v, tuple) else v
+        groups.append(out)
+    meta = {"class": type(optimizer).__name__, "state": plain_state, "param_groups": groups}
+    try:
+        json.dumps(meta)
+    except TypeError as e:
+        raise TypeError(f"optimizer state holds a value that is neither a tensor nor JSON: {e}") from e
+    return tensors, meta
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping
+) -> None:
+    if meta.get("class") != type(optimizer).__name__:
+        raise ValueError(
+            f"the checkpoint holds a {meta.get('class')} state, the optimizer is {type(optimizer).__name__}"
+        )
+    current = optimizer.state_dict()["param_groups"]
+    if len(current) != len(meta["param_groups"]):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(meta['param_groups'])} param groups, "
+            f"this one {len(current)}"
+        )
+    groups = []
+    for saved, cur in zip(meta["param_groups"], current, strict=True):
+        group = {}
+        for name, v in saved.items():
+            group[name] = tuple(v) if isinstance(cur.get(name), tuple) and isinstance(v, list) else v
+        groups.append(group)
+    state: dict[int, dict[str, Any]] = {}
+    for i, st in meta["state"].items():
+        state.setdefault(int(i), {}).update(st)
+    for key, v in tensors.items():
+        kind, idx, name = key.split(".", 2)
+        if kind == "state":
+            state.setdefault(int(idx), {})[name] = v
+        else:
+            groups[int(idx)][name] = v
+    # keep the optimizer's own ordering of per-parameter state (state dicts compare equal after resuming)
+    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of every global RNG: torch CPU, torch CUDA (each device), numpy, python."""
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s
+    np_state = np.random.get_state(
+        legacy=False
+    )  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", ...}
+    np_state = {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}}
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "numpy": json.dumps(np_state),
+        "python": json.dumps({"version": version, "state": list(internal), "gauss_next": gauss_next}),
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    torch.set_rng_state(tensors["torch.cpu"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("torch.cuda."))
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        for i, s in cuda[:n]:
+            torch.cuda.set_rng_state(s, i)
+    if "numpy" in meta:
+        s = json.loads(meta["numpy"])
+        s["state"]["key"] = np.asarray(s["state"]["key"], dtype=np.uint32)
+        np.random.set_state(s)
+    if "python" in meta:
+        s = json.loads(meta["python"])
+        random.setstate((s["version"], tuple(s["state"]), s["gauss_next"]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _versions() -> dict[str, str]:
+    try:
+        from importlib.metadata import version
+
+        lf = version("latentforge")
+    except Exception:  # not installed (running from a checkout)
+        lf = "unknown"
+    return {
+        "format": str(FORMAT_VERSION),
+        "latentforge": lf,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete step folders under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "state.json")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem / OS lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_training_state(
+    dir: str,
+    step: int,
+    model: torch.nn.Module,
+    ema: EMA | None,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any = None,
+    rng: bool = True,
+    data_position: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    keep_last: int | None = 3,
+) -> str:
+    """Write ``dir/step-{step:08d}/`` atomically, point ``dir/last`` at it, keep the newest `keep_last`
+    step folders (None or 0: keep all). Returns the step folder's path."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    os.makedirs(dir, exist_ok=True)
+    name = f"step-{int(step):08d}"
+    final = os.path.join(dir, name)
+    tmp = os.path.join(dir, f".{name}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        state: dict[str, Any] = {
+            "step": int(step),
+            "data_position": dict(data_position or {}),
+            "config": dict(config or {}),
+            "versions": _versions(),
+        }
+        save_state_dict(_unshared(model.state_dict()), os.path.join(tmp, "model.safetensors"))
+        if ema is not None:
+            save_state_dict(_unshared(ema.state_dict()), os.path.join(tmp, "ema.safetensors"))
+            state["ema"] = ema.settings()
+        if optimizer is not None:
+            tensors, meta = optimizer_to_flat(optimizer)
+            save_state_dict(
+                tensors,
+                os.path.join(tmp, "optimizer.safetensors"),
+                metadata={"latentforge.optimizer": json.dumps(meta)},
+            )
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if rng:
+            tensors, meta = rng_state()
+            save_state_dict(tensors, os.path.join(tmp, "rng.safetensors"), metadata=meta)
+        try:
+            text = json.dumps(state, indent=2, sort_keys=True)
+        except TypeError as e:
+            raise TypeError(f"data_position, config and scaler state must be JSON-serialisable: {e}") from e
+        _write_text_atomic(os.path.join(tmp, "state.json"), text)  # written last: marks the folder complete
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # saving the same step again: move the old one aside first
+            old = os.path.join(dir, f".{name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_text_atomic(os.path.join(dir, "last"), name + "\n")
+    if keep_last:
+        for _, path in step_dirs(dir)[:-keep_last]:
+            if os.path.abspath(path) != os.path.abspath(final):
+                shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def resolve_step_dir(path: str) -> str:
+    """A step folder itself, or the folder the `last` file under `path` names (falling back to the newest
+    complete step folder when `last` is missing or stale)."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    last = os.path.join(path, "last")
+    if os.path.isfile(last):
+        with open(last, encoding="utf-8") as f:
+            cand = os.path.join(path, f.read().strip())
+        if os.path.isfile(os.path.join(cand, "state.json")):
+            return cand
+    dirs = step_dirs(path)
+    if not dirs:
+        raise FileNotFoundError(f"no training state under {path!r} (no state.json, no step-* folder)")
+    return dirs[-1][1]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], keys: Sequence[str] | None = None
+) -> list[str]:
+    """Fields (dotted paths) of `expected` whose value differs in `saved`; with `keys`, only fields under
+    those top-level (or dotted) names are compared, e.g. keys=("model",)."""
+    s, e = _flatten(saved), _flatten(expected)
+    if keys is not None:
+        e = {k: v for k, v in e.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+    missing = object()
+    out = []
+    for k in sorted(e):
+        sv = s.get(k, missing)
+        if sv is missing:
+            out.append(f"{k}: not in the checkpoint, expected {e[k]!r}")
+        elif sv != e[k]:
+            out.append(f"{k}: checkpoint {sv!r}, expected {e[k]!r}")
+    return out
+
+
+def load_training_state(
+    path: str,
+    model: torch.nn.Module,
+    ema: EMA | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    rng: bool = True,
+    expected_config: Mapping[str, Any] | None = None,
+    config_keys: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Restore a `save_training_state` folder (or the latest under a root) into the given objects, and every
+    RNG when `rng`. With `expected_config`, refuse (ValueError naming each differing field) when the saved
+    config differs in those fields (only under `config_keys` when given: the fields that define the model).
+    Returns {"step", "data_position", "config", "path"}."""
+    step_dir = resolve_step_dir(path)
+    with open(os.path.join(step_dir, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    if expected_config is not None:
+        diffs = config_differences(state.get("config", {}), expected_config, config_keys)
+        if diffs:
+            raise ValueError(
+                f"{step_dir}: the checkpoint was trained with a different model config: " + "; ".join(diffs)
+            )
+
+    def need(name: str) -> str:
+        p = os.path.join(step_dir, name)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{step_dir} has no {name}")
+        return p
+
+    sd = read_state_dict(need("model.safetensors"))
+    model.load_state_dict(sd, strict=True)
+    if ema is not None:
+        ema.load_state_dict(read_state_dict(need("ema.safetensors")), state.get("ema"))
+    if optimizer is not None:
+        p = need("optimizer.safetensors")
+        meta = json.loads(_metadata(p)["latentforge.optimizer"])
+        optimizer_from_flat(optimizer, read_state_dict(p), meta)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if rng:
+        p = need("rng.safetensors")
+        set_rng_state(read_state_dict(p), _metadata(p))
+    return {
+        "step": state["step"],
+        "data_position": state.get("data_position", {}),
+        "config": state.get("config", {}),
+        "path": step_dir,
+    }
+
+
+def _metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
