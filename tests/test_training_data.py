@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from latentforge.training.cache import LatentCache
 from latentforge.training.data import (
     BucketBatchSampler,
     ImageFolder,
-    LatentCache,
     assign_bucket,
     collate,
     make_buckets,

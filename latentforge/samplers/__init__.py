@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from latentforge.samplers import dpmsolver, karras, multistep, stochastic
+from latentforge.samplers import dpm_solver, dpmsolver, karras, multistep, stochastic
 from latentforge.schedules import get_sigmas, unknown_name_error
 
 SAMPLER_NAMES = [
@@ -101,7 +101,13 @@ def _checked(name: str, fn: Callable) -> Callable:
     return run
 
 
-_RAW = {**karras.SAMPLERS, **dpmsolver.SAMPLERS, **multistep.SAMPLERS, **stochastic.SAMPLERS}
+_RAW = {
+    **karras.SAMPLERS,
+    **dpm_solver.SAMPLERS,
+    **dpmsolver.SAMPLERS,
+    **multistep.SAMPLERS,
+    **stochastic.SAMPLERS,
+}
 SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in SAMPLER_NAMES if name in _RAW}
 
 

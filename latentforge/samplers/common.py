@@ -126,3 +126,54 @@ def make_noise_sampler(
 def report(callback, x, i, sigma, sigma_hat, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+# --- scalar helpers (exponential integrators) -----------------------------------------------
+
+
+class ScalarForm:
+    """α(σ), λ(σ) and σ(λ) of the model's noise form, as Python floats (float64 math)."""
+
+    def __init__(self, model):
+        self.flow = is_flow(model)
+
+    def lam(self, s: float) -> float:
+        return float(half_log_snr(torch.tensor(s, dtype=torch.float64), self.flow))
+
+    def sigma(self, lam: float) -> float:
+        return float(sigma_from_half_log_snr(torch.tensor(lam, dtype=torch.float64), self.flow))
+
+    def alpha(self, s: float) -> float:
+        return 1.0 - s if self.flow else 1.0
+
+    def ancestral(self, s: float, t: float, eta: float):
+        """(σ_down, σ_up, scale) of common.get_ancestral_step, as floats."""
+        d, u, c = get_ancestral_step(
+            torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64), eta, self.flow
+        )
+        return float(d), float(u), float(c)
+
+
+def sigma_tensor(v: float, sigmas: torch.Tensor) -> torch.Tensor:
+    """An intermediate σ as a 0-d tensor in the schedule's dtype, for model and noise-sampler calls."""
+    return torch.tensor(v, dtype=sigmas.dtype, device=sigmas.device)
+
+
+def call_model(model, x, sigma: torch.Tensor, extra_args):
+    """D(x, σ) with σ broadcast to a [B] vector (`svec`)."""
+    return model(x, svec(sigma, x), **extra_args)
+
+
+class LazyNoise:
+    """Builds the noise sampler on first use: a Brownian tree needs two distinct positive σ, which a
+    schedule like [σ_max, 0] (one step straight to the data) does not have — and it needs no noise."""
+
+    def __init__(self, x, sigmas, noise_sampler, seed, brownian, cpu):
+        self.args = (x, sigmas, noise_sampler, seed, brownian, cpu)
+        self.ns = noise_sampler
+
+    def __call__(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.ns is None:
+            x, sigmas, ns, seed, brownian, cpu = self.args
+            self.ns = make_noise_sampler(x, sigmas, ns, seed, brownian=brownian, cpu=cpu)
+        return self.ns(s, t)
