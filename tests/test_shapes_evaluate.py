@@ -78,6 +78,19 @@ def test_degraded_accuracy(heldout, kind):
     assert np.mean(ok) >= 0.97, (kind, np.mean(ok))
 
 
+def test_jpeg420_accuracy(heldout):
+    # JPEG q50 with 4:2:0 chroma subsampling (as JPEGs are usually saved): small objects that differ from the
+    # background mostly in chroma keep only a blurred, heavily quantised outline. Measured 93.9% on these
+    # 1000 images (85% before the 4:2:0 template hypothesis, dilution-tolerant colour and component
+    # splitting); the target is 97%, so this is a regression guard, not the goal.
+    scenes, specs, images = heldout
+    rng = np.random.default_rng(17)
+    n = 1000
+    pairs = zip(images[:n], specs[:n], strict=True)
+    ok = [satisfies(detect(degrade(im, "jpeg420", rng)), sp) for im, sp in pairs]
+    assert np.mean(ok) >= 0.92, np.mean(ok)
+
+
 def test_degrade_is_bounded_and_deterministic():
     img = render(sample_scene(np.random.default_rng(0)), 64)
     for kind in ("blur", "noise", "jpeg", "jpeg420", "color", "shift", "affine", "all"):

@@ -6,16 +6,24 @@ Detection (``detect(image) -> Scene``, a complete scene of everything found):
    nearest palette colour.
 2. Foreground: pixels of a 3x3 box-smoothed copy whose RGB distance from the background exceeds
    ``FG_THRESHOLD`` (well below the ~95 separating any two palette colours, well above smoothed noise);
-   8-connected components smaller than ``MIN_AREA_FRACTION`` of a cell are dropped as specks; each
-   remaining component goes to the grid cell holding its centroid (components in one cell are merged).
+   8-connected components smaller than ``MIN_AREA_FRACTION`` of a cell are dropped as specks; a component
+   with at least ``SPLIT_AREA_FRACTION`` of a cell in each of several cells (neighbouring large objects whose
+   blurred edges touch) is split along the cell borders; each remaining component goes to the grid cell
+   holding its centroid (components in one cell are merged).
 3. Colour: the median colour of the object's purest pixels (those farthest from the background). Edge
    pixels mix the object with the background, so a palette colour ``c`` is scored by the distance from
    ``c`` to the segment ``bg + t (p - bg)``, ``t`` in ``[1, 1 / MIN_PURITY]`` (``p`` the measured colour):
    the colour the pixels would have at full coverage. The background's own colour is never a candidate.
+   When no palette colour is within ``COLOR_TOLERANCE`` of its segment, chroma may have been diluted more
+   than luma (4:2:0 chroma subsampling of small objects): luma and chroma then get separate dilution factors.
 4. Shape and size: the object's coverage ``alpha`` (projection of ``pixel - bg`` on ``p - bg``, other
    objects' pixels zeroed) is matched against the renderer's own coverage masks of the 8 shapes x 2 sizes
    at that cell, shifted by up to ``MAX_SHIFT`` pixels either way; the best Dice-style similarity
-   ``2 <T, alpha> / (|T|^2 + |alpha|^2)`` wins.
+   ``2 <T, alpha> / (|T|^2 + |alpha|^2)`` wins. Objects that differ from the background mostly in chroma are
+   also matched under a 4:2:0 hypothesis (JPEG as usually saved): with the palette colour's contrast, luma
+   coverage against the templates and chroma coverage against what chroma subsampling (2x2 average, libjpeg's
+   fancy upsampling, at the right block phase for each shift) leaves of them; the hypothesis fitting better
+   decides.
 
 Scoring (``score(detected, spec)``): prompted objects are matched one-to-one to detected ones (the
 assignment agreeing on the most stated attributes and relations); ``correct`` is exactly
@@ -67,7 +75,11 @@ from .render import (
 
 FG_THRESHOLD = 40.0  # RGB distance from the background (smoothed image) that makes a pixel foreground
 MIN_AREA_FRACTION = 0.02  # components below this fraction of a cell's area are noise
+SPLIT_AREA_FRACTION = 0.15  # a component with this much of a cell in each of two cells is two objects
 MIN_PURITY = 0.6  # the purest pixels of an object are at least this much object (blur, antialiasing)
+MIN_CHROMA_PURITY = 0.4  # 4:2:0 subsampling can leave a small object this little of its chroma
+COLOR_TOLERANCE = 25.0  # beyond this RGB distance from every palette segment, allow chroma dilution
+SUBSAMPLED_CHROMA_WEIGHT = 0.3  # chroma vs luma weight in the 4:2:0 hypothesis (chroma is quantised harder)
 MAX_SHIFT = 3  # template search: +-MAX_SHIFT pixels in x and y
 TEMPLATE_BLURS = ()  # templates are also matched Gaussian-blurred by these sigmas (pixels)
 ATTRIBUTES = ("shape", "color", "size", "position")
@@ -81,6 +93,7 @@ _PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
 CHROMA_WEIGHT = 0.03
 _YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 _YCC_METRIC = (_YCC.T @ np.diag([1.0, CHROMA_WEIGHT, CHROMA_WEIGHT]) @ _YCC).astype(np.float32)
+_PAL_YCC = _PALETTE @ _YCC.T.astype(np.float32)
 _METRICS = (np.eye(3, dtype=np.float32), _YCC_METRIC)
 _TEMPLATE_KEYS = tuple((s, z) for s in SHAPES for z in SIZES)
 
@@ -89,10 +102,32 @@ _TEMPLATE_KEYS = tuple((s, z) for s in SHAPES for z in SIZES)
 # Detection
 
 
+def _upsample2(c: np.ndarray, axis: int) -> np.ndarray:
+    """libjpeg's "fancy" 2x upsampling along ``axis``: out[2i] = (3 c[i] + c[i-1]) / 4, out[2i+1] =
+    (3 c[i] + c[i+1]) / 4, edges replicated."""
+    c = np.moveaxis(c, axis, -1)
+    prev = np.concatenate([c[..., :1], c[..., :-1]], -1)
+    nxt = np.concatenate([c[..., 1:], c[..., -1:]], -1)
+    out = np.empty((*c.shape[:-1], 2 * c.shape[-1]), c.dtype)
+    out[..., 0::2] = (3 * c + prev) / 4
+    out[..., 1::2] = (3 * c + nxt) / 4
+    return np.moveaxis(out, -1, axis)
+
+
+def _chroma420(x: np.ndarray) -> np.ndarray:
+    """What 4:2:0 chroma subsampling leaves of full-resolution planes x [..., H, W] (H, W even): 2x2 box
+    average, then fancy upsampling."""
+    h, w = x.shape[-2:]
+    s = x.reshape(*x.shape[:-2], h // 2, 2, w // 2, 2).mean((-3, -1))
+    return _upsample2(_upsample2(s, -2), -1)
+
+
 @lru_cache(maxsize=64)
 def _templates(position: str, res: int):
-    """Cell bounds and the 16 coverage templates of ``position`` at ``res``: (r0, r1, c0, c1, T [16, h*w],
-    |T|^2 [16])."""
+    """Cell bounds, the 16 coverage templates of ``position`` at ``res`` and their 4:2:0 chroma versions:
+    (r0, r1, c0, c1, T [16, h*w], |T|^2 [16], C [2, 2, 16, h*w], |C|^2 [2, 2, 16]). ``C[py, px]`` is what
+    chroma subsampling leaves of the templates shifted by an amount of parity (py, px), shifted back (the
+    result depends on the phase of the 2x2 blocks)."""
     r0, r1, c0, c1 = cell_bounds(position, res)
     h, w = r1 - r0, c1 - c0
     t = np.zeros((len(_TEMPLATE_KEYS), h, w), dtype=np.float32)
@@ -100,14 +135,25 @@ def _templates(position: str, res: int):
         a0, a1, b0, b1, m = coverage(shape, size, position, res)
         y0, y1, x0, x1 = max(a0, r0), min(a1, r1), max(b0, c0), min(b1, c1)
         t[k, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = m[y0 - a0 : y1 - a0, x0 - b0 : x1 - b0, 0]
+    n = res + 2 + res % 2
+    tc = np.zeros((2, 2, len(t), h * w), dtype=np.float32)
+    for py in range(2):
+        for px in range(2):
+            canvas = np.zeros((len(t), n, n), dtype=np.float32)
+            canvas[:, r0 + py : r1 + py, c0 + px : c1 + px] = t
+            tc[py, px] = _chroma420(canvas)[:, r0 + py : r1 + py, c0 + px : c1 + px].reshape(len(t), -1)
     bank = [t] + [ndimage.gaussian_filter(t, (0, b, b), mode="constant") for b in TEMPLATE_BLURS]
     t = np.concatenate(bank).reshape(len(bank) * len(t), -1)
     t.setflags(write=False)
-    return r0, r1, c0, c1, t, (t * t).sum(1)
+    tc.setflags(write=False)
+    return r0, r1, c0, c1, t, (t * t).sum(1), tc, (tc * tc).sum(-1)
 
 
 def _nearest_color(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
-    """Index of the palette colour nearest the segment bg + t (p - bg), t in [1, 1 / MIN_PURITY]."""
+    """Index of the palette colour nearest the segment bg + t (p - bg), t in [1, 1 / MIN_PURITY]. When
+    none is within COLOR_TOLERANCE, chroma may have been diluted more than luma (4:2:0 subsampling): then
+    in YCbCr p - bg may be a (c - bg) in luma and b (c - bg) in chroma, a in [MIN_PURITY, 1], b in
+    [MIN_CHROMA_PURITY, a]."""
     v = p - bg
     vv = float(v @ v)
     if vv < 1e-6:
@@ -117,7 +163,19 @@ def _nearest_color(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
         d = np.linalg.norm(_PALETTE - (bg + t[:, None] * v), axis=1)
     if exclude is not None:
         d[exclude] = np.inf
-    return int(np.argmin(d))
+    best = int(np.argmin(d))
+    if d[best] <= COLOR_TOLERANCE:
+        return best
+    u = _YCC @ v
+    dd = _PAL_YCC - _YCC @ bg  # [K, 3]
+    dy, dc = dd[:, 0], dd[:, 1:]
+    a = np.clip(u[0] * dy / np.maximum(dy * dy, 1e-6), MIN_PURITY, 1.0)
+    b = np.clip((dc @ u[1:]) / np.maximum((dc * dc).sum(1), 1e-6), MIN_CHROMA_PURITY, 1.0)
+    b = np.minimum(b, np.maximum(a, MIN_CHROMA_PURITY))
+    dist = (u[0] - a * dy) ** 2 + ((u[1:][None, :] - b[:, None] * dc) ** 2).sum(1)
+    if exclude is not None:
+        dist[exclude] = np.inf
+    return int(np.argmin(dist))
 
 
 @dataclass(frozen=True)
@@ -128,6 +186,38 @@ class Detection:
     scene: Scene
     confidence: tuple[float, ...]
     features: np.ndarray
+
+
+@lru_cache(maxsize=16)
+def _cell_map(res: int) -> np.ndarray:
+    """The grid cell (0..8, row-major) of every pixel: int [res, res]."""
+    m = np.zeros((res, res), dtype=np.intp)
+    for k, position in enumerate(POSITION_NAMES):
+        r0, r1, c0, c1 = cell_bounds(position, res)
+        m[r0:r1, c0:c1] = k
+    m.setflags(write=False)
+    return m
+
+
+def _split_across_cells(lab: np.ndarray, n: int, res: int) -> tuple[np.ndarray, int]:
+    """Split components with at least SPLIT_AREA_FRACTION of a cell in each of two or more cells: neighbouring
+    large objects whose blurred (e.g. chroma-subsampled) edges touch. Each such cell's part becomes its own
+    component; a component's smaller slivers in other cells stay with its largest part."""
+    cells = _cell_map(res)
+    counts = np.bincount((lab * 9 + cells).ravel(), minlength=(n + 1) * 9).reshape(n + 1, 9)
+    big = counts[1:] >= SPLIT_AREA_FRACTION * (res / 3) ** 2
+    split = np.nonzero(big.sum(1) >= 2)[0] + 1
+    if not len(split):
+        return lab, n
+    lab = lab.copy()
+    for k in split:
+        parts = np.nonzero(big[k - 1])[0]
+        keep = parts[np.argmax(counts[k, parts])]
+        for j in parts:
+            if j != keep:
+                n += 1
+                lab[(lab == k) & (cells == j)] = n
+    return lab, n
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -156,6 +246,8 @@ def analyze(image) -> Detection:
     smooth = ndimage.uniform_filter(diff, size=(3, 3, 1), mode="nearest")
     fg = np.einsum("hwc,hwc->hw", smooth, smooth) > FG_THRESHOLD**2
     lab, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+    if n:
+        lab, n = _split_across_cells(lab, n, res)
     feats = np.zeros(N_FEATURES, dtype=np.float32)
     feats[-3:] = bg / 255.0
     # image cleanliness: 10 x the median absolute deviation of background pixels from the background colour
@@ -194,7 +286,7 @@ def analyze(image) -> Detection:
             color = _nearest_color(p, bg, bg_idx)
             v = p - bg
             position = POSITION_NAMES[ci]
-            r0, r1, c0, c1, tmpl, tnorm = _templates(position, res)
+            r0, r1, c0, c1, tmpl, tnorm, tmplc, tnormc = _templates(position, res)
             h, w = r1 - r0, c1 - c0
             dwin = diffp[r0 : r1 + 2 * pad, c0 : c1 + 2 * pad]
             others = (
@@ -211,6 +303,33 @@ def analyze(image) -> Detection:
                 dots = views @ tmpl.T  # [shifts, templates]
                 s_m = (2 * dots / (tnorm[None, :] + wnorm)).max(0).reshape(-1, len(_TEMPLATE_KEYS)).max(0)
                 sim = s_m if sim is None else np.maximum(sim, s_m)
+            # 4:2:0 hypothesis for objects that differ from the background mostly in chroma
+            vp = _PALETTE[color] - bg  # the full-coverage colour: the measured one is diluted by subsampling
+            vy = float(_YCC[0] @ vp)
+            vc = _YCC[1:] @ vp
+            vcc = float(vc @ vc)
+            if vy * vy < CHROMA_WEIGHT * vcc:
+                # luma against the sharp templates, chroma against their subsampled versions, each weighted
+                # by its squared contrast (chroma by SUBSAMPLED_CHROMA_WEIGHT: quantised harder)
+                wy, wc = vy * vy, SUBSAMPLED_CHROMA_WEIGHT * vcc
+                ac = np.clip((dwin @ (_YCC[1:].T @ vc).astype(np.float32)) / vcc, -0.25, 1.0)
+                ay = np.clip((dwin @ _YCC[0].astype(np.float32)) / vy, -0.25, 1.0) if wy > 1e-6 else 0 * ac
+                ac[others] = 0.0
+                ay[others] = 0.0
+                views = np.lib.stride_tricks.sliding_window_view(ac, (h, w))
+                viewy = np.lib.stride_tricks.sliding_window_view(ay, (h, w))
+                wnorm = wc * float((ac * ac).sum()) + wy * float((ay * ay).sum())
+                nk = len(_TEMPLATE_KEYS)
+                s_c = np.full(nk, -np.inf, dtype=np.float32)
+                for py in range(2):
+                    for px in range(2):
+                        sl = (slice((pad + py) % 2, None, 2), slice((pad + px) % 2, None, 2))
+                        dots = wc * (views[sl].reshape(-1, h * w) @ tmplc[py, px].T)
+                        dots += wy * (viewy[sl].reshape(-1, h * w) @ tmpl[:nk].T)
+                        tn = wc * tnormc[py, px] + wy * tnorm[:nk]
+                        s_c = np.maximum(s_c, (2 * dots / (tn[None, :] + wnorm)).max(0))
+                if s_c.max() > sim.max():
+                    sim = s_c
             best = int(np.argmax(sim))
             shape, size = _TEMPLATE_KEYS[best]
             objects.append(Obj(shape, COLOR_NAMES[color], size, position))
