@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.init import embedding, normal_
+
 
 @dataclass
 class DiTConfig:
@@ -134,7 +136,7 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.embedding_table = embedding(num_classes + int(dropout_prob > 0), hidden_size, std=0.02)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
@@ -296,9 +298,9 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         if isinstance(getattr(self, "y_embedder", None), LabelEmbedder):
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+            normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        normal_(self.t_embedder.mlp[2].weight, std=0.02)
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for block in self.blocks:
             zero.append(block.adaLN_modulation[-1])

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.init import embedding, normal_
+
 LAYOUTS = ("openai", "open_clip")
 
 
@@ -151,8 +153,9 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # HF CLIP's initialisation: N(0, 0.02²) for both tables
+        self.token_embedding = embedding(cfg.vocab_size, cfg.hidden_size, std=0.02)
+        self.position_embedding = embedding(cfg.max_position_embeddings, cfg.hidden_size, std=0.02)
         # Stored by transformers 4.x (SD1 checkpoints list it). Not read in forward: some merged SD1
         # checkpoints carry float-rounded position_ids, and arange is what they are meant to hold.
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
@@ -258,16 +261,15 @@ class OpenCLIPTextTower(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         D, P = cfg.hidden_size, cfg.projection_dim
-        self.token_embedding = nn.Embedding(cfg.vocab_size, D)
+        self.token_embedding = embedding(cfg.vocab_size, D, std=0.02)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_position_embeddings, D))  # [77, D]
         self.transformer = OpenCLIPTransformer(cfg)
         self.ln_final = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(D, P))  # [D, P], applied as pooled @ text_projection
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's contrastive temperature
         # open_clip CLIP.init_parameters
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=D**-0.5)
+        normal_(self.positional_embedding, std=0.01)
+        normal_(self.text_projection, std=D**-0.5)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
         return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
