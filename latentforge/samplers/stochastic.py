@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from latentforge.samplers.common import (
+    LazyNoise,
     first_sigma_for_log_snr,
     half_log_snr,
     is_flow,
-    make_noise_sampler,
     model_sampling_of,
     report,
     sigma_from_half_log_snr,
@@ -68,20 +68,6 @@ class _Schedule:
 
     def sigma_at(self, lam: float) -> float:
         return float(sigma_from_half_log_snr(torch.tensor(lam, dtype=torch.float64), self.flow))
-
-
-class _LazyNoise:
-    """The default noise sampler, built on first use: a schedule with no noisy step (e.g. one step to
-    σ = 0) then never builds a Brownian tree (which needs two distinct positive σ)."""
-
-    def __init__(self, x, sigmas, noise_sampler, seed):
-        self.args, self.ns = (x, sigmas, seed), noise_sampler
-
-    def __call__(self, sigma, sigma_next):
-        if self.ns is None:
-            x, sigmas, seed = self.args
-            self.ns = make_noise_sampler(x, sigmas, None, seed, brownian=True)
-        return self.ns(sigma, sigma_next)
 
 
 def _em1(z: float) -> float:
@@ -159,7 +145,7 @@ def sample_er_sde(
     extra_args = extra_args or {}
     phi = noise_scaler or er_sde_noise_scaler
     sch = _Schedule(model, sigmas)
-    noise_sampler = _LazyNoise(x, sch.sigmas, noise_sampler, seed)
+    noise_sampler = LazyNoise(x, sch.sigmas, noise_sampler, seed, brownian=True, cpu=True)
     hist_v, hist_d, d1_prev = [], [], None  # history of v and D; previous first divided difference
     for i in trange(len(sigmas) - 1, disable):
         sigma = sch.sigmas[i]
@@ -277,7 +263,7 @@ def sample_seeds_2(
         raise ValueError(f"r must be in (0, 1), got {r}")
     extra_args = extra_args or {}
     sch = _Schedule(model, sigmas)
-    noise_sampler = _LazyNoise(x, sch.sigmas, noise_sampler, seed)
+    noise_sampler = LazyNoise(x, sch.sigmas, noise_sampler, seed, brownian=True, cpu=True)
     c = 1.0 + eta
     for i in trange(len(sigmas) - 1, disable):
         sigma = sch.sigmas[i]
@@ -330,7 +316,7 @@ def sample_seeds_3(
         raise ValueError(f"need 0 < r_1 < r_2 < 1, got r_1={r_1}, r_2={r_2}")
     extra_args = extra_args or {}
     sch = _Schedule(model, sigmas)
-    noise_sampler = _LazyNoise(x, sch.sigmas, noise_sampler, seed)
+    noise_sampler = LazyNoise(x, sch.sigmas, noise_sampler, seed, brownian=True, cpu=True)
     c = 1.0 + eta
     for i in trange(len(sigmas) - 1, disable):
         sigma = sch.sigmas[i]
@@ -452,7 +438,7 @@ def sample_sa_solver(
         raise ValueError("predictor_order must be >= 1 and corrector_order >= 0")
     extra_args = extra_args or {}
     sch = _Schedule(model, sigmas)
-    noise_sampler = _LazyNoise(x, sch.sigmas, noise_sampler, seed)
+    noise_sampler = LazyNoise(x, sch.sigmas, noise_sampler, seed, brownian=True, cpu=True)
     if tau_func is None:
         if eta == 0:
             tau_func = lambda s: 0.0  # noqa: E731
