@@ -13,7 +13,9 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+import struct
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,8 @@ PREFIXES: dict[str, dict[str, str]] = {
     # DiT releases hold the bare network; a VAE saved beside it (our files) sits under the LDM prefix
     "dit-xl-2-256": {"dit": "", "vae": "first_stage_model."},
     "dit-xl-2-512": {"dit": "", "vae": "first_stage_model."},
+    # our text-conditioned DiT (DiT + cross-attention, PixArt-α style) in the LDM single-file layout
+    "dit-text": {"dit": "model.diffusion_model.", "vae": "first_stage_model.", "clip_l": "cond_stage_model."},
 }
 PREFIXES["sd35-medium"] = PREFIXES["sd3-medium"]
 PREFIXES["sd35-large"] = PREFIXES["sd3-medium"]
@@ -58,22 +62,25 @@ _STRAY = re.compile(
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file, on the CPU, in their stored dtype."""
+def read_state_dict(
+    path: str, dtype: torch.dtype | None = None, keep_stored: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file, on the CPU, in their stored dtype, or with every floating tensor
+    converted to `dtype` while reading except those whose key `keep_stored(key)` accepts.
+
+    Converting here, one tensor at a time, keeps the peak memory of a float16 file loaded in float32 at the
+    float32 weights plus one stored tensor, instead of the whole stored dict plus the whole converted copy.
+    `.safetensors`: tensors that need no conversion are mapped lazily by safetensors (a page is read when it
+    is touched); converted ones are read with plain reads and never mapped. `.ckpt`/`.pt`: torch.load reads
+    everything; each converted tensor replaces its source as it goes, so the source can be freed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype or None, got {dtype}")
+    keep = keep_stored or (lambda key: False)
     low = path.lower()
     if low.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error type for bad headers and short files
-            size = os.path.getsize(path)
-            raise ValueError(
-                f"{path!r} is not a readable safetensors file ({size} bytes; truncated or not a "
-                f"checkpoint): {e}"
-            ) from e
+        return _read_safetensors(path, dtype, keep)
     if low.endswith((".ckpt", ".pt", ".pth", ".bin")):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,8 +93,94 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        out = {}
+        for k in list(obj):
+            # popped (when the mapping allows it) so that a converted tensor's source can be freed now
+            v = obj.pop(k) if isinstance(obj, MutableMapping) else obj[k]
+            if isinstance(v, torch.Tensor):
+                convert = dtype is not None and v.is_floating_point() and not keep(k)
+                out[k] = v.to(dtype) if convert else v
+            del v
+        return out
     raise ValueError(f"unsupported checkpoint file {path!r}; expected one of {', '.join(SUFFIXES)}")
+
+
+# Floating dtypes of the safetensors header (format: huggingface/safetensors README, "Format") that
+# `_read_safetensors` reads and converts itself; every other dtype goes through safetensors.
+_SAFETENSORS_FLOATS = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
+}  # fmt: skip
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, dict], int]:
+    """({key: {"dtype", "shape", "data_offsets"}}, byte offset of the data section). A safetensors file is
+    an 8-byte little-endian u64 N, an N-byte JSON header, then the data (offsets relative to its start).
+    Called only after safetensors itself has opened, and so validated, the file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_safetensors(
+    path: str, dtype: torch.dtype | None, keep: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path!r} is not a readable safetensors file ({size} bytes; truncated or not a checkpoint): {e}"
+        ) from e
+    with handle as f:
+        keys = list(f.keys())
+        header, data_start = _safetensors_header(path) if dtype is not None else ({}, 0)
+        read_here: dict[str, torch.dtype] = {}  # key -> stored dtype, for the tensors converted here
+        for k in keys if sys.byteorder == "little" else []:  # the stored bytes are little-endian
+            stored = _SAFETENSORS_FLOATS.get(header[k]["dtype"]) if dtype is not None else None
+            if stored is not None and stored != dtype and not keep(k):
+                read_here[k] = stored
+        out: dict[str, torch.Tensor] = {}
+        for k in keys:
+            if k not in read_here:  # mapped by safetensors; pages are read (and count in RSS) when touched
+                t = f.get_tensor(k)
+                convert = dtype is not None and t.is_floating_point() and not keep(k)
+                out[k] = t.to(dtype) if convert else t  # converts only dtypes missing from the table above
+    if read_here:
+        converted = _read_converted(path, header, data_start, read_here, dtype)
+        out = {k: out[k] if k in out else converted[k] for k in keys}  # the file's key order
+    return out
+
+
+def _read_converted(
+    path: str, header: dict[str, dict], data_start: int, stored: dict[str, torch.dtype], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors `stored` names, read in file order with plain reads into one reusable buffer and each
+    converted into a new tensor of `dtype`: the peak memory is the converted tensors plus the largest stored
+    one, and no page of the file stays mapped (converting from safetensors' mapping would keep every stored
+    page resident until the last tensor of the file is freed)."""
+    spans = {k: header[k]["data_offsets"] for k in stored}  # key -> [begin, end) in the data section
+    scratch = bytearray(max(b - a for a, b in spans.values()))
+    scratch_t = torch.frombuffer(scratch, dtype=torch.uint8) if scratch else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    with open(path, "rb", buffering=0) as f:
+        for k in sorted(stored, key=lambda k: spans[k][0]):
+            a, b = spans[k]
+            dst = torch.empty(header[k]["shape"], dtype=dtype)  # [*shape] in the target dtype
+            f.seek(data_start + a)
+            view = memoryview(scratch)[: b - a]
+            while view:  # a read may return fewer bytes than asked
+                got = f.readinto(view)
+                if not got:
+                    raise ValueError(f"{path!r} is truncated: tensor {k!r} ends past the end of the file")
+                view = view[got:]
+            if b > a:
+                dst.copy_(scratch_t[: b - a].view(stored[k]).view(dst.shape))
+            out[k] = dst
+    return out
 
 
 def save_state_dict(
@@ -252,6 +345,12 @@ def preset_configs(family: str) -> dict[str, Any]:
         }
     if family in ("dit-xl-2-256", "dit-xl-2-512"):
         return {"dit": DIT_PRESETS[family]}
+    if family == "dit-text":  # no released model: a DiT-S/2-sized default (files carry their own configs)
+        dit = dataclasses.replace(
+            DIT_PRESETS["dit-xl-2-256"], hidden_size=384, depth=12, num_heads=6, class_dropout_prob=0.0,
+            num_classes=0, learn_sigma=False, context_dim=768, pooled_dim=768,
+        )  # fmt: skip
+        return {"dit": dit, "vae": VAE_PRESETS["sd"], "clip_l": TEXT_PRESETS["clip-l"]}
     raise ValueError(f"unknown preset {family!r}; known: {', '.join(PREFIXES)}")
 
 
@@ -327,6 +426,7 @@ class Loaded:
     components: dict[str, torch.nn.Module]
     configs: dict[str, Any]
     dropped: list[str]  # EMA copies and buffers that were not loaded
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # the file's safetensors metadata
 
 
 def _read_metadata(path: str) -> dict[str, str]:
@@ -336,6 +436,13 @@ def _read_metadata(path: str) -> dict[str, str]:
 
     with safe_open(path, framework="pt") as f:
         return f.metadata() or {}
+
+
+def _not_loaded(key: str) -> bool:
+    """Keys of a single file that `_load` drops rather than loads (EMA copies and schedule buffers, T5):
+    read in their stored dtype and left unconverted, so they cost no memory beyond the file's mapping."""
+    t5 = tuple(p["t5xxl"] for p in PREFIXES.values() if "t5xxl" in p)
+    return bool(_STRAY.match(key)) or key.startswith(t5)
 
 
 def _load_component(name, cfg, sd, dtype, source) -> torch.nn.Module:
@@ -394,7 +501,7 @@ def load_checkpoint(
     `text_encoders` ({"clip_l": path, ...}) overrides or supplies its text encoders."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, dtype, keep_stored=_not_loaded)  # converted while reading
     meta = _read_metadata(path)
     try:
         return _load(path, raw, meta, dtype, vae, dict(text_encoders or {}))
@@ -443,5 +550,5 @@ def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
             configs[name] = preset_configs("sd15")["vae"] if name == "vae" else None
         components[name] = _load_component(name, configs[name], psd, dtype, f"{path} ({detection})")
     return Loaded(
-        family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped
+        family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped, meta
     )

@@ -141,6 +141,61 @@ def _generate(args) -> int:
     return 0
 
 
+def parse_overrides(rest: list[str]) -> dict[str, str]:
+    """["--max-steps", "200", "--objective.prediction=v", "--compile"] -> {"max_steps": "200",
+    "objective.prediction": "v", "compile": "true"}: any config field as a flag (typed by the config)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(
+                f"unexpected argument {arg!r}; options look like --field value or --table.field=value"
+            )
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                value = rest[i + 1]
+                i += 1
+            else:
+                value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _train(args, rest: list[str]) -> int:
+    import os
+
+    from latentforge.training.config import DenoiserTrainConfig, VAETrainConfig, apply_overrides, from_dict
+    from latentforge.training.config import resolve as resolve_config
+
+    overrides = parse_overrides(rest)
+    if args.data is not None:
+        overrides["data"] = args.data
+    out = args.resume or args.out
+    if out is None and not args.dry_run:
+        raise ValueError("give --out DIR for a new run (or --resume DIR to continue one)")
+    saved = os.path.join(args.resume, "config.json") if args.resume else None
+    if args.resume and args.preset is None and args.config is None:
+        if not os.path.isfile(saved):
+            raise ValueError(f"--resume {args.resume!r}: no config.json there; is it a training folder?")
+        with open(saved, encoding="utf-8") as f:
+            fields = json.load(f)
+        cls = DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
+        cfg = apply_overrides(from_dict(cls, fields), overrides)
+    else:
+        cfg = resolve_config(args.what, args.preset, args.config, overrides)
+    if args.what == "denoiser":
+        from latentforge.training.trainer import train_denoiser as run
+    else:
+        from latentforge.training.vae_trainer import train_vae as run
+    summary = run(cfg, out, resume=args.resume is not None, dry_run=args.dry_run, progress=not args.quiet)
+    if not args.dry_run and summary:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    return 0
+
+
 def _short_hash(path: str) -> str:
     """A1111's model hash: the first 10 hex digits of the file's SHA-256."""
     import hashlib
@@ -214,15 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
     es.set_defaults(func=_eval)
 
+    t = sub.add_parser(
+        "train",
+        help="train a VAE or a denoiser (every config field is a flag too: --lr 3e-4, --objective.shift 3)",
+    )
+    t.add_argument("what", choices=["denoiser", "vae"])
+    t.add_argument(
+        "--preset",
+        default=None,
+        help="denoiser: shapes-tiny, shapes-tiny-dit, sd15, sdxl-base, sd3-medium; vae: shapes-vae, sd",
+    )
+    t.add_argument("--config", default=None, help="a TOML file of config fields (applied after the preset)")
+    t.add_argument("--data", default=None, help="'shapes' or a folder of images with captions")
+    t.add_argument("--out", default=None, help="the run's folder")
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    t.add_argument("--dry-run", action="store_true", help="print config, parameters, FLOPs and time per step")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train, takes_rest=True)
+
     i = sub.add_parser("info", help="list samplers and schedulers")
     i.set_defaults(func=_info)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.func(args)
+        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ Sources: architectures.md §1.5 (SD1/SD2/SDXL: ldm `FrozenCLIPEmbedder`, `Frozen
     sd3, sd35     clip_l, clip_g    context [B, 77 + 77, 4096]  (L ‖ G zero-padded to 4096) then T5 tokens
                                     y [B, 2048]              L pooled (unprojected) ‖ G projected pooled
     dit           (none)            y [B] long               class index; the null class = num_classes
+    dit-text      clip_l            context [B, L, D], y [B, D]  last layer + final LN, EOS pooled
 
 The unconditional branch is the encoded empty prompt (`CompVis txt2img.py`, A1111, ComfyUI, sd3_infer), not
 sgm's zeroed embeddings or diffusers' `force_zeros_for_empty_prompt`.
@@ -122,6 +123,14 @@ def sd3(encoders: dict, prompts: list[str], family: str, context_dim: int = SD3_
     return {"context": context, "y": y}
 
 
+def dit_text(encoders: dict, prompts: list[str]) -> dict:
+    """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, L, D] (as SD1), y = the
+    pooled EOS state [B, D] (the DiT adds it to the timestep embedding when its pooled_dim > 0)."""
+    enc = _encoder(encoders, "clip_l", "dit-text")
+    out = enc(_ids(enc, prompts, "eos"), layer="last", final_norm=True, pooled=True)
+    return {"context": out.hidden, "y": out.pooled}
+
+
 def parse_class_label(prompt: str, num_classes: int) -> int:
     """A DiT prompt: an ImageNet class index, "207" or " 207 ", in [0, num_classes)."""
     text = str(prompt).strip()
@@ -178,7 +187,9 @@ def encode(
         return sd3(encoders, prompts, family, context_dim)
     if family in ("dit-xl-2-256", "dit-xl-2-512"):
         return dit(prompts, negative, num_classes)
+    if family == "dit-text":
+        return dit_text(encoders, prompts)
     raise ValueError(
         f"unknown family {family!r}; known: sd15, sd21, sdxl-base, sdxl-refiner, sd3-medium, sd35-medium, "
-        "sd35-large, dit-xl-2-256, dit-xl-2-512"
+        "sd35-large, dit-xl-2-256, dit-xl-2-512, dit-text"
     )

@@ -36,7 +36,7 @@ def component_configs(family: str) -> dict[str, object]:
     """{component: config} of the released model: the checkpoint's networks (checkpoints.preset_configs),
     plus the SD VAE for DiT, whose files hold the DiT alone (DiT sample.py decodes with sd-vae-ft-ema/mse)."""
     configs = preset_configs(family)
-    if family.startswith("dit-"):
+    if family in ("dit-xl-2-256", "dit-xl-2-512"):
         configs["vae"] = VAE_PRESETS["sd"]
     return configs
 
@@ -56,7 +56,9 @@ LATENT_FORMAT: dict[str, LatentFormat] = {
     "sd35-large": LATENT_FORMATS["sd3"],
     "dit-xl-2-256": LatentFormat(0.18215),  # DiT sample.py: vae.decode(samples / 0.18215)
     "dit-xl-2-512": LatentFormat(0.18215),
+    "dit-text": LatentFormat(0.18215),
 }
+PIXEL_FORMAT = LatentFormat(1.0)  # pixel-space models: the "latent" is the image in [-1, 1]
 
 # The resolution each model was trained at (pixels); DiT's is fixed by its config (input_size·8).
 DEFAULT_SIZE = {
@@ -82,7 +84,7 @@ def model_sampling_for(family: str, prediction: str | None = None, shift: float 
         return DiscreteFlow(shift=3.0 if shift is None else float(shift))
     if shift is not None:
         raise ValueError(f"shift applies to the flow models (sd3, sd35), not {family}")
-    if family.startswith("dit-"):
+    if family in ("dit-xl-2-256", "dit-xl-2-512"):
         return DiscreteVP(
             prediction=prediction or "eps", beta_schedule="linear", linear_start=1e-4, linear_end=0.02
         )
@@ -99,6 +101,26 @@ class FirstChannels(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         return self.net(x, t, **cond)[:, : self.channels]
+
+
+def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
+    """Pipeline options a file written by our trainer carries in its safetensors metadata:
+    "latentforge.objective" (the ObjectiveConfig fields: the model sampling it was trained with),
+    "latentforge.space" ("pixel" or "latent") and "latentforge.resolution" (the training size, pixels)."""
+    out: dict = {}
+    if "latentforge.objective" in meta:
+        from latentforge.training.objectives import ObjectiveConfig
+        from latentforge.training.objectives import model_sampling_for as objective_sampling
+
+        out["model_sampling"] = objective_sampling(
+            ObjectiveConfig(**json.loads(meta["latentforge.objective"]))
+        )
+    if meta.get("latentforge.space") == "pixel" and not has_vae:
+        out["pixel_space"] = True
+    if "latentforge.resolution" in meta:
+        r = int(meta["latentforge.resolution"])
+        out["size"] = (r, r)
+    return out
 
 
 def _int(name: str, value, lo: int, hi: int) -> int:
@@ -122,7 +144,9 @@ class Pipeline:
     """Text-to-image for one family.
 
     family: one of FAMILIES. components: name -> module (unet | mmdit | dit, vae, clip_l | clip_h | clip_g).
-    prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift."""
+    prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift.
+    model_sampling: use this one instead (models trained here carry theirs in the file's metadata).
+    pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height)."""
 
     def __init__(
         self,
@@ -130,10 +154,13 @@ class Pipeline:
         components: dict[str, nn.Module],
         prediction: str | None = None,
         shift: float | None = None,
+        model_sampling=None,
+        pixel_space: bool = False,
+        size: tuple[int, int] | None = None,
     ):
         if family not in PREFIXES:
             raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-        needed = set(component_configs(family)) - OPTIONAL_COMPONENTS
+        needed = set(component_configs(family)) - OPTIONAL_COMPONENTS - ({"vae"} if pixel_space else set())
         missing = sorted(c for c in needed if components.get(c) is None)
         if missing:
             hint = " (a DiT file holds no VAE: pass vae=PATH)" if missing == ["vae"] else ""
@@ -145,8 +172,12 @@ class Pipeline:
             raise ValueError(f"components {sorted(extra)} have no place in a {family} pipeline")
         self.family = family
         self.components = {k: m.eval().requires_grad_(False) for k, m in components.items() if m is not None}
-        self.model_sampling = model_sampling_for(family, prediction, shift)
-        self.latent_format = LATENT_FORMAT[family]
+        if model_sampling is not None and (prediction is not None or shift is not None):
+            raise ValueError("give either model_sampling or prediction/shift, not both")
+        self.model_sampling = model_sampling or model_sampling_for(family, prediction, shift)
+        self.pixel_space = bool(pixel_space)
+        self.latent_format = PIXEL_FORMAT if pixel_space else LATENT_FORMAT[family]
+        self.size = None if size is None else (int(size[0]), int(size[1]))
         # each network keeps its config (UNet/VAE as .cfg, the others as .config): what save_checkpoint stores
         self.configs = {k: getattr(m, "config", getattr(m, "cfg", None)) for k, m in self.components.items()}
         self.detection = None  # set by from_single_file: what decided the family
@@ -171,6 +202,7 @@ class Pipeline:
         from latentforge.checkpoints import load_checkpoint
 
         ckpt = load_checkpoint(path, dtype=dtype, vae=vae, text_encoders=text_encoders)
+        kw = {**metadata_options(ckpt.metadata, has_vae="vae" in ckpt.components), **kw}
         pipe = cls(ckpt.family, dict(ckpt.components), **kw)
         pipe.detection = ckpt.detection
         return pipe
@@ -191,8 +223,8 @@ class Pipeline:
         raise AssertionError("no denoising network")
 
     @property
-    def vae(self) -> AutoencoderKL:
-        return self.components["vae"]
+    def vae(self) -> AutoencoderKL | None:
+        return None if self.pixel_space else self.components["vae"]
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +232,14 @@ class Pipeline:
 
     @property
     def downscale(self) -> int:
-        return self.vae.downscale
+        return 1 if self.pixel_space else self.vae.downscale
+
+    @property
+    def latent_channels(self) -> int:
+        if self.pixel_space:
+            net = self.net
+            return (net.config if hasattr(net, "config") else net.cfg).in_channels
+        return self.vae.latent_channels
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -208,6 +247,8 @@ class Pipeline:
         if "dit" in self.components:
             s = self.components["dit"].config.input_size * self.downscale
             return s, s
+        if self.size is not None:
+            return self.size
         return DEFAULT_SIZE[self.family], DEFAULT_SIZE[self.family]
 
     def check_size(self, width: int, height: int) -> tuple[int, int]:
@@ -255,8 +296,10 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoiser latents [B, C, h, w] -> images [B, 3, h·f, w·f] in [-1, 1] (not clamped)."""
-        vae = self.vae
         z = self.latent_format.process_out(latents.float())
+        if self.pixel_space:
+            return z
+        vae = self.vae
         dtype = next(vae.parameters()).dtype
         return torch.cat([vae.decode(z[k : k + 1].to(dtype)).float() for k in range(z.shape[0])])
 
@@ -282,7 +325,7 @@ class Pipeline:
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
         prompts = self._prompts("prompt", prompt, batch_size)
         negatives = self._prompts("negative_prompt", negative_prompt, batch_size)
-        if self.family.startswith("dit-") and any(negatives):
+        if self.family in ("dit-xl-2-256", "dit-xl-2-512") and any(negatives):
             raise ValueError("a DiT model has no negative prompt: its unconditional branch is the null class")
         steps = _int("steps", steps, 1, MAX_STEPS)
         sample_fn = get_sampler(sampler)
@@ -298,7 +341,7 @@ class Pipeline:
         uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, negative=True)
         model = CFGDenoiser(self.denoiser(), scale=float(cfg))
 
-        f, c = self.downscale, self.vae.latent_channels
+        f, c = self.downscale, self.latent_channels
         seeds = [seed + k for k in range(batch_size)]
         # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch
         noise = randn_seeded((batch_size, c, height // f, width // f), seeds)

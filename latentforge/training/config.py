@@ -1,0 +1,457 @@
+"""Training configs: typed dataclasses, named presets, TOML files and command-line overrides.
+
+A run is described by one `DenoiserTrainConfig` or `VAETrainConfig`. The resolution order is
+preset → TOML file → flags: `resolve(kind, preset=..., toml=..., overrides=[...])`. A TOML file holds the
+dataclass fields by name; nested configs are tables (``[objective]``, ``[unet]``, ``[text]``). A flag
+``--name value`` sets a top-level field (dashes read as underscores) and ``--table.field value`` a nested one;
+values are parsed by the field's declared type, so a typo or a wrong type is an error that names the field
+and what it accepts. No registries built from strings: the presets are the dicts at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import tomllib
+
+from latentforge.models import (
+    AutoencoderKLConfig,
+    CLIPTextConfig,
+    DiTConfig,
+    MMDiTConfig,
+    UNetConfig,
+)
+from latentforge.training.objectives import ObjectiveConfig
+
+FAMILIES_TRAINABLE = ("sd15", "sd21", "sdxl-base", "sd3-medium", "sd35-medium", "sd35-large", "dit-text")
+NETS = ("unet", "dit", "mmdit")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class DenoiserTrainConfig:
+    """Everything one denoiser run depends on. Model fields define the network (compared on --resume)."""
+
+    # -- model ------------------------------------------------------------------------------------------
+    family: str = "sd15"  # checkpoint layout the result is saved in (prefixes, conditioning)
+    net: str = "unet"  # "unet" | "dit" (text variant) | "mmdit"
+    unet: UNetConfig | None = None
+    dit: DiTConfig | None = None
+    mmdit: MMDiTConfig | None = None
+    text: CLIPTextConfig | None = None  # the text encoder (clip_l for sd15; trained jointly from scratch)
+    train_text_encoder: bool = True
+    pixel_space: bool = False  # True: diffuse RGB pixels directly, no VAE
+    vae: str | None = None  # a VAE file (e.g. from `train vae`); None with init_from: the checkpoint's VAE
+    init_from: str | None = None  # fine-tune this single-file checkpoint (SD1.5, SDXL, SD3 layouts)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # -- data -------------------------------------------------------------------------------------------
+    data: str = "shapes"  # "shapes" (rendered on the fly) or a folder of images with captions
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False  # never for shapes: a flip changes "left" into "right"
+    buckets: bool = False
+    cache_latents: bool = False  # folder data: VAE latents cached on disk (deterministic transforms only)
+    caption_dropout: float = 0.1  # P(caption -> ""): trains the unconditional branch for CFG
+    num_workers: int = 1
+    # -- optimisation -----------------------------------------------------------------------------------
+    batch_size: int = 32  # per rank and micro-step
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" | "cosine" | "linear" (after warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.999
+    precision: str = "no"  # autocast: "no" | "bf16" | "fp16" (fp16 with a GradScaler, CUDA only)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    # -- outputs ----------------------------------------------------------------------------------------
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: tuple[str, ...] = ()  # () with shapes data: 8 fixed validation captions
+    sample_steps: int = 20
+    sample_sampler: str = "euler"
+    sample_scheduler: str = "normal"
+    sample_cfg: float = 3.0
+    eval_n: int = 64  # shapes only: held-out prompts scored by the evaluator at every sample step
+
+    def __post_init__(self):
+        _choice("net", self.net, NETS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _choice("family", self.family, FAMILIES_TRAINABLE)
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "checkpoint_every",
+            "sample_steps",
+        ):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "keep_last", "sample_every", "eval_n", "num_workers", "seed"):
+            _int_at_least(name, getattr(self, name), 0)
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if self.pixel_space and self.vae is not None:
+            raise ValueError("pixel_space=True trains without a VAE; do not also give vae")
+        if self.data == "shapes" and self.random_flip:
+            raise ValueError("random_flip would contradict the shapes captions (left/right); keep it off")
+
+    @property
+    def net_config(self):
+        return getattr(self, self.net)
+
+
+@dataclass
+class VAETrainConfig:
+    """A KL autoencoder run (Rombach et al. 2022, §3 and appendix G; LDM `LPIPSWithDiscriminator` without
+    LPIPS, whose weights cannot be downloaded here)."""
+
+    vae: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
+    init_from: str | None = None  # a VAE file or a single-file checkpoint holding one
+    data: str = "shapes"
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 1
+    recon: str = "l1"  # "l1" | "l2"
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 50001  # the patch-GAN switches on at this step (after the warm-up)
+    disc_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 4.5e-6 * 16  # LDM: base_learning_rate 4.5e-6 scaled by the batch size
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.5  # LDM autoencoder: Adam(betas=(0.5, 0.9))
+    adam_beta2: float = 0.9
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0
+    ema_decay: float = 0.999
+    precision: str = "no"
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 0
+    eval_n: int = 64  # held-out images for PSNR / SSIM
+
+    def __post_init__(self):
+        _choice("recon", self.recon, ("l1", "l2"))
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "keep_last", "sample_every", "eval_n", "num_workers", "seed"):
+            _int_at_least(name, getattr(self, name), 0)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.data == "shapes" and self.random_flip:
+            raise ValueError("random_flip would contradict the shapes captions (left/right); keep it off")
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(
+            f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, options))}"
+        )
+
+
+def _int_at_least(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# presets
+
+# A 32×32 pixel-space text-to-image UNet with a jointly trained 2-layer CLIP text tower, in the SD1 layout
+# (model.diffusion_model. / cond_stage_model.): rectified flow with logit-normal t (Esser et al. 2024, §3.1).
+SHAPES_TINY = dict(
+    family="sd15",
+    net="unet",
+    pixel_space=True,
+    resolution=32,
+    unet=UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(2, 4),
+        num_head_channels=32,
+        transformer_depth=1,
+        context_dim=64,
+        use_linear_in_transformer=True,
+    ),  # fmt: skip
+    text=CLIPTextConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    ),  # fmt: skip
+    objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal"),
+    batch_size=32,
+    max_steps=2000,
+    lr=1e-3,
+    warmup_steps=20,
+    lr_schedule="constant",
+    weight_decay=0.0,
+    ema_decay=0.995,
+    checkpoint_every=100,
+    sample_every=0,
+    sample_steps=20,
+    sample_cfg=3.0,
+    eval_n=64,
+)
+
+# The same data and text tower with a DiT (adaLN-Zero, cross-attention to the text; Peebles & Xie 2023,
+# PixArt-α) on 32×32 pixels in 4×4 patches.
+SHAPES_TINY_DIT = {
+    **SHAPES_TINY,
+    "family": "dit-text",
+    "net": "dit",
+    "unet": None,
+    "dit": DiTConfig(
+        input_size=32,
+        patch_size=4,
+        in_channels=3,
+        hidden_size=192,
+        depth=6,
+        num_heads=6,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.0,
+        num_classes=0,
+        learn_sigma=False,
+        context_dim=64,
+        pooled_dim=64,
+    ),  # fmt: skip
+}
+
+DENOISER_PRESETS: dict[str, dict[str, Any]] = {
+    "shapes-tiny": SHAPES_TINY,
+    "shapes-tiny-dit": SHAPES_TINY_DIT,
+    # fine-tuning: the networks come from `init_from`; text encoders frozen, the checkpoint's VAE
+    "sd15": dict(family="sd15", net="unet", train_text_encoder=False, resolution=512, lr=1e-5, batch_size=1),
+    "sdxl-base": dict(
+        family="sdxl-base", net="unet", train_text_encoder=False, resolution=1024, lr=1e-5, batch_size=1
+    ),
+    "sd3-medium": dict(
+        family="sd3-medium",
+        net="mmdit",
+        train_text_encoder=False,
+        resolution=1024,
+        lr=1e-5,
+        batch_size=1,
+        objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal", shift=3.0),
+    ),  # fmt: skip
+}
+
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    # a small f=4 autoencoder for the shapes scenes: 64×64×3 -> 16×16×4 (12× fewer values)
+    "shapes-vae": dict(
+        vae=AutoencoderKLConfig(
+            ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=64
+        ),
+        resolution=64,
+        batch_size=16,
+        lr=2e-4,
+        kl_weight=1e-6,
+        disc_start=2001,
+        max_steps=2000,
+        checkpoint_every=500,
+    ),
+    "sd": dict(vae=AutoencoderKLConfig(), resolution=256, batch_size=2),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# (de)serialisation
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """JSON-ready dict (tuples become lists; None stays None)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+        return tp, type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def _coerce(path: str, tp, value):
+    """`value` (from TOML/JSON or a command-line string) as type `tp`; errors name `path`."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{path} cannot be None")
+    if dataclasses.is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a table of {base.__name__} fields, got {value!r}")
+        return build(base, value, path)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ValueError(f"{path} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} must be an integer, got {value!r}") from None
+    if base is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} must be a number, got {value!r}") from None
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        args = typing.get_args(base)
+        item = args[0] if args else str
+        return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):  # e.g. int | tuple[int, ...]: keep JSON-decoded value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        return tuple(value) if isinstance(value, list) else value
+    return value
+
+
+def build(cls, fields: dict[str, Any], path: str = ""):
+    """A `cls` instance from a dict of its fields (unknown names are an error listing the known ones)."""
+    hints = _hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        where = f" in [{path}]" if path else ""
+        raise ValueError(f"unknown field(s) {unknown}{where}; {cls.__name__} has: {', '.join(known)}")
+    kw = {k: _coerce(f"{path}.{k}" if path else k, hints[k], v) for k, v in fields.items()}
+    return cls(**kw)
+
+
+def from_dict(cls, d: dict[str, Any]):
+    return build(cls, d)
+
+
+def apply_overrides(cfg, overrides: dict[str, Any]):
+    """A new config with ``{"lr": "3e-4", "objective.prediction": "v", "unet.model_channels": 32}`` applied.
+    A nested key on a None sub-config starts from that type's defaults."""
+    d = dataclasses.asdict(cfg)
+    hints = _hints(type(cfg))
+    for key, value in overrides.items():
+        top, _, rest = key.replace("-", "_").partition(".")
+        if top not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise ValueError(f"unknown option {key!r}; {type(cfg).__name__} has: {known}")
+        if not rest:
+            d[top] = value
+            continue
+        sub_tp, _ = _unwrap_optional(hints[top])
+        if not dataclasses.is_dataclass(sub_tp):
+            raise ValueError(f"{top} is not a table; cannot set {key!r}")
+        sub = d.get(top)
+        if sub is None:
+            sub = dataclasses.asdict(sub_tp())
+        if rest not in {f.name for f in dataclasses.fields(sub_tp)}:
+            known = ", ".join(f.name for f in dataclasses.fields(sub_tp))
+            raise ValueError(f"unknown option {key!r}; [{top}] has: {known}")
+        sub[rest] = value
+        d[top] = sub
+    return build(type(cfg), d)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
+def resolve(kind: str, preset: str | None = None, toml: str | None = None, overrides=None):
+    """The config of a run: preset, then the TOML file's fields, then `overrides` (dotted keys)."""
+    _choice("kind", kind, ("denoiser", "vae"))
+    cls, presets = (
+        (DenoiserTrainConfig, DENOISER_PRESETS) if kind == "denoiser" else (VAETrainConfig, VAE_PRESETS)
+    )
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown {kind} preset {preset!r}; known: {', '.join(presets)}")
+        base = {k: v for k, v in presets[preset].items()}
+    cfg = build(cls, base)
+    if toml is not None:
+        cfg = apply_overrides(cfg, _flatten_tables(load_toml(toml)))
+    if overrides:
+        cfg = apply_overrides(cfg, dict(overrides))
+    return cfg
+
+
+def _flatten_tables(d: dict[str, Any]) -> dict[str, Any]:
+    """TOML {"objective": {"prediction": "v"}} -> {"objective.prediction": "v"} (one level of tables)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+MODEL_FIELDS = ("family", "net", "unet", "dit", "mmdit", "text", "pixel_space", "objective", "resolution")

@@ -1,0 +1,522 @@
+"""The denoiser trainer: one loop for UNet, DiT and MMDiT, in latent or pixel space, on one process or many.
+
+    batch (images, captions) ─ VAE encode (frozen) ─ LatentFormat.process_in ─► x₀   (pixel space: x₀ = image)
+    captions ─ dropout to "" (p = caption_dropout) ─► text encoders (trained jointly or frozen) ─► cond
+    σ ~ objective.sigma_sampling, ε ~ N(0, I) ─► objectives.loss(cfg.objective, ms, model, x₀, cond)
+    AdamW (warm-up + schedule, clipping, accumulation) ─► EMA of the weights (used for sampling and export)
+
+Determinism. Global micro-batch m (m = step·grad_accum + a) holds dataset items m·G … m·G + G − 1 with
+G = batch_size·world_size; rank r takes positions r, r + W, … of it, and the dropout mask, σ and ε of the
+whole global batch are drawn from one generator seeded by (seed, m) of which rank r keeps the same rows.
+So what a step sees is a pure function of (seed, step): two ranks with batch b compute exactly the terms one
+process with batch 2b computes (DDP averages the gradients), and a resumed run sees the same data and
+noise as an uninterrupted one without any sampler state.
+
+Outputs under `out/`: config.json, metrics.jsonl, state/step-N/ (exact-resume state, see state.py),
+checkpoints/step-N.safetensors and checkpoints/last.safetensors (EMA weights in the original single-file
+layout with the configs, objective and latent format in the metadata: `latentforge generate --model` loads
+them), samples/step-N.png, loss.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentforge import conditioning
+from latentforge.checkpoints import (
+    build_component,
+    configs_to_json,
+    join_components,
+    load_checkpoint,
+    save_state_dict,
+)
+from latentforge.models.vae import LatentFormat
+from latentforge.training import dist
+from latentforge.training.config import MODEL_FIELDS, DenoiserTrainConfig, to_dict
+from latentforge.training.loop import (
+    MetricsLog,
+    TrainingError,
+    autocast,
+    build_optimizer,
+    data_loader,
+    dataset_for,
+    dry_run_report,
+    enable_checkpointing,
+    load_vae_file,
+    micro_generator,
+    progress_bar,
+    save_loss_plot,
+    write_json_atomic,
+)
+from latentforge.training.objectives import loss as objective_loss
+from latentforge.training.objectives import model_sampling_for, sample_sigmas
+from latentforge.training.state import EMA, apply_lr, load_training_state, save_training_state, step_dirs
+
+TEXT_ENCODERS = {
+    "sd15": ("clip_l",),
+    "sd21": ("clip_h",),
+    "sdxl-base": ("clip_l", "clip_g"),
+    "sd3-medium": ("clip_l", "clip_g"),
+    "sd35-medium": ("clip_l", "clip_g"),
+    "sd35-large": ("clip_l", "clip_g"),
+    "dit-text": ("clip_l",),
+}
+
+
+class TextToImage(nn.Module):
+    """What the optimiser updates, as one module (what DDP wraps and the training state stores): the
+    denoising network under its component name and, when trained jointly, the text encoders.
+    `forward(x, t, prompts, size)` encodes the prompts with every text encoder (trained or frozen) as the
+    family's conditioning does at sampling time, then runs the network."""
+
+    def __init__(self, family: str, net_name: str, parts: dict[str, nn.Module], frozen: dict[str, nn.Module]):
+        super().__init__()
+        self.family, self.net_name = family, net_name
+        self.parts = nn.ModuleDict(parts)
+        self.frozen = frozen  # a plain dict: not trained, not in this module's state dict
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {**self.frozen, **{k: m for k, m in self.parts.items() if k != self.net_name}}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], size: tuple[int, int]):
+        net = self.parts[self.net_name]
+        kw = {}
+        if self.net_name == "mmdit":
+            kw["context_dim"] = net.config.context_dim
+        h, w = size
+        cond = conditioning.encode(self.family, self.encoders(), prompts, w, h, **kw)
+        return net(x, t, **cond)
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: DenoiserTrainConfig
+    model: TextToImage
+    vae: nn.Module | None
+    latent_format: LatentFormat | None
+    extra_components: dict[str, nn.Module]  # saved in the exported file as they are (frozen VAE)
+
+
+def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
+    """The networks of a run: from `init_from` (fine-tuning) or built from the configs with seeded init."""
+    enc_names = TEXT_ENCODERS[cfg.family]
+    extra: dict[str, nn.Module] = {}
+    if cfg.init_from is not None:
+        ckpt = load_checkpoint(cfg.init_from)
+        if ckpt.family != cfg.family:
+            raise ValueError(
+                f"init_from {cfg.init_from!r} is a {ckpt.family} checkpoint ({ckpt.detection}); "
+                f"the config says family={cfg.family!r}"
+            )
+        if cfg.net not in ckpt.components:
+            raise ValueError(f"{cfg.init_from!r} holds no {cfg.net!r}; it has {sorted(ckpt.components)}")
+        comps = ckpt.components
+        cfg.__dict__[cfg.net] = ckpt.configs[cfg.net]  # the loaded network's config, recorded with the run
+        if "clip_l" in ckpt.configs and cfg.text is None and "clip_l" in enc_names:
+            cfg.text = ckpt.configs["clip_l"]
+        vae = comps.get("vae") if not cfg.pixel_space else None
+        if vae is not None and cfg.vae is None:
+            extra["vae"] = vae
+        from latentforge.pipeline import LATENT_FORMAT
+
+        fmt = LATENT_FORMAT[cfg.family]
+    else:
+        if cfg.net_config is None:
+            raise ValueError(f"net={cfg.net!r} needs a [{cfg.net}] config (or init_from a checkpoint)")
+        if cfg.text is None:
+            raise ValueError("training from scratch needs a [text] encoder config (a CLIPTextConfig)")
+        if len(enc_names) != 1:
+            raise ValueError(
+                f"training {cfg.family} from scratch is not supported ({len(enc_names)} text encoders); "
+                "fine-tune it with init_from, or use family sd15 / dit-text for new models"
+            )
+        torch.manual_seed(cfg.seed)
+        comps = {
+            cfg.net: build_component(cfg.net, cfg.net_config),
+            enc_names[0]: build_component(enc_names[0], cfg.text),
+        }
+        vae, fmt = None, None
+    if cfg.vae is not None:
+        vae, fmt = load_vae_file(cfg.vae)
+        extra["vae"] = vae
+    if not cfg.pixel_space and vae is None:
+        raise ValueError("latent training needs a VAE: give vae=PATH, init_from a checkpoint, or pixel_space")
+    if cfg.pixel_space:
+        fmt = None
+    parts = {cfg.net: comps[cfg.net]}
+    frozen = {}
+    for name in enc_names:
+        if name not in comps:
+            raise ValueError(f"{cfg.family} needs the text encoder {name!r}; the checkpoint has none")
+        (parts if cfg.train_text_encoder else frozen)[name] = comps[name]
+    for m in parts.values():
+        m.train().requires_grad_(True)
+    for m in [*frozen.values(), *([vae] if vae is not None else [])]:
+        m.eval().requires_grad_(False).to(device)
+    model = TextToImage(cfg.family, cfg.net, parts, frozen).to(device)
+    if cfg.grad_checkpointing:
+        enable_checkpointing(model.parts[cfg.net])
+    return Setup(cfg, model, vae, fmt, extra)
+
+
+def export_checkpoint(setup: Setup, path: str, ema: EMA | None) -> None:
+    """The single-file checkpoint (original layout) with the EMA weights, written atomically."""
+    cfg, model = setup.cfg, setup.model
+    sd = {}
+    state = ema.state_dict() if ema is not None else model.state_dict()
+    for name in model.parts:
+        pre = f"parts.{name}."
+        sd[name] = {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
+    for name, m in {**model.frozen, **setup.extra_components}.items():
+        sd[name] = m.state_dict()
+    configs = {n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in model.parts.items()}
+    configs.update({n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in model.frozen.items()})
+    configs.update(
+        {n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in setup.extra_components.items()}
+    )
+    meta = {
+        "latentforge.family": cfg.family,
+        "latentforge.configs": configs_to_json(configs),
+        "latentforge.objective": json.dumps(dataclasses.asdict(cfg.objective)),
+        "latentforge.space": "pixel" if cfg.pixel_space else "latent",
+        "latentforge.resolution": str(cfg.resolution),
+    }
+    if setup.latent_format is not None:
+        f = setup.latent_format
+        meta["latentforge.latent_format"] = json.dumps({"scale": f.scale_factor, "shift": f.shift_factor})
+    save_state_dict(join_components(sd, cfg.family), path, metadata=meta)
+
+
+def _prune_exports(folder: str, keep: int) -> None:
+    files = sorted(f for f in os.listdir(folder) if f.startswith("step-") and f.endswith(".safetensors"))
+    for f in files[:-keep] if keep else []:
+        os.remove(os.path.join(folder, f))
+
+
+def train_denoiser(
+    cfg: DenoiserTrainConfig,
+    out: str,
+    resume: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run (or continue, with `resume`) a denoiser training run into folder `out`; returns a summary.
+    `stop_after`: return after this many steps of this call (tests; the run stays resumable)."""
+    world = dist.init(device)
+    try:
+        return _train(cfg, out, resume, dry_run, progress, world, stop_after)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
+    dev = world.device
+    setup = build_models(cfg, dev)
+    model = setup.model
+    ms = model_sampling_for(cfg.objective)
+    G = cfg.batch_size * world.world_size  # global micro-batch
+    if world.main:
+        print(
+            f"effective batch {G * cfg.grad_accum} = {cfg.batch_size} per rank "
+            f"× {world.world_size} ranks × {cfg.grad_accum} accumulation; device {dev}",
+            flush=True,
+        )
+    dataset = dataset_for(cfg, world)
+    optimizer = build_optimizer(cfg, model.parameters())
+    if dry_run:
+        return dry_run_report(cfg, setup, dataset, ms, optimizer, world, _micro_step) if world.main else {}
+    state_root = os.path.join(out, "state")
+    start = 0
+    if world.main:
+        os.makedirs(out, exist_ok=True)
+    dist.barrier(world)
+    existing = step_dirs(state_root) if os.path.isdir(state_root) else []
+    ema = EMA(model, decay=cfg.ema_decay)
+    if existing and not resume:
+        raise ValueError(
+            f"{out!r} already holds a run (step {existing[-1][0]}); pass --resume {out} to continue it "
+            "or choose another --out"
+        )
+    if resume and existing:
+        info = load_training_state(
+            state_root,
+            model,
+            ema,
+            optimizer,
+            rng=True,
+            expected_config=to_dict(cfg),
+            config_keys=MODEL_FIELDS,
+        )
+        start = info["step"]
+        if world.main:
+            print(f"resumed from {info['path']} at step {start}", flush=True)
+    if world.main:
+        write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), start, enabled=world.main)
+    net = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" else None
+    loader = iter(data_loader(cfg, dataset, start * cfg.grad_accum, world))
+    size = (cfg.resolution, cfg.resolution)
+    bar = progress_bar(start, cfg.max_steps, enabled=progress and world.main)
+    last_good = os.path.join(out, "checkpoints", "last.safetensors")
+    step, t_wait, t_total, t0 = start, 0.0, 0.0, time.perf_counter()
+    ran = 0
+    while step < cfg.max_steps and (stop_after is None or ran < stop_after):
+        lr = apply_lr(
+            optimizer,
+            step,
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.max_steps,
+            schedule=cfg.lr_schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        total = torch.zeros((), dtype=torch.float64)
+        for a in range(cfg.grad_accum):
+            m = step * cfg.grad_accum + a
+            tw = time.perf_counter()
+            batch = next(loader)
+            t_wait += time.perf_counter() - tw
+            sync = a == cfg.grad_accum - 1 or not world.distributed
+            ctx = net.no_sync() if not sync else _null()
+            with ctx:
+                value = _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler)
+            total += value
+        loss_value = float(dist.mean(world, total / cfg.grad_accum))
+        if not math.isfinite(loss_value):
+            good = last_good if os.path.exists(last_good) else "none (no checkpoint was written yet)"
+            log.write({"step": step + 1, "error": f"non-finite loss {loss_value}"})
+            raise TrainingError(
+                f"the loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint: {good}"
+            )
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        gnorm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else _grad_norm(model)
+        )
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+        ran += 1
+        t_total = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log.write(
+                {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": float(gnorm),
+                    "it_s": ran / max(t_total, 1e-9),
+                    "data_wait": t_wait / max(t_total, 1e-9),
+                }
+            )
+        end = step == cfg.max_steps
+        if step % cfg.checkpoint_every == 0 or end:
+            _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G)
+        if (cfg.sample_every and step % cfg.sample_every == 0) or end:
+            _samples(cfg, setup, ema, ms, out, step, world, log)
+    bar.close()
+    if world.main and step == cfg.max_steps:
+        save_loss_plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    return {
+        "step": step,
+        "loss": loss_value if ran else None,
+        "out": out,
+        "data_wait": t_wait / max(t_total, 1e-9),
+        "it_s": ran / max(t_total, 1e-9),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler) -> torch.Tensor:
+    """Forward and backward of this rank's share of global micro-batch m; returns its (detached) loss."""
+    dev = world.device
+    images = batch["image"].to(dev, non_blocking=True)
+    captions = list(batch["caption"])
+    r, W = world.rank, world.world_size
+    gen = micro_generator(cfg.seed, m)
+    drop = (torch.rand(G, generator=gen) < cfg.caption_dropout)[r::W]
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+    sigma = sample_sigmas(cfg.objective, ms, G, gen, "cpu")[r::W]
+    with torch.no_grad():
+        if setup.vae is not None:
+            post = setup.vae.encode(images.to(next(setup.vae.parameters()).dtype))
+            eps_z = torch.randn((G, *post.mean.shape[1:]), generator=gen)[r::W].to(dev, post.mean.dtype)
+            x0 = setup.latent_format.process_in((post.mean + post.std * eps_z).float())
+        else:
+            x0 = images
+    noise = torch.randn((G, *x0.shape[1:]), generator=gen)[r::W].to(dev)
+    h, w = x0.shape[-2:]
+    f = images.shape[-1] // w
+    model_fn = _Bound(net, captions, (h * f, w * f))
+    with autocast(cfg.precision, dev):
+        loss, _ = objective_loss(cfg.objective, ms, model_fn, x0, noise=noise, sigma=sigma.to(dev))
+    scaled = loss / cfg.grad_accum
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss.detach().double().cpu()
+
+
+class _Bound:
+    """net(x, t) with this micro-batch's prompts and image size bound (what objectives.loss calls)."""
+
+    def __init__(self, net, prompts, size):
+        self.net, self.prompts, self.size = net, prompts, size
+
+    def __call__(self, x, t):
+        return self.net(x, t, prompts=self.prompts, size=self.size)
+
+
+def _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G) -> None:
+    if world.main:
+        save_training_state(
+            os.path.join(out, "state"),
+            step,
+            setup.model,
+            ema,
+            optimizer,
+            scaler,
+            data_position={"micro_batch": step * cfg.grad_accum, "global_batch": G},
+            config=to_dict(cfg),
+            keep_last=cfg.keep_last,
+        )
+        folder = os.path.join(out, "checkpoints")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{step:08d}.safetensors")
+        export_checkpoint(setup, path, ema)
+        tmp = os.path.join(folder, f".last.safetensors.tmp-{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(folder, "last.safetensors"))
+        _prune_exports(folder, cfg.keep_last)
+    dist.barrier(world)
+
+
+def pipeline_for(setup: Setup, ms):
+    """A Pipeline over the run's own modules (no copies); the caller restores their training mode."""
+    from latentforge.pipeline import Pipeline
+
+    cfg, model = setup.cfg, setup.model
+    comps = {**dict(model.parts.items()), **model.frozen, **setup.extra_components}
+    pipe = Pipeline(
+        cfg.family,
+        comps,
+        model_sampling=ms,
+        pixel_space=cfg.pixel_space,
+        size=(cfg.resolution, cfg.resolution),
+    )
+    if setup.latent_format is not None:
+        pipe.latent_format = setup.latent_format
+    return pipe
+
+
+def sample_prompts(cfg: DenoiserTrainConfig) -> list[str]:
+    if cfg.sample_prompts:
+        return list(cfg.sample_prompts)
+    if cfg.data != "shapes":
+        return ["a photograph", ""]
+    from latentforge.shapes import caption, sample_scene
+
+    rng = np.random.default_rng(1234)
+    return [caption(sample_scene(rng, split="validation"), rng) for _ in range(8)]
+
+
+def _samples(cfg, setup, ema, ms, out, step, world, log) -> None:
+    """Rank 0: a grid of the fixed prompts (EMA weights) and, with shapes data, the evaluator's score on
+    `eval_n` held-out prompts; logged to metrics.jsonl."""
+    if world.main:
+        model = setup.model
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            with ema.swapped(model), torch.no_grad():
+                pipe = pipeline_for(setup, ms)
+                grid_images = _generate(cfg, pipe, sample_prompts(cfg), seed=0)
+                _save_grid(grid_images, os.path.join(out, "samples", f"step-{step:08d}.png"))
+                if cfg.data == "shapes" and cfg.eval_n > 0:
+                    log.write({"step": step, **_shapes_eval(cfg, pipe)})
+        finally:
+            model.train()
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+    dist.barrier(world)
+
+
+def _generate(cfg, pipe, prompts: list[str], seed: int, chunk: int = 32):
+    images = []
+    for s in range(0, len(prompts), chunk):
+        part = prompts[s : s + chunk]
+        images += pipe(
+            part,
+            steps=cfg.sample_steps,
+            sampler=cfg.sample_sampler,
+            scheduler=cfg.sample_scheduler,
+            cfg=cfg.sample_cfg,
+            seed=seed + s,
+            batch_size=len(part),
+            progress=False,
+        )
+    return images
+
+
+def _shapes_eval(cfg, pipe) -> dict:
+    from latentforge.shapes import caption, sample_scene
+    from latentforge.shapes.evaluate import evaluate
+
+    rng = np.random.default_rng(4321)
+    prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(cfg.eval_n)]
+    images = [np.asarray(im) for im in _generate(cfg, pipe, prompts, seed=10_000)]
+    rep = evaluate(images, prompts, reference=False)
+    attrs = {k: v["rate"] for k, v in rep["attributes"].items()}
+    return {"eval_all_correct": rep["all_correct"], "eval_n": rep["n"], "eval_attributes": attrs}
+
+
+def _save_grid(images, path: str, cols: int = 8, scale: int = 2) -> None:
+    from PIL import Image
+
+    from latentforge.plot import save_png
+
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (min(cols, len(images)) * w, rows * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_png(grid, path)

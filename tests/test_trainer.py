@@ -1,0 +1,406 @@
+"""The denoiser and VAE trainers end to end on tiny models: outputs, exact resume (also after SIGKILL),
+two DDP ranks == one process with twice the batch, NaN stop, config refusal, fine-tuning real layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge.checkpoints import read_state_dict
+from latentforge.cli import main as cli
+from latentforge.pipeline import Pipeline
+from latentforge.training.config import resolve
+from latentforge.training.loop import TrainingError, read_metrics
+from latentforge.training.trainer import train_denoiser
+from latentforge.training.vae_trainer import train_vae
+
+# A micro version of shapes-tiny: every code path of the real preset, seconds per run.
+MICRO = {
+    "unet.model_channels": 32,
+    "unet.channel_mult": "[1, 2]",
+    "unet.attention_resolutions": "[2]",
+    "unet.context_dim": 32,
+    "text.hidden_size": 32,
+    "text.intermediate_size": 64,
+    "text.num_hidden_layers": 1,
+    "text.max_position_embeddings": 16,
+    "text.vocab_size": 49408,
+    "resolution": 32,
+    "batch_size": 4,
+    "num_workers": 0,
+    "log_every": 1,
+    "sample_steps": 2,
+    "eval_n": 4,
+    "warmup_steps": 0,
+}
+
+
+def micro(**over):
+    return resolve("denoiser", "shapes-tiny", overrides={**MICRO, **over})
+
+
+def _flags(d: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in d.items()]
+
+
+def _state(folder: str) -> dict[str, torch.Tensor]:
+    from latentforge.training.state import resolve_step_dir
+
+    step = resolve_step_dir(os.path.join(folder, "state"))
+    out = {}
+    for name in ("model", "ema", "optimizer"):
+        out.update(
+            {f"{name}/{k}": v for k, v in read_state_dict(os.path.join(step, f"{name}.safetensors")).items()}
+        )
+    return out
+
+
+def test_train_writes_outputs_and_generate_loads_them(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    summary = train_denoiser(micro(max_steps=3, checkpoint_every=2), out, progress=False)
+    assert summary["step"] == 3
+    recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    losses = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["data_wait"] <= 1 for r in losses)
+    evals = [r for r in recs if "eval_all_correct" in r]
+    assert len(evals) == 1 and evals[0]["eval_n"] == 4 and 0 <= evals[0]["eval_all_correct"] <= 1
+    for f in ("config.json", "loss.png", "samples/step-00000003.png", "checkpoints/last.safetensors"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "last.safetensors",
+        "step-00000002.safetensors",
+        "step-00000003.safetensors",
+    ]
+    # the single file: SD1 layout, EMA weights, loadable with its objective (flow) and pixel space
+    sd = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert {k.split(".")[0] for k in sd} == {"model", "cond_stage_model"}
+    ema = read_state_dict(os.path.join(out, "state", "step-00000003", "ema.safetensors"))
+    torch.testing.assert_close(
+        sd["model.diffusion_model.out.2.weight"], ema["parts.unet.out.2.weight"], rtol=0, atol=0
+    )
+    pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert pipe.pixel_space and pipe.default_size == (32, 32)
+    assert type(pipe.model_sampling).__name__ == "DiscreteFlow"
+    (img,) = pipe("a red circle", steps=2, cfg=2.0, progress=False)
+    assert img.size == (32, 32)
+    capsys.readouterr()
+    gen = str(tmp_path / "gen")
+    rc = cli(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            os.path.join(out, "checkpoints", "last.safetensors"),
+            "--steps",
+            "2",
+            "--out",
+            gen,
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 1 and printed[0].endswith(".png") and os.path.isfile(printed[0])
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = micro(max_steps=4, checkpoint_every=2, eval_n=0, grad_accum=2, lr_schedule="cosine", warmup_steps=1)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_denoiser(cfg, a, progress=False)
+    train_denoiser(cfg, b, progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_denoiser(cfg, b, progress=False)
+    train_denoiser(cfg, b, resume=True, progress=False)
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    la = [r["loss"] for r in read_metrics(os.path.join(a, "metrics.jsonl")) if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(os.path.join(b, "metrics.jsonl")) if "loss" in r]
+    assert la == lb and len(la) == 4
+
+
+def test_resume_refuses_another_model_config(tmp_path):
+    out = str(tmp_path / "run")
+    train_denoiser(micro(max_steps=1, eval_n=0), out, progress=False)
+    with pytest.raises(ValueError, match=r"unet\.model_channels: checkpoint 32, expected 64") as e:
+        train_denoiser(
+            micro(max_steps=2, eval_n=0, **{"unet.model_channels": 64}), out, resume=True, progress=False
+        )
+    assert "different model config" in str(e.value)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # lr 1e30 turns the weights into inf after the first update: the second step's loss is not finite
+    out = str(tmp_path / "run")
+    with pytest.raises(
+        TrainingError, match=r"at step 2; stopping\. The last good checkpoint: .*last\.safetensors"
+    ):
+        train_denoiser(
+            micro(max_steps=5, checkpoint_every=1, eval_n=0, lr=1e30, grad_clip=0.0), out, progress=False
+        )
+    sd = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    assert read_metrics(os.path.join(out, "metrics.jsonl"))[-1]["error"].startswith("non-finite loss")
+
+
+def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "latentforge", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    flags = [
+        "train",
+        "denoiser",
+        "--preset",
+        "shapes-tiny",
+        "--quiet",
+        *_flags({**MICRO, "eval_n": 0}),
+        "--max-steps",
+        "8",
+        "--checkpoint-every",
+        "2",
+    ]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    p = _run_cli([*flags, "--out", b])
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.isdir(os.path.join(b, "state", "step-00000004")):
+        if p.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {p.stdout.read()}")
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # no handler runs: whatever was half-written stays half-written
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    r = _run_cli(["train", "denoiser", "--resume", b, "--quiet"])
+    assert r.wait(300) == 0, r.stdout.read()
+    q = _run_cli([*flags, "--out", a])
+    assert q.wait(300) == 0, q.stdout.read()
+    sa, sb = _state(a), _state(b)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    fa = read_state_dict(os.path.join(a, "checkpoints", "last.safetensors"))
+    fb = read_state_dict(os.path.join(b, "checkpoints", "last.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_two_ddp_ranks_match_one_process_with_twice_the_batch(tmp_path):
+    """torchrun, 2 CPU ranks (gloo) with batch 2 each vs one process with batch 4: the same global batches,
+    noise and dropout (trainer.py, "Determinism"), so the same loss curve and weights up to float32
+    summation order (the per-rank means are averaged instead of one mean over 4: relative 1e-6 per step)."""
+    over = {**MICRO, "eval_n": 0, "max_steps": 4, "checkpoint_every": 4}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train_denoiser(micro(eval_n=0, max_steps=4, checkpoint_every=4), one, progress=False)
+    over["batch_size"] = 2
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "latentforge",
+        "train",
+        "denoiser",
+        "--preset",
+        "shapes-tiny",
+        "--quiet",
+        "--out",
+        two,
+        *_flags(over),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "effective batch 4 = 2 per rank × 2 ranks × 1 accumulation" in r.stdout
+    l1 = [x["loss"] for x in read_metrics(os.path.join(one, "metrics.jsonl")) if "loss" in x]
+    l2 = [x["loss"] for x in read_metrics(os.path.join(two, "metrics.jsonl")) if "loss" in x]
+    assert len(l1) == len(l2) == 4
+    np.testing.assert_allclose(l2, l1, rtol=1e-4)
+    # Weights: Adam divides each gradient element by its own RMS, so an element whose gradient is tiny and
+    # dominated by rounding (here: the biases just before the zero-initialised output conv, whose gradients
+    # cancel almost exactly) can take a visibly different step of up to ~lr per step, while everything else
+    # agrees to float32 rounding. A wrong sample, noise or dropout assignment would instead move most
+    # elements by ~lr. Measured: 99.85% of elements within 1e-6; max 3.2e-4 (bound 2·lr·steps = 8e-3).
+    s1, s2 = _state(one), _state(two)
+    diff = torch.cat([(s2[k] - s1[k]).abs().flatten() for k in s1 if k.startswith("model/")])
+    assert (diff < 1e-6).float().mean() > 0.995, (diff < 1e-6).float().mean()
+    assert diff.max() < 2 * 1e-3 * 4, diff.max()
+
+
+def test_folder_data_skips_unreadable_images_and_counts_missing_captions(tmp_path, capsys):
+    from latentforge.shapes import export
+
+    data = export(tmp_path / "data", n=6, size=32, seed=3)
+    (data / "metadata.jsonl").unlink()
+    (data / "000001.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "000002.txt").unlink()
+    out = str(tmp_path / "run")
+    train_denoiser(micro(data=str(data), max_steps=2, eval_n=0), out, progress=False)
+    text = capsys.readouterr().out
+    assert "5 images, 1 skipped (unreadable), 1 without a caption" in text
+    assert len([r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]) == 2
+
+
+def test_dry_run_prints_parameters_flops_and_time(capsys):
+    rc = cli(["train", "denoiser", "--preset", "shapes-tiny", "--dry-run", *_flags(MICRO)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert '"model_channels": 32' in text and "unet" in text and "clip_l" in text
+    assert "GFLOP" in text and "estimated time per step" in text
+
+
+def test_cli_flags_and_toml(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'lr = 3e-4\nmax_steps = 7\n[objective]\nprediction = "flow"\nshift = 2.0\n'
+        "[unet]\nmodel_channels = 64\n"
+    )
+    cfg = resolve("denoiser", "shapes-tiny", str(toml), {"max_steps": "9", "unet.num_res_blocks": "2"})
+    assert (cfg.lr, cfg.max_steps, cfg.objective.shift) == (3e-4, 9, 2.0)
+    assert (cfg.unet.model_channels, cfg.unet.num_res_blocks, cfg.unet.channel_mult) == (64, 2, (1, 2, 2))
+    with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
+        resolve("denoiser", "shapes-tiny", overrides={"lerning_rate": "1"})
+    with pytest.raises(ValueError, match="max_steps must be an integer, got '1.5'"):
+        resolve("denoiser", "shapes-tiny", overrides={"max_steps": "1.5"})
+    with pytest.raises(ValueError, match="prediction='velocity' is not supported"):
+        resolve("denoiser", "shapes-tiny", overrides={"objective.prediction": "velocity"})
+    with pytest.raises(ValueError, match="unknown denoiser preset 'shapes-huge'"):
+        resolve("denoiser", "shapes-huge")
+    assert (
+        cli(["train", "denoiser", "--preset", "shapes-tiny", "--out", str(tmp_path / "x"), "--lr", "-1"]) == 2
+    )
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl-base", "sd3-medium"])
+def test_fine_tune_a_checkpoint_saves_the_original_layout(tmp_path, family):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_pipeline import SIZE, TINY  # tiny configs of every family
+
+    from latentforge.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    pipe = Pipeline.from_preset(family, configs=TINY[family])
+    src = str(tmp_path / "base.safetensors")
+    save_checkpoint(
+        src, family, pipe.components, configs=TINY[family]
+    )  # the original layout (+ tiny configs)
+    w, h = SIZE[family]
+    net = "mmdit" if family.startswith("sd3") else "unet"
+    out = str(tmp_path / "ft")
+    preset_obj = {"sd3-medium": "sd3-medium"}.get(family, family)
+    cfg = resolve(
+        "denoiser",
+        preset_obj,
+        overrides={
+            "init_from": src,
+            "resolution": str(max(w, h)),
+            "max_steps": "2",
+            "eval_n": "0",
+            "num_workers": "0",
+            "sample_steps": "1",
+            "data": "shapes",
+            "batch_size": "2",
+        },
+    )
+    train_denoiser(cfg, out, progress=False)
+    before = read_state_dict(src)
+    after = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert after.keys() == before.keys()
+    assert all(after[k].shape == before[k].shape for k in before)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    prefix = "model.diffusion_model."
+    assert changed and all(k.startswith(prefix) for k in changed)  # only the denoiser trains
+    loaded = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert loaded.family == family and net in loaded.components
+
+
+def test_vae_training_then_latent_denoiser_on_it(tmp_path):
+    vout = str(tmp_path / "vae")
+    vcfg = resolve(
+        "vae",
+        "shapes-vae",
+        overrides={
+            "max_steps": "3",
+            "batch_size": "2",
+            "resolution": "32",
+            "eval_n": "4",
+            "num_workers": "0",
+            "disc_start": "2",
+            "vae.ch_mult": "[1, 2]",
+        },
+    )
+    train_vae(vcfg, vout, progress=False)
+    recs = read_metrics(os.path.join(vout, "metrics.jsonl"))
+    assert any("d_loss" in r and r["d_loss"] > 0 for r in recs)  # the GAN switched on at step 2
+    ev = [r for r in recs if "psnr" in r][-1]
+    assert np.isfinite(ev["psnr"]) and -1 <= ev["ssim"] <= 1
+    path = os.path.join(vout, "checkpoints", "last.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        fmt = json.loads(f.metadata()["latentforge.latent_format"])
+        keys = set(f.keys())
+    assert fmt["scale"] > 0 and "encoder.conv_in.weight" in keys and "decoder.conv_out.weight" in keys
+    dout = str(tmp_path / "den")
+    over = {
+        **MICRO,
+        "pixel_space": "false",
+        "vae": path,
+        "unet.in_channels": 4,
+        "unet.out_channels": 4,
+        "unet.attention_resolutions": "[]",
+        "max_steps": 2,
+        "eval_n": 2,
+        "resolution": 32,
+    }
+    train_denoiser(resolve("denoiser", "shapes-tiny", overrides=over), dout, progress=False)
+    pipe = Pipeline.from_single_file(os.path.join(dout, "checkpoints", "last.safetensors"))
+    assert not pipe.pixel_space and abs(pipe.latent_format.scale_factor - fmt["scale"]) < 1e-12
+    (img,) = pipe("a blue star", steps=2, cfg=1.0, progress=False, width=32, height=32)
+    assert img.size == (32, 32)
+
+
+@pytest.mark.slow
+def test_shapes_tiny_200_steps_learns(tmp_path):
+    """The README's smallest run: the loss falls and the evaluator's per-attribute scores beat chance
+    (8 colours: 1/8 for the colour of a prompted object; the background colour: 1/8)."""
+    out = str(tmp_path / "run")
+    rc = cli(
+        [
+            "train",
+            "denoiser",
+            "--data",
+            "shapes",
+            "--preset",
+            "shapes-tiny",
+            "--max-steps",
+            "200",
+            "--out",
+            out,
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    ev = [r for r in recs if "eval_attributes" in r][-1]
+    assert ev["eval_attributes"]["color"] > 0.125 + 0.1
