@@ -404,3 +404,148 @@ def test_shapes_tiny_200_steps_learns(tmp_path):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     ev = [r for r in recs if "eval_attributes" in r][-1]
     assert ev["eval_attributes"]["color"] > 0.125 + 0.1
+
+
+def _tiny_vae_file(path: str) -> str:
+    from latentforge.models import AutoencoderKL, AutoencoderKLConfig
+    from latentforge.training.vae_trainer import export_vae
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32))
+    export_vae(path, vae, scale=0.5)
+    return path
+
+
+def _tiny_clip_file(path: str) -> str:
+    from latentforge.checkpoints import save_state_dict
+    from latentforge.models import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(2)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))  # fmt: skip
+    save_state_dict(clip.state_dict(), path)
+    return path
+
+
+def test_cached_latents_and_text_equal_uncached_and_are_reused(tmp_path, capsys):
+    from latentforge.shapes import export
+
+    data = str(export(tmp_path / "data", n=8, size=32, seed=5))
+    vae = _tiny_vae_file(str(tmp_path / "vae.safetensors"))
+    clip = _tiny_clip_file(str(tmp_path / "clip.safetensors"))
+    base = {**MICRO, "data": data, "pixel_space": "false", "vae": vae, "text_encoder": clip,
+            "train_text_encoder": "false", "unet.in_channels": 4, "unet.out_channels": 4, "max_steps": 3,
+            "eval_n": 0, "caption_dropout": 0.5, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    runs = {}
+    for name, cached in (("plain", False), ("cached", True), ("reused", True)):
+        cfg = resolve("denoiser", "shapes-tiny", overrides={**base, "cache_latents": str(cached)})
+        out = str(tmp_path / name)
+        train_denoiser(cfg, out, progress=False)
+        runs[name] = [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+        runs[name + "_log"] = capsys.readouterr().out
+    assert "latents encoded" not in runs["plain_log"]
+    assert "8 latents encoded, 0 reused" in runs["cached_log"]
+    assert "0 latents encoded, 8 reused; 0 captions encoded" in runs["reused_log"]
+    # same data, σ, ε and dropout; the cache holds the same float32 posterior moments (encoded in a batch
+    # of 8 instead of 4: convolution rounding only) and the same frozen-encoder outputs
+    np.testing.assert_allclose(runs["cached"], runs["plain"], rtol=1e-5)
+    assert runs["reused"] == runs["cached"]
+    # the frozen user CLIP is saved unchanged in the result
+    sd = read_state_dict(os.path.join(tmp_path, "cached", "checkpoints", "last.safetensors"))
+    clip_sd = read_state_dict(clip)
+    assert all(torch.equal(sd["cond_stage_model." + k], v) for k, v in clip_sd.items())
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"objective.prediction": "eps", "objective.sigma_sampling": "uniform_discrete"},
+        {
+            "objective.prediction": "v",
+            "objective.sigma_sampling": "uniform_discrete",
+            "objective.weighting": "min_snr",
+            "objective.zero_terminal_snr": "true",
+        },
+        {
+            "objective.prediction": "edm",
+            "objective.sigma_sampling": "lognormal",
+            "objective.weighting": "edm",
+        },
+    ],
+)
+def test_objectives_train_and_the_file_samples_with_them(tmp_path, objective):
+    out = str(tmp_path / "run")
+    train_denoiser(micro(max_steps=2, eval_n=0, **objective), out, progress=False)
+    pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
+    ms = pipe.model_sampling
+    want = {"eps": "DiscreteVP", "v": "DiscreteVP", "edm": "EDM"}[objective["objective.prediction"]]
+    assert type(ms).__name__ == want
+    if objective["objective.prediction"] == "v":
+        assert ms.prediction == "v" and float(ms.sigmas[-1]) > 1e3  # zero terminal SNR: σ_max huge
+    (img,) = pipe("a green heart", steps=2, cfg=2.0, progress=False)
+    assert img.size == (32, 32)
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    """Checkpointing recomputes the same activations: identical losses. bf16 autocast: the loss agrees
+    to bf16 precision (8 bits of mantissa: ~1e-2 relative over a few steps)."""
+    runs = {}
+    for name, over in (
+        ("plain", {}),
+        ("ckpt", {"grad_checkpointing": "true"}),
+        ("bf16", {"precision": "bf16"}),
+    ):
+        out = str(tmp_path / name)
+        train_denoiser(micro(max_steps=2, eval_n=0, **over), out, progress=False)
+        runs[name] = [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    np.testing.assert_allclose(runs["ckpt"], runs["plain"], rtol=1e-6)
+    np.testing.assert_allclose(runs["bf16"], runs["plain"], rtol=3e-2)
+
+
+def test_text_dit_preset_trains_and_generates(tmp_path):
+    over = {"dit.hidden_size": 64, "dit.depth": 2, "dit.num_heads": 2, "dit.context_dim": 32,
+            "dit.pooled_dim": 32,
+            "text.hidden_size": 32, "text.intermediate_size": 64, "text.num_hidden_layers": 1,
+            "text.max_position_embeddings": 16, "batch_size": 4, "num_workers": 0, "max_steps": 2,
+            "eval_n": 2, "sample_steps": 2}  # fmt: skip
+    out = str(tmp_path / "run")
+    train_denoiser(resolve("denoiser", "shapes-tiny-dit", overrides=over), out, progress=False)
+    sd = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert "model.diffusion_model.blocks.1.cross_attn.kv.weight" in sd
+    pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert pipe.family == "dit-text" and pipe.pixel_space
+    (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
+    assert img.size == (32, 32)
+
+
+def test_aspect_ratio_buckets_from_a_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate([(64, 32)] * 4 + [(32, 64)] * 4):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text("noise")
+    over = {"data": str(folder), "buckets": "true", "bucket_step": 8, "resolution": 32, "batch_size": 2,
+            "max_steps": 4, "eval_n": 0, "unet.attention_resolutions": "[]"}  # fmt: skip
+    out = str(tmp_path / "run")
+    train_denoiser(micro(**over), out, progress=False)
+    assert len([r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]) == 4
+    from latentforge.training.data import ImageFolder
+
+    ds = ImageFolder(folder, 32, buckets=True, bucket_step=8)
+    sizes = {ds.target_size(i) for i in range(len(ds))}
+    assert len(sizes) == 2 and all(h * w <= 32 * 32 for h, w in sizes)  # landscape and portrait buckets
+
+
+def test_vae_resume_is_exact(tmp_path):
+    over = {"max_steps": "4", "batch_size": "2", "resolution": "32", "eval_n": "2", "num_workers": "0",
+            "disc_start": "2", "vae.ch_mult": "[1, 2]", "checkpoint_every": "2"}  # fmt: skip
+    cfg = resolve("vae", "shapes-vae", overrides=over)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_vae(cfg, a, progress=False)
+    train_vae(cfg, b, progress=False, stop_after=2)
+    train_vae(cfg, b, progress=False, resume=True)
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -45,6 +45,7 @@ class DenoiserTrainConfig:
     mmdit: MMDiTConfig | None = None
     text: CLIPTextConfig | None = None  # the text encoder (clip_l for sd15; trained jointly from scratch)
     train_text_encoder: bool = True
+    text_encoder: str | None = None  # a CLIP text-encoder file (e.g. clip_l.safetensors) instead of a new one
     pixel_space: bool = False  # True: diffuse RGB pixels directly, no VAE
     vae: str | None = None  # a VAE file (e.g. from `train vae`); None with init_from: the checkpoint's VAE
     init_from: str | None = None  # fine-tune this single-file checkpoint (SD1.5, SDXL, SD3 layouts)
@@ -54,8 +55,10 @@ class DenoiserTrainConfig:
     resolution: int = 64
     center_crop: bool = True
     random_flip: bool = False  # never for shapes: a flip changes "left" into "right"
-    buckets: bool = False
-    cache_latents: bool = False  # folder data: VAE latents cached on disk (deterministic transforms only)
+    buckets: bool = False  # aspect-ratio buckets (kohya): area <= resolution², sides multiples of bucket_step
+    bucket_step: int = 64
+    cache_latents: bool = False  # folder data: VAE latents (and frozen text conditioning) cached on disk
+    cache_dir: str | None = None  # where; None: <out>/cache. Reused across runs while inputs are unchanged
     caption_dropout: float = 0.1  # P(caption -> ""): trains the unconditional branch for CFG
     num_workers: int = 1
     # -- optimisation -----------------------------------------------------------------------------------

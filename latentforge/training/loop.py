@@ -69,9 +69,13 @@ class FolderTrain(torch.utils.data.Dataset):
                 "bucket; lower batch_size or add images"
             )
         self._epoch, self._batches = -1, []
+        self.pre = None  # a precompute.Precomputed once latents (and text conditioning) are cached
 
     def __getitem__(self, key) -> dict:
         epoch, i = key
+        if self.pre is not None:  # cached: the image file is not even opened
+            caption = self.ds.items[i].caption
+            return {"caption": caption, **self.pre.item(i, caption, self.ds.target_size(i))}
         self.ds.set_epoch(epoch)
         d = self.ds[i]
         return {"image": d["image"], "caption": d["caption"]}
@@ -98,6 +102,7 @@ def dataset_for(cfg, world: dist.World):
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         buckets=getattr(cfg, "buckets", False),
+        bucket_step=getattr(cfg, "bucket_step", 64),
         seed=cfg.seed,
     )
     if world.main:
@@ -112,7 +117,10 @@ def dataset_for(cfg, world: dist.World):
 
 
 def collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([d["image"] for d in items]), "caption": [d["caption"] for d in items]}
+    """Tensors stacked (images, or cached latent moments and conditioning), captions as a list."""
+    out = {k: torch.stack([d[k] for d in items]) for k in items[0] if k != "caption"}
+    out["caption"] = [d["caption"] for d in items]
+    return out
 
 
 class _RankBatches(torch.utils.data.Sampler):

@@ -87,13 +87,15 @@ class TextToImage(nn.Module):
     def encoders(self) -> dict[str, nn.Module]:
         return {**self.frozen, **{k: m for k, m in self.parts.items() if k != self.net_name}}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], size: tuple[int, int]):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], size: tuple[int, int], cond=None):
+        """`cond`: precomputed conditioning (cached frozen encoders) instead of encoding `prompts`."""
         net = self.parts[self.net_name]
-        kw = {}
-        if self.net_name == "mmdit":
-            kw["context_dim"] = net.config.context_dim
-        h, w = size
-        cond = conditioning.encode(self.family, self.encoders(), prompts, w, h, **kw)
+        if cond is None:
+            kw = {}
+            if self.net_name == "mmdit":
+                kw["context_dim"] = net.config.context_dim
+            h, w = size
+            cond = conditioning.encode(self.family, self.encoders(), prompts, w, h, **kw)
         return net(x, t, **cond)
 
 
@@ -104,6 +106,7 @@ class Setup:
     vae: nn.Module | None
     latent_format: LatentFormat | None
     extra_components: dict[str, nn.Module]  # saved in the exported file as they are (frozen VAE)
+    pre: object = None  # precompute.Precomputed when latents / text conditioning are cached
 
 
 def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
@@ -132,18 +135,25 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
     else:
         if cfg.net_config is None:
             raise ValueError(f"net={cfg.net!r} needs a [{cfg.net}] config (or init_from a checkpoint)")
-        if cfg.text is None:
-            raise ValueError("training from scratch needs a [text] encoder config (a CLIPTextConfig)")
+        if cfg.text is None and cfg.text_encoder is None:
+            raise ValueError("training from scratch needs a [text] encoder config or a text_encoder file")
         if len(enc_names) != 1:
             raise ValueError(
                 f"training {cfg.family} from scratch is not supported ({len(enc_names)} text encoders); "
                 "fine-tune it with init_from, or use family sd15 / dit-text for new models"
             )
         torch.manual_seed(cfg.seed)
-        comps = {
-            cfg.net: build_component(cfg.net, cfg.net_config),
-            enc_names[0]: build_component(enc_names[0], cfg.text),
-        }
+        comps = {cfg.net: build_component(cfg.net, cfg.net_config)}
+        if cfg.text_encoder is not None:  # the user's CLIP weights (frozen unless train_text_encoder)
+            from latentforge.checkpoints import _component_file, _load_component
+            from latentforge.models import TEXT_PRESETS
+
+            if cfg.text is None:
+                cfg.text = TEXT_PRESETS["clip-l"]
+            sd = _component_file(enc_names[0], cfg.text_encoder)
+            comps[enc_names[0]] = _load_component(enc_names[0], cfg.text, sd, torch.float32, cfg.text_encoder)
+        else:
+            comps[enc_names[0]] = build_component(enc_names[0], cfg.text)
         vae, fmt = None, None
     if cfg.vae is not None:
         vae, fmt = load_vae_file(cfg.vae)
@@ -233,6 +243,12 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
             flush=True,
         )
     dataset = dataset_for(cfg, world)
+    if cfg.cache_latents:
+        if cfg.data == "shapes":
+            raise ValueError("cache_latents applies to folder data; the shapes stream is rendered on the fly")
+        from latentforge.training import precompute
+
+        setup.pre = precompute.build(cfg, setup, dataset, world, cfg.cache_dir or os.path.join(out, "cache"))
     optimizer = build_optimizer(cfg, model.parameters())
     if dry_run:
         return dry_run_report(cfg, setup, dataset, ms, optimizer, world, _micro_step) if world.main else {}
@@ -369,7 +385,6 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
 def _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler) -> torch.Tensor:
     """Forward and backward of this rank's share of global micro-batch m; returns its (detached) loss."""
     dev = world.device
-    images = batch["image"].to(dev, non_blocking=True)
     captions = list(batch["caption"])
     r, W = world.rank, world.world_size
     gen = micro_generator(cfg.seed, m)
@@ -377,16 +392,32 @@ def _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler) -> torch.
     captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
     sigma = sample_sigmas(cfg.objective, ms, G, gen, "cpu")[r::W]
     with torch.no_grad():
-        if setup.vae is not None:
-            post = setup.vae.encode(images.to(next(setup.vae.parameters()).dtype))
-            eps_z = torch.randn((G, *post.mean.shape[1:]), generator=gen)[r::W].to(dev, post.mean.dtype)
-            x0 = setup.latent_format.process_in((post.mean + post.std * eps_z).float())
+        if "latent_mean" in batch:  # cached posterior moments
+            mean, std = batch["latent_mean"].to(dev), batch["latent_std"].to(dev)
+        elif setup.vae is not None:
+            images = batch["image"].to(dev, next(setup.vae.parameters()).dtype)
+            post = setup.vae.encode(images)
+            mean, std = post.mean.float(), post.std.float()
         else:
-            x0 = images
+            mean = None
+        if mean is not None:
+            eps_z = torch.randn((G, *mean.shape[1:]), generator=gen)[r::W].to(dev)
+            x0 = setup.latent_format.process_in(mean + std * eps_z)
+            f = setup.vae.downscale
+        else:
+            x0, f = batch["image"].to(dev, non_blocking=True), 1
     noise = torch.randn((G, *x0.shape[1:]), generator=gen)[r::W].to(dev)
     h, w = x0.shape[-2:]
-    f = images.shape[-1] // w
-    model_fn = _Bound(net, captions, (h * f, w * f))
+    size = (h * f, w * f)
+    cond = None
+    if any(k.startswith("cond.") for k in batch):  # cached frozen-encoder conditioning; dropped rows -> ""
+        cond = {k[5:]: v.clone() for k, v in batch.items() if k.startswith("cond.")}
+        if drop.any():
+            empty = setup.pre.text("", size)
+            for k in cond:
+                cond[k][drop] = empty[k].to(cond[k].dtype)
+        cond = {k: v.to(dev) for k, v in cond.items()}
+    model_fn = _Bound(net, captions, size, cond)
     with autocast(cfg.precision, dev):
         loss, _ = objective_loss(cfg.objective, ms, model_fn, x0, noise=noise, sigma=sigma.to(dev))
     scaled = loss / cfg.grad_accum
@@ -397,11 +428,11 @@ def _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler) -> torch.
 class _Bound:
     """net(x, t) with this micro-batch's prompts and image size bound (what objectives.loss calls)."""
 
-    def __init__(self, net, prompts, size):
-        self.net, self.prompts, self.size = net, prompts, size
+    def __init__(self, net, prompts, size, cond=None):
+        self.net, self.prompts, self.size, self.cond = net, prompts, size, cond
 
     def __call__(self, x, t):
-        return self.net(x, t, prompts=self.prompts, size=self.size)
+        return self.net(x, t, prompts=self.prompts, size=self.size, cond=self.cond)
 
 
 def _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G) -> None:

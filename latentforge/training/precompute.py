@@ -1,0 +1,125 @@
+"""Latents and text conditioning computed once and read from disk (kohya's `cache_latents` /
+`cache_text_encoder_outputs`), in `LatentCache` safetensors shards.
+
+Keys say what the tensors depend on, so a cache is reused exactly when its inputs have not changed:
+- an image's latent: the file (path, size, mtime), its transform (target size, crop, interpolation) and the
+  VAE's weights fingerprint (`ImageFolder.cache_key`). Stored: the posterior's "mean" and "std"
+  [C, h, w], so each epoch still draws its own z = mean + std·ε;
+- a caption's conditioning (only when the text encoders are frozen): sha256 of the caption, the image size
+  (SDXL's micro-conditioning) and the encoders' fingerprints. Stored: the family's conditioning tensors
+  (e.g. "context" [L, D], "y" [D']).
+Rank 0 fills the cache before training; the other ranks wait, then every process only reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+from latentforge import conditioning
+from latentforge.training import dist
+from latentforge.training.cache import LatentCache
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state dict."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def text_key(caption: str, size: tuple[int, int], fp: str) -> str:
+    return hashlib.sha256(json.dumps(["text", caption, list(size), fp]).encode()).hexdigest()
+
+
+class Precomputed:
+    """What a `FolderTrain` reads instead of decoding images and running frozen text encoders."""
+
+    def __init__(self, directory: str, latent_keys: list[str], text_fp: str | None):
+        self.directory, self.latent_keys, self.text_fp = directory, latent_keys, text_fp
+        self._cache: LatentCache | None = None
+
+    def cache(self) -> LatentCache:
+        if self._cache is None:  # opened lazily: once per DataLoader worker process
+            self._cache = LatentCache(self.directory)
+        return self._cache
+
+    def item(self, index: int, caption: str, size: tuple[int, int]) -> dict:
+        lat = self.cache().get(self.latent_keys[index])
+        if lat is None:
+            raise RuntimeError(
+                f"latent cache {self.directory}: item {index} is missing (was the cache pruned?)"
+            )
+        out = {"latent_mean": lat["mean"], "latent_std": lat["std"]}
+        if self.text_fp is not None:
+            out.update({f"cond.{k}": v for k, v in self.text(caption, size).items()})
+        return out
+
+    def text(self, caption: str, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        got = self.cache().get(text_key(caption, size, self.text_fp))
+        if got is None:
+            raise RuntimeError(
+                f"text cache {self.directory}: no conditioning for caption {caption!r} at {size}"
+            )
+        return got
+
+    def __getstate__(self):  # worker processes open their own shard handles
+        return {**self.__dict__, "_cache": None}
+
+
+@torch.no_grad()
+def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) -> Precomputed:
+    """Fill the cache for every item of `data` (a FolderTrain) on rank 0 and attach it to `data`."""
+    folder = data.ds
+    vae = setup.vae
+    if vae is None:
+        raise ValueError("cache_latents needs a VAE (pixel-space training has no latents to cache)")
+    vfp = "vae:" + fingerprint(vae)
+    keys = [folder.cache_key(i, vfp) for i in range(len(folder))]  # refuses random crops / flips
+    frozen = setup.model.frozen
+    text_fp = None
+    if not cfg.train_text_encoder and frozen:
+        text_fp = "text:" + ",".join(f"{n}={fingerprint(m)}" for n, m in sorted(frozen.items()))
+    if world.main:
+        cache = LatentCache(directory)
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        dev = next(vae.parameters()).device
+        dtype = next(vae.parameters()).dtype
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in todo:
+            by_size.setdefault(folder.target_size(i), []).append(i)
+        for idx in by_size.values():
+            for s in range(0, len(idx), chunk):
+                part = idx[s : s + chunk]
+                x = torch.stack([folder[i]["image"] for i in part]).to(dev, dtype)
+                post = vae.encode(x)
+                for j, i in enumerate(part):
+                    cache.put(keys[i], {"mean": post.mean[j].float(), "std": post.std[j].float()})
+        n_text = 0
+        if text_fp is not None:
+            wanted = {(folder.items[i].caption, folder.target_size(i)) for i in range(len(folder))}
+            wanted |= {("", folder.target_size(i)) for i in range(len(folder))}  # caption dropout
+            missing = sorted(w for w in wanted if text_key(w[0], w[1], text_fp) not in cache)
+            enc = {**frozen}
+            for cap, (h, w) in missing:
+                kw = (
+                    {"context_dim": setup.model.parts[cfg.net].config.context_dim}
+                    if cfg.net == "mmdit"
+                    else {}
+                )
+                cond = conditioning.encode(cfg.family, enc, [cap], w, h, **kw)
+                cache.put(text_key(cap, (h, w), text_fp), {k: v[0].float().cpu() for k, v in cond.items()})
+            n_text = len(missing)
+        cache.flush()
+        print(f"cache {directory}: {len(todo)} latents encoded, {len(keys) - len(todo)} reused; "
+              f"{n_text} captions encoded", flush=True)  # fmt: skip
+    dist.barrier(world)
+    pre = Precomputed(directory, keys, text_fp)
+    data.pre = pre
+    return pre
