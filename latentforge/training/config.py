@@ -78,6 +78,7 @@ class DenoiserTrainConfig:
     precision: str = "no"  # autocast: "no" | "bf16" | "fp16" (fp16 with a GradScaler, CUDA only)
     grad_checkpointing: bool = False
     compile: bool = False
+    parallel: str = "ddp"  # with several ranks: "ddp" (replicas) | "fsdp" (sharded parameters, fsdp.py)
     seed: int = 0
     # -- outputs ----------------------------------------------------------------------------------------
     log_every: int = 10
@@ -96,6 +97,7 @@ class DenoiserTrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _choice("family", self.family, FAMILIES_TRAINABLE)
+        _choice("parallel", self.parallel, ("ddp", "fsdp"))
         for name in (
             "batch_size",
             "grad_accum",

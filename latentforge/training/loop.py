@@ -176,19 +176,25 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def enable_checkpointing(net: nn.Module) -> int:
-    """Gradient checkpointing (Chen et al. 2016): each top-level block recomputes its activations in the
-    backward pass instead of storing them. Wraps the blocks' forward (state-dict keys are unchanged);
-    returns the number of blocks wrapped."""
-    from torch.utils.checkpoint import checkpoint
-
+def top_level_blocks(net: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a UNet (input/middle/output blocks), DiT (blocks) or MMDiT (joint_blocks)."""
     blocks: list[nn.Module] = []
     for name in ("input_blocks", "output_blocks", "blocks", "joint_blocks"):
         blocks += list(getattr(net, name, []))
     if hasattr(net, "middle_block"):
         blocks.append(net.middle_block)
     if not blocks:
-        raise ValueError(f"gradient checkpointing does not know the blocks of {type(net).__name__}")
+        raise ValueError(f"no top-level blocks known for {type(net).__name__}")
+    return blocks
+
+
+def enable_checkpointing(net: nn.Module) -> int:
+    """Gradient checkpointing (Chen et al. 2016): each top-level block recomputes its activations in the
+    backward pass instead of storing them. Wraps the blocks' forward (state-dict keys are unchanged);
+    returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = top_level_blocks(net)
     for block in blocks:
 
         def run(*args, _forward=block.forward, **kw):

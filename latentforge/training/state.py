@@ -209,10 +209,14 @@ def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_flat(
+    optimizer: torch.optim.Optimizer, state_dict: Mapping | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, json): state[i][name] → "state.{i}.{name}" when a tensor, else json["state"][i][name];
-    param-group hyperparameters to json["param_groups"] (tensor hyperparameters as "group.{g}.{name}")."""
-    sd = optimizer.state_dict()
+    param-group hyperparameters to json["param_groups"] (tensor hyperparameters as "group.{g}.{name}").
+    `state_dict`: write this (index-keyed) state instead of `optimizer.state_dict()` (e.g. gathered from
+    FSDP shards)."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors: dict[str, torch.Tensor] = {}
     plain_state: dict[str, dict[str, Any]] = {}
     for i, st in sd["state"].items():
@@ -245,7 +249,13 @@ def optimizer_from_flat(
         raise ValueError(
             f"the checkpoint holds a {meta.get('class')} state, the optimizer is {type(optimizer).__name__}"
         )
-    current = optimizer.state_dict()["param_groups"]
+    sd = flat_to_optimizer_state(tensors, meta, optimizer.state_dict()["param_groups"])
+    optimizer.load_state_dict(sd)
+
+
+def flat_to_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping, current: list) -> dict:
+    """The inverse of `optimizer_to_flat`: an index-keyed optimizer state dict (`current`: the live
+    optimizer's param groups, for their count and tuple-valued hyperparameters)."""
     if len(current) != len(meta["param_groups"]):
         raise ValueError(
             f"the checkpoint's optimizer has {len(meta['param_groups'])} param groups, "
@@ -267,7 +277,7 @@ def optimizer_from_flat(
         else:
             groups[int(idx)][name] = v
     # keep the optimizer's own ordering of per-parameter state (state dicts compare equal after resuming)
-    optimizer.load_state_dict({"state": dict(sorted(state.items())), "param_groups": groups})
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -370,9 +380,13 @@ def save_training_state(
     data_position: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     keep_last: int | None = 3,
+    states: Mapping[str, Mapping] | None = None,
 ) -> str:
     """Write ``dir/step-{step:08d}/`` atomically, point ``dir/last`` at it, keep the newest `keep_last`
-    step folders (None or 0: keep all). Returns the step folder's path."""
+    step folders (None or 0: keep all). Returns the step folder's path. `states` may give "model", "ema"
+    and "optimizer" state dicts to write instead of the objects' own (full ones gathered from FSDP shards;
+    the objects then only supply settings and the optimizer's class)."""
+    states = states or {}
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     os.makedirs(dir, exist_ok=True)
@@ -389,12 +403,15 @@ def save_training_state(
             "config": dict(config or {}),
             "versions": _versions(),
         }
-        save_state_dict(_unshared(model.state_dict()), os.path.join(tmp, "model.safetensors"))
+        model_sd = states.get("model") or model.state_dict()
+        save_state_dict(_unshared(model_sd), os.path.join(tmp, "model.safetensors"))
         if ema is not None:
-            save_state_dict(_unshared(ema.state_dict()), os.path.join(tmp, "ema.safetensors"))
+            save_state_dict(
+                _unshared(states.get("ema") or ema.state_dict()), os.path.join(tmp, "ema.safetensors")
+            )
             state["ema"] = ema.settings()
         if optimizer is not None:
-            tensors, meta = optimizer_to_flat(optimizer)
+            tensors, meta = optimizer_to_flat(optimizer, states.get("optimizer"))
             save_state_dict(
                 tensors,
                 os.path.join(tmp, "optimizer.safetensors"),

@@ -264,12 +264,14 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
             f"{out!r} already holds a run (step {existing[-1][0]}); pass --resume {out} to continue it "
             "or choose another --out"
         )
+    sharded = cfg.parallel == "fsdp" and world.distributed
+    info = None
     if resume and existing:
         info = load_training_state(
             state_root,
             model,
             ema,
-            optimizer,
+            None if sharded else optimizer,  # FSDP: loaded after sharding, below
             rng=True,
             expected_config=to_dict(cfg),
             config_keys=MODEL_FIELDS,
@@ -277,11 +279,24 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
         start = info["step"]
         if world.main:
             print(f"resumed from {info['path']} at step {start}", flush=True)
+    if sharded:
+        from latentforge.training import fsdp
+
+        units = fsdp.shard(model, model.parts[cfg.net])
+        if world.main:
+            local = sum(p.to_local().numel() for p in model.parameters())
+            total = sum(p.numel() for p in model.parameters())
+            print(f"FSDP: {units} units sharded over {world.world_size} ranks; rank 0 holds {local:,} of "
+                  f"{total:,} parameters", flush=True)  # fmt: skip
+        fsdp.shard_ema(ema, model)
+        optimizer = build_optimizer(cfg, model.parameters())  # over the DTensor shards
+        if info is not None:
+            fsdp.load_optimizer(model, optimizer, info["path"])
     if world.main:
         write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), start, enabled=world.main)
     net = model
-    if world.distributed:
+    if world.distributed and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -311,7 +326,9 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
             batch = next(loader)
             t_wait += time.perf_counter() - tw
             sync = a == cfg.grad_accum - 1 or not world.distributed
-            ctx = net.no_sync() if not sync else _null()
+            if sharded:
+                model.set_requires_gradient_sync(sync)
+            ctx = net.no_sync() if not sync and not sharded else _null()
             with ctx:
                 value = _micro_step(cfg, setup, ms, net, batch, m, G, world, size, scaler)
             total += value
@@ -329,6 +346,8 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
             if cfg.grad_clip > 0
             else _grad_norm(model)
         )
+        if hasattr(gnorm, "full_tensor"):  # FSDP: a DTensor
+            gnorm = gnorm.full_tensor()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -354,9 +373,9 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
             )
         end = step == cfg.max_steps
         if step % cfg.checkpoint_every == 0 or end:
-            _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G)
+            _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G, sharded)
         if (cfg.sample_every and step % cfg.sample_every == 0) or end:
-            _samples(cfg, setup, ema, ms, out, step, world, log)
+            _samples(cfg, setup, ema, ms, out, step, world, log, sharded)
     bar.close()
     if world.main and step == cfg.max_steps:
         save_loss_plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
@@ -435,7 +454,30 @@ class _Bound:
         return self.net(x, t, prompts=self.prompts, size=self.size, cond=self.cond)
 
 
-def _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G) -> None:
+def unsharded_copy(setup: Setup, ema_state: dict[str, torch.Tensor]) -> Setup:
+    """The trained parts rebuilt whole from their configs, holding `ema_state` (FSDP: what rank 0 samples
+    with and exports); frozen encoders and the VAE are shared, not copied."""
+    model = setup.model
+    parts = {}
+    for name, m in model.parts.items():
+        part = build_component(name, getattr(m, "config", getattr(m, "cfg", None)))
+        pre = f"parts.{name}."
+        part.load_state_dict({k[len(pre) :]: v for k, v in ema_state.items() if k.startswith(pre)})
+        parts[name] = part.to(next(model.parameters()).device)
+    copy = TextToImage(model.family, model.net_name, parts, model.frozen)
+    return dataclasses.replace(setup, model=copy)
+
+
+def _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G, sharded=False) -> None:
+    states = None
+    if sharded:  # every rank takes part in gathering; rank 0 writes
+        from latentforge.training import fsdp
+
+        states = {
+            "model": fsdp.full_model(setup.model),
+            "ema": fsdp.full_ema(ema),
+            "optimizer": fsdp.full_optimizer(setup.model, optimizer),
+        }
     if world.main:
         save_training_state(
             os.path.join(out, "state"),
@@ -447,11 +489,15 @@ def _checkpoint(cfg, setup, out, step, ema, optimizer, scaler, world, G) -> None
             data_position={"micro_batch": step * cfg.grad_accum, "global_batch": G},
             config=to_dict(cfg),
             keep_last=cfg.keep_last,
+            states=states,
         )
         folder = os.path.join(out, "checkpoints")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{step:08d}.safetensors")
-        export_checkpoint(setup, path, ema)
+        if sharded:
+            export_checkpoint(unsharded_copy(setup, states["ema"]), path, None)
+        else:
+            export_checkpoint(setup, path, ema)
         tmp = os.path.join(folder, f".last.safetensors.tmp-{os.getpid()}")
         shutil.copyfile(path, tmp)
         os.replace(tmp, os.path.join(folder, "last.safetensors"))
@@ -488,9 +534,22 @@ def sample_prompts(cfg: DenoiserTrainConfig) -> list[str]:
     return [caption(sample_scene(rng, split="validation"), rng) for _ in range(8)]
 
 
-def _samples(cfg, setup, ema, ms, out, step, world, log) -> None:
+def _samples(cfg, setup, ema, ms, out, step, world, log, sharded=False) -> None:
     """Rank 0: a grid of the fixed prompts (EMA weights) and, with shapes data, the evaluator's score on
     `eval_n` held-out prompts; logged to metrics.jsonl."""
+    if sharded:
+        from latentforge.training import fsdp
+
+        full = fsdp.full_ema(ema)  # collective
+        if world.main:
+            copy = unsharded_copy(setup, full)
+            with torch.no_grad():
+                pipe = pipeline_for(copy, ms)
+                _save_grid(_generate(cfg, pipe, sample_prompts(cfg), seed=0), _grid_path(out, step))
+                if cfg.data == "shapes" and cfg.eval_n > 0:
+                    log.write({"step": step, **_shapes_eval(cfg, pipe)})
+        dist.barrier(world)
+        return
     if world.main:
         model = setup.model
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -498,7 +557,7 @@ def _samples(cfg, setup, ema, ms, out, step, world, log) -> None:
             with ema.swapped(model), torch.no_grad():
                 pipe = pipeline_for(setup, ms)
                 grid_images = _generate(cfg, pipe, sample_prompts(cfg), seed=0)
-                _save_grid(grid_images, os.path.join(out, "samples", f"step-{step:08d}.png"))
+                _save_grid(grid_images, _grid_path(out, step))
                 if cfg.data == "shapes" and cfg.eval_n > 0:
                     log.write({"step": step, **_shapes_eval(cfg, pipe)})
         finally:
@@ -506,6 +565,10 @@ def _samples(cfg, setup, ema, ms, out, step, world, log) -> None:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
     dist.barrier(world)
+
+
+def _grid_path(out: str, step: int) -> str:
+    return os.path.join(out, "samples", f"step-{step:08d}.png")
 
 
 def _generate(cfg, pipe, prompts: list[str], seed: int, chunk: int = 32):
