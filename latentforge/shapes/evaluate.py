@@ -24,6 +24,13 @@ Detection (``detect(image) -> Scene``, a complete scene of everything found):
    coverage against the templates and chroma coverage against what chroma subsampling (2x2 average, libjpeg's
    fancy upsampling, at the right block phase for each shift) leaves of them; the hypothesis fitting better
    decides.
+5. JPEG re-ranking (analysis by synthesis, ``_jpeg_rerank``): when the best two shapes are within
+   ``JPEG_MARGIN`` and the object's contrast is mostly chroma, JPEG q50 4:2:0 may have left too little of
+   its outline to match; each shape (at the winning size, at its own best shift and at the renderer's
+   position) is rendered on the measured background, put through a real JPEG round trip (PIL) inside the
+   observed image's own 16x16 blocks, and the one reproducing the observed cell best wins -- provided the
+   image shows JPEG's signature: the plain render leaves a residual above ``PLAIN_FLOOR`` and the round trip
+   explains the cell ``1 / JPEG_EVIDENCE`` times better (not so for clean, blurred or noisy images).
 
 Scoring (``score(detected, spec)``): prompted objects are matched one-to-one to detected ones (the
 assignment agreeing on the most stated attributes and relations); ``correct`` is exactly
@@ -82,6 +89,12 @@ COLOR_TOLERANCE = 25.0  # beyond this RGB distance from every palette segment, a
 SUBSAMPLED_CHROMA_WEIGHT = 0.3  # chroma vs luma weight in the 4:2:0 hypothesis (chroma is quantised harder)
 MAX_SHIFT = 3  # template search: +-MAX_SHIFT pixels in x and y
 TEMPLATE_BLURS = ()  # templates are also matched Gaussian-blurred by these sigmas (pixels)
+# Ambiguous shapes are re-ranked by simulated JPEG round trips (``_jpeg_rerank``)
+JPEG_MARGIN = 0.05  # re-rank when the best two shapes' similarities are closer than this ...
+JPEG_CHROMA_RATIO = 0.3  # ... and the object's squared luma contrast is below this x its squared chroma one
+JPEG_QUALITY = 50  # quality of the simulated round trip (4:2:0 chroma subsampling, libjpeg's default)
+JPEG_EVIDENCE = 0.25  # the round trip must explain the cell this much better than the plain render
+PLAIN_FLOOR = 16.0  # mean squared RGB residual (4 levels RMS) within which the plain render explains a cell
 ATTRIBUTES = ("shape", "color", "size", "position")
 FEATURES_PER_CELL = 15
 N_FEATURES = 9 * FEATURES_PER_CELL + 4
@@ -176,6 +189,135 @@ def _nearest_color(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
     if exclude is not None:
         dist[exclude] = np.inf
     return int(np.argmin(dist))
+
+
+@lru_cache(maxsize=1)
+def _shift_offsets() -> tuple[np.ndarray, np.ndarray]:
+    """The (dy, dx) of each row of the template search's similarity matrices, int [rows, 2]: the plain
+    search's (per metric of _METRICS, shifts row-major) and the 4:2:0 search's (by parity of dy, then of dx,
+    each parity's shifts row-major); |dy|, |dx| <= MAX_SHIFT."""
+    p = MAX_SHIFT
+    d = np.arange(-p, p + 1)
+    plain = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
+    parity = []
+    for py in range(2):
+        for px in range(2):
+            dy, dx = d[(p + py) % 2 :: 2], d[(p + px) % 2 :: 2]
+            parity.append(np.stack(np.meshgrid(dy, dx, indexing="ij"), -1).reshape(-1, 2))
+    plain = np.tile(plain, (len(_METRICS), 1))
+    plain.setflags(write=False)
+    parity = np.concatenate(parity)
+    parity.setflags(write=False)
+    return plain, parity
+
+
+@lru_cache(maxsize=64)
+def _padded_templates(position: str, res: int) -> np.ndarray:
+    """The 16 coverage templates of ``position`` zero-padded by MAX_SHIFT: float32 [16, h + 2p, w + 2p] with
+    p = MAX_SHIFT; ``[k, p - dy : p - dy + h, p - dx : p - dx + w]`` is template k displaced by (dy, dx)."""
+    r0, r1, c0, c1, tmpl, *_ = _templates(position, res)
+    h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
+    out = np.pad(tmpl[: len(_TEMPLATE_KEYS)].reshape(-1, h, w), ((0, 0), (p, p), (p, p)))
+    out.setflags(write=False)
+    return out
+
+
+def _mcu_crop(position: str, res: int) -> tuple[int, int, int, int]:
+    """Rows [y0, y1) and columns [x0, x1) of the whole 16x16 JPEG MCUs (4:2:0) that hold ``position``'s
+    cell, clipped to the image."""
+    r0, r1, c0, c1 = cell_bounds(position, res)
+    return (r0 // 16) * 16, min(res, -(-r1 // 16) * 16), (c0 // 16) * 16, min(res, -(-c1 // 16) * 16)
+
+
+def _candidate_cells(
+    img8: np.ndarray,
+    position: str,
+    background: np.ndarray,
+    colors: np.ndarray,
+    candidates: list[tuple[int, int, int]],
+) -> np.ndarray:
+    """Each candidate explanation of the object in ``position``'s cell, rendered like ``render`` does (the
+    coverage template over ``background``, rounded to uint8) into the observed image cropped to whole MCUs
+    (``_mcu_crop``), edge-replicated to a multiple of 16 pixels as a JPEG encoder does: uint8 [K, H, W, 3].
+
+    ``candidates``: K (template index, dy, dx), |dy|, |dx| <= MAX_SHIFT; ``colors`` [K, 3]: their RGB."""
+    res = img8.shape[0]
+    r0, r1, c0, c1 = cell_bounds(position, res)
+    y0, y1, x0, x1 = _mcu_crop(position, res)
+    h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
+    padded = _padded_templates(position, res)
+    hh, ww = -(-(y1 - y0) // 16) * 16, -(-(x1 - x0) // 16) * 16
+    crop = img8[y0:y1, x0:x1]
+    if crop.shape[:2] != (hh, ww):
+        crop = np.pad(crop, ((0, hh - (y1 - y0)), (0, ww - (x1 - x0)), (0, 0)), mode="edge")
+    tiles = np.repeat(crop[None], len(candidates), axis=0)  # [K, H, W, 3]
+    masks = np.stack([padded[k, p - dy : p - dy + h, p - dx : p - dx + w] for k, dy, dx in candidates])
+    bg = np.asarray(background, np.float32)
+    cells = bg + masks[..., None] * (np.asarray(colors, np.float32)[:, None, None, :] - bg)  # [K, h, w, 3]
+    tiles[:, r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = np.clip(np.floor(cells + 0.5), 0, 255)
+    return tiles
+
+
+def _jpeg_round_trip(tiles: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """``tiles`` (uint8 [K, H, W, 3], H and W multiples of 16) after JPEG compression at ``quality`` with
+    4:2:0 chroma subsampling and decoding (PIL's libjpeg), the K tiles side by side in one image: uint8
+    [K, H, W, 3]. Tiles are whole MCUs, so each tile's DCT blocks and chroma samples are its own; only
+    libjpeg's "fancy" chroma upsampling reads across a tile border (the tiles' outermost pixel columns)."""
+    from PIL import Image
+
+    k, h, w, _ = tiles.shape
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(tiles.transpose(1, 0, 2, 3)).reshape(h, k * w, 3)).save(
+        buf, format="JPEG", quality=quality, subsampling=2
+    )
+    buf.seek(0)
+    with Image.open(buf) as im:
+        out = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return out.reshape(h, k, w, 3).transpose(1, 0, 2, 3)
+
+
+def _jpeg_rerank(
+    img8: np.ndarray,
+    position: str,
+    background: np.ndarray,
+    color: np.ndarray,
+    sim: np.ndarray,
+    shift: np.ndarray,
+) -> int | None:
+    """Analysis by synthesis for an object whose best shapes are nearly tied (JPEG 4:2:0 at 64 px leaves a
+    small object that differs from the background mostly in chroma a blurred, quantised outline): render each
+    shape at the best template's size and ``color`` on ``background``, put it through a JPEG round trip
+    (``_jpeg_round_trip``) and keep the one that reproduces the observed cell best (least mean squared RGB
+    residual), in the spirit of analysis-by-synthesis (Yuille & Kersten 2006, "Vision as Bayesian
+    inference: analysis by synthesis?", Trends Cogn. Sci. 10(7)).
+
+    Each shape is tried at its own best template shift (``shift`` [2, 16]: dy, dx) and at the renderer's
+    position (no shift). Returns the winning template index, or None when the image shows no sign of JPEG
+    compression: the plain render explains the cell within PLAIN_FLOOR, or the round trip does not explain it
+    JPEG_EVIDENCE times better than the plain render does (blur, noise, another codec)."""
+    res = img8.shape[0]
+    r0, r1, c0, c1 = cell_bounds(position, res)
+    y0, _, x0, _ = _mcu_crop(position, res)
+    window = (slice(None), slice(r0 - y0, r1 - y0), slice(c0 - x0, c1 - x0))
+    obs = img8[r0:r1, c0:c1].astype(np.float32)
+    best = int(np.argmax(sim))
+    rgb = np.asarray(color, np.float32)[None]  # [1, 3]
+    p, dy, dx = MAX_SHIFT, int(shift[0, best]), int(shift[1, best])
+    m = _padded_templates(position, res)[best, p - dy : p - dy + r1 - r0, p - dx : p - dx + c1 - c0, None]
+    if ((np.floor(background + m * (rgb - background) + 0.5) - obs) ** 2).mean() <= PLAIN_FLOOR:
+        return None  # the template match's winner, rendered, explains the cell: the usual (clean) case
+    keys = [k for k in range(len(_TEMPLATE_KEYS)) if k % len(SIZES) == best % len(SIZES)]
+    cands = list(
+        dict.fromkeys([(k, int(shift[0, k]), int(shift[1, k])) for k in keys] + [(k, 0, 0) for k in keys])
+    )
+    tiles = _candidate_cells(img8, position, background, np.repeat(rgb, len(cands), axis=0), cands)
+    plain = ((tiles[window] - obs) ** 2).mean((1, 2, 3))  # [K]
+    if plain.min() <= PLAIN_FLOOR:
+        return None
+    jpeg = ((_jpeg_round_trip(tiles)[window] - obs) ** 2).mean((1, 2, 3))  # [K]
+    if jpeg.min() >= JPEG_EVIDENCE * plain.min():
+        return None
+    return cands[int(np.argmin(jpeg))][0]
 
 
 @dataclass(frozen=True)
@@ -293,16 +435,21 @@ def analyze(image) -> Detection:
                 kept[labp[r0 : r1 + 2 * pad, c0 : c1 + 2 * pad]]
                 & ~own[labp[r0 : r1 + 2 * pad, c0 : c1 + 2 * pad]]
             )
-            sim = None
+            nk = len(_TEMPLATE_KEYS)
+            plain_offsets, parity_offsets = _shift_offsets()
+            scores = []  # per metric: similarity of every template at every shift [shifts, nk]
             for metric in _METRICS:
                 wv = metric @ v
                 win = np.clip((dwin @ wv) / max(float(v @ wv), 1e-6), -0.25, 1.0)
                 win[others] = 0.0
                 views = np.lib.stride_tricks.sliding_window_view(win, (h, w)).reshape(-1, h * w)
                 wnorm = float((win * win).sum())
-                dots = views @ tmpl.T  # [shifts, templates]
-                s_m = (2 * dots / (tnorm[None, :] + wnorm)).max(0).reshape(-1, len(_TEMPLATE_KEYS)).max(0)
-                sim = s_m if sim is None else np.maximum(sim, s_m)
+                dots = views @ tmpl.T  # [shifts, bank * templates]
+                sc = 2 * dots / (tnorm[None, :] + wnorm)
+                scores.append(sc if len(tnorm) == nk else sc.reshape(len(views), -1, nk).max(1))
+            scores = np.concatenate(scores)  # [metrics * shifts, nk]
+            offsets = plain_offsets  # the (dy, dx) of each row
+            sim = scores.max(0)
             # 4:2:0 hypothesis for objects that differ from the background mostly in chroma
             vp = _PALETTE[color] - bg  # the full-coverage colour: the measured one is diluted by subsampling
             vy = float(_YCC[0] @ vp)
@@ -319,24 +466,33 @@ def analyze(image) -> Detection:
                 views = np.lib.stride_tricks.sliding_window_view(ac, (h, w))
                 viewy = np.lib.stride_tricks.sliding_window_view(ay, (h, w))
                 wnorm = wc * float((ac * ac).sum()) + wy * float((ay * ay).sum())
-                nk = len(_TEMPLATE_KEYS)
-                s_c = np.full(nk, -np.inf, dtype=np.float32)
+                scores_c = []  # [shifts, nk] by shift parity (the phase of the 2x2 chroma blocks)
                 for py in range(2):
                     for px in range(2):
                         sl = (slice((pad + py) % 2, None, 2), slice((pad + px) % 2, None, 2))
                         dots = wc * (views[sl].reshape(-1, h * w) @ tmplc[py, px].T)
                         dots += wy * (viewy[sl].reshape(-1, h * w) @ tmpl[:nk].T)
                         tn = wc * tnormc[py, px] + wy * tnorm[:nk]
-                        s_c = np.maximum(s_c, (2 * dots / (tn[None, :] + wnorm)).max(0))
+                        scores_c.append(2 * dots / (tn[None, :] + wnorm))
+                scores_c = np.concatenate(scores_c)
+                s_c = scores_c.max(0)
                 if s_c.max() > sim.max():
-                    sim = s_c
+                    sim, scores, offsets = s_c, scores_c, parity_offsets
             best = int(np.argmax(sim))
+            per_shape = sim.reshape(len(SHAPES), len(SIZES)).max(1)
+            if vy * vy < JPEG_CHROMA_RATIO * vcc:  # mostly-chroma contrast ...
+                second, first = np.partition(per_shape, -2)[-2:]
+                if first - second < JPEG_MARGIN:  # ... and a near tie: JPEG 4:2:0 may be to blame
+                    # the palette colour, offset like the background (a colour cast moves both)
+                    rgb = _PALETTE[color] + (bg - _PALETTE[bg_idx])
+                    shift = offsets[scores.argmax(0)].T  # [2, nk]: each template's best (dy, dx)
+                    k = _jpeg_rerank(img8, position, bg, rgb, sim, shift)
+                    best = best if k is None else k
             shape, size = _TEMPLATE_KEYS[best]
             objects.append(Obj(shape, COLOR_NAMES[color], size, position))
             conf.append(float(sim[best]))
             # features
             f = feats[ci * FEATURES_PER_CELL : (ci + 1) * FEATURES_PER_CELL]
-            per_shape = sim.reshape(len(SHAPES), len(SIZES)).max(1)
             e = np.exp(20.0 * (per_shape - per_shape.max()))
             per_size = sim.reshape(len(SHAPES), len(SIZES)).max(0)
             f[0] = 1.0
