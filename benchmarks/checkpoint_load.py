@@ -10,7 +10,10 @@ Writes an SD1.5-size checkpoint (UNet + VAE + CLIP-L full presets, seeded random
              figure `getrusage(RUSAGE_CHILDREN)` reports for a single child), minus the peak RSS of a child
              that only imported torch + latentforge.
 
-Targets (the issue): load time <= 2x the read time, peak memory < 1.2x the weights' size.
+Targets (the issue): load time <= 2x the read time, peak memory < 1.2x the weights' size (for the float32
+load as well: the float16 tensors are converted one at a time while reading, so the stored copy is never
+held in full next to the float32 one). The float32 load's time is dominated by first touching 4.3 GB of new
+memory (about 1 s per GB on a 2-core VM), which a plain read of the file does not pay.
 
     .venv/bin/python benchmarks/checkpoint_load.py [--repeat 2] [--keep DIR]
 """
@@ -165,6 +168,12 @@ def main() -> None:
         )
         print(
             f"target peak memory < 1.2x weights (fp16): {ratio:.2f}x -> {'met' if ratio < 1.2 else 'MISSED'}"
+        )
+        r, rss = rows["load_checkpoint fp32"]  # float16 file converted tensor by tensor while reading
+        ratio = (rss - base) / r["bytes"]
+        print(
+            f"target peak memory < 1.2x weights (fp16 file loaded in fp32): {ratio:.2f}x -> "
+            f"{'met' if ratio < 1.2 else 'MISSED'}; time {(r['s'] + r['s_touch']) / t_read:.2f}x read"
         )
     finally:
         if not args.keep:

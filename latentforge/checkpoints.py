@@ -137,12 +137,13 @@ def _read_safetensors(
         ) from e
     with handle as f:
         keys = list(f.keys())
-        header, data_start = _safetensors_header(path) if dtype is not None else ({}, 0)
         read_here: dict[str, torch.dtype] = {}  # key -> stored dtype, for the tensors converted here
-        for k in keys if sys.byteorder == "little" else []:  # the stored bytes are little-endian
-            stored = _SAFETENSORS_FLOATS.get(header[k]["dtype"]) if dtype is not None else None
-            if stored is not None and stored != dtype and not keep(k):
-                read_here[k] = stored
+        if dtype is not None and sys.byteorder == "little":  # the stored bytes are little-endian
+            header, data_start = _safetensors_header(path)
+            for k in keys:
+                stored = _SAFETENSORS_FLOATS.get(header[k]["dtype"])
+                if stored is not None and stored != dtype and not keep(k):
+                    read_here[k] = stored
         out: dict[str, torch.Tensor] = {}
         for k in keys:
             if k not in read_here:  # mapped by safetensors; pages are read (and count in RSS) when touched
@@ -532,8 +533,13 @@ def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
         configs.update(configs_from_json(meta["latentforge.configs"]))
     if vae is not None:
         parts["vae"] = _component_file("vae", vae)
-        if family.startswith("dit") and "vae" not in configs:
-            configs["vae"] = preset_configs("sd15")["vae"]
+        vmeta = _read_metadata(vae)  # a VAE trained here names its own config and latent scale
+        own = configs_from_json(vmeta["latentforge.configs"]) if "latentforge.configs" in vmeta else {}
+        configs["vae"] = own.get("vae") or configs.get("vae") or preset_configs("sd15")["vae"]
+        meta = dict(meta)
+        meta.pop("latentforge.latent_format", None)  # the main file's scale belonged to its own VAE
+        if "latentforge.latent_format" in vmeta:
+            meta["latentforge.latent_format"] = vmeta["latentforge.latent_format"]
     for name, file in text_encoders.items():
         if name not in configs or not name.startswith("clip_"):
             known = [c for c in configs if c.startswith("clip_")]

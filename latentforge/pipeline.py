@@ -120,6 +120,9 @@ def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
     if "latentforge.resolution" in meta:
         r = int(meta["latentforge.resolution"])
         out["size"] = (r, r)
+    if "latentforge.latent_format" in meta and has_vae:  # the scale/shift measured on our own VAE
+        f = json.loads(meta["latentforge.latent_format"])
+        out["latent_format"] = LatentFormat(float(f["scale"]), float(f.get("shift", 0.0)))
     return out
 
 
@@ -146,7 +149,8 @@ class Pipeline:
     family: one of FAMILIES. components: name -> module (unet | mmdit | dit, vae, clip_l | clip_h | clip_g).
     prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift.
     model_sampling: use this one instead (models trained here carry theirs in the file's metadata).
-    pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height)."""
+    pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height);
+    latent_format: the VAE latent scale/shift when not the family's (a VAE trained here)."""
 
     def __init__(
         self,
@@ -157,6 +161,7 @@ class Pipeline:
         model_sampling=None,
         pixel_space: bool = False,
         size: tuple[int, int] | None = None,
+        latent_format: LatentFormat | None = None,
     ):
         if family not in PREFIXES:
             raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -176,7 +181,9 @@ class Pipeline:
             raise ValueError("give either model_sampling or prediction/shift, not both")
         self.model_sampling = model_sampling or model_sampling_for(family, prediction, shift)
         self.pixel_space = bool(pixel_space)
-        self.latent_format = PIXEL_FORMAT if pixel_space else LATENT_FORMAT[family]
+        if pixel_space and latent_format is not None:
+            raise ValueError("a pixel-space pipeline takes no latent_format")
+        self.latent_format = PIXEL_FORMAT if pixel_space else (latent_format or LATENT_FORMAT[family])
         self.size = None if size is None else (int(size[0]), int(size[1]))
         # each network keeps its config (UNet/VAE as .cfg, the others as .config): what save_checkpoint stores
         self.configs = {k: getattr(m, "config", getattr(m, "cfg", None)) for k, m in self.components.items()}

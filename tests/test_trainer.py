@@ -377,6 +377,10 @@ def test_vae_training_then_latent_denoiser_on_it(tmp_path):
     assert not pipe.pixel_space and abs(pipe.latent_format.scale_factor - fmt["scale"]) < 1e-12
     (img,) = pipe("a blue star", steps=2, cfg=1.0, progress=False, width=32, height=32)
     assert img.size == (32, 32)
+    # the same VAE given as a separate file: its own config and scale travel with it
+    pipe2 = Pipeline.from_single_file(os.path.join(dout, "checkpoints", "last.safetensors"), vae=path)
+    assert abs(pipe2.latent_format.scale_factor - fmt["scale"]) < 1e-12
+    assert pipe2.vae.cfg == pipe.vae.cfg
 
 
 @pytest.mark.slow

@@ -105,8 +105,38 @@ class DiagonalGaussian:
 # Building blocks (model.py: Normalize, nonlinearity, ResnetBlock, AttnBlock, Downsample, Upsample).
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (Wu & He 2018, eq. 1-2) that tiled encode/decode can switch to other statistics.
+
+    `mode` None: the usual per-call statistics. "record": normalize as usual and keep this call's
+    per-(sample, group) mean and variance in `stats`. "fixed": normalize with `stats` instead of the input's
+    own, so every tile is normalized alike. Same parameters and keys as nn.GroupNorm."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.mode: str | None = None
+        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, var: [B, G] each
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        if self.mode is None:
+            return super().forward(x)
+        B, C = x.shape[:2]
+        g = x.reshape(B, self.num_groups, -1)  # [B, G, C/G·H·W]
+        if self.mode == "record":
+            g = g.to(torch.promote_types(g.dtype, torch.float32))  # half inputs: statistics in float32
+            var, mean = torch.var_mean(g, dim=-1, correction=0)  # [B, G]
+            self.stats = (mean, var)
+            return super().forward(x)
+        if self.stats is None:
+            raise RuntimeError("GroupNorm in mode 'fixed' has no recorded statistics")
+        mean, var = self.stats
+        shift, scale = mean[..., None].to(x.dtype), torch.rsqrt(var[..., None] + self.eps).to(x.dtype)
+        h = (g - shift) * scale  # [B, G, C/G·H·W]
+        return torch.addcmul(self.bias[:, None, None], h.reshape(x.shape), self.weight[:, None, None])
+
+
+def Normalize(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -260,19 +290,39 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tiling. The image (or latent) is cut into tiles of equal size whose starts are spread evenly so that
-# neighbours overlap by at least `overlap`; each tile is run on its own and its output is added into the
-# result with a weight that ramps linearly across the actual overlap with each neighbour (1 elsewhere),
-# then divided by the summed weight. Peak memory: the network only ever sees one tile, so its activations
-# are bounded by the tile size whatever the image area; what grows with area is the result itself plus a
-# one-channel weight map [1, 1, H, W] (1/out_ch of the result), i.e. only the output we must return.
+# Tiling. Along each axis the input is cut into the fewest tiles of at most `tile` that overlap their
+# neighbours by at least `overlap`, and the tile is then shrunk to the smallest size that still gives that
+# overlap, so the work is about the area plus the overlaps (a fixed tile would compute up to 2x per axis on
+# an input just over one tile). Each tile runs on its own; its output is added into the result with a
+# weight that ramps linearly across the actual overlap with each neighbour (1 elsewhere), and the sum is
+# divided by the summed weight.
+#
+# GroupNorm: a tile's own statistics differ from the whole image's, which shows as a change of tone from
+# tile to tile. The usual remedy (the GroupNorm estimate of pkuliyi2015/multidiffusion-upscaler's Tiled
+# VAE): the network first runs once on the input downscaled to fit one tile and records every GroupNorm's
+# per-(sample, group) mean and variance; every tile is then normalized with those (`global_norm=True`, the
+# default). Exact global statistics would need the whole activation of every layer (memory that grows with
+# the area) or one pass over all tiles per GroupNorm layer (~30x the work). Measured (tests/test_models_vae):
+# on a small VAE trained for 400 steps on piecewise-smooth scenes, the estimate cut the tiled-vs-untiled
+# error by 1.6-1.8x (decoder) and 3.4-4x (encoder); on random weights the statistics the tiles use get
+# ~2x closer to the untiled ones (the means; the variances a little), while the output error stays about
+# the same (dominated by the tile borders).
+#
+# Peak memory: the network only ever sees one tile (or the downscaled copy, no larger than a tile), so
+# its activations are bounded by the tile size whatever the image area; what grows with the area is the
+# result itself plus a one-channel weight map [1, 1, H, W] (1/out_ch of the result), i.e. only the output.
 
 
-def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def _tile_grid(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile size, tile starts) along an axis of `length` (all in grid units), 0 <= overlap < tile.
+
+    n = ⌈(L − o)/(T − o)⌉ tiles of size t = ⌈(L + (n−1)·o)/n⌉ <= T, with starts round(i·(L − t)/(n − 1)):
+    every step between starts is at most ⌈(L − t)/(n − 1)⌉ <= t − o, so neighbours overlap by >= o."""
     if length <= tile:
-        return [0]
+        return length, [0]
     n = math.ceil((length - overlap) / (tile - overlap))  # >= 2
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+    size = math.ceil((length + (n - 1) * overlap) / n)
+    return size, [round(i * (length - size) / (n - 1)) for i in range(n)]
 
 
 def _ramp(starts: list[int], i: int, size: int, scale: int, device) -> torch.Tensor:
@@ -288,6 +338,17 @@ def _ramp(starts: list[int], i: int, size: int, scale: int, device) -> torch.Ten
     return w
 
 
+def _downscaled(x: torch.Tensor, tile: int, unit: int) -> torch.Tensor:
+    # x [B, C, H·unit, W·unit] -> [B, C, h·unit, w·unit] with max(h, w) <= `tile` grid units (aspect kept):
+    # the copy whose GroupNorm statistics stand in for the whole input's. Sampled (nearest), not averaged:
+    # averaging k values shrinks the variance of a noisy input by up to k (white-noise latents), and every
+    # GroupNorm's variance with it; sampling keeps the distribution of the values and of their regions.
+    H, W = x.shape[-2] // unit, x.shape[-1] // unit
+    s = max(H, W) / tile
+    h, w = max(1, min(H, round(H / s))), max(1, min(W, round(W / s)))
+    return F.interpolate(x, size=(h * unit, w * unit), mode="nearest-exact")
+
+
 def _run_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -295,29 +356,50 @@ def _run_tiled(
     overlap: int,
     unit_in: int,
     unit_out: int,
+    norms: list[GroupNorm] | tuple[()] = (),
 ) -> torch.Tensor:
     # A grid unit is `unit_in` input and `unit_out` output pixels (encoder: f and 1, decoder: 1 and f).
+    # `norms`: the GroupNorms inside `fn` to normalize with statistics estimated on a downscaled copy.
     if tile % unit_in or overlap % unit_in or x.shape[-2] % unit_in or x.shape[-1] % unit_in:
-        raise ValueError(f"tile, overlap and the input size must be multiples of {unit_in}")
+        raise ValueError(
+            f"tile, overlap and the input size must be multiples of {unit_in}, got tile={tile}, "
+            f"overlap={overlap}, input {tuple(x.shape[-2:])}"
+        )
     H, W = x.shape[-2] // unit_in, x.shape[-1] // unit_in  # in grid units
-    th, tw = min(tile // unit_in, H), min(tile // unit_in, W)
-    ov = overlap // unit_in
-    if not 0 <= ov < tile // unit_in:
+    T, ov = tile // unit_in, overlap // unit_in
+    if not 0 <= ov < T:
         raise ValueError(f"need 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
-    ys, xs = _tile_starts(H, th, ov), _tile_starts(W, tw, ov)
-    out = weight = None
-    for i, y0 in enumerate(ys):
-        wy = _ramp(ys, i, th, unit_out, x.device)
-        for j, x0 in enumerate(xs):
-            crop = x[..., y0 * unit_in : (y0 + th) * unit_in, x0 * unit_in : (x0 + tw) * unit_in]
-            y = fn(crop)  # [B, C, th·unit_out, tw·unit_out]
-            if out is None:
-                out = y.new_zeros((*y.shape[:2], H * unit_out, W * unit_out))
-                weight = y.new_zeros((1, 1, H * unit_out, W * unit_out))
-            w = (wy[:, None] * _ramp(xs, j, tw, unit_out, x.device)[None, :]).to(y.dtype)
-            sl = (..., slice(y0 * unit_out, (y0 + th) * unit_out), slice(x0 * unit_out, (x0 + tw) * unit_out))
-            out[sl] += y * w
-            weight[sl] += w
+    th, ys = _tile_grid(H, T, ov)
+    tw, xs = _tile_grid(W, T, ov)
+    if len(ys) == len(xs) == 1:
+        return fn(x)  # one tile: exactly the untiled result
+    try:
+        if norms:
+            for m in norms:
+                m.mode = "record"
+            fn(_downscaled(x, max(th, tw), unit_in))  # costs at most one more tile
+            for m in norms:
+                m.mode = "fixed"
+        out = weight = None
+        for i, y0 in enumerate(ys):
+            wy = _ramp(ys, i, th, unit_out, x.device)
+            for j, x0 in enumerate(xs):
+                crop = x[..., y0 * unit_in : (y0 + th) * unit_in, x0 * unit_in : (x0 + tw) * unit_in]
+                y = fn(crop)  # [B, C, th·unit_out, tw·unit_out]
+                if out is None:
+                    out = y.new_zeros((*y.shape[:2], H * unit_out, W * unit_out))
+                    weight = y.new_zeros((1, 1, H * unit_out, W * unit_out))
+                w = (wy[:, None] * _ramp(xs, j, tw, unit_out, x.device)[None, :]).to(y.dtype)
+                rows, cols = (
+                    slice(y0 * unit_out, (y0 + th) * unit_out),
+                    slice(x0 * unit_out, (x0 + tw) * unit_out),
+                )
+                out[..., rows, cols] += y * w
+                weight[..., rows, cols] += w
+                del y
+    finally:
+        for m in norms:
+            m.mode, m.stats = None, None
     return out / weight
 
 
@@ -361,14 +443,26 @@ class AutoencoderKL(nn.Module):
         """z: unscaled latents [B, embed_dim, h, w] -> images [B, 3, h·f, w·f], nominally in [-1, 1]."""
         return self._decode(z)
 
-    def encode_tiled(self, x: torch.Tensor, tile: int = 512, overlap: int = 64) -> DiagonalGaussian:
-        """Encode tile by tile (tile, overlap: image pixels, multiples of f); blends mean and logvar."""
-        f = self.downscale
-        return DiagonalGaussian(_run_tiled(self._moments, x, tile, overlap, unit_in=f, unit_out=1))
+    def _norms(self, part: nn.Module, global_norm: bool) -> list[GroupNorm]:
+        return [m for m in part.modules() if isinstance(m, GroupNorm)] if global_norm else []
 
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
-        """Decode tile by tile (tile, overlap in latent pixels); the images are blended over the overlaps."""
-        return _run_tiled(self._decode, z, tile, overlap, unit_in=1, unit_out=self.downscale)
+    def encode_tiled(
+        self, x: torch.Tensor, tile: int = 512, overlap: int = 64, global_norm: bool = True
+    ) -> DiagonalGaussian:
+        """Encode tile by tile (tile: the largest tile, overlap: the least overlap, image pixels, multiples
+        of f); blends mean and logvar. `global_norm`: GroupNorm statistics estimated once on the image
+        downscaled to one tile instead of each tile's own (see the tiling notes above)."""
+        norms = self._norms(self.encoder, global_norm)
+        moments = _run_tiled(self._moments, x, tile, overlap, unit_in=self.downscale, unit_out=1, norms=norms)
+        return DiagonalGaussian(moments)
+
+    def decode_tiled(
+        self, z: torch.Tensor, tile: int = 64, overlap: int = 16, global_norm: bool = True
+    ) -> torch.Tensor:
+        """Decode tile by tile (tile: the largest tile, overlap: the least overlap, latent pixels); the
+        images are blended over the overlaps. `global_norm` as in `encode_tiled`."""
+        norms = self._norms(self.decoder, global_norm)
+        return _run_tiled(self._decode, z, tile, overlap, unit_in=1, unit_out=self.downscale, norms=norms)
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
