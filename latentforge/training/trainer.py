@@ -315,8 +315,8 @@ def _train(cfg, out, resume, dry_run, progress, world, stop_after) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    if cfg.compile:  # the denoising network, in place (same state-dict keys); tokenising stays eager
+        model.parts[cfg.net].compile()
     scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" else None
     loader = iter(data_loader(cfg, dataset, start * cfg.grad_accum, world))
     size = (cfg.resolution, cfg.resolution)
