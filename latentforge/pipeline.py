@@ -121,8 +121,7 @@ def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
         r = int(meta["latentforge.resolution"])
         out["size"] = (r, r)
     if "latentforge.latent_format" in meta and has_vae:  # the scale/shift measured on our own VAE
-        f = json.loads(meta["latentforge.latent_format"])
-        out["latent_format"] = LatentFormat(float(f["scale"]), float(f.get("shift", 0.0)))
+        out["latent_format"] = LatentFormat.from_json(meta["latentforge.latent_format"])
     return out
 
 

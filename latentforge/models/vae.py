@@ -17,6 +17,7 @@ Latent scaling is not part of the network: `LatentFormat` maps VAE latents to th
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ class LatentFormat:
 
     def process_out(self, z: torch.Tensor) -> torch.Tensor:  # denoiser latent -> VAE latent
         return z / self.scale_factor + self.shift_factor
+
+    # the "latentforge.latent_format" metadata entry of files our trainers write: {"scale": s, "shift": b}
+    def to_json(self) -> str:
+        return json.dumps({"scale": self.scale_factor, "shift": self.shift_factor})
+
+    @classmethod
+    def from_json(cls, text: str) -> LatentFormat:
+        f = json.loads(text)
+        return cls(float(f["scale"]), float(f.get("shift", 0.0)))
 
 
 LATENT_FORMATS = {

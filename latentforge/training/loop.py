@@ -229,8 +229,7 @@ def load_vae_file(path: str):
         vcfg = preset_configs("sd15")["vae"]
     vae = _load_component("vae", vcfg, sd, torch.float32, path)
     if "latentforge.latent_format" in meta:
-        f = json.loads(meta["latentforge.latent_format"])
-        fmt = LatentFormat(float(f["scale"]), float(f.get("shift", 0.0)))
+        fmt = LatentFormat.from_json(meta["latentforge.latent_format"])
     else:
         fmt = LATENT_FORMATS["sd3"] if vae.latent_channels == 16 else LATENT_FORMATS["sd1"]
     return vae, fmt

@@ -216,8 +216,7 @@ def export_checkpoint(setup: Setup, path: str, ema: EMA | None) -> None:
         "latentforge.resolution": str(cfg.resolution),
     }
     if setup.latent_format is not None:
-        f = setup.latent_format
-        meta["latentforge.latent_format"] = json.dumps({"scale": f.scale_factor, "shift": f.shift_factor})
+        meta["latentforge.latent_format"] = setup.latent_format.to_json()
     save_state_dict(join_components(sd, cfg.family), path, metadata=meta)
 
 
@@ -532,9 +531,8 @@ def pipeline_for(setup: Setup, ms):
         model_sampling=ms,
         pixel_space=cfg.pixel_space,
         size=(cfg.resolution, cfg.resolution),
+        latent_format=None if cfg.pixel_space else setup.latent_format,
     )
-    if setup.latent_format is not None:
-        pipe.latent_format = setup.latent_format
     return pipe
 
 

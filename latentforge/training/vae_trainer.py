@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from latentforge.checkpoints import configs_to_json, save_state_dict
-from latentforge.models.vae import AutoencoderKL
+from latentforge.models.vae import AutoencoderKL, LatentFormat
 from latentforge.training import dist
 from latentforge.training.config import VAETrainConfig, to_dict
 from latentforge.training.loop import (
@@ -110,7 +110,7 @@ def measure_scale(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> fl
 def export_vae(path: str, vae: AutoencoderKL, scale: float | None) -> None:
     meta = {"latentforge.configs": configs_to_json({"vae": vae.cfg})}
     if scale is not None:
-        meta["latentforge.latent_format"] = json.dumps({"scale": scale, "shift": 0.0})
+        meta["latentforge.latent_format"] = LatentFormat(scale).to_json()
     save_state_dict(vae.state_dict(), path, metadata=meta)
 
 
