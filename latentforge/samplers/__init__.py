@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from latentforge.samplers import dpm_solver, dpmsolver, karras, multistep, stochastic
+from latentforge.samplers import dpm_solver, dpmpp, karras, multistep, stochastic
 from latentforge.schedules import get_sigmas, unknown_name_error
 
 SAMPLER_NAMES = [
@@ -104,7 +104,7 @@ def _checked(name: str, fn: Callable) -> Callable:
 _RAW = {
     **karras.SAMPLERS,
     **dpm_solver.SAMPLERS,
-    **dpmsolver.SAMPLERS,
+    **dpmpp.SAMPLERS,
     **multistep.SAMPLERS,
     **stochastic.SAMPLERS,
 }

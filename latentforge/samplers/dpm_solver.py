@@ -3,7 +3,7 @@
 Written from Lu et al. 2022a, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling
 in Around 10 Steps" (NeurIPS 2022): noise-prediction DPM-Solver-1/2/3 (§3.2, Algorithms 1-2), the
 DPM-Solver-fast step schedule and adaptive step size DPM-Solver-12/23 (§3.3 and Appendix C).
-The data-prediction DPM-Solver++ samplers are in dpmsolver.py.
+The data-prediction DPM-Solver++ samplers are in dpmpp.py.
 
 Conventions (see common.py): the model's coordinates are x = α(σ)·x₀ + σ·ε, λ = log(α/σ) the half
 log-SNR, h = λ_t − λ_s > 0 for a step from σ_s to σ_t < σ_s, and D(x, σ) = x̂₀. α = 1 for VE models

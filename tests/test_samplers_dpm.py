@@ -16,7 +16,7 @@ import torch
 
 from latentforge.gmm import GaussianMixture
 from latentforge.model_sampling import DiscreteFlow
-from latentforge.samplers import SAMPLERS, dpm_solver, dpmsolver
+from latentforge.samplers import SAMPLERS, dpm_solver, dpmpp
 from latentforge.samplers.dpm_solver import sample_dpm_adaptive
 from latentforge.schedules import get_sigmas_karras
 
@@ -368,7 +368,7 @@ def test_stochastic_samplers_are_deterministic_for_a_seed(name):
 # --- contract ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(dpm_solver.SAMPLERS | dpmsolver.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(dpm_solver.SAMPLERS | dpmpp.SAMPLERS))
 def test_one_step_to_zero_is_a_denoise(name):
     s = torch.tensor([SMAX, 0.0], dtype=torch.float64)
     x = start(s, 5)
@@ -380,7 +380,7 @@ def test_one_step_to_zero_is_a_denoise(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(dpm_solver.SAMPLERS | dpmsolver.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(dpm_solver.SAMPLERS | dpmpp.SAMPLERS))
 def test_dtypes_and_image_batches(name, dtype):
     g = GaussianMixture.single(8)
     s = get_sigmas_karras(12, SMIN, SMAX)  # float32 schedule
