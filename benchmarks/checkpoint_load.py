@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from latentforge.checkpoints import build_component, preset_configs, save_checkpoint
+from latentforge import families
+from latentforge.checkpoints import build_component, save_checkpoint
 
 LOAD = (
     "from latentforge.checkpoints import load_checkpoint\n"
@@ -99,7 +100,7 @@ def write_checkpoint(path: str) -> int:
     """SD1.5 UNet + VAE + CLIP-L, seeded random float16 weights; returns the weights' bytes."""
     g = torch.Generator().manual_seed(0)
     components = {}
-    for name, cfg in preset_configs("sd15").items():
+    for name, cfg in families.get("sd15").file_configs().items():
         with torch.device("meta"):
             module = build_component(name, cfg).to(torch.float16)
         module = module.to_empty(device="cpu")

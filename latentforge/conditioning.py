@@ -14,6 +14,8 @@ Sources: architectures.md §1.5 (SD1/SD2/SDXL: ldm `FrozenCLIPEmbedder`, `Frozen
     dit           (none)            y [B] long               class index; the null class = num_classes
     dit-text      clip_l            context [B, L, D], y [B, D]  last layer + final LN, EOS pooled
 
+Every function has the signature the `Family` entries (families.py) call:
+`(encoders, prompts, width, height, negative, net) -> kwargs`, with `net` the denoising network's config.
 The unconditional branch is the encoded empty prompt (`CompVis txt2img.py`, A1111, ComfyUI, sd3_infer), not
 sgm's zeroed embeddings or diffusers' `force_zeros_for_empty_prompt`.
 """
@@ -51,7 +53,7 @@ def _ids(enc: CLIPTextModel, prompts: list[str], pad: str) -> torch.Tensor:
     return tokenize(prompts, enc.config.max_position_embeddings, pad=pad).to(device)
 
 
-def sd15(encoders: dict, prompts: list[str]) -> dict:
+def sd15(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """SD1: HF CLIPTextModel `last_hidden_state` (after final_layer_norm), EOS padding
     (ldm FrozenCLIPEmbedder)."""
     enc = _encoder(encoders, "clip_l", "sd15")
@@ -59,7 +61,7 @@ def sd15(encoders: dict, prompts: list[str]) -> dict:
     return {"context": out.hidden}  # [B, 77, 768]
 
 
-def sd21(encoders: dict, prompts: list[str]) -> dict:
+def sd21(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """SD2: OpenCLIP ViT-H, resblocks 0..22 then ln_final (FrozenOpenCLIPEmbedder layer="penultimate"),
     open_clip's zero padding."""
     enc = _encoder(encoders, "clip_h", "sd21")
@@ -83,7 +85,7 @@ def _clip_l_penultimate(encoders: dict, prompts: list[str], family: str):
     return out.hidden, out.pooled
 
 
-def sdxl_base(encoders: dict, prompts: list[str], width: int, height: int) -> dict:
+def sdxl_base(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """SDXL base: context = L ‖ G on channels [B, 77, 2048]; y = sdxl_vector(G pooled, (H, W), (0, 0), (H, W))
     [B, 2816]: no crop, original size = target size, as A1111 and ComfyUI default to."""
     l_hidden, _ = _clip_l_penultimate(encoders, prompts, "sdxl-base")
@@ -93,7 +95,7 @@ def sdxl_base(encoders: dict, prompts: list[str], width: int, height: int) -> di
     return {"context": context, "y": y}
 
 
-def sdxl_refiner(encoders: dict, prompts: list[str], width: int, height: int, negative: bool) -> dict:
+def sdxl_refiner(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """SDXL refiner: bigG only, context [B, 77, 1280]; y = sdxl_refiner_vector [B, 2560] with the aesthetic
     score 6.0 for the prompt and 2.5 for the negative."""
     g_hidden, g_pooled = _bigg(encoders, prompts, "sdxl-refiner")
@@ -104,11 +106,12 @@ def sdxl_refiner(encoders: dict, prompts: list[str], width: int, height: int, ne
     return {"context": g_hidden, "y": y}
 
 
-def sd3(encoders: dict, prompts: list[str], family: str, context_dim: int = SD3_CONTEXT_DIM) -> dict:
+def sd3(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """SD3/SD3.5 (`sd3_infer.py` get_cond): lg = L ‖ G penultimate (no final LN) [B, 77, 2048], zero-padded on
     channels to context_dim (4096), then T5's tokens along the sequence (zeros: no T5 encoder here)
     -> context [B, 154, 4096]; y = L pooled (unprojected: the reference's identity text_projection) ‖ G
     projected pooled -> [B, 2048]."""
+    family, context_dim = "sd3", net.context_dim
     l_hidden, l_pooled = _clip_l_penultimate(encoders, prompts, family)
     g_hidden, g_pooled = _bigg(encoders, prompts, family)
     lg = torch.cat([l_hidden, g_hidden.to(l_hidden.dtype)], dim=-1)  # [B, 77, 2048]
@@ -123,7 +126,7 @@ def sd3(encoders: dict, prompts: list[str], family: str, context_dim: int = SD3_
     return {"context": context, "y": y}
 
 
-def dit_text(encoders: dict, prompts: list[str]) -> dict:
+def dit_text(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, L, D] (as SD1), y = the
     pooled EOS state [B, D] (the DiT adds it to the timestep embedding when its pooled_dim > 0)."""
     enc = _encoder(encoders, "clip_l", "dit-text")
@@ -146,50 +149,9 @@ def parse_class_label(prompt: str, num_classes: int) -> int:
     return label
 
 
-def dit(prompts: list[str], negative: bool, num_classes: int, device=None) -> dict:
+def dit(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
     """DiT: y = class labels [B] (long); the unconditional branch is the null class `num_classes`
     (the extra row of LabelEmbedder's table, DiT models.py L67-94)."""
+    num_classes = net.num_classes
     labels = [num_classes if negative else parse_class_label(p, num_classes) for p in prompts]
-    return {"y": torch.tensor(labels, dtype=torch.long, device=device)}
-
-
-def encode(
-    family: str,
-    encoders: dict,
-    prompts: list[str],
-    width: int,
-    height: int,
-    negative: bool = False,
-    *,
-    context_dim: int = SD3_CONTEXT_DIM,
-    num_classes: int = 1000,
-) -> dict:
-    """The network's conditioning kwargs for `prompts` (one per image) under `family`.
-
-    encoders: component name -> CLIPTextModel (clip_l, clip_h, clip_g). width, height: the image size in
-    pixels (SDXL's size conditioning). negative: this is the unconditional branch (refiner aesthetic score,
-    DiT null class). context_dim: SD3 context width (4096); num_classes: DiT's class count.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    if family == "sd15":
-        return sd15(encoders, prompts)
-    if family == "sd21":
-        return sd21(encoders, prompts)
-    if family == "sdxl-base":
-        return sdxl_base(encoders, prompts, width, height)
-    if family == "sdxl-refiner":
-        return sdxl_refiner(encoders, prompts, width, height, negative)
-    if family in ("sd3-medium", "sd35-medium", "sd35-large"):
-        return sd3(encoders, prompts, family, context_dim)
-    if family in ("dit-xl-2-256", "dit-xl-2-512"):
-        return dit(prompts, negative, num_classes)
-    if family == "dit-text":
-        return dit_text(encoders, prompts)
-    raise ValueError(
-        f"unknown family {family!r}; known: sd15, sd21, sdxl-base, sdxl-refiner, sd3-medium, sd35-medium, "
-        "sd35-large, dit-xl-2-256, dit-xl-2-512, dit-text"
-    )
+    return {"y": torch.tensor(labels, dtype=torch.long)}

@@ -10,11 +10,16 @@ Three families, each written from its paper:
 
 Every class exposes the protocol the schedules need (`sigmas` ascending, `sigma_min`, `sigma_max`,
 `timestep(σ)`, `sigma(t)`), the noise form samplers need (`is_flow`, `alpha(σ)`: x = α(σ)·x₀ + σ·ε),
-`noise_scaling` for img2img, and `calculate_input` / `calculate_denoised` to wrap a network.
+`noise_scaling` for img2img, the preconditioning D = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, t(σ))
+(Karras et al. 2022, Eq. 7) as `c_skip`, `c_out`, `c_in` (the trainer regresses F onto
+(x₀ − c_skip·x)/c_out), `calculate_input` / `calculate_denoised` to wrap a network, and
+`to_json` / `from_json` so a checkpoint's metadata names the model sampling it was trained with.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,16 +100,27 @@ class DiscreteVP(_LogSigmaTable):
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(torch.as_tensor(sigma))
 
+    # eps: D = x − σ·ε̂ (c_skip 1, c_out −σ); v (Salimans & Ho 2022, Eq. 9 in VE form, σ_d = 1):
+    # D = σ_d²/(σ² + σ_d²)·x − σσ_d/√(σ² + σ_d²)·v. c_in = 1/√(σ² + σ_d²) is the VP input x/√(1 + σ²).
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "eps":
+            return torch.ones_like(sigma)
+        return self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+
+    def c_out(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "eps":
+            return -sigma
+        return -sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (sigma**2 + self.sigma_data**2).sqrt()
+
     def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x / _append_dims((sigma**2 + self.sigma_data**2).sqrt(), x.ndim)
+        return x * _append_dims(self.c_in(sigma), x.ndim)
 
     def calculate_denoised(self, sigma, model_output, x):
         s = _append_dims(sigma, x.ndim)
-        if self.prediction == "eps":  # D = x − σ·ε̂
-            return x - s * model_output
-        # v-prediction (Salimans & Ho 2022, Eq. 9 in VE form): D = c_skip·x − c_out·v
-        sd2 = self.sigma_data**2
-        return x * sd2 / (s**2 + sd2) - model_output * s * self.sigma_data / (s**2 + sd2).sqrt()
+        return self.c_skip(s) * x + self.c_out(s) * model_output
 
     def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
         s = _append_dims(sigma, noise.ndim)
@@ -149,17 +165,23 @@ class EDM:
     def alpha(self, sigma):
         return torch.ones_like(torch.as_tensor(sigma))
 
+    # Table 1: c_skip = σ_d²/(σ² + σ_d²), c_out = σσ_d/√(σ² + σ_d²) (negated for v), c_in = 1/√(σ² + σ_d²)
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+
+    def c_out(self, sigma: torch.Tensor) -> torch.Tensor:
+        c = sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+        return -c if self.prediction == "v" else c
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (sigma**2 + self.sigma_data**2).sqrt()
+
     def calculate_input(self, sigma, x):
-        return x / _append_dims((sigma**2 + self.sigma_data**2).sqrt(), x.ndim)
+        return x * _append_dims(self.c_in(sigma), x.ndim)
 
     def calculate_denoised(self, sigma, model_output, x):
         s = _append_dims(sigma, x.ndim)
-        sd = self.sigma_data
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        if self.prediction == "v":
-            c_out = -c_out
-        return c_skip * x + c_out * model_output
+        return self.c_skip(s) * x + self.c_out(s) * model_output
 
     def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
         return latent + noise * _append_dims(sigma, noise.ndim)
@@ -199,11 +221,22 @@ class DiscreteFlow(_LogSigmaTable):
     def alpha(self, sigma):
         return 1 - torch.as_tensor(sigma)
 
+    # x₀ = x − σ·v: c_skip 1, c_out −σ, and the network sees x itself (c_in 1)
+    def c_skip(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(sigma)
+
+    def c_out(self, sigma: torch.Tensor) -> torch.Tensor:
+        return -sigma
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(sigma)
+
     def calculate_input(self, sigma, x):
         return x
 
-    def calculate_denoised(self, sigma, model_output, x):  # x₀ = x − σ·v
-        return x - _append_dims(sigma, x.ndim) * model_output
+    def calculate_denoised(self, sigma, model_output, x):
+        s = _append_dims(sigma, x.ndim)
+        return self.c_skip(s) * x + self.c_out(s) * model_output
 
     def noise_scaling(self, sigma, noise, latent, max_denoise: bool = False):
         s = _append_dims(sigma, noise.ndim)
@@ -214,6 +247,43 @@ class DiscreteFlow(_LogSigmaTable):
 
 
 ModelSampling = DiscreteVP | EDM | DiscreteFlow
+_CLASSES = {c.__name__: c for c in (DiscreteVP, EDM, DiscreteFlow)}
+
+
+def to_json(ms: ModelSampling) -> str:
+    """{"type": class name, **constructor fields}: what a checkpoint's metadata stores."""
+    fields = {f.name: getattr(ms, f.name) for f in dataclasses.fields(ms) if f.init}
+    return json.dumps({"type": type(ms).__name__, **fields}, sort_keys=True)
+
+
+def from_json(text: str) -> ModelSampling:
+    """The inverse of `to_json`; an unknown type or field is an error naming it."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict) or raw.get("type") not in _CLASSES:
+        got = raw.get("type") if isinstance(raw, dict) else raw
+        raise ValueError(f"unknown model sampling {got!r}; known: {', '.join(_CLASSES)}")
+    cls = _CLASSES[raw.pop("type")]
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} has no field {unknown[0]!r}; its fields: {', '.join(sorted(known))}"
+        )
+    return cls(**raw)
+
+
+def for_prediction(
+    prediction: str, zero_terminal_snr: bool = False, sigma_data: float = 0.5, shift: float = 1.0
+) -> ModelSampling:
+    """The model sampling a network trained with `prediction` needs: "eps"/"v" DDPM (SD's 1000 scaled-linear
+    steps), "x0"/"edm" EDM with σ_d, "flow" rectified flow with the timestep shift."""
+    if prediction in ("eps", "v"):
+        return DiscreteVP(prediction=prediction, zero_terminal_snr=zero_terminal_snr)
+    if prediction in ("x0", "edm"):
+        return EDM(sigma_data=sigma_data)
+    if prediction == "flow":
+        return DiscreteFlow(shift=shift)
+    raise ValueError(f"prediction must be one of 'eps', 'v', 'x0', 'edm', 'flow', got {prediction!r}")
 
 
 class Denoiser(torch.nn.Module):

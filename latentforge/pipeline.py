@@ -4,8 +4,8 @@
     noise(seed + k)·σ₀ ─► sampler( CFGDenoiser(Denoiser(net, model_sampling)), sigmas ) ─► latent
     latent ─ LatentFormat.process_out ─ VAE decode ─► [-1, 1] ─► uint8 PIL images
 
-What differs per family is data, written out below: the components (`component_configs`), the model sampling
-(`model_sampling_for`), the latent scaling (`LATENT_FORMAT`) and the default image size (`DEFAULT_SIZE`).
+What differs per family is data: its `Family` entry (families.py) names the components, the model sampling,
+the latent scaling, the default image size and the conditioning.
 """
 
 from __future__ import annotations
@@ -21,75 +21,18 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
-from latentforge import conditioning
-from latentforge.checkpoints import PREFIXES, build_component, preset_configs
+from latentforge import families, model_sampling
+from latentforge.checkpoints import build_component
+from latentforge.families import PIXEL_FORMAT
+from latentforge.files import atomic_path
 from latentforge.guidance import CFGDenoiser
-from latentforge.model_sampling import Denoiser, DiscreteFlow, DiscreteVP
-from latentforge.models.vae import LATENT_FORMATS, AutoencoderKL, LatentFormat
-from latentforge.models.vae import PRESETS as VAE_PRESETS
+from latentforge.model_sampling import Denoiser
+from latentforge.models.vae import AutoencoderKL, LatentFormat
 from latentforge.noise import randn_seeded
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
 
-
-def component_configs(family: str) -> dict[str, object]:
-    """{component: config} of the released model: the checkpoint's networks (checkpoints.preset_configs),
-    plus the SD VAE for DiT, whose files hold the DiT alone (DiT sample.py decodes with sd-vae-ft-ema/mse)."""
-    configs = preset_configs(family)
-    if family in ("dit-xl-2-256", "dit-xl-2-512"):
-        configs["vae"] = VAE_PRESETS["sd"]
-    return configs
-
-
-FAMILIES = tuple(PREFIXES)
-OPTIONAL_COMPONENTS = {"t5xxl"}  # SD3's T5-XXL: not supported yet, its tokens are zeros
-
-
-# Denoiser latent = (VAE latent − shift)·scale (architectures.md §2.2).
-LATENT_FORMAT: dict[str, LatentFormat] = {
-    "sd15": LATENT_FORMATS["sd1"],
-    "sd21": LATENT_FORMATS["sd2"],
-    "sdxl-base": LATENT_FORMATS["sdxl"],
-    "sdxl-refiner": LATENT_FORMATS["sdxl"],
-    "sd3-medium": LATENT_FORMATS["sd3"],
-    "sd35-medium": LATENT_FORMATS["sd3"],
-    "sd35-large": LATENT_FORMATS["sd3"],
-    "dit-xl-2-256": LatentFormat(0.18215),  # DiT sample.py: vae.decode(samples / 0.18215)
-    "dit-xl-2-512": LatentFormat(0.18215),
-    "dit-text": LatentFormat(0.18215),
-}
-PIXEL_FORMAT = LatentFormat(1.0)  # pixel-space models: the "latent" is the image in [-1, 1]
-
-# The resolution each model was trained at (pixels); DiT's is fixed by its config (input_size·8).
-DEFAULT_SIZE = {
-    "sd15": 512,
-    "sd21": 768,
-    "sdxl-base": 1024,
-    "sdxl-refiner": 1024,
-    "sd3-medium": 1024,
-    "sd35-medium": 1024,
-    "sd35-large": 1024,
-}
-
 MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
-
-
-def model_sampling_for(family: str, prediction: str | None = None, shift: float | None = None):
-    """SD1 eps; SD2 v by default (the 768-v release; the 512 base is eps: prediction="eps"); SDXL eps;
-    SD3/3.5 rectified flow with shift 3.0; DiT eps on its linear 1e-4..0.02 betas
-    (DiT diffusion/__init__.py)."""
-    if family in ("sd3-medium", "sd35-medium", "sd35-large"):
-        if prediction not in (None, "flow"):
-            raise ValueError(f"{family} is a rectified-flow model; prediction={prediction!r} does not apply")
-        return DiscreteFlow(shift=3.0 if shift is None else float(shift))
-    if shift is not None:
-        raise ValueError(f"shift applies to the flow models (sd3, sd35), not {family}")
-    if family in ("dit-xl-2-256", "dit-xl-2-512"):
-        return DiscreteVP(
-            prediction=prediction or "eps", beta_schedule="linear", linear_start=1e-4, linear_end=0.02
-        )
-    default = "v" if family == "sd21" else "eps"
-    return DiscreteVP(prediction=prediction or default)
 
 
 class FirstChannels(nn.Module):
@@ -105,15 +48,20 @@ class FirstChannels(nn.Module):
 
 def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
     """Pipeline options a file written by our trainer carries in its safetensors metadata:
-    "latentforge.objective" (the ObjectiveConfig fields: the model sampling it was trained with),
-    "latentforge.space" ("pixel" or "latent") and "latentforge.resolution" (the training size, pixels)."""
+    "latentforge.model_sampling" (model_sampling.to_json: the model sampling it was trained with; older
+    files name the training objective instead, "latentforge.objective"), "latentforge.space" ("pixel" or
+    "latent") and "latentforge.resolution" (the training size, pixels)."""
     out: dict = {}
-    if "latentforge.objective" in meta:
-        from latentforge.training.objectives import ObjectiveConfig
-        from latentforge.training.objectives import model_sampling_for as objective_sampling
-
-        out["model_sampling"] = objective_sampling(
-            ObjectiveConfig(**json.loads(meta["latentforge.objective"]))
+    if "latentforge.model_sampling" in meta:
+        out["model_sampling"] = model_sampling.from_json(meta["latentforge.model_sampling"])
+    elif "latentforge.objective" in meta:
+        obj = json.loads(meta["latentforge.objective"])
+        prediction = obj.get("prediction", "eps")
+        out["model_sampling"] = model_sampling.for_prediction(
+            "v" if prediction == "v" else prediction,
+            bool(obj.get("zero_terminal_snr", False)),
+            float(obj.get("sigma_data", 0.5)),
+            float(obj.get("shift", 1.0)),
         )
     if meta.get("latentforge.space") == "pixel" and not has_vae:
         out["pixel_space"] = True
@@ -145,7 +93,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class Pipeline:
     """Text-to-image for one family.
 
-    family: one of FAMILIES. components: name -> module (unet | mmdit | dit, vae, clip_l | clip_h | clip_g).
+    family: a name in families.FAMILIES.
+    components: name -> module (unet | mmdit | dit, vae, clip_l | clip_h | clip_g).
     prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift.
     model_sampling: use this one instead (models trained here carry theirs in the file's metadata).
     pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height);
@@ -162,29 +111,29 @@ class Pipeline:
         size: tuple[int, int] | None = None,
         latent_format: LatentFormat | None = None,
     ):
-        if family not in PREFIXES:
-            raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-        needed = set(component_configs(family)) - OPTIONAL_COMPONENTS - ({"vae"} if pixel_space else set())
+        spec = families.get(family)
+        needed = set(spec.configs()) - spec.optional - ({"vae"} if pixel_space else set())
         missing = sorted(c for c in needed if components.get(c) is None)
         if missing:
             hint = " (a DiT file holds no VAE: pass vae=PATH)" if missing == ["vae"] else ""
             raise ValueError(
                 f"a {family} pipeline needs components {missing}{hint}; got {sorted(components)}"
             )
-        extra = set(components) - needed - OPTIONAL_COMPONENTS
+        extra = set(components) - needed - spec.optional
         if extra:
             raise ValueError(f"components {sorted(extra)} have no place in a {family} pipeline")
         self.family = family
+        self.spec = spec
         self.components = {k: m.eval().requires_grad_(False) for k, m in components.items() if m is not None}
         if model_sampling is not None and (prediction is not None or shift is not None):
             raise ValueError("give either model_sampling or prediction/shift, not both")
-        self.model_sampling = model_sampling or model_sampling_for(family, prediction, shift)
+        self.model_sampling = model_sampling or spec.sampling(prediction, shift)
         self.pixel_space = bool(pixel_space)
         if pixel_space and latent_format is not None:
             raise ValueError("a pixel-space pipeline takes no latent_format")
-        self.latent_format = PIXEL_FORMAT if pixel_space else (latent_format or LATENT_FORMAT[family])
+        self.latent_format = PIXEL_FORMAT if pixel_space else (latent_format or spec.latent_format)
         self.size = None if size is None else (int(size[0]), int(size[1]))
-        # each network keeps its config (UNet/VAE as .cfg, the others as .config): what save_checkpoint stores
+        # each network keeps its config: what save_checkpoint stores
         self.configs = {k: getattr(m, "config", getattr(m, "cfg", None)) for k, m in self.components.items()}
         self.detection = None  # set by from_single_file: what decided the family
 
@@ -193,9 +142,7 @@ class Pipeline:
     @classmethod
     def from_preset(cls, name: str, configs: dict | None = None, dtype: torch.dtype = torch.float32, **kw):
         """Every component built from its preset with random init; `configs` overrides per component."""
-        if name not in PREFIXES:
-            raise ValueError(f"unknown preset {name!r}; known: {', '.join(FAMILIES)}")
-        configs = {**component_configs(name), **(configs or {})}
+        configs = {**families.get(name).configs(), **(configs or {})}
         components = {c: build_component(c, cfg).to(dtype) for c, cfg in configs.items()}
         return cls(name, components, **kw)
 
@@ -223,10 +170,7 @@ class Pipeline:
     @property
     def net(self) -> nn.Module:
         """The denoising network: unet, mmdit or dit."""
-        for name in ("unet", "mmdit", "dit"):
-            if name in self.components:
-                return self.components[name]
-        raise AssertionError("no denoising network")
+        return self.components[self.spec.net]
 
     @property
     def vae(self) -> AutoencoderKL | None:
@@ -255,7 +199,7 @@ class Pipeline:
             return s, s
         if self.size is not None:
             return self.size
-        return DEFAULT_SIZE[self.family], DEFAULT_SIZE[self.family]
+        return self.spec.size, self.spec.size
 
     def check_size(self, width: int, height: int) -> tuple[int, int]:
         f = self.downscale
@@ -282,15 +226,12 @@ class Pipeline:
         return width, height
 
     def encode_prompt(self, prompts: Sequence[str], width: int, height: int, negative: bool = False) -> dict:
-        enc = {k: m for k, m in self.components.items() if k.startswith(("clip_", "t5"))}
-        kw = {}
-        if "mmdit" in self.components:
-            kw["context_dim"] = self.components["mmdit"].config.context_dim
-        if "dit" in self.components:
-            kw["num_classes"] = self.components["dit"].config.num_classes
+        enc = {k: m for k, m in self.components.items() if k in self.spec.prefixes and k != self.spec.net}
+        enc.pop("vae", None)
         # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
         unique = list(dict.fromkeys(prompts))
-        cond = conditioning.encode(self.family, enc, unique, width, height, negative, **kw)
+        net_config = getattr(self.net, "config", getattr(self.net, "cfg", None))
+        cond = families.encode(self.family, enc, unique, width, height, negative, net_config)
         index = torch.tensor([unique.index(p) for p in prompts])
         return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}
 
@@ -331,7 +272,7 @@ class Pipeline:
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
         prompts = self._prompts("prompt", prompt, batch_size)
         negatives = self._prompts("negative_prompt", negative_prompt, batch_size)
-        if self.family in ("dit-xl-2-256", "dit-xl-2-512") and any(negatives):
+        if self.spec.class_labels and any(negatives):
             raise ValueError("a DiT model has no negative prompt: its unconditional branch is the null class")
         steps = _int("steps", steps, 1, MAX_STEPS)
         sample_fn = get_sampler(sampler)
@@ -418,11 +359,6 @@ def save_png(image: Image.Image, folder: str, parameters: str, seed: int) -> str
         if not os.path.exists(path):
             break
         counter += 1
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentforge import conditioning
+from latentforge import families
 from latentforge.checkpoints import build_component, save_checkpoint, save_state_dict
 from latentforge.cli import main
 from latentforge.model_sampling import DiscreteFlow, DiscreteVP
 from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, MMDiTConfig, UNetConfig
-from latentforge.pipeline import Pipeline, component_configs, infotext
+from latentforge.pipeline import Pipeline, infotext
 from latentforge.samplers import SAMPLER_NAMES
 from latentforge.tokenizer import tokenize
 
@@ -255,7 +255,7 @@ def test_conditioning_dit():
     with pytest.raises(ValueError, match="negative prompt"):
         run(pipe, "dit-xl-2-256", negative_prompt="3")
     with pytest.raises(ValueError, match="unknown family"):
-        conditioning.encode("sd4", {}, ["x"], 8, 8)
+        families.encode("sd4", {}, ["x"], 8, 8)
 
 
 @pytest.mark.parametrize(
@@ -357,10 +357,10 @@ def test_infotext_quotes_like_a1111():
 )
 def test_full_size_conditioning_shapes_on_meta(family, shapes):
     """The released text encoders (built on the meta device) give what the released networks take."""
-    configs = component_configs(family)
+    configs = families.get(family).configs()
     with torch.device("meta"):
         encoders = {k: build_component(k, c) for k, c in configs.items() if k.startswith("clip")}
-    out = conditioning.encode(family, encoders, ["a cat", "a dog"], 1024, 768)
+    out = families.encode(family, encoders, ["a cat", "a dog"], 1024, 768)
     assert {k: tuple(v.shape) for k, v in out.items()} == shapes
     net = configs.get("unet") or configs["mmdit"]
     ctx = net.context_dim if isinstance(net.context_dim, int) else net.context_dim[0]

@@ -19,6 +19,7 @@ from typing import Any
 
 import tomllib
 
+from latentforge import families
 from latentforge.models import (
     AutoencoderKLConfig,
     CLIPTextConfig,
@@ -28,7 +29,7 @@ from latentforge.models import (
 )
 from latentforge.training.objectives import ObjectiveConfig
 
-FAMILIES_TRAINABLE = ("sd15", "sd21", "sdxl-base", "sd3-medium", "sd35-medium", "sd35-large", "dit-text")
+FAMILIES_TRAINABLE = families.trainable()
 NETS = ("unet", "dit", "mmdit")
 PRECISIONS = ("no", "bf16", "fp16")
 

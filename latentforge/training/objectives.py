@@ -52,7 +52,14 @@ from typing import Any
 
 import torch
 
-from latentforge.model_sampling import EDM, DiscreteFlow, DiscreteVP, ModelSampling, time_snr_shift
+from latentforge.model_sampling import (
+    EDM,
+    DiscreteFlow,
+    DiscreteVP,
+    ModelSampling,
+    for_prediction,
+    time_snr_shift,
+)
 
 PREDICTIONS = ("eps", "v", "x0", "edm", "flow")
 SIGMA_SAMPLINGS = ("uniform_discrete", "lognormal", "logit_normal", "uniform")
@@ -118,11 +125,7 @@ class ObjectiveConfig:
 
 def model_sampling_for(cfg: ObjectiveConfig) -> ModelSampling:
     """The model sampling (noise form + network wrapper) that matches `cfg.prediction`."""
-    if cfg.kind in ("eps", "v"):
-        return DiscreteVP(prediction=cfg.kind, zero_terminal_snr=cfg.zero_terminal_snr)
-    if cfg.kind == "edm":
-        return EDM(sigma_data=cfg.sigma_data)
-    return DiscreteFlow(shift=cfg.shift)
+    return for_prediction(cfg.kind, cfg.zero_terminal_snr, cfg.sigma_data, cfg.shift)
 
 
 def _check_pair(cfg: ObjectiveConfig, ms: ModelSampling) -> None:
@@ -207,14 +210,7 @@ def snr(ms: ModelSampling, sigma: torch.Tensor) -> torch.Tensor:
 
 def _c_skip_out(ms: ModelSampling, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """D = c_skip·x + c_out·F for the model sampling's parameterisation (see model_sampling.py)."""
-    if isinstance(ms, DiscreteFlow) or (isinstance(ms, DiscreteVP) and ms.prediction == "eps"):
-        return torch.ones_like(sigma), -sigma
-    sd = ms.sigma_data  # v (Salimans & Ho 2022) and EDM (Karras et al. 2022, Table 1) share c_skip, |c_out|
-    c_skip = sd**2 / (sigma**2 + sd**2)
-    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-    if isinstance(ms, DiscreteVP) or ms.prediction == "v":
-        c_out = -c_out
-    return c_skip, c_out
+    return ms.c_skip(sigma), ms.c_out(sigma)
 
 
 def c_out_squared(ms: ModelSampling, sigma: torch.Tensor) -> torch.Tensor:

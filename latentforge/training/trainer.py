@@ -31,12 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from latentforge import conditioning
+from latentforge import families, model_sampling
 from latentforge.checkpoints import (
     build_component,
+    component_file,
     configs_to_json,
     join_components,
     load_checkpoint,
+    load_component,
     save_state_dict,
 )
 from latentforge.models.vae import LatentFormat
@@ -61,16 +63,6 @@ from latentforge.training.objectives import loss as objective_loss
 from latentforge.training.objectives import model_sampling_for, sample_sigmas
 from latentforge.training.state import EMA, apply_lr, load_training_state, save_training_state, step_dirs
 
-TEXT_ENCODERS = {
-    "sd15": ("clip_l",),
-    "sd21": ("clip_h",),
-    "sdxl-base": ("clip_l", "clip_g"),
-    "sd3-medium": ("clip_l", "clip_g"),
-    "sd35-medium": ("clip_l", "clip_g"),
-    "sd35-large": ("clip_l", "clip_g"),
-    "dit-text": ("clip_l",),
-}
-
 
 class TextToImage(nn.Module):
     """What the optimiser updates, as one module (what DDP wraps and the training state stores): the
@@ -91,11 +83,9 @@ class TextToImage(nn.Module):
         """`cond`: precomputed conditioning (cached frozen encoders) instead of encoding `prompts`."""
         net = self.parts[self.net_name]
         if cond is None:
-            kw = {}
-            if self.net_name == "mmdit":
-                kw["context_dim"] = net.config.context_dim
             h, w = size
-            cond = conditioning.encode(self.family, self.encoders(), prompts, w, h, **kw)
+            net_config = getattr(net, "config", getattr(net, "cfg", None))
+            cond = families.encode(self.family, self.encoders(), prompts, w, h, False, net_config)
         return net(x, t, **cond)
 
 
@@ -126,7 +116,7 @@ class Setup:
 
 def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
     """The networks of a run: from `init_from` (fine-tuning) or built from the configs with seeded init."""
-    enc_names = TEXT_ENCODERS[cfg.family]
+    enc_names = families.get(cfg.family).text_encoders
     extra: dict[str, nn.Module] = {}
     if cfg.init_from is not None:
         ckpt = load_checkpoint(cfg.init_from)
@@ -144,9 +134,7 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
         vae = comps.get("vae") if not cfg.pixel_space else None
         if vae is not None and cfg.vae is None:
             extra["vae"] = vae
-        from latentforge.pipeline import LATENT_FORMAT
-
-        fmt = LATENT_FORMAT[cfg.family]
+        fmt = families.get(cfg.family).latent_format
     else:
         if cfg.net_config is None:
             raise ValueError(f"net={cfg.net!r} needs a [{cfg.net}] config (or init_from a checkpoint)")
@@ -160,13 +148,12 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
         torch.manual_seed(cfg.seed)
         comps = {cfg.net: build_component(cfg.net, cfg.net_config)}
         if cfg.text_encoder is not None:  # the user's CLIP weights (frozen unless train_text_encoder)
-            from latentforge.checkpoints import _component_file, _load_component
             from latentforge.models import TEXT_PRESETS
 
             if cfg.text is None:
                 cfg.text = TEXT_PRESETS["clip-l"]
-            sd = _component_file(enc_names[0], cfg.text_encoder)
-            comps[enc_names[0]] = _load_component(enc_names[0], cfg.text, sd, torch.float32, cfg.text_encoder)
+            sd = component_file(enc_names[0], cfg.text_encoder)
+            comps[enc_names[0]] = load_component(enc_names[0], cfg.text, sd, torch.float32, cfg.text_encoder)
         else:
             comps[enc_names[0]] = scratch_text_encoder(build_component(enc_names[0], cfg.text))
         vae, fmt = None, None
@@ -212,6 +199,7 @@ def export_checkpoint(setup: Setup, path: str, ema: EMA | None) -> None:
         "latentforge.family": cfg.family,
         "latentforge.configs": configs_to_json(configs),
         "latentforge.objective": json.dumps(dataclasses.asdict(cfg.objective)),
+        "latentforge.model_sampling": model_sampling.to_json(model_sampling_for(cfg.objective)),
         "latentforge.space": "pixel" if cfg.pixel_space else "latent",
         "latentforge.resolution": str(cfg.resolution),
     }
