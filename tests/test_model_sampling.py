@@ -143,3 +143,37 @@ def test_flow_euler_is_euler_with_velocity():
     for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
         manual = manual + (b - a) * VNet()(manual, torch.full((3,), 1000 * float(a), dtype=torch.float64))
     assert torch.allclose(SAMPLERS["euler"](D, x, sigmas), manual, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "ms",
+    [DiscreteVP(), DiscreteVP(prediction="v", zero_terminal_snr=True), EDM(sigma_data=0.7, prediction="v"),
+     DiscreteFlow(shift=2.5)],
+    ids=["vp-eps", "vp-v-ztsnr", "edm-v", "flow"],
+)  # fmt: skip
+def test_preconditioning_and_json_round_trip(ms):
+    """D = c_skip·x + c_out·F(c_in·x): a network that outputs its own training target
+    (x₀ − c_skip·x)/c_out makes D return x₀ exactly (Karras et al. 2022, Eq. 7-8), and
+    to_json/from_json rebuild the same sampling."""
+    from latentforge import model_sampling
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.7, 0.95] if ms.is_flow else [0.05, 1.3, 9.0], dtype=torch.float64)
+    s = sigma.reshape(-1, 1, 1, 1)
+    x = ms.noise_scaling(sigma, torch.randn(x0.shape, generator=g, dtype=torch.float64), x0)
+    target = (x0 - ms.c_skip(s) * x) / ms.c_out(s)
+    torch.testing.assert_close(ms.calculate_denoised(sigma, target, x), x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ms.calculate_input(sigma, x), ms.c_in(s) * x, rtol=0, atol=0)
+    back = model_sampling.from_json(model_sampling.to_json(ms))
+    assert type(back) is type(ms) and model_sampling.to_json(back) == model_sampling.to_json(ms)
+    torch.testing.assert_close(back.sigmas, ms.sigmas)
+
+
+def test_model_sampling_json_rejects_unknown_type_and_field():
+    from latentforge import model_sampling
+
+    with pytest.raises(ValueError, match="unknown model sampling 'VE'"):
+        model_sampling.from_json('{"type": "VE"}')
+    with pytest.raises(ValueError, match="DiscreteFlow has no field 'gamma'"):
+        model_sampling.from_json('{"type": "DiscreteFlow", "gamma": 2}')
