@@ -13,23 +13,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from latentforge.shapes import export, render, sample_scene, satisfies
 from latentforge.shapes.captions import describe
-from latentforge.shapes.evaluate import (
-    DEGRADATIONS,
-    degrade,
-    detect,
-    evaluate,
-    evaluate_folder,
-    perturb,
-    wilson,
-)
+from latentforge.shapes.detection import detect
+from latentforge.shapes.evaluate import evaluate, evaluate_folder
+from latentforge.shapes.scoring import wilson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from shapes_degrade import DEGRADATIONS, degrade, perturb  # noqa: E402  (test helpers, not the package)
 
 
 def _detect_chunk(images):

@@ -66,7 +66,8 @@ def _eval_generate(args) -> str:
 
 
 def _eval(args) -> int:
-    from latentforge.shapes.evaluate import evaluate_folder, format_report
+    from latentforge.shapes.evaluate import evaluate_folder
+    from latentforge.shapes.report import format_report
 
     if (args.images is None) == (args.model is None):
         print("error: give exactly one of --images DIR or --model PATH", file=sys.stderr)

@@ -1,0 +1,69 @@
+"""Colour classification for the shapes evaluator: the palette, the YCbCr metrics coverage is measured in,
+and the palette colour an object's measured colour stands for.
+
+Edge pixels mix an object with the background, so a palette colour ``c`` is scored by the distance from
+``c`` to the segment ``bg + t (p - bg)``, ``t`` in ``[1, 1 / MIN_PURITY]`` (``p`` the measured colour): the
+colour the pixels would have at full coverage. The background's own colour is never a candidate. When no
+palette colour is within ``COLOR_TOLERANCE`` of its segment, chroma may have been diluted more than luma
+(4:2:0 chroma subsampling of small objects): luma and chroma then get separate dilution factors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .render import COLOR_NAMES, COLORS
+
+MIN_PURITY = 0.6  # the purest pixels of an object are at least this much object (blur, antialiasing)
+MIN_CHROMA_PURITY = 0.4  # 4:2:0 subsampling can leave a small object this little of its chroma
+COLOR_TOLERANCE = 25.0  # beyond this RGB distance from every palette segment, allow chroma dilution
+
+PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
+# Coverage is projected in YCbCr with chroma down-weighted by CHROMA_WEIGHT: luminance survives blur and JPEG
+# chroma subsampling best. YCC_METRIC = M^T diag(w) M for the RGB -> YCbCr matrix M.
+CHROMA_WEIGHT = 0.03
+YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+YCC_METRIC = (YCC.T @ np.diag([1.0, CHROMA_WEIGHT, CHROMA_WEIGHT]) @ YCC).astype(np.float32)
+PALETTE_YCC = PALETTE @ YCC.T.astype(np.float32)
+# The metrics coverage is measured under when matching templates: plain RGB, and YCbCr with weak chroma.
+METRICS = (np.eye(3, dtype=np.float32), YCC_METRIC)
+
+
+def nearest_palette(rgb: np.ndarray) -> int:
+    """Index of the palette colour nearest ``rgb`` (plain RGB distance): how the background is named."""
+    return int(np.argmin(np.linalg.norm(PALETTE - rgb, axis=1)))
+
+
+def nearest_color(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
+    """Index of the palette colour nearest the segment bg + t (p - bg), t in [1, 1 / MIN_PURITY]. When
+    none is within COLOR_TOLERANCE, chroma may have been diluted more than luma (4:2:0 subsampling): then
+    in YCbCr p - bg may be a (c - bg) in luma and b (c - bg) in chroma, a in [MIN_PURITY, 1], b in
+    [MIN_CHROMA_PURITY, a]."""
+    v = p - bg
+    vv = float(v @ v)
+    if vv < 1e-6:
+        d = np.linalg.norm(PALETTE - p, axis=1)
+    else:
+        t = np.clip(((PALETTE - bg) @ v) / vv, 1.0, 1.0 / MIN_PURITY)
+        d = np.linalg.norm(PALETTE - (bg + t[:, None] * v), axis=1)
+    if exclude is not None:
+        d[exclude] = np.inf
+    best = int(np.argmin(d))
+    if d[best] <= COLOR_TOLERANCE:
+        return best
+    return _nearest_diluted(v, bg, exclude)
+
+
+def _nearest_diluted(v: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
+    """``nearest_color``'s fallback: luma diluted by a in [MIN_PURITY, 1], chroma by b in
+    [MIN_CHROMA_PURITY, a], each fitted per palette colour by least squares in YCbCr."""
+    u = YCC @ v
+    dd = PALETTE_YCC - YCC @ bg  # [K, 3]
+    dy, dc = dd[:, 0], dd[:, 1:]
+    a = np.clip(u[0] * dy / np.maximum(dy * dy, 1e-6), MIN_PURITY, 1.0)
+    b = np.clip((dc @ u[1:]) / np.maximum((dc * dc).sum(1), 1e-6), MIN_CHROMA_PURITY, 1.0)
+    b = np.minimum(b, np.maximum(a, MIN_CHROMA_PURITY))
+    dist = (u[0] - a * dy) ** 2 + ((u[1:][None, :] - b[:, None] * dc) ** 2).sum(1)
+    if exclude is not None:
+        dist[exclude] = np.inf
+    return int(np.argmin(dist))
