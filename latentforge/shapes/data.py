@@ -8,7 +8,6 @@ shard ``i % (world_size * num_workers) == rank * num_workers + worker_id``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import atomic_path, write_text
 from .captions import describe
 from .render import SPLITS, Scene, check_resolution, normalize_split, render, sample_scene
 
@@ -99,20 +99,11 @@ def collate(batch):
     return torch.stack(imgs), list(texts), list(scenes)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def export(directory, n: int, size: int = 64, seed: int = 0, split: str = "train") -> Path:
     """Write ``n`` samples of stream ``(seed, split)`` to ``directory``: ``NNNNNN.png`` and ``NNNNNN.txt``
     (the caption), and ``metadata.jsonl`` with one ``{"file_name", "text", "scene", "caption_spec"}`` line per
-    image (Hugging Face ``imagefolder`` layout). Every file is written to a temporary name and renamed.
+    image (Hugging Face ``imagefolder`` layout). Every file is written atomically (``files.atomic_path``).
     Returns the directory."""
-    import io
-
     size = check_resolution(size)
     split = normalize_split(split)
     if n < 0:
@@ -123,10 +114,9 @@ def export(directory, n: int, size: int = 64, seed: int = 0, split: str = "train
     for i in range(n):
         img, text, scene, spec = sample(seed, split, i, size)
         name = f"{i:06d}"
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        _atomic_write(out / f"{name}.png", buf.getvalue())
-        _atomic_write(out / f"{name}.txt", (text + "\n").encode())
+        with atomic_path(out / f"{name}.png") as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+        write_text(out / f"{name}.txt", text + "\n")
         rec = {
             "file_name": f"{name}.png",
             "text": text,
@@ -134,5 +124,5 @@ def export(directory, n: int, size: int = 64, seed: int = 0, split: str = "train
             "caption_spec": spec.to_dict(),
         }
         lines.append(json.dumps(rec))
-    _atomic_write(out / "metadata.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    write_text(out / "metadata.jsonl", "\n".join(lines) + "\n" if lines else "")
     return out
