@@ -32,6 +32,8 @@ from latentforge.samplers.common import (
     call_model,
     denoise_with_uncond,
     first_sigma_for_log_snr,
+    one_minus_exp_neg,
+    phi,
     report,
     sigma_tensor,
     trange,
@@ -40,25 +42,14 @@ from latentforge.samplers.common import (
 # --- scalar helpers ---------------------------------------------------------------------------
 
 
-def _e1(H: float) -> float:
-    """1 − e^{−H}."""
-    return -math.expm1(-H)
-
-
 def _i1(h: float, c: float) -> float:
-    """∫_0^h c·e^{−c(h−τ)}·τ dτ = h·(1 − (1 − e^{−H})/H), H = c·h (series for small H)."""
-    H = c * h
-    if abs(H) < 1e-3:
-        return h * (H / 2 - H**2 / 6 + H**3 / 24)
-    return h * (1 - _e1(H) / H)
+    """I₁ = ∫_0^h c·e^{−c(h−τ)}·τ dτ = c·h²·φ₂(−ch) = h·(1 − (1 − e^{−H})/H), H = c·h."""
+    return c * h * h * phi(2, -c * h)
 
 
 def _i2_half(h: float, c: float) -> float:
-    """½∫_0^h c·e^{−c(h−τ)}·τ² dτ = h²·(½ − 1/H + (1 − e^{−H})/H²), H = c·h (series for small H)."""
-    H = c * h
-    if abs(H) < 1e-3:
-        return h * h * (H / 6 - H**2 / 24 + H**3 / 120)
-    return h * h * (0.5 - 1 / H + _e1(H) / H**2)
+    """½I₂ = ½∫_0^h c·e^{−c(h−τ)}·τ² dτ = c·h³·φ₃(−ch) = h²·(½ − 1/H + (1 − e^{−H})/H²), H = c·h."""
+    return c * h**3 * phi(3, -c * h)
 
 
 def _dpmpp_1(f: ScalarForm, x, D, s: float, t: float):
@@ -67,7 +58,7 @@ def _dpmpp_1(f: ScalarForm, x, D, s: float, t: float):
     if t == 0:
         return D
     h = f.lam(t) - f.lam(s)
-    return (t / s) * x + (f.alpha(t) * _e1(h)) * D
+    return (t / s) * x + (f.alpha(t) * one_minus_exp_neg(h)) * D
 
 
 # --- DPM-Solver++ (data prediction) -----------------------------------------------------------
@@ -232,7 +223,7 @@ def _dpmpp_2m(model, x, sigmas, extra_args, callback, disable, cfg_pp):
             c = h / (2 * h_prev)
             Dd = (1 + c) * D - c * D_prev
         xc = x + f.alpha(s) * (D - U) if cfg_pp else x
-        x = (t / s) * xc + (f.alpha(t) * _e1(h)) * Dd
+        x = (t / s) * xc + (f.alpha(t) * one_minus_exp_neg(h)) * Dd
         D_prev, h_prev = D, h
     return x
 
@@ -362,7 +353,7 @@ def _multistep_sde(
         lam_s, lam_t = f.lam(s), f.lam(t)
         h = lam_t - lam_s
         a_t = f.alpha(t)
-        x = (t / s * math.exp(-eta * h)) * x + (a_t * _e1(c * h)) * D
+        x = (t / s * math.exp(-eta * h)) * x + (a_t * one_minus_exp_neg(c * h)) * D
         if hist:
             D1, l1 = hist[-1]
             d1 = (D - D1) / (lam_s - l1)  # D[i, i−1]
@@ -371,11 +362,13 @@ def _multistep_sde(
                 d2 = (d1 - (D1 - D2) / (l1 - l2)) / (lam_s - l2)  # D[i, i−1, i−2]
                 x = x + (a_t * _i1(h, c)) * (d1 + (lam_s - l1) * d2) + (a_t * 2 * _i2_half(h, c)) * d2
             elif solver_type == "midpoint":
-                x = x + (a_t * 0.5 * _e1(c * h) * h) * d1
+                x = x + (a_t * 0.5 * one_minus_exp_neg(c * h) * h) * d1
             else:
                 x = x + (a_t * _i1(h, c)) * d1
         if eta:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (t * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (
+                t * math.sqrt(one_minus_exp_neg(2 * eta * h)) * s_noise
+            )
         hist = (hist + [(D, lam_s)])[-2:]
     return x
 

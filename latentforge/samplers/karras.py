@@ -8,9 +8,6 @@ multistep sampling (Luo et al. 2023) and gradient estimation (Permenter & Yuan 2
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from latentforge.samplers.common import (
@@ -18,6 +15,7 @@ from latentforge.samplers.common import (
     denoise_with_uncond,
     get_ancestral_step,
     is_flow,
+    lagrange_integrals,
     make_noise_sampler,
     report,
     svec,
@@ -334,18 +332,8 @@ def sample_dpm_2_ancestral(
 
 def _lms_coeffs(sig: list[float], i: int, k: int) -> list[float]:
     """c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(τ) dτ for j < k, where ℓ_j is the Lagrange basis polynomial on the
-    nodes σ_i, σ_{i−1}, …, σ_{i−k+1} (ℓ_j(σ_{i−m}) = δ_jm). Exact: the polynomial is built and
-    integrated with numpy, in the shifted variable τ − σ_i to keep it well conditioned."""
-    P = np.polynomial.Polynomial
-    nodes = [sig[i - j] - sig[i] for j in range(k)]
-    end = sig[i + 1] - sig[i]
-    out = []
-    for j in range(k):
-        others = nodes[:j] + nodes[j + 1 :]
-        ell = P.fromroots(others) / math.prod(nodes[j] - m for m in others) if others else P([1.0])
-        big = ell.integ()  # antiderivative, 0 at τ − σ_i = 0
-        out.append(float(big(end)))
-    return out
+    nodes σ_i, σ_{i−1}, …, σ_{i−k+1} (ℓ_j(σ_{i−m}) = δ_jm); exact (common.lagrange_integrals)."""
+    return lagrange_integrals([sig[i - j] for j in range(k)], sig[i], sig[i + 1])
 
 
 @torch.no_grad()

@@ -35,7 +35,9 @@ from latentforge.samplers.common import (
     get_ancestral_step,
     half_log_snr,
     is_flow,
+    lagrange_integrals,
     make_noise_sampler,
+    phi,
     report,
     svec,
     to_d,
@@ -43,43 +45,6 @@ from latentforge.samplers.common import (
 )
 
 # --- shared numerics ------------------------------------------------------------------------------
-
-# 16-point Gauss–Legendre rule on [−1, 1]: exact for polynomials of degree ≤ 31.
-_GL_U, _GL_W = np.polynomial.legendre.leggauss(16)
-
-
-def _phi(k: int, z: float) -> float:
-    """φ_k(z) = ∫₀¹ e^{(1−θ)z} θ^{k−1}/(k−1)! dθ, so φ₀ = e^z and φ_{k+1}(z) = (φ_k(z) − 1/k!)/z.
-
-    The recursion cancels for small |z|; there the Taylor series Σ_m z^m/(m+k)! is used (30 terms,
-    truncation error < 0.5³⁰/30! for |z| < 0.5).
-    """
-    if abs(z) < 0.5:
-        return sum(z**m / math.factorial(m + k) for m in range(30))
-    p = math.exp(z)
-    for j in range(k):
-        p = (p - 1 / math.factorial(j)) / z
-    return p
-
-
-def _lagrange_integrals(nodes, a: float, b: float, jac=None) -> list[float]:
-    """c_j = ∫_a^b L_j(τ)·jac(τ) dτ for the Lagrange basis L_j(τ) = Π_{k≠j} (τ − τ_k)/(τ_j − τ_k) on `nodes`.
-
-    Fixed 16-point Gauss–Legendre quadrature: exact (to rounding) when jac is None (degree < 4 here);
-    for a smooth jac (DEIS) the error is far below float64 rounding on the intervals samplers use.
-    """
-    tau = (a + b) / 2 + (b - a) / 2 * _GL_U  # [16]
-    w = (b - a) / 2 * _GL_W  # [16]
-    if jac is not None:
-        w = w * jac(tau)
-    out = []
-    for j, tj in enumerate(nodes):
-        basis = np.ones_like(tau)
-        for k, tk in enumerate(nodes):
-            if k != j:
-                basis *= (tau - tk) / (tj - tk)
-        out.append(float((w * basis).sum()))
-    return out
 
 
 def _combine(coeffs, tensors):
@@ -159,7 +124,7 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
             continue
         ds = [to_d(x, sigma, denoised), *ds][:max_order]
         nodes = [float(sigma), *nodes][:max_order]
-        c = _lagrange_integrals(nodes, float(sigma), float(sigma_next))
+        c = lagrange_integrals(nodes, float(sigma), float(sigma_next))
         x = x + _combine(c, ds)
     return x
 
@@ -189,7 +154,7 @@ def _deis_coeffs(ts, rho_a: float, rho_b: float) -> list[float]:
     """C_j = ∫_{t(ρ_a)}^{t(ρ_b)} L_j(τ)·dρ/dτ dτ over the DEIS-time nodes `ts` (newest first)."""
     if len(ts) == 1:
         return [rho_b - rho_a]
-    return _lagrange_integrals(ts, _deis_t(rho_a), _deis_t(rho_b), jac=_deis_drho_dt)
+    return lagrange_integrals(ts, _deis_t(rho_a), _deis_t(rho_b), weight=_deis_drho_dt)
 
 
 @torch.no_grad()
@@ -202,9 +167,9 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     extrapolates ε̂ by the Lagrange polynomial in the DEIS time t through the last
     k = min(max_order, i + 1) nodes:
         y_{i+1} = y_i + Σ_j C_j·ε̂_{i−j},   C_j = ∫_{t_i}^{t_{i+1}} L_j(τ)·(dρ/dτ) dτ,
-    C_j by 16-point Gauss–Legendre quadrature. Written as x_{i+1} = α_{i+1}D_i + σ_{i+1}ε̂_i
-    + α_{i+1}Σ_{j≥1} C_j(ε̂_{i−j} − ε̂_i) (Σ_j C_j = ρ_{i+1} − ρ_i), which avoids the 1/α blow-up near
-    σ = 1 for flow models. A step to σ = 0 is the final denoise x ← D.
+    C_j by Gauss–Legendre quadrature (common.lagrange_integrals). Written as
+    x_{i+1} = α_{i+1}D_i + σ_{i+1}ε̂_i + α_{i+1}Σ_{j≥1} C_j(ε̂_{i−j} − ε̂_i) (Σ_j C_j = ρ_{i+1} − ρ_i),
+    which avoids the 1/α blow-up near σ = 1 for flow models. A step to σ = 0 is the final denoise x ← D.
     """
     _check_order(max_order, 4)
     extra_args = extra_args or {}
@@ -259,7 +224,7 @@ def _res_multistep(
             s, sd = float(s64), float(sd64)
             a, ad = float(alpha(s64, flow)), float(alpha(sd64, flow))
             h = float(half_log_snr(sd64, flow) - half_log_snr(s64, flow))
-            p1, p2 = _phi(1, -h), _phi(2, -h)
+            p1, p2 = phi(1, -h), phi(2, -h)
             if old is None:  # exponential Euler (DDIM): b₁ = φ₁, b₂ = 0
                 d_bar = denoised
             else:  # c₂ = −r, r = h_{i−1}/h: b₁ = φ₁ + φ₂/r, b₂ = −φ₂/r, so h(b₁D + b₂D_old) = hφ₁·d_bar
@@ -386,7 +351,7 @@ def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order,
         prev = hist[-p:-1][::-1]  # p − 1 earlier outputs, newest first
         rks = [(lam_k - lam_s) / h for lam_k, _ in prev]
         d1s = [(m_k - m0) / r for r, (_, m_k) in zip(rks, prev, strict=True)]
-        g = [math.factorial(k) * hh * _phi(k + 1, hh) / bh for k in range(1, p + 1)]
+        g = [math.factorial(k) * hh * phi(k + 1, hh) / bh for k in range(1, p + 1)]
         base = float(s64[i + 1] / s64[i]) * x - (a_t * math.expm1(hh)) * m0
         # predictor UniP-p
         if p == 1:

@@ -31,18 +31,18 @@ import torch
 from latentforge.samplers.common import (
     LazyNoise,
     first_sigma_for_log_snr,
+    gauss_legendre,
     half_log_snr,
     is_flow,
+    lagrange_integrals,
     model_sampling_of,
+    one_minus_exp_neg,
+    phi,
     report,
     sigma_from_half_log_snr,
     svec,
     trange,
 )
-
-# 24-point Gauss–Legendre rule on [−1, 1]; the integrands below are smooth (a polynomial times an
-# exponential, or 1/(e^{v^0.3} + 10) in log v), so this is exact to rounding for every step size used.
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(24)
 
 
 class _Schedule:
@@ -70,16 +70,9 @@ class _Schedule:
         return float(sigma_from_half_log_snr(torch.tensor(lam, dtype=torch.float64), self.flow))
 
 
-def _em1(z: float) -> float:
-    """1 − e^{−z}."""
-    return -math.expm1(-z)
-
-
 def _psi(z: float) -> float:
-    """ψ(z) = 1 − (1 − e^{−z})/z, the φ₂-type weight: c∫_0^H e^{−c(H−u)}·u du = H·ψ(cH)."""
-    if abs(z) < 1e-4:  # series, avoids the cancellation in z + expm1(−z)
-        return z / 2 - z * z / 6 + z**3 / 24
-    return (z + math.expm1(-z)) / z
+    """ψ(z) = 1 − (1 − e^{−z})/z = z·φ₂(−z), the weight of a linear D: c∫_0^H e^{−c(H−u)}·u du = H·ψ(cH)."""
+    return z * phi(2, -z)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,19 +86,18 @@ def er_sde_noise_scaler(v: torch.Tensor) -> torch.Tensor:
     return v * ((v**0.3).exp() + 10.0)
 
 
-def _phi_np(phi, v):
+def _phi_np(scaler, v):
     """A tensor-valued noise scaler evaluated on floats / numpy arrays (float64)."""
-    out = phi(torch.as_tensor(v, dtype=torch.float64))
+    out = scaler(torch.as_tensor(v, dtype=torch.float64))
     return out.numpy() if out.ndim else float(out)
 
 
-def _er_integrals(phi, vt: float, vs: float) -> tuple[float, float]:
+def _er_integrals(scaler, vt: float, vs: float) -> tuple[float, float]:
     """(∫_{v_t}^{v_s} dv/φ(v), ∫_{v_t}^{v_s} (v − v_s)/φ(v) dv), taken in u = log v (dv/φ = (v/φ) du,
     smooth: 1/(e^{v^0.3} + 10) for the default φ) with the fixed Gauss–Legendre rule."""
-    lo, hi = math.log(vt), math.log(vs)
-    mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
-    v = np.exp(mid + half * _GL_X)
-    w = half * _GL_W * v / _phi_np(phi, v)
+    u, w = gauss_legendre(math.log(vt), math.log(vs))
+    v = np.exp(u)
+    w = w * v / _phi_np(scaler, v)
     return float(np.sum(w)), float(np.sum(w * (v - vs)))
 
 
@@ -143,7 +135,7 @@ def sample_er_sde(
     if not 1 <= max_stage <= 3:
         raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage}")
     extra_args = extra_args or {}
-    phi = noise_scaler or er_sde_noise_scaler
+    scaler = noise_scaler or er_sde_noise_scaler  # the paper's φ
     sch = _Schedule(model, sigmas)
     noise_sampler = LazyNoise(x, sch.sigmas, noise_sampler, seed, brownian=True, cpu=True)
     hist_v, hist_d, d1_prev = [], [], None  # history of v and D; previous first divided difference
@@ -156,13 +148,13 @@ def sample_er_sde(
             break
         vs, vt = sch.v(i), sch.v(i + 1)
         a_s, a_t = sch.alpha(i), sch.alpha(i + 1)
-        phi_s, phi_t = _phi_np(phi, vs), _phi_np(phi, vt)
+        phi_s, phi_t = _phi_np(scaler, vs), _phi_np(scaler, vt)
         r = phi_t / phi_s
         data = denoised * (1 - r)
         stage = min(max_stage, len(hist_v) + 1)
         if stage >= 2:
             d1 = (denoised - hist_d[-1]) / (vs - hist_v[-1])  # D[v_s, v_{s−1}]
-            i0, i1 = _er_integrals(phi, vt, vs)
+            i0, i1 = _er_integrals(scaler, vt, vs)
             c1 = (vt - vs) + phi_t * i0
             deriv1 = d1
             if stage >= 3:
@@ -218,7 +210,7 @@ class _StageNoise:
         if not self.on:
             return 0.0
         dr = p.r - self.r
-        z = self.noise_sampler(self.sig_t, p.sig_t) * math.sqrt(_em1(2 * self.eta * dr * self.h))
+        z = self.noise_sampler(self.sig_t, p.sig_t) * math.sqrt(one_minus_exp_neg(2 * self.eta * dr * self.h))
         self.nu = z if self.nu is None else self.nu * math.exp(-self.eta * dr * self.h) + z
         self.r, self.sig_t = p.r, p.sig_t
         return self.nu * (p.sig * self.s_noise)
@@ -275,12 +267,12 @@ def sample_seeds_2(
         h = sch.lam[i + 1] - sch.lam[i]
         noise = _StageNoise(sch, i, eta, s_noise, noise_sampler)
         pu, pt = _Point(sch, i, r, eta), _Point(sch, i, 1.0, eta)
-        u = x * pu.lin + d_s * (pu.alpha * _em1(c * r * h)) + noise.at(pu)
+        u = x * pu.lin + d_s * (pu.alpha * one_minus_exp_neg(c * r * h)) + noise.at(pu)
         d_u = model(u, svec(pu.sig_t, u), **extra_args)
         if solver_type == "phi_1":
-            data = (d_s * (1 - 1 / (2 * r)) + d_u * (1 / (2 * r))) * _em1(c * h)
+            data = (d_s * (1 - 1 / (2 * r)) + d_u * (1 / (2 * r))) * one_minus_exp_neg(c * h)
         else:
-            data = d_s * _em1(c * h) + (d_u - d_s) * (_psi(c * h) / r)
+            data = d_s * one_minus_exp_neg(c * h) + (d_u - d_s) * (_psi(c * h) / r)
         x = x * pt.lin + data * pt.alpha + noise.at(pt)
     return x
 
@@ -328,12 +320,12 @@ def sample_seeds_3(
         h = sch.lam[i + 1] - sch.lam[i]
         noise = _StageNoise(sch, i, eta, s_noise, noise_sampler)
         p1, p2, pt = _Point(sch, i, r_1, eta), _Point(sch, i, r_2, eta), _Point(sch, i, 1.0, eta)
-        u1 = x * p1.lin + d_s * (p1.alpha * _em1(c * r_1 * h)) + noise.at(p1)
+        u1 = x * p1.lin + d_s * (p1.alpha * one_minus_exp_neg(c * r_1 * h)) + noise.at(p1)
         d_1 = model(u1, svec(p1.sig_t, u1), **extra_args)
-        data = d_s * _em1(c * r_2 * h) + (d_1 - d_s) * (r_2 / r_1 * _psi(c * r_2 * h))
+        data = d_s * one_minus_exp_neg(c * r_2 * h) + (d_1 - d_s) * (r_2 / r_1 * _psi(c * r_2 * h))
         u2 = x * p2.lin + data * p2.alpha + noise.at(p2)
         d_2 = model(u2, svec(p2.sig_t, u2), **extra_args)
-        data = d_s * _em1(c * h) + (d_2 - d_s) * (_psi(c * h) / r_2)
+        data = d_s * one_minus_exp_neg(c * h) + (d_2 - d_s) * (_psi(c * h) / r_2)
         x = x * pt.lin + data * pt.alpha + noise.at(pt)
     return x
 
@@ -374,25 +366,6 @@ def sa_solver_tau_interval(
     return _percent_to_sigma(ms, start_percent), _percent_to_sigma(ms, end_percent)
 
 
-def _lagrange_exp_weights(lam_nodes: list[float], lam_s: float, lam_t: float, c: float) -> list[float]:
-    """w_j = c∫_{λ_s}^{λ_t} e^{−c(λ_t − λ)}·ℓ_j(λ) dλ for the Lagrange basis ℓ_j on `lam_nodes`
-    (SA-Solver, Xue et al. 2023, Eqs. 15/18 without the α_t factor). Substituting u = λ_t − λ, the
-    integrand is c·e^{−cu}·(polynomial of degree < 4); 24-point Gauss–Legendre on [0, h] is exact
-    for the polynomial and converges super-exponentially for e^{−cu} (error < 1e-20 for ch ≤ 10)."""
-    h = lam_t - lam_s
-    u = 0.5 * h * (_GL_X + 1.0)  # nodes on [0, h]
-    wq = 0.5 * h * _GL_W * c * np.exp(-c * u)
-    lam = lam_t - u  # quadrature points in λ
-    out = []
-    for j, lj in enumerate(lam_nodes):
-        basis = np.ones_like(lam)
-        for m, lm in enumerate(lam_nodes):
-            if m != j:
-                basis = basis * (lam - lm) / (lj - lm)
-        out.append(float(np.sum(wq * basis)))
-    return out
-
-
 @torch.no_grad()
 def sample_sa_solver(
     model,
@@ -418,7 +391,7 @@ def sample_sa_solver(
     (Eq. 18, order `corrector_order`) for the SDE with stochasticity τ(σ):
 
         x_{i+1} = (σ_{i+1}/σ_i)e^{−τ²h}·x_i + α_{i+1}·Σ_j b_j·D_j + σ_{i+1}√(1 − e^{−2τ²h})·ξ_i,
-        b_j = (1 + τ²)∫_{λ_i}^{λ_{i+1}} e^{−(1+τ²)(λ_{i+1} − λ)}·ℓ_j(λ) dλ   (`_lagrange_exp_weights`),
+        b_j = (1 + τ²)∫_{λ_i}^{λ_{i+1}} e^{−(1+τ²)(λ_{i+1} − λ)}·ℓ_j(λ) dλ   (common.lagrange_integrals),
 
     ℓ_j the Lagrange basis on λ_i, λ_{i−1}, … (predictor) or λ_{i+1}, λ_i, … (corrector, using D at
     the predicted x_{i+1}); predictor and corrector share the noise ξ_i. PEC (this function): the D
@@ -479,7 +452,7 @@ def sample_sa_solver(
         if eta_s > 0 and s_noise > 0:
             h = sch.lam[i + 1] - sch.lam[i]
             noise = noise_sampler(sigma, sch.sigmas[i + 1]) * (
-                sch.sig[i + 1] * math.sqrt(_em1(2 * eta_s * h)) * s_noise
+                sch.sig[i + 1] * math.sqrt(one_minus_exp_neg(2 * eta_s * h)) * s_noise
             )
         step = (eta_s, noise)
         x_p = _adams_update(x_c, sch, i, nodes, ds, eta_s, noise)
@@ -490,7 +463,8 @@ def _adams_update(x, sch, i, nodes, ds, eta, noise):
     """x_{i+1} = (σ_{i+1}/σ_i)e^{−ηh}·x_i + α_{i+1}Σ_j b_j D_j (+ noise): Eq. 15/18 of Xue et al."""
     lam_s, lam_t = sch.lam[i], sch.lam[i + 1]
     h = lam_t - lam_s
-    b = _lagrange_exp_weights(nodes, lam_s, lam_t, 1.0 + eta)
+    c = 1.0 + eta
+    b = lagrange_integrals(nodes, lam_s, lam_t, weight=lambda lam: c * np.exp(-c * (lam_t - lam)))
     out = x * (sch.sig[i + 1] / sch.sig[i] * math.exp(-eta * h))
     a_t = sch.alpha(i + 1)
     for bj, dj in zip(b, ds, strict=True):
