@@ -9,9 +9,6 @@ import sys
 
 
 def _bench(args) -> int:
-    if args.what != "samplers":
-        print(f"unknown benchmark {args.what!r}; available: samplers", file=sys.stderr)
-        return 2
     from latentforge.bench import bench_samplers, format_table
 
     names = args.samplers.split(",") if args.samplers else None

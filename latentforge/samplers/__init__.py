@@ -108,7 +108,7 @@ _RAW = {
     **multistep.SAMPLERS,
     **stochastic.SAMPLERS,
 }
-SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in SAMPLER_NAMES if name in _RAW}
+SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in SAMPLER_NAMES}
 
 
 def get_sampler(name: str) -> Callable:
