@@ -24,6 +24,7 @@ from latentforge.noise import BrownianTreeNoiseSampler
 from latentforge.plot import line_plot, save_png, stack
 from latentforge.samplers import SAMPLER_NAMES, SAMPLERS
 from latentforge.schedules import get_sigmas_karras
+from latentforge.stats import frechet_distance
 
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642  # SD1's σ table ends (reference samplers.md §1b)
 NFE_TARGETS = (5, 10, 20, 50)
@@ -57,16 +58,10 @@ def sliced_w1(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0
 
 
 def frechet(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float:
-    """Fréchet distance between N(mean(x), cov(x)) and N(mean, cov) (Dowson & Landau 1982):
-    |m1 − m2|² + tr(C1 + C2 − 2(C2^½ C1 C2^½)^½)."""
-    m1, c1 = x.mean(0), torch.cov(x.T)
-
-    def sqrtm(c):
-        w, v = torch.linalg.eigh(c)
-        return v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T
-
-    r = sqrtm(cov)
-    return float(((m1 - mean) ** 2).sum() + torch.trace(c1 + cov - 2 * sqrtm(r @ c1 @ r)))
+    """Fréchet distance (`stats.frechet_distance`) between N(mean(x), cov(x)) of samples x [N, D] and
+    N(mean, cov)."""
+    x = x.double().cpu()
+    return frechet_distance(x.mean(0), torch.cov(x.T), mean, cov)
 
 
 # dpm_adaptive picks its own steps: its NFE is set through the tolerance (rtol, with atol = rtol/6.4 as in
