@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import time
 
@@ -111,8 +110,6 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
     gmm = GaussianMixture.random(k=4, dim=8, seed=0)
     D = gmm.denoiser()
     names = list(names or SAMPLER_NAMES)
-    missing = [n for n in names if n not in SAMPLERS]
-    names = [n for n in names if n in SAMPLERS]
     g = torch.Generator().manual_seed(1234)
     noise_det = torch.randn(n_det, gmm.dim, generator=g, dtype=torch.float64)
     noise_sto = torch.randn(n_stoch, gmm.dim, generator=g, dtype=torch.float64)
@@ -160,7 +157,6 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
         "n_stochastic": n_stoch,
         "sw_floor": floor,
         "frechet_floor": fd_floor,
-        "missing": missing,
         "seconds": round(time.perf_counter() - t_start, 2),
         "samplers": results,
     }
@@ -202,14 +198,4 @@ def format_table(report: dict) -> str:
         f"(noise floor {report['sw_floor']:.3e}; Fréchet distances to the exact moments are in the JSON). "
         f"(n) = measured NFE. {report['seconds']:.1f} s."
     )
-    if report["missing"]:
-        lines.append("missing samplers: " + ", ".join(report["missing"]))
     return "\n".join(lines)
-
-
-def is_finite_report(report: dict) -> bool:
-    return all(
-        math.isfinite(row.get("rmse", row.get("sliced_w1", math.nan)))
-        for r in report["samplers"].values()
-        for row in r["runs"]
-    )
