@@ -18,9 +18,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from latentforge.files import atomic_path
 from latentforge.gmm import GaussianMixture
 from latentforge.noise import BrownianTreeNoiseSampler
-from latentforge.plot import line_plot, save_png, stack
+from latentforge.plot import draw_curves, figure, save_figure
 from latentforge.samplers import SAMPLER_NAMES, SAMPLERS
 from latentforge.schedules import get_sigmas_karras
 from latentforge.stats import frechet_distance
@@ -160,27 +161,49 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
         "seconds": round(time.perf_counter() - t_start, 2),
         "samplers": results,
     }
-    tmp = os.path.join(out_dir, f".samplers.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_path(os.path.join(out_dir, "samplers.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "samplers.json"))
 
+    save_plot(report, os.path.join(out_dir, "samplers.png"))
+    return report
+
+
+def save_plot(report: dict, path: str) -> None:
+    """samplers.png: error against NFE, one panel per kind (ODE: RMSE, SDE: sliced W1 with its floor)."""
     panels = []
-    for kind, key, label in (
-        ("deterministic", "rmse", "ODE samplers: RMSE against the exact probability-flow solution"),
-        ("stochastic", "sliced_w1", f"SDE samplers: sliced W1 to mixture samples (noise floor {floor:.3g})"),
+    for kind, key, title, ylabel in (
+        ("deterministic", "rmse", "ODE samplers: RMSE against the exact probability-flow solution", "RMSE"),
+        ("stochastic", "sliced_w1", "SDE samplers: sliced W1 to samples of the mixture", "sliced W1"),
     ):
         series = {
             name: ([row["nfe"] for row in r["runs"]], [row[key] for row in r["runs"]])
-            for name, r in results.items()
+            for name, r in report["samplers"].items()
             if r["kind"] == kind
         }
         if series:
-            title = f"latentforge, 4-component Gaussian mixture, SD1 sigma range, Karras schedule. {label}"
-            panels.append(line_plot(series, None, title, "NFE (model calls)", key, logx=True, logy=True))
-    if panels:
-        save_png(stack(panels), os.path.join(out_dir, "samplers.png"))
-    return report
+            panels.append((kind, series, title, ylabel))
+    if not panels:
+        return
+    fig = figure(
+        (1400, 60 + 620 * len(panels)),
+        rows=len(panels),
+        title="latentforge: samplers on a 4-component Gaussian mixture (8-D), SD1 σ range, Karras schedule",
+    )
+    for ax, (kind, series, title, ylabel) in zip(fig.axes, panels, strict=True):
+        draw_curves(ax, series, title, "NFE (model calls)", ylabel, logx=True, logy=True)
+        if kind == "stochastic":
+            floor = report["sw_floor"]
+            ax.axhline(floor, color="0.3", linewidth=1.0, linestyle=(0, (1, 2)))
+            ax.annotate(
+                f"noise floor {floor:.3g} (two independent mixture samples)",
+                (0.01, floor),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize="small",
+                color="0.3",
+            )
+    save_figure(fig, path)
 
 
 def format_table(report: dict) -> str:

@@ -1,56 +1,145 @@
-"""A small line plot drawn with Pillow (no matplotlib): benchmark curves and loss curves."""
+"""Curve plots with matplotlib (benchmark curves, loss curves) and PNG writing, every file atomically.
+
+Figures are built on matplotlib's object API with an Agg canvas (`Figure` + `FigureCanvasAgg`), so
+nothing touches pyplot's global state or needs a display.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib import colormaps, ticker
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (174, 199, 232),
-]  # fmt: skip
-DASHES = [None, (6, 3), (2, 3)]
+from latentforge.files import atomic_path
 
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
-def _ticks(lo: float, hi: float, log: bool) -> list[float]:
-    if log:
-        return [10.0**e for e in range(math.floor(lo), math.ceil(hi) + 1)]
-    span = hi - lo or 1.0
-    step = 10 ** math.floor(math.log10(span / 5))
-    for m in (1, 2, 5, 10):
-        if span / (step * m) <= 6:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + k * step for k in range(int((hi - start) / step) + 1)]
+DPI = 100
+# Curve k gets colour k mod 10, line style ⌊k/10⌋ and marker k mod 7: the (colour, style) pair is unique
+# for 40 curves, and the marker (7 is coprime to 10) separates neighbours of the same colour again.
+COLORS = list(colormaps["tab10"].colors)
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+MAX_MARKED_POINTS = 60  # longer series (loss curves) are drawn as plain lines
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.0e}" if (abs(v) >= 1e4 or 0 < abs(v) < 1e-2) else f"{v:g}"
+def curve_style(k: int) -> dict:
+    return {
+        "color": COLORS[k % len(COLORS)],
+        "linestyle": LINESTYLES[(k // len(COLORS)) % len(LINESTYLES)],
+        "marker": MARKERS[k % len(MARKERS)],
+    }
 
 
-def save_png(img: Image.Image, path: str) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _points(xs, ys, logx: bool, logy: bool) -> tuple[list[float], list[float]]:
+    """The finite points, and on a log axis only the positive ones."""
+    keep = [
+        (float(x), float(y))
+        for x, y in zip(xs, ys, strict=True)
+        if math.isfinite(x) and math.isfinite(y) and (x > 0 or not logx) and (y > 0 or not logy)
+    ]
+    return [p[0] for p in keep], [p[1] for p in keep]
 
 
-def stack(images: Sequence[Image.Image]) -> Image.Image:
-    """Images one above the other."""
-    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
-    y = 0
-    for im in images:
-        out.paste(im, (0, y))
-        y += im.height
-    return out
+def _spread_ticks(values: Sequence[float], min_gap: float) -> list[float]:
+    """A subset of `values` at least `min_gap` apart in log10, round numbers first (multiples of 10, 5,
+    2), so the labels neither overlap nor skip the round targets."""
+
+    def roundness(v):
+        n = round(v)
+        whole = abs(v - n) < 1e-9
+        return (not (whole and n % 10 == 0), not (whole and n % 5 == 0), not (whole and n % 2 == 0), v)
+
+    chosen: list[float] = []
+    for v in sorted(values, key=roundness):
+        if all(abs(math.log10(v) - math.log10(c)) >= min_gap for c in chosen):
+            chosen.append(v)
+    return sorted(chosen)
+
+
+def _measured_log_ticks(ax: Axes, xs: Sequence[float], max_distinct: int = 40) -> None:
+    """Ticks of a log x axis at the measured x values: every one gets a tick mark, a spread-out subset
+    (`_spread_ticks`, about 1/16 of the axis apart) gets a plain-number label."""
+    values = sorted({x for x in xs if x > 0})
+    if not 1 <= len(values) <= max_distinct:
+        return
+    lo, hi = ax.get_xlim()
+    span = max(math.log10(hi / lo), 1e-9)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(_spread_ticks(values, span / 16)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(ticker.FixedLocator(values))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def draw_curves(
+    ax: Axes,
+    series: Series,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    """Each series (name -> (xs, ys)) as a line in its own `curve_style`, with markers at the points
+    unless the series is long; log axes drop non-positive values. A log x axis with few distinct x
+    values (NFEs) gets its ticks at those values. With more than one series the legend goes outside
+    the axes on the right, one column per 28 names."""
+    all_x = []
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        px, py = _points(xs, ys, logx, logy)
+        style = curve_style(k)
+        if len(px) > MAX_MARKED_POINTS:
+            style["marker"] = None
+        ax.plot(px, py, label=name, linewidth=1.4, markersize=4.5, **style)
+        all_x += px
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", color="0.85", linewidth=0.8)
+    ax.grid(True, which="minor", color="0.93", linewidth=0.5)
+    ax.set_axisbelow(True)
+    ax.set_title(title, fontsize="medium", loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx and all_x:
+        _measured_log_ticks(ax, all_x)
+    elif not logx and all_x and all(x == int(x) for x in all_x):  # steps: no ticks at 1.25, 1.5
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    if len(series) > 1:
+        ax.legend(
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            ncols=-(-len(series) // 28),
+            fontsize="small",
+            frameon=False,
+            borderaxespad=0.0,
+        )
+
+
+def figure(size: tuple[int, int] = (1400, 900), rows: int = 1, title: str = "") -> Figure:
+    """A figure of `size` pixels with `rows` axes one above the other (constrained layout, which makes
+    room for legends outside the axes), on an Agg canvas."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.subplots(rows, 1, squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize="large")
+    return fig
+
+
+def save_figure(fig: Figure, path: str) -> None:
+    """The figure as a PNG, written atomically (`files.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
 
 
 def line_plot(
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    series: Series,
     path: str | None = None,
     title: str = "",
     xlabel: str = "",
@@ -58,83 +147,17 @@ def line_plot(
     logx: bool = False,
     logy: bool = False,
     size: tuple[int, int] = (1400, 900),
-) -> Image.Image:
-    """Draw each series (name -> (xs, ys)) as a polyline with markers and a legend; returns the image and,
-    given a path, writes it as a PNG atomically."""
-    W, H = size
-    legend_w = 260 if len(series) > 1 else 0
-    left, right, top, bottom = 80, 20 + legend_w, 40, 60
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (W, H), "white")
-    dr = ImageDraw.Draw(img)
-
-    def tx(v, log):
-        return math.log10(v) if log else v
-
-    pts = [
-        (tx(x, logx), tx(y, logy))
-        for xs, ys in series.values()
-        for x, y in zip(xs, ys, strict=True)
-        if (x > 0 or not logx) and (y > 0 or not logy) and math.isfinite(x) and math.isfinite(y)
-    ]
-    if not pts:
-        pts = [(0.0, 0.0), (1.0, 1.0)]
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pw, ph = W - left - right, H - top - bottom
-
-    def px(x, y):
-        return left + (x - x0) / (x1 - x0) * pw, top + (1 - (y - y0) / (y1 - y0)) * ph
-
-    dr.rectangle([left, top, left + pw, top + ph], outline="black")
-    for t in _ticks(x0, x1, logx):
-        v = math.log10(t) if logx else t
-        if x0 - 1e-9 <= v <= x1 + 1e-9:
-            X, _ = px(v, y0)
-            dr.line([X, top, X, top + ph], fill=(225, 225, 225))
-            dr.text((X - 12, top + ph + 6), _fmt(t), fill="black", font=font)
-    for t in _ticks(y0, y1, logy):
-        v = math.log10(t) if logy else t
-        if y0 - 1e-9 <= v <= y1 + 1e-9:
-            _, Y = px(x0, v)
-            dr.line([left, Y, left + pw, Y], fill=(225, 225, 225))
-            dr.text((6, Y - 6), _fmt(t), fill="black", font=font)
-    dr.text((left, 12), title, fill="black", font=font)
-    dr.text((left + pw // 2 - 30, H - 24), xlabel, fill="black", font=font)
-    dr.text((6, 12), ylabel, fill="black", font=font)
-
-    for k, (name, (xs, ys)) in enumerate(series.items()):
-        color = PALETTE[k % len(PALETTE)]
-        dash = DASHES[(k // len(PALETTE)) % len(DASHES)]
-        line = [
-            px(tx(x, logx), tx(y, logy))
-            for x, y in zip(xs, ys, strict=True)
-            if (x > 0 or not logx) and (y > 0 or not logy) and math.isfinite(x) and math.isfinite(y)
-        ]
-        for a, b in zip(line[:-1], line[1:], strict=True):
-            if dash is None:
-                dr.line([a, b], fill=color, width=2)
-            else:  # dashed: draw on-segments along the line
-                L = math.dist(a, b)
-                pos = 0.0
-                while pos < L:
-                    e = min(pos + dash[0], L)
-                    p = (a[0] + (b[0] - a[0]) * pos / L, a[1] + (b[1] - a[1]) * pos / L)
-                    q = (a[0] + (b[0] - a[0]) * e / L, a[1] + (b[1] - a[1]) * e / L)
-                    dr.line([p, q], fill=color, width=2)
-                    pos += dash[0] + dash[1]
-        for X, Y in line:
-            dr.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=color)
-        if legend_w:
-            ly = top + 4 + 14 * k
-            lx = W - legend_w + 10
-            dr.line([lx, ly + 6, lx + 24, ly + 6], fill=color, width=3 if dash is None else 1)
-            dr.text((lx + 30, ly), name, fill="black", font=font)
-
+) -> Figure:
+    """One panel of curves (`draw_curves`) in a figure of `size` pixels; written to `path` as a PNG
+    when given. Returns the figure."""
+    fig = figure(size)
+    draw_curves(fig.axes[0], series, title, xlabel, ylabel, logx, logy)
     if path is not None:
-        save_png(img, path)
-    return img
+        save_figure(fig, path)
+    return fig
+
+
+def save_png(img, path: str) -> None:
+    """A PIL image as a PNG, written atomically (`files.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
