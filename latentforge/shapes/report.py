@@ -12,10 +12,10 @@ thousands.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
+from ..stats import frechet_distance
 from .render import COLOR_NAMES, POSITION_NAMES, SIZES, Obj, Scene, relation_holds, satisfies
 from .scoring import ATTRIBUTES, rate, wilson
 
@@ -153,25 +153,9 @@ def failure_grid(images, cols: int = 8, scale: int = 2, gap: int = 2) -> np.ndar
     return grid
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    s1, s2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # rank-deficient covariances are fine here
-        covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        off = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = np.real(covmean)
-    return float(max(0.0, diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
-
-
 def fsd(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet Shapes Distance between two feature sets [N, D] (from ``features``); needs N >= 2 each."""
+    """Frechet Shapes Distance between two feature sets [N, D] (from ``features``); needs N >= 2 each: the
+    Frechet distance (``stats.frechet_distance``) between Gaussians fitted to the two sets."""
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("FSD needs at least 2 images in each set")
