@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentforge.models.dit import PRESETS, DiT, DiTConfig, sincos_pos_embed_2d, timestep_embedding
+from latentforge.models.dit import PRESETS, DiT, DiTConfig, sincos_pos_embed_2d
+from latentforge.models.embeddings import timestep_embedding
 
 KEYS_DIR = Path(__file__).parent / "data" / "checkpoint_keys"
 

@@ -20,13 +20,21 @@ With `context_dim == 0` the module tree is exactly the original class-conditiona
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.embeddings import (
+    FinalLayer,
+    Mlp,
+    MLPEmbedder,
+    PatchEmbed,
+    SelfAttention,
+    TimestepEmbedder,
+    attention,
+    modulate,
+)
 from latentforge.models.init import embedding, normal_
 
 
@@ -59,25 +67,6 @@ PRESETS: dict[str, DiTConfig] = {
 }
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x [N, T, D] · (1 + scale[N, D]) + shift[N, D] (models.py L19-20)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """GLIDE sinusoid [cos | sin] of t [N] -> [N, dim], frequencies max_period^(-i / (dim/2)), i < dim/2.
-
-    Computed in float32 like the original (whatever the weights' dtype); the caller casts.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # [N, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding [grid_size², embed_dim] (MAE form, models.py L274-321).
 
@@ -95,35 +84,6 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     col = emb_1d[None, :, :].expand(grid_size, grid_size, -1)  # [i, j] -> embedding of j
     row = emb_1d[:, None, :].expand(grid_size, grid_size, -1)  # [i, j] -> embedding of i
     return torch.cat([col, row], dim=-1).reshape(grid_size * grid_size, embed_dim)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches -> tokens (timm `PatchEmbed`): [N, C, H, W] -> [N, T, D]."""
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class TimestepEmbedder(nn.Module):
-    """t [N] -> 256-d sinusoid -> Linear-SiLU-Linear -> [N, D] (models.py L27-64)."""
-
-    frequency_embedding_size = 256
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(self.frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # [N, 256] float32
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -147,36 +107,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class PooledEmbedder(nn.Module):
-    """Text variant: pooled text [N, pooled_dim] -> Linear-SiLU-Linear -> [N, D] (SD3's `y_embedder`)."""
-
-    def __init__(self, pooled_dim: int, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.mlp(pooled)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm `Attention`, qkv_bias=True)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        # qkv rows are [q | k | v], each head-major: [N, T, 3, heads, d_head] -> 3 × [N, heads, T, d_head]
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, d_head]
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
-
-
 class CrossAttention(nn.Module):
     """Text variant: tokens [N, T, D] attend to a context [N, L, context_dim]."""
 
@@ -194,21 +124,7 @@ class CrossAttention(nn.Module):
         k, v = (
             self.kv(context).reshape(n, context.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
         )  # [N, heads, L, dh]
-        x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, T, d_head]
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (timm `Mlp` as DiT builds it)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.proj(attention(q, k, v))  # [N, T, D]
 
 
 class DiTBlock(nn.Module):
@@ -222,7 +138,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, context_dim: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         if context_dim > 0:
@@ -239,20 +155,6 @@ class DiTBlock(nn.Module):
         if context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm -> adaLN (shift, scale) -> Linear(D, p²·out_channels) (models.py L125-142)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 × [N, D]
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [N, T, p²·C_out]
 
 
 class DiT(nn.Module):
@@ -272,7 +174,7 @@ class DiT(nn.Module):
         if config.context_dim == 0:
             self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         elif config.pooled_dim > 0:
-            self.y_embedder = PooledEmbedder(config.pooled_dim, d)
+            self.y_embedder = MLPEmbedder(config.pooled_dim, d)  # SD3's `y_embedder`
         grid = config.input_size // config.patch_size
         # Fixed, but saved in the released checkpoint (a requires_grad=False Parameter there): a persistent
         # buffer keeps the key and stays out of model.parameters().

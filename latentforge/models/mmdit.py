@@ -20,13 +20,22 @@ The timestep fed in is 1000·σ (rectified flow, `sd3_impls.py`); the output is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from latentforge.models.embeddings import (
+    FinalLayer,
+    Mlp,
+    MLPEmbedder,
+    PatchEmbed,
+    SelfAttention,
+    TimestepEmbedder,
+    attention,
+    modulate,
+)
 
 
 @dataclass(frozen=True)
@@ -93,83 +102,6 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> MMDiTConfig:
         qk_norm="rms" if "joint_blocks.0.context_block.attn.ln_q.weight" in sd else None,
         x_block_self_attn_layers=tuple(sorted(attn2)),
     )
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # adaLN: x [B, L, D], shift/scale [B, D]
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    # [cos, sin] of t·f_i with f_i = max_period^(-i/half), i < half (DiT / ADM): t [B] -> [B, dim], float32
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H/p·W/p, D]
-
-
-class MLPEmbedder(nn.Module):
-    """`TimestepEmbedder` / `VectorEmbedder`: Linear, SiLU, Linear (keys `mlp.0`, `mlp.2`)."""
-
-    def __init__(self, in_features: int, hidden_size: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_features, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, hidden_size: int, mlp_hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # q, k, v [B, H, L, 64] -> softmax(q kᵀ / 8) v -> [B, L, H·64]
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
-
-
-class SelfAttention(nn.Module):
-    """qkv projection (with bias), optional per-head RMSNorm of q and k, output projection."""
-
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: str | None, pre_only: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        if not pre_only:
-            self.proj = nn.Linear(hidden_size, hidden_size)
-        self.head_dim = head_dim = hidden_size // num_heads
-        if qk_norm == "rms":
-            self.ln_q = nn.RMSNorm(head_dim, eps=1e-6)
-            self.ln_k = nn.RMSNorm(head_dim, eps=1e-6)
-        else:
-            self.ln_q = self.ln_k = nn.Identity()
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x [B, L, D] -> q, k, v [B, H, L, 64]; the qkv features are ordered (3, heads, 64)
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.ln_q(q), self.ln_k(k), v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(attention(*self.qkv_heads(x)))
 
 
 class DismantledBlock(nn.Module):
@@ -246,25 +178,13 @@ class JointBlock(nn.Module):
         return context, self.x_block.post_attention(x, x_attn, x_state)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, L, p·p·C_out]
-
-
 class MMDiT(nn.Module):
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = cfg = config
         D = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = MLPEmbedder(256, D)
+        self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = MLPEmbedder(cfg.adm_in_channels, D)
         self.context_embedder = nn.Linear(cfg.context_dim, D)
         # Fixed 2-D sin-cos table stored in the checkpoint (persistent buffer), centre-cropped per latent.
@@ -318,7 +238,7 @@ class MMDiT(nn.Module):
         x = x.to(dtype)
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(dtype)  # [B, h·w, D]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        c = self.t_embedder(timestep_embedding(t).to(dtype))  # [B, D]
+        c = self.t_embedder(t)  # [B, D]
         if y is not None:
             c = c + self.y_embedder(y.to(dtype))  # [B, D]
         if context is None:  # no text tokens: the joint attention reduces to image self-attention

@@ -11,12 +11,13 @@ y (B, adm_in_channels) for SDXL (see `sdxl_vector`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from latentforge.models.embeddings import GroupNorm32, timestep_embedding
 
 
 @dataclass
@@ -81,18 +82,6 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) → (B, dim) sinusoidal embedding, [cos | sin], frequencies exp(−ln(max_period)·i/half),
-    i = 0..half−1, computed in float32 as in ldm `util.timestep_embedding` (cos first, unlike the VAE's)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
 def sdxl_vector(
     pooled: torch.Tensor,
     original_size: tuple[int, int] | torch.Tensor,
@@ -151,15 +140,6 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     cols = cols.transpose(0, 1).reshape(weight.shape[1], -1)  # (C_in·9, B·H_out·W_out)
     out = torch.addmm(conv.bias[:, None], weight, cols)  # (C_out, B·H_out·W_out)
     return out.view(-1, b, ho, wo).transpose(0, 1).contiguous()  # (B, C_out, H_out, W_out)
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32, C, eps=1e-5) computed in at least float32 (`util.normalization`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = torch.promote_types(x.dtype, torch.float32)
-        w, b = self.weight.to(dt), self.bias.to(dt)
-        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
