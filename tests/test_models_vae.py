@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.vae import (
@@ -313,6 +314,53 @@ def test_group_norm_record_and_fixed_statistics():
         norm.stats = None
         with pytest.raises(RuntimeError, match="no recorded statistics"):
             norm(other)
+
+
+def _float32_group_norm(norm: GroupNorm, x: torch.Tensor, stats) -> torch.Tensor:
+    # What `norm` computes, in float32 on the same (half) input and weights: nn.GroupNorm's own statistics,
+    # or the given (mean, var) [B, G] (mode "fixed").
+    w, b = norm.weight.float(), norm.bias.float()
+    if stats is None:
+        return F.group_norm(x.float(), norm.num_groups, w, b, norm.eps)
+    mean, var = (s.float()[..., None] for s in stats)
+    h = (x.float().reshape(x.shape[0], norm.num_groups, -1) - mean) * torch.rsqrt(var + norm.eps)
+    return h.reshape(x.shape) * w[:, None, None] + b[:, None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_group_norms_compute_in_float32(dtype):
+    # A bf16/fp16 VAE's GroupNorms normalize in float32, like the UNet's GroupNorm32: each output is the
+    # float32 result on the same half-precision input and weights, rounded once to the half dtype, so it is
+    # within the unit roundoff u of it (round to nearest: |round(v) − v| <= u·|v|, u = 2^-8 for bf16, 2^-11
+    # for fp16; plus half the spacing of the subnormals for values below the normal range). Checked on every
+    # GroupNorm call of a decode, of a tiled decode (modes "record" and "fixed") and of an encode.
+    # Normalizing in the half dtype misses this bound: on the offset input below (mean 300, σ 3) fp16
+    # statistics are off by up to ~0.014 relative (~30 u) and bf16 ones by ~0.009 (~2 u), measured.
+    u = torch.finfo(dtype).eps / 2  # eps: the spacing of the numbers at 1
+    tiny_abs = u * torch.finfo(dtype).smallest_normal
+    model = tiny(dtype=dtype)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
+    calls = []
+
+    def hook(m, args, out):
+        calls.append((m, args[0], m.mode, m.stats if m.mode == "fixed" else None, out))
+
+    handles = [m.register_forward_hook(hook) for m in norms]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.decode(torch.randn(1, 4, 8, 8, dtype=dtype))
+        model.decode_tiled(torch.randn(1, 4, 12, 12, dtype=dtype), tile=8, overlap=2)
+        model.encode(torch.rand(1, 3, 16, 16, dtype=dtype) * 2 - 1)
+        far = torch.randn(2, model.decoder.norm_out.num_channels, 8, 8) * 3 + 300  # far from zero
+        model.decoder.norm_out(far.to(dtype))
+    for h in handles:
+        h.remove()
+    assert {m for m, *_ in calls} == set(norms) and {c[2] for c in calls} == {None, "record", "fixed"}
+    for m, x, mode, stats, out in calls:
+        assert out.dtype == dtype
+        with torch.no_grad():
+            ref = _float32_group_norm(m, x, stats)
+        assert ((out.float() - ref).abs() <= u * ref.abs() + tiny_abs).all(), (mode, m)
 
 
 def _record(part: nn.Module, fn, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,7 +7,7 @@ Module paths are the keys of `first_stage_model.*` in SD1/SD2/SDXL/SD3 checkpoin
 (`CompVis/stable-diffusion:ldm/modules/diffusionmodules/model.py` Encoder L368 / Decoder L462,
 `ldm/models/autoencoder.py` AutoencoderKL L285; SD3: `Stability-AI/sd3.5:sd3_impls.py` L380-742, the same
 topology with 16 latent channels and no quant convs). Notable layout facts:
-- every norm is GroupNorm(32, eps=1e-6) and the nonlinearity is swish x·σ(x);
+- every norm is GroupNorm(32, eps=1e-6) (computed in float32 here) and the nonlinearity is swish x·σ(x);
 - Downsample pads (0, 1, 0, 1) and then runs a stride-2 3×3 conv without padding (asymmetric);
 - the mid attention is single-head over the H·W positions, with q/k/v/proj_out as 1×1 convs;
 - `decoder.up` is indexed by resolution level, not by execution order: `up.{last}` runs first.
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from latentforge.models.embeddings import GroupNorm32
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,9 @@ class DiagonalGaussian:
 # Building blocks (model.py: Normalize, nonlinearity, ResnetBlock, AttnBlock, Downsample, Upsample).
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (Wu & He 2018, eq. 1-2) that tiled encode/decode can switch to other statistics.
+class GroupNorm(GroupNorm32):
+    """GroupNorm (Wu & He 2018, eq. 1-2) computed in float32 like the UNet's (half-precision inputs come
+    back in their dtype), that tiled encode/decode can switch to other statistics.
 
     `mode` None: the usual per-call statistics. "record": normalize as usual and keep this call's
     per-(sample, group) mean and variance in `stats`. "fixed": normalize with `stats` instead of the input's
@@ -125,24 +128,25 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
         super().__init__(num_groups, num_channels, eps=eps)
         self.mode: str | None = None
-        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, var: [B, G] each
+        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, var: [B, G], float32 or wider
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         if self.mode is None:
             return super().forward(x)
         B, C = x.shape[:2]
-        g = x.reshape(B, self.num_groups, -1)  # [B, G, C/G·H·W]
+        dt = torch.promote_types(x.dtype, torch.float32)
+        g = x.reshape(B, self.num_groups, -1).to(dt)  # [B, G, C/G·H·W]
         if self.mode == "record":
-            g = g.to(torch.promote_types(g.dtype, torch.float32))  # half inputs: statistics in float32
             var, mean = torch.var_mean(g, dim=-1, correction=0)  # [B, G]
             self.stats = (mean, var)
             return super().forward(x)
         if self.stats is None:
             raise RuntimeError("GroupNorm in mode 'fixed' has no recorded statistics")
         mean, var = self.stats
-        shift, scale = mean[..., None].to(x.dtype), torch.rsqrt(var[..., None] + self.eps).to(x.dtype)
+        shift, scale = mean[..., None].to(dt), torch.rsqrt(var[..., None] + self.eps).to(dt)
         h = (g - shift) * scale  # [B, G, C/G·H·W]
-        return torch.addcmul(self.bias[:, None, None], h.reshape(x.shape), self.weight[:, None, None])
+        w, b = self.weight.to(dt)[:, None, None], self.bias.to(dt)[:, None, None]
+        return torch.addcmul(b, h.reshape(x.shape), w).to(x.dtype)
 
 
 def Normalize(channels: int) -> GroupNorm:
