@@ -2,7 +2,9 @@
 
 ``render.py``: the scene spec (``Obj``, ``Scene``), vocabulary, seeded sampling with train / validation /
 held-out splits, and the antialiased rasteriser. ``captions.py``: a caption grammar with paraphrases and its
-exact parser. ``data.py``: a streaming ``ShapesDataset`` and ``export`` to an image folder.
+exact parser. ``data.py``: a streaming ``ShapesDataset`` and ``export`` to an image folder. ``evaluate.py``:
+the evaluator's entry points, built from ``detection.py`` (with ``color.py``, ``templates.py``, ``jpeg.py``),
+``scoring.py`` and ``report.py``.
 """
 
 from .captions import caption, describe, parse
