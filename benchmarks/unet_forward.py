@@ -49,7 +49,7 @@ def to_diffusers(model: UNet):
         create_unet_diffusers_config_from_ldm,
     )
 
-    params = dataclasses.asdict(model.cfg)
+    params = dataclasses.asdict(model.config)
     for k in ("num_heads", "num_head_channels"):
         if params[k] == -1:
             del params[k]

@@ -134,7 +134,7 @@ class Pipeline:
         self.latent_format = PIXEL_FORMAT if pixel_space else (latent_format or spec.latent_format)
         self.size = None if size is None else (int(size[0]), int(size[1]))
         # each network keeps its config: what save_checkpoint stores
-        self.configs = {k: getattr(m, "config", getattr(m, "cfg", None)) for k, m in self.components.items()}
+        self.configs = {k: m.config for k, m in self.components.items()}
         self.detection = None  # set by from_single_file: what decided the family
 
     # -- construction ------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class Pipeline:
     def latent_channels(self) -> int:
         if self.pixel_space:
             net = self.net
-            return (net.config if hasattr(net, "config") else net.cfg).in_channels
+            return net.config.in_channels
         return self.vae.latent_channels
 
     @property
@@ -230,7 +230,7 @@ class Pipeline:
         enc.pop("vae", None)
         # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
         unique = list(dict.fromkeys(prompts))
-        net_config = getattr(self.net, "config", getattr(self.net, "cfg", None))
+        net_config = self.net.config
         cond = families.encode(self.family, enc, unique, width, height, negative, net_config)
         index = torch.tensor([unique.index(p) for p in prompts])
         return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}

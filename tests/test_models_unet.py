@@ -119,7 +119,7 @@ def to_diffusers(model: UNet, text_time: bool = False):
         create_unet_diffusers_config_from_ldm,
     )
 
-    params = dataclasses.asdict(model.cfg)
+    params = dataclasses.asdict(model.config)
     for k in ("num_heads", "num_head_channels"):
         if params[k] == -1:
             del params[k]

@@ -97,7 +97,7 @@ def test_sd3_preset_is_the_sd_layout_with_16_channels_and_no_quant_convs():
 def test_meta_model_loads_a_state_dict_with_assign():
     src = tiny()
     with torch.device("meta"):
-        m = AutoencoderKL(src.cfg)
+        m = AutoencoderKL(src.config)
     m.load_state_dict(src.state_dict(), strict=True, assign=True)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -122,7 +122,7 @@ def diffusers_twin(model: AutoencoderKL, prefix: str):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    cfg = model.cfg
+    cfg = model.config
     n = len(cfg.ch_mult)
     dcfg = dict(
         in_channels=cfg.in_channels,

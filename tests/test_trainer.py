@@ -381,7 +381,7 @@ def test_vae_training_then_latent_denoiser_on_it(tmp_path):
     # the same VAE given as a separate file: its own config and scale travel with it
     pipe2 = Pipeline.from_single_file(os.path.join(dout, "checkpoints", "last.safetensors"), vae=path)
     assert abs(pipe2.latent_format.scale_factor - fmt["scale"]) < 1e-12
-    assert pipe2.vae.cfg == pipe.vae.cfg
+    assert pipe2.vae.config == pipe.vae.config
 
 
 @pytest.mark.slow

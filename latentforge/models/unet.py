@@ -331,7 +331,7 @@ class UNet(nn.Module):
             raise ValueError("set num_heads or num_head_channels")
         if cfg.num_classes not in (None, "sequential"):
             raise ValueError(f"num_classes={cfg.num_classes!r} is not supported (only None or 'sequential')")
-        self.cfg = cfg
+        self.config = cfg
         mc, levels = cfg.model_channels, len(cfg.channel_mult)
         depths = cfg.depths()
         depth_mid = depths[-1] if cfg.transformer_depth_middle is None else cfg.transformer_depth_middle
@@ -401,8 +401,8 @@ class UNet(nn.Module):
         y (B, adm_in_channels) → (B, out_channels, H, W) in x's dtype; computed in the weights' dtype."""
         dtype = self.time_embed[0].weight.dtype
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4·mc)
-        if self.cfg.num_classes is not None:
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))  # (B, 4·mc)
+        if self.config.num_classes is not None:
             if y is None or y.shape[0] != x.shape[0]:
                 raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
             emb = emb + self.label_emb(y.to(dtype))

@@ -423,7 +423,7 @@ def _run_tiled(
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if cfg.use_quant_conv:
@@ -434,11 +434,11 @@ class AutoencoderKL(nn.Module):
 
     @property
     def downscale(self) -> int:  # f: image pixels per latent pixel along each axis
-        return 2 ** (len(self.cfg.ch_mult) - 1)
+        return 2 ** (len(self.config.ch_mult) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return self.cfg.embed_dim
+        return self.config.embed_dim
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2·embed_dim, H/f, W/f]
         h = self.encoder(x)

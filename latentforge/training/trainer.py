@@ -84,7 +84,7 @@ class TextToImage(nn.Module):
         net = self.parts[self.net_name]
         if cond is None:
             h, w = size
-            net_config = getattr(net, "config", getattr(net, "cfg", None))
+            net_config = net.config
             cond = families.encode(self.family, self.encoders(), prompts, w, h, False, net_config)
         return net(x, t, **cond)
 
@@ -190,11 +190,9 @@ def export_checkpoint(setup: Setup, path: str, ema: EMA | None) -> None:
         sd[name] = {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
     for name, m in {**model.frozen, **setup.extra_components}.items():
         sd[name] = m.state_dict()
-    configs = {n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in model.parts.items()}
-    configs.update({n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in model.frozen.items()})
-    configs.update(
-        {n: getattr(m, "config", getattr(m, "cfg", None)) for n, m in setup.extra_components.items()}
-    )
+    configs = {n: m.config for n, m in model.parts.items()}
+    configs.update({n: m.config for n, m in model.frozen.items()})
+    configs.update({n: m.config for n, m in setup.extra_components.items()})
     meta = {
         "latentforge.family": cfg.family,
         "latentforge.configs": configs_to_json(configs),
@@ -462,7 +460,7 @@ def unsharded_copy(setup: Setup, ema_state: dict[str, torch.Tensor]) -> Setup:
     model = setup.model
     parts = {}
     for name, m in model.parts.items():
-        part = build_component(name, getattr(m, "config", getattr(m, "cfg", None)))
+        part = build_component(name, m.config)
         pre = f"parts.{name}."
         part.load_state_dict({k[len(pre) :]: v for k, v in ema_state.items() if k.startswith(pre)})
         parts[name] = part.to(next(model.parameters()).device)

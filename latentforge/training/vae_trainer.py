@@ -108,7 +108,7 @@ def measure_scale(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> fl
 
 
 def export_vae(path: str, vae: AutoencoderKL, scale: float | None) -> None:
-    meta = {"latentforge.configs": configs_to_json({"vae": vae.cfg})}
+    meta = {"latentforge.configs": configs_to_json({"vae": vae.config})}
     if scale is not None:
         meta["latentforge.latent_format"] = LatentFormat(scale).to_json()
     save_state_dict(vae.state_dict(), path, metadata=meta)
@@ -135,7 +135,7 @@ def _train(cfg: VAETrainConfig, out, resume, dry_run, progress, world, stop_afte
     torch.manual_seed(cfg.seed)
     vae = load_vae_file(cfg.init_from)[0] if cfg.init_from else AutoencoderKL(cfg.vae)
     if cfg.init_from:
-        cfg.vae = vae.cfg
+        cfg.vae = vae.config
     lcfg = loss_config(cfg)
     disc = build_discriminator(lcfg) if cfg.disc_weight > 0 else None
     if disc is not None and world.distributed:
