@@ -35,7 +35,7 @@ from latentforge.models.embeddings import (
     attention,
     modulate,
 )
-from latentforge.models.init import embedding, normal_
+from latentforge.models.init import Embedding, normal_
 
 
 @dataclass
@@ -96,7 +96,7 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
-        self.embedding_table = embedding(num_classes + int(dropout_prob > 0), hidden_size, std=0.02)
+        self.embedding_table = Embedding(num_classes + int(dropout_prob > 0), hidden_size, std=0.02)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
@@ -187,22 +187,23 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     @torch.no_grad()
-    def initialize_weights(self) -> None:
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """The original init (models.py L182-216): xavier-uniform Linears with zero bias, the patch conv as a
         flattened Linear, N(0, 0.02) label table and timestep MLP, and adaLN-Zero: every adaLN modulation and
         the final linear are zero, so a fresh DiT is the identity in each block and outputs exactly zero.
-        The text variant's cross-attention output projection is zeroed too (each block stays the identity)."""
+        The text variant's cross-attention output projection is zeroed too (each block stays the identity).
+        Draws from `generator` (None: the global RNG)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(m.weight, generator=generator)
                 nn.init.zeros_(m.bias)
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1), generator=generator)
         nn.init.zeros_(self.x_embedder.proj.bias)
         if isinstance(getattr(self, "y_embedder", None), LabelEmbedder):
-            normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        normal_(self.t_embedder.mlp[2].weight, std=0.02)
+            normal_(self.y_embedder.embedding_table.weight, 0.02, generator)
+        normal_(self.t_embedder.mlp[0].weight, 0.02, generator)
+        normal_(self.t_embedder.mlp[2].weight, 0.02, generator)
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         for block in self.blocks:
             zero.append(block.adaLN_modulation[-1])

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.init import embedding, normal_
+from latentforge.models.init import Embedding, normal_
 
 LAYOUTS = ("openai", "open_clip")
 
@@ -154,8 +154,8 @@ class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         # HF CLIP's initialisation: N(0, 0.02²) for both tables
-        self.token_embedding = embedding(cfg.vocab_size, cfg.hidden_size, std=0.02)
-        self.position_embedding = embedding(cfg.max_position_embeddings, cfg.hidden_size, std=0.02)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, std=0.02)
+        self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size, std=0.02)
         # Stored by transformers 4.x (SD1 checkpoints list it). Not read in forward: some merged SD1
         # checkpoints carry float-rounded position_ids, and arange is what they are meant to hold.
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
@@ -215,9 +215,13 @@ class OpenCLIPAttention(nn.Module):
         D = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * D, D))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * D))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * D))
         self.out_proj = nn.Linear(D, D)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+        self.initialize_weights()
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        nn.init.xavier_uniform_(self.in_proj_weight, generator=generator)  # as nn.MultiheadAttention
+        nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, L, D]
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x [B, L, D]
@@ -261,15 +265,19 @@ class OpenCLIPTextTower(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         D, P = cfg.hidden_size, cfg.projection_dim
-        self.token_embedding = embedding(cfg.vocab_size, D, std=0.02)
+        self.token_embedding = Embedding(cfg.vocab_size, D, std=0.02)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_position_embeddings, D))  # [77, D]
         self.transformer = OpenCLIPTransformer(cfg)
         self.ln_final = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(D, P))  # [D, P], applied as pooled @ text_projection
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's contrastive temperature
-        # open_clip CLIP.init_parameters
-        normal_(self.positional_embedding, std=0.01)
-        normal_(self.text_projection, std=D**-0.5)
+        self.logit_scale = nn.Parameter(torch.empty(()))  # CLIP's contrastive temperature
+        self.initialize_weights()
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        # open_clip CLIP.init_parameters (token_embedding: its own N(0, 0.02²))
+        normal_(self.positional_embedding, 0.01, generator)
+        normal_(self.text_projection, self.text_projection.shape[0] ** -0.5, generator)
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
         return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]

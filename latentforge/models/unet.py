@@ -152,9 +152,12 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(
             GroupNorm32(32, out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         )
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+        self.initialize_weights()
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         nn.init.zeros_(self.out_layers[3].weight)  # zero_module: the block starts as the identity
         nn.init.zeros_(self.out_layers[3].bias)
-        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         e = self.emb_layers(emb).to(x.dtype)[:, :, None, None]  # (B, out_ch, 1, 1)
@@ -257,6 +260,9 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dims[k]) for k in range(depth)
         )
         self.proj_out = proj(inner, ch)
+        self.initialize_weights()
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         nn.init.zeros_(self.proj_out.weight)  # zero_module
         nn.init.zeros_(self.proj_out.bias)
 
@@ -387,6 +393,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
         )
+        self.initialize_weights()
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         nn.init.zeros_(self.out[2].weight)  # zero_module
         nn.init.zeros_(self.out[2].bias)
 
