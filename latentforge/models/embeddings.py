@@ -77,9 +77,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d_head) v: q, k, v (B, heads, L, d_head) → (B, L, heads·d_head)."""
-    out = F.scaled_dot_product_attention(q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d_head [+ causal mask]) v: q (B, heads, L, d_head), k, v (B, heads, S, d_head) →
+    (B, L, heads·d_head), the heads merged back."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).flatten(2)
 
 

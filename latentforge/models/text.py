@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.embeddings import attention
 from latentforge.models.init import Embedding, normal_
 
 LAYOUTS = ("openai", "open_clip")
@@ -107,8 +108,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     """softmax(q k^T / sqrt(d_head) + causal mask) v per head; q, k, v, output: [B, L, D]."""
     B, L, D = q.shape
     q, k, v = (t.view(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D/H]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token i sees tokens 0..i
-    return out.transpose(1, 2).reshape(B, L, D)
+    return attention(q, k, v, causal=True)  # token i sees tokens 0..i
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.embeddings import GroupNorm32, timestep_embedding
+from latentforge.models.embeddings import GroupNorm32, attention, timestep_embedding
 
 
 @dataclass
@@ -191,11 +191,9 @@ class CrossAttention(nn.Module):
         # (Fusing q/k/v into one (C, 3·inner) product measured no faster on CPU (≤ 0.5% of a forward)
         # and needs a cached weight copy (~225 MB for SD1.5), so the three products stay separate.)
         context = x if context is None else context
-        b, n, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|L, inner)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # default scale dim_head**-0.5
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(attention(q, k, v))  # (B, N, query_dim)
 
 
 class GEGLU(nn.Module):
