@@ -50,15 +50,6 @@ GM = GaussianMixture.random(k=3, dim=4, seed=0)
 D = GM.denoiser()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny ([256, 4]); intra-op threads only add overhead (7x under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sampler(name: str):
     if name not in SAMPLERS:
         pytest.skip(f"sampler {name!r} is not in SAMPLERS yet")

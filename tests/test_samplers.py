@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FlowModel
 
 from latentforge.gmm import GaussianMixture
-from latentforge.model_sampling import DiscreteFlow, DiscreteVP
+from latentforge.model_sampling import DiscreteVP
 from latentforge.noise import BrownianTreeNoiseSampler, randn_seeded
 from latentforge.samplers import SAMPLER_NAMES, SAMPLERS, get_sampler, sigmas_for
 from latentforge.schedules import get_sigmas_karras
@@ -143,16 +144,6 @@ def test_callback_and_sigmas_not_ending_in_zero(name):
     assert torch.isfinite(out).all()
 
 
-class _FlowModel:
-    model_sampling = DiscreteFlow(shift=1.0)
-
-    def __init__(self, g):
-        self.D = g.denoiser(flow=True)
-
-    def __call__(self, x, sigma, **kw):
-        return self.D(x, sigma)
-
-
 @pytest.mark.parametrize("name", sorted(ORDERS))
 def test_flow_model_convergence(name):
     """Flow coordinates x = (1−σ)x₀ + σε from pure noise at σ = 1 on SD3-style linear σ steps: the exact
@@ -166,7 +157,7 @@ def test_flow_model_convergence(name):
         smin = float(s[-1])
         # from σ = 1 (σ_VE → ∞): start the closed form at a huge σ_VE with x_VE = ε·σ_VE
         ref = (1 - smin) * g.ode_solution_ve(noise * 1e8, 1e8, smin / (1 - smin))
-        out = fn(_FlowModel(g), noise.clone(), s)
+        out = fn(FlowModel(g), noise.clone(), s)
         errs.append(float((out - ref).abs().max()))
     order, mode = ORDERS[name]
     slope = _slope(ns, errs)

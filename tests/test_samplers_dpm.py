@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FlowModel
 
 from latentforge.gmm import GaussianMixture
 from latentforge.model_sampling import DiscreteFlow
@@ -34,15 +35,6 @@ STOCHASTIC = [
 DETERMINISTIC = {"dpm_fast": {}, "dpmpp_2m": {}, "dpmpp_2m_cfg_pp": {}} | {
     n: {"eta": 0.0} for n in STOCHASTIC
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are many tiny tensor ops: one intra-op thread is faster and immune to a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def seeded(name: str, seed: int = 0) -> dict:
@@ -71,20 +63,6 @@ def max_err(name: str, n: int, **kw) -> float:
 
 def slope(ns, errs) -> float:
     return float(-np.polyfit(np.log(ns), np.log(errs), 1)[0])
-
-
-class FlowModel:
-    """The same mixture in rectified-flow coordinates x = (1 − σ)x₀ + σε."""
-
-    model_sampling = DiscreteFlow(shift=1.0)
-
-    def __init__(self, g: GaussianMixture, reshape_dim: int | None = None):
-        self.D, self.dim = g.denoiser(flow=True), reshape_dim
-
-    def __call__(self, x, sigma, **kw):
-        if self.dim is None:
-            return self.D(x, sigma)
-        return self.D(x.reshape(-1, self.dim), sigma).reshape(x.shape)
 
 
 def ve_to_flow(s: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FlowModel
 
 from latentforge.gmm import GaussianMixture
-from latentforge.model_sampling import DiscreteFlow
 from latentforge.samplers import karras as K
 from latentforge.schedules import get_sigmas_karras
 
@@ -28,18 +28,6 @@ NEW = [
     "gradient_estimation",
     "gradient_estimation_cfg_pp",
 ]
-
-
-class FlowModel:
-    """A rectified-flow denoiser: x = (1 − σ)x₀ + σε, exact for the mixture `g`."""
-
-    model_sampling = DiscreteFlow(shift=1.0)
-
-    def __init__(self, g: GaussianMixture):
-        self.D = g.denoiser(flow=True)
-
-    def __call__(self, x, sigma, **kw):
-        return self.D(x, sigma)
 
 
 class ListNoise:

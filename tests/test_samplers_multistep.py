@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Counter, FlowModel
 from scipy.integrate import quad
 
 from latentforge.gmm import GaussianMixture
-from latentforge.model_sampling import DiscreteFlow
 from latentforge.samplers import SAMPLERS as CHECKED
 from latentforge.samplers import multistep as M
 from latentforge.samplers.common import get_ancestral_step, phi
@@ -25,28 +25,6 @@ SMIN, SMAX = 0.0291675, 14.614642
 NAMES = list(M.SAMPLERS)
 DETERMINISTIC = [n for n in NAMES if "ancestral" not in n]
 EXPONENTIAL = ["deis", "res_multistep", "res_multistep_cfg_pp", "uni_pc", "uni_pc_bh2"]
-
-
-class FlowModel:
-    """Rectified-flow denoiser x = (1 − σ)x₀ + σε, exact for the mixture `g`."""
-
-    model_sampling = DiscreteFlow(shift=1.0)
-
-    def __init__(self, g: GaussianMixture):
-        self.D = g.denoiser(flow=True)
-
-    def __call__(self, x, sigma, **kw):
-        return self.D(x, sigma)
-
-
-class Counter:
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-        self.model_sampling = getattr(model, "model_sampling", None)
-
-    def __call__(self, x, sigma, **kw):
-        self.calls += 1
-        return self.model(x, sigma, **kw)
 
 
 class Guided:

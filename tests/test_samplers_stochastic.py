@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FlowModel
 
 from latentforge.gmm import GaussianMixture
-from latentforge.model_sampling import DiscreteFlow
 from latentforge.samplers import get_sampler
 from latentforge.samplers import stochastic as st
 from latentforge.samplers.karras import sample_euler
@@ -16,15 +16,6 @@ from latentforge.schedules import get_sigmas_karras
 SMIN, SMAX = 0.0291675, 14.614642
 NAMES = ["er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
 RAW = st.SAMPLERS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The oracle's tiny [B, K] softmax is slowest with several intra-op threads on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def identity_scaler(v):
@@ -39,18 +30,6 @@ ODE = {
     "sa_solver": dict(eta=0.0),
     "sa_solver_pece": dict(eta=0.0),
 }
-
-
-class FlowGMM:
-    """A rectified-flow model: x = (1 − σ)x₀ + σε, exact denoiser of the mixture."""
-
-    model_sampling = DiscreteFlow(shift=1.0)
-
-    def __init__(self, g: GaussianMixture):
-        self.D = g.denoiser(flow=True)
-
-    def __call__(self, x, sigma, **kw):
-        return self.D(x, sigma)
 
 
 class Counting:
@@ -141,7 +120,7 @@ def run_mixture(name, flow: bool, steps: int = 50, seed: int = 0, **kw):
     eps = torch.randn(N, 2, generator=gen, dtype=torch.float64)
     if flow:
         s = s / (1 + s)
-        x, model = (1 - s[0]) * x0 + s[0] * eps, FlowGMM(GM)
+        x, model = (1 - s[0]) * x0 + s[0] * eps, FlowModel(GM)
     else:
         x, model = x0 + s[0] * eps, GM.denoiser()
     return RAW[name](model, x, s, noise_sampler=stream((N, 2), seed + 100), **kw)
@@ -171,7 +150,7 @@ def test_flow_run_equals_the_ve_run_mapped(name):
     kw = dict(tau_func=lambda sigma: 0.7) if name.startswith("sa_solver") else {}
     ve = RAW[name](GM.denoiser(), x, s, noise_sampler=stream((64, 2), 5), **kw)
     sf = s / (1 + s)
-    fl = RAW[name](FlowGMM(GM), x / (1 + s[0]), sf, noise_sampler=stream((64, 2), 5), **kw)
+    fl = RAW[name](FlowModel(GM), x / (1 + s[0]), sf, noise_sampler=stream((64, 2), 5), **kw)
     torch.testing.assert_close(fl, ve, rtol=1e-9, atol=1e-9)
 
 
@@ -180,12 +159,12 @@ def test_flow_schedule_from_sigma_one(name):
     """σ₀ = 1 has λ = −∞; it is moved to 0.9999 and the run is finite (default Brownian noise)."""
     s = torch.linspace(1, 0, 9, dtype=torch.float64)
     x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out = get_sampler(name)(FlowGMM(GM), x, s, seed=4)
+    out = get_sampler(name)(FlowModel(GM), x, s, seed=4)
     assert torch.isfinite(out).all()
 
 
 def test_sa_solver_tau_window():
-    hi, lo = st.sa_solver_tau_interval(FlowGMM(GM))
+    hi, lo = st.sa_solver_tau_interval(FlowModel(GM))
     assert hi == pytest.approx(0.8) and lo == pytest.approx(0.2)
     hi, lo = st.sa_solver_tau_interval(D1)  # plain callable: the SD1.x table
     assert hi == pytest.approx(5.0924, abs=1e-3) and lo == pytest.approx(0.5712, abs=1e-3)
