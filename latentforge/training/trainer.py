@@ -41,6 +41,7 @@ from latentforge.checkpoints import (
     load_component,
     save_state_dict,
 )
+from latentforge.models.init import init_weights
 from latentforge.models.vae import LatentFormat
 from latentforge.training import dist
 from latentforge.training.config import MODEL_FIELDS, DenoiserTrainConfig, to_dict
@@ -89,7 +90,7 @@ class TextToImage(nn.Module):
         return net(x, t, **cond)
 
 
-def scratch_text_encoder(te: nn.Module) -> nn.Module:
+def scratch_text_encoder(te: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
     """A text tower trained jointly from scratch: token and position tables drawn N(0, 1) instead of CLIP's
     N(0, 0.02²). With 0.02 the attention and MLP outputs dominate a small tower's residual stream, so every
     position's output is nearly the same vector (mean cosine 0.77 at hidden 64 at init); the UNet's cross-
@@ -99,8 +100,8 @@ def scratch_text_encoder(te: nn.Module) -> nn.Module:
     2017, §3.4) keep the tokens distinct (mean cosine 0.18)."""
     emb = te.transformer.text_model.embeddings
     with torch.no_grad():
-        emb.token_embedding.weight.normal_(0.0, 1.0)
-        emb.position_embedding.weight.normal_(0.0, 1.0)
+        emb.token_embedding.weight.normal_(0.0, 1.0, generator=generator)
+        emb.position_embedding.weight.normal_(0.0, 1.0, generator=generator)
     return te
 
 
@@ -145,8 +146,8 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
                 f"training {cfg.family} from scratch is not supported ({len(enc_names)} text encoders); "
                 "fine-tune it with init_from, or use family sd15 / dit-text for new models"
             )
-        torch.manual_seed(cfg.seed)
-        comps = {cfg.net: build_component(cfg.net, cfg.net_config)}
+        init_rng = torch.Generator().manual_seed(cfg.seed)  # initial weights: from this, not the global RNG
+        comps = {cfg.net: init_weights(build_component(cfg.net, cfg.net_config), init_rng)}
         if cfg.text_encoder is not None:  # the user's CLIP weights (frozen unless train_text_encoder)
             from latentforge.models import TEXT_PRESETS
 
@@ -155,7 +156,8 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
             sd = component_file(enc_names[0], cfg.text_encoder)
             comps[enc_names[0]] = load_component(enc_names[0], cfg.text, sd, torch.float32, cfg.text_encoder)
         else:
-            comps[enc_names[0]] = scratch_text_encoder(build_component(enc_names[0], cfg.text))
+            te = init_weights(build_component(enc_names[0], cfg.text), init_rng)
+            comps[enc_names[0]] = scratch_text_encoder(te, init_rng)
         vae, fmt = None, None
     if cfg.vae is not None:
         vae, fmt = load_vae_file(cfg.vae)
