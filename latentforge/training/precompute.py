@@ -19,7 +19,7 @@ import json
 import torch
 from torch import nn
 
-from latentforge import conditioning
+from latentforge import families
 from latentforge.training import dist
 from latentforge.training.cache import LatentCache
 
@@ -108,12 +108,8 @@ def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) 
             missing = sorted(w for w in wanted if text_key(w[0], w[1], text_fp) not in cache)
             enc = {**frozen}
             for cap, (h, w) in missing:
-                kw = (
-                    {"context_dim": setup.model.parts[cfg.net].config.context_dim}
-                    if cfg.net == "mmdit"
-                    else {}
-                )
-                cond = conditioning.encode(cfg.family, enc, [cap], w, h, **kw)
+                net_config = setup.model.parts[cfg.net].config
+                cond = families.encode(cfg.family, enc, [cap], w, h, False, net_config)
                 cache.put(text_key(cap, (h, w), text_fp), {k: v[0].float().cpu() for k, v in cond.items()})
             n_text = len(missing)
         cache.flush()
