@@ -16,6 +16,33 @@ from latentforge.shapes.render import COLOR_NAMES, POSITION_NAMES, SHAPES, Obj, 
 DEGRADATIONS = ("blur", "noise", "jpeg", "jpeg420", "color", "shift", "affine")
 
 
+def soften(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    blur: float = 0.0,
+    noise: float = 0.0,
+    quality: int | None = None,
+) -> np.ndarray:
+    """``img`` (uint8 HxWx3) made soft and noisy like a generated image, in the order a generator's output
+    meets them: Gaussian blur of sigma ``blur`` pixels (edges replicated), additive Gaussian noise of std
+    ``noise`` levels (of 255; rounded and clipped to uint8), then a JPEG round trip at ``quality`` with 4:2:0
+    chroma subsampling (``subsampling=2`` explicitly; None: no JPEG). Each step is skipped at 0 / None."""
+    from PIL import Image
+
+    x = img.astype(np.float32)
+    if blur > 0:
+        x = ndimage.gaussian_filter(x, sigma=(blur, blur, 0), mode="nearest")
+    if noise > 0:
+        x = x + rng.normal(0, noise, x.shape)
+    out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if quality is not None:
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=quality, subsampling=2)
+        buf.seek(0)
+        out = np.asarray(Image.open(buf).convert("RGB"))
+    return out
+
+
 def degrade(img: np.ndarray, kind: str, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
     """``img`` (uint8 HxWx3) degraded like a generated image; ``strength`` 1 = the benchmark's maximum:
     blur: Gaussian sigma 1 px; noise: additive Gaussian, std 0.05 of full range; jpeg: quality 50,

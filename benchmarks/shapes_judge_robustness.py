@@ -1,0 +1,153 @@
+"""Shapes evaluator: is the judge trustworthy on images soft and noisy like a model's?
+
+Fresh held-out renders (the same scenes for every condition, at each resolution) are degraded in the order a
+generator's output meets them -- Gaussian blur (sigma px), additive Gaussian noise (std in levels of 255),
+JPEG at a quality with 4:2:0 chroma subsampling (``shapes_degrade.soften``) -- and judged against their true
+captions. Printed:
+
+- the robustness table: condition x resolution -> all-correct % (``score(...)["correct"]``, what
+  ``evaluate`` reports as ``all_correct``) with its Wilson 95% interval, the exact-scene rate (every
+  attribute of every object and the background, stated or not) and the share of objects whose shape the
+  evaluator reports ambiguous;
+- per resolution, the shape confusion tables of small and of large objects over all degraded conditions
+  (true shape -> detected shape at the same cell; "miss": no object there, "amb": reported ambiguous, not
+  counted as the best guess);
+- detect throughput on clean 64x64 renders (one process).
+
+    .venv/bin/python benchmarks/shapes_judge_robustness.py [--n 300] [--res 64 32] [--conditions ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# one process, one thread: the evaluator's matrices are small, and multithreaded BLAS only spins (badly so on
+# a shared machine); set before numpy loads OpenBLAS
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+from latentforge.shapes import SHAPES, SIZES, render, sample_scene, satisfies  # noqa: E402
+from latentforge.shapes.captions import describe  # noqa: E402
+from latentforge.shapes.detection import analyze  # noqa: E402
+from latentforge.shapes.scoring import wilson  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from shapes_degrade import soften  # noqa: E402  (test helpers, not the package)
+
+# name -> (blur sigma px, noise std levels, JPEG quality or None)
+CONDITIONS: dict[str, tuple[float, float, int | None]] = {
+    "clean": (0.0, 0.0, None),
+    "blur0.8": (0.8, 0.0, None),
+    "blur1.2": (1.2, 0.0, None),
+    "noise8": (0.0, 8.0, None),
+    "jpeg45": (0.0, 0.0, 45),
+    "jpeg40": (0.0, 0.0, 40),
+    "blur0.8+jpeg45": (0.8, 0.0, 45),
+    "blur1.2+noise8": (1.2, 8.0, None),
+    "blur1.2+jpeg40": (1.2, 0.0, 40),
+    "blur0.8+noise8+jpeg45": (0.8, 8.0, 45),
+    "blur1.2+noise8+jpeg40": (1.2, 8.0, 40),
+}
+
+
+def _pct(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:6.2f} [{100 * lo:5.1f},{100 * hi:5.1f}]"
+
+
+def _ambiguous(det) -> tuple[bool, ...]:
+    return getattr(det, "shape_ambiguous", (False,) * len(det.scene.objects))
+
+
+def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None], seed: int):
+    """(caption-correct, exact-scene correct, objects, ambiguous objects, confusion counts) of one
+    condition; confusion: (size, true shape, detected shape | "miss" | "amb") -> count."""
+    blur, noise, quality = cond
+    rng = np.random.default_rng(seed)
+    ok = exact = n_obj = n_amb = 0
+    conf: dict[tuple[str, str, str], int] = {}
+    for scene, spec in zip(scenes, specs, strict=True):
+        img = soften(render(scene, res), rng, blur, noise, quality)
+        det = analyze(img)
+        amb = _ambiguous(det)
+        ok += satisfies(det.scene, spec)
+        exact += satisfies(det.scene, scene)
+        found = {o.position: (o, a) for o, a in zip(det.scene.objects, amb, strict=True)}
+        for o in scene.objects:
+            n_obj += 1
+            got = found.get(o.position)
+            label = "miss" if got is None else "amb" if got[1] else got[0].shape
+            n_amb += got is not None and got[1]
+            key = (o.size, o.shape, label)
+            conf[key] = conf.get(key, 0) + 1
+    return ok, exact, n_obj, n_amb, conf
+
+
+def confusion_table(conf: dict, size: str) -> str:
+    cols = (*SHAPES, "amb", "miss")
+    lines = ["    " + "true/found".ljust(10) + "".join(f"{c[:5]:>6}" for c in cols) + "   acc%"]
+    for s in SHAPES:
+        row = [conf.get((size, s, c), 0) for c in cols]
+        tot = sum(row)
+        acc = f"{100 * row[SHAPES.index(s)] / tot:6.1f}" if tot else "     -"
+        lines.append(f"    {s:<10}" + "".join(f"{v:>6}" if v else f"{'.':>6}" for v in row) + f" {acc}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--res", type=int, nargs="+", default=[64, 32])
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-confusion", action="store_true")
+    ap.add_argument("--speed", type=int, default=2000, help="images for the throughput line (0: skip)")
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    scenes = [sample_scene(rng, split="heldout") for _ in range(args.n)]
+    specs = [describe(s, rng)[1] for s in scenes]
+
+    if args.speed:
+        srng = np.random.default_rng(args.seed + 1)
+        imgs = [render(sample_scene(srng, split="heldout"), 64) for _ in range(args.speed)]
+        analyze(imgs[0])  # warm the template caches
+        t, c = time.perf_counter(), time.process_time()
+        for im in imgs:
+            analyze(im)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        rate = f"{args.speed / wall:.0f} images/s ({args.speed / cpu:.0f} per CPU second)"
+        print(f"analyze, clean 64x64, one process: {rate}\n")
+
+    head = f"{'condition':<24}" + "".join(
+        f"| {f'{r}x{r} all-correct % [95% CI]':<27}{'exact%':>7}{'amb%':>6} " for r in args.res
+    )
+    print(head)
+    print("-" * len(head))
+    totals = {r: {} for r in args.res}
+    for ci, name in enumerate(args.conditions):
+        cells = []
+        for r in args.res:
+            ok, exact, n_obj, n_amb, conf = run_condition(scenes, specs, r, CONDITIONS[name], 1000 + ci)
+            n = len(scenes)
+            cells.append(f"| {_pct(ok, n):<27}{100 * exact / n:7.2f}{100 * n_amb / n_obj:6.2f} ")
+            if name != "clean":
+                for k, v in conf.items():
+                    totals[r][k] = totals[r].get(k, 0) + v
+        print(f"{name:<24}" + "".join(cells), flush=True)
+    if args.no_confusion:
+        return
+    degraded = [c for c in args.conditions if c != "clean"]
+    for r in args.res:
+        for size in SIZES:
+            print(f"\nshape confusion, {size} objects, {r}x{r}, over {len(degraded)} degraded conditions:")
+            print(confusion_table(totals[r], size))
+
+
+if __name__ == "__main__":
+    main()
