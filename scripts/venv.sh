@@ -18,3 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# k-diffusion 0.1.1 is the reference of tests/test_samplers_comfy.py, which loads only its sampling.py:
+# install it without its dependencies (torchvision, clip-anytorch). Offline, those tests skip.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('k_diffusion') is None)"; then
+  .venv/bin/python -m pip install -q --no-deps k-diffusion==0.1.1 >/dev/null 2>&1 || true
+fi

@@ -1,4 +1,5 @@
-"""Properties every sampler must have, checked on all 42 against the exact Gaussian(-mixture) oracle.
+"""Properties every sampler must have, checked on all of them (ComfyUI's 42 names and our `_exact`
+variants) against the exact Gaussian(-mixture) oracle.
 
 Group-specific checks (equivalences, per-sampler moments) live in test_samplers_<group>.py; diffusers
 parity in test_diffusers_parity.py.
@@ -15,7 +16,7 @@ from conftest import FlowModel
 from latentforge.gmm import GaussianMixture
 from latentforge.model_sampling import DiscreteVP
 from latentforge.noise import BrownianTreeNoiseSampler, randn_seeded
-from latentforge.samplers import SAMPLER_NAMES, SAMPLERS, get_sampler, sigmas_for
+from latentforge.samplers import ALL_SAMPLER_NAMES, SAMPLER_NAMES, SAMPLERS, get_sampler, sigmas_for
 from latentforge.schedules import get_sigmas_karras
 
 SMIN, SMAX = 0.0291675, 14.614642
@@ -28,10 +29,10 @@ ORDERS = {
     "lms": (2, "ge"), "heunpp2": (1, "eq"), "ipndm": (2, "ge"), "ipndm_v": (2, "ge"), "deis": (2, "ge"),
     "res_multistep": (2, "ge"), "res_multistep_cfg_pp": (2, "ge"), "uni_pc": (2, "ge"),
     "uni_pc_bh2": (2, "ge"), "dpm_fast": (2, "ge"), "gradient_estimation": (1, "ge"),
-    "gradient_estimation_cfg_pp": (1, "ge"),
+    "gradient_estimation_cfg_pp": (1, "ge"), "dpm_fast_exact": (2, "ge"),
 }  # fmt: skip
-DETERMINISTIC = set(ORDERS) | {"dpm_adaptive"}
-STOCHASTIC = [n for n in SAMPLER_NAMES if n not in DETERMINISTIC]
+DETERMINISTIC = set(ORDERS) | {"dpm_adaptive", "dpm_adaptive_exact"}
+STOCHASTIC = [n for n in ALL_SAMPLER_NAMES if n not in DETERMINISTIC]
 
 
 def _needs(name):
@@ -42,7 +43,7 @@ def _needs(name):
 
 def test_all_42_names():
     assert len(SAMPLER_NAMES) == 42 and len(set(SAMPLER_NAMES)) == 42
-    assert sorted(SAMPLERS) == sorted(SAMPLER_NAMES)
+    assert sorted(SAMPLERS) == sorted(ALL_SAMPLER_NAMES) and len(set(ALL_SAMPLER_NAMES)) == len(SAMPLERS)
 
 
 def _slope(ns, errs):
@@ -76,13 +77,15 @@ def test_convergence_order(name):
 
 
 def test_dpm_adaptive_reaches_tolerance():
-    fn = _needs("dpm_adaptive")
     g = GaussianMixture.single(4)
     noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     s = get_sigmas_karras(10, SMIN, SMAX).double()
-    ref = g.denoise_ve(g.ode_solution_ve(noise * s[0], float(s[0]), float(s[-2])), s[-2])
-    out = fn(g.denoiser(), noise * s[0], s, rtol=1e-4, atol=1e-5)
-    assert float((out - ref).abs().max()) < 1e-2
+    at_min = g.ode_solution_ve(noise * s[0], float(s[0]), float(s[-2]))
+    out = _needs("dpm_adaptive_exact")(g.denoiser(), noise * s[0], s, rtol=1e-4, atol=1e-5)
+    assert float((out - g.denoise_ve(at_min, s[-2])).abs().max()) < 1e-2
+    # ComfyUI's dpm_adaptive stops at σ_min: no final denoise
+    out = _needs("dpm_adaptive")(g.denoiser(), noise * s[0], s, rtol=1e-4, atol=1e-5)
+    assert float((out - at_min).abs().max()) < 1e-2
 
 
 def _takes(name, option):
@@ -95,7 +98,7 @@ def _kw(name, x, seed):
     return {"seed": seed} if _takes(name, "seed") else {}
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", ALL_SAMPLER_NAMES)
 def test_deterministic_for_a_seed_and_batch_independent(name):
     fn = _needs(name)
     D = GaussianMixture.random(k=2, dim=3, seed=1).denoiser()
@@ -104,14 +107,14 @@ def test_deterministic_for_a_seed_and_batch_independent(name):
     a = fn(D, x.clone(), s, **_kw(name, x, [10, 11, 12]))
     b = fn(D, x.clone(), s, **_kw(name, x, [10, 11, 12]))
     assert torch.equal(a, b)
-    if name == "dpm_adaptive":
+    if name in ("dpm_adaptive", "dpm_adaptive_exact"):
         return  # its step-size controller uses the batch's error norm (as in the paper): batch-dependent
     # image 1 alone, with its own seed, gives the same result as inside the batch
     single = fn(D, x[1:2].clone(), s, **_kw(name, x[1:2], [11]))
     assert torch.allclose(single, a[1:2], atol=1e-12, rtol=0), (single, a[1:2])
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", ALL_SAMPLER_NAMES)
 def test_dtypes_and_step_counts(name):
     fn = _needs(name)
     g = GaussianMixture.random(k=2, dim=4, seed=2)
@@ -130,7 +133,7 @@ def test_dtypes_and_step_counts(name):
         assert (out.double() - ref).abs().max() < tol * max(1.0, float(ref.abs().max())), dtype
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("name", ALL_SAMPLER_NAMES)
 def test_callback_and_sigmas_not_ending_in_zero(name):
     fn = _needs(name)
     D = GaussianMixture.single(2).denoiser()

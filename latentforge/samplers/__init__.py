@@ -1,9 +1,15 @@
 """Samplers: pure functions f(model, x, sigmas, extra_args=None, callback=None, disable=None, **options).
 
 `model(x, σ[B], **extra_args)` returns the denoised x̂₀; `x` enters as noise·σ₀; `sigmas` decreases
-(usually to 0). `SAMPLERS` lists every sampler under ComfyUI's names; its entries validate the
-sigmas, check every model output for NaN/inf (naming the step), and cast model outputs to x's dtype.
-The raw `sample_<name>` functions live in the group modules.
+(usually to 0). `SAMPLERS` holds every sampler; its entries validate the sigmas, check every model
+output for NaN/inf (naming the step), and cast model outputs to x's dtype. The raw `sample_<name>`
+functions live in the group modules.
+
+Names: `SAMPLER_NAMES` are ComfyUI's 42 sampler names, and each computes what ComfyUI computes under
+that name (its step counts, defaults, treatment of the last step and kind of noise; the k-diffusion
+ones are tested against k-diffusion 0.1.1, the others against closed-form answers). Where we know a
+more accurate formula it has a name of its own, `EXACT_SAMPLER_NAMES` (`<comfy name>_exact`;
+`EXACT_VARIANT_OF` maps it to the ComfyUI name it departs from; each docstring says how).
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ SAMPLER_NAMES = [
     "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
     "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
 ]  # fmt: skip
+
+_RAW_EXACT = {**dpm_solver.EXACT_SAMPLERS, **dpmpp.EXACT_SAMPLERS}
+EXACT_SAMPLER_NAMES = list(_RAW_EXACT)
+EXACT_VARIANT_OF = {name: name.removesuffix("_exact") for name in EXACT_SAMPLER_NAMES}
+ALL_SAMPLER_NAMES = SAMPLER_NAMES + EXACT_SAMPLER_NAMES
 
 # ComfyUI computes the schedule for steps+1 and drops the second-to-last σ for these (KSampler).
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
@@ -107,13 +118,14 @@ _RAW = {
     **dpmpp.SAMPLERS,
     **multistep.SAMPLERS,
     **stochastic.SAMPLERS,
+    **_RAW_EXACT,
 }
-SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in SAMPLER_NAMES}
+SAMPLERS: dict[str, Callable] = {name: _checked(name, _RAW[name]) for name in ALL_SAMPLER_NAMES}
 
 
 def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
-        raise unknown_name_error("sampler", name, SAMPLER_NAMES)
+        raise unknown_name_error("sampler", name, ALL_SAMPLER_NAMES)
     return SAMPLERS[name]
 
 

@@ -200,10 +200,14 @@ def lagrange_integrals(nodes, a: float, b: float, weight=None) -> list[float]:
 
 
 class ScalarForm:
-    """α(σ), λ(σ) and σ(λ) of the model's noise form, as Python floats (float64 math)."""
+    """α(σ), λ(σ) and σ(λ) of the model's noise form, as Python floats (float64 math).
 
-    def __init__(self, model):
-        self.flow = is_flow(model)
+    `ve=True` takes the VE form (α = 1, λ = −log σ) on the model's own σ whatever the model: the
+    k-diffusion samplers that ComfyUI runs unchanged on flow models (dpm_fast, dpm_adaptive) do that.
+    """
+
+    def __init__(self, model, ve: bool = False):
+        self.flow = False if ve else is_flow(model)
 
     def lam(self, s: float) -> float:
         return float(half_log_snr(torch.tensor(s, dtype=torch.float64), self.flow))

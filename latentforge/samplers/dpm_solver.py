@@ -108,40 +108,72 @@ def _fast_orders(nfe: int) -> list[int]:
     return [3] * (k - 1) + [nfe % 3]
 
 
+def _fast_grid(f: ScalarForm, s_max: float, s_min: float, k: int) -> list[float]:
+    """σ at k + 1 points uniform in λ from σ_max to σ_min (the step grid of DPM-Solver-fast, §3.3)."""
+    lam0, lam1 = f.lam(s_max), f.lam(s_min)
+    return [s_max] + [f.sigma(lam0 + (lam1 - lam0) * j / k) for j in range(1, k)] + [s_min]
+
+
+def _fast_solve(model, x, sigmas, extra_args, callback, disable, f, s_max_t, s_min: float, nfe: int):
+    """DPM-Solver-fast from σ_max to σ_min with `nfe` model calls (Lu et al. 2022a, §3.3)."""
+    solver = _NoisePredSolver(model, sigmas, extra_args, f)
+    orders = _fast_orders(nfe)
+    grid = _fast_grid(f, float(s_max_t), s_min, len(orders))
+    for i in trange(len(orders), disable):
+        s, t = grid[i], grid[i + 1]
+        s_t = s_max_t if i == 0 else sigma_tensor(s, sigmas)
+        e_s, D = solver.eps(x, s, s_t)
+        report(callback, x, i, s_t, s_t, D)
+        x = solver.step(x, e_s, s, t, orders[i]) if t != s else x  # σ_max = σ_min: h = 0, x stays
+    return x, len(orders)
+
+
 @torch.no_grad()
 def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver-fast (Lu et al. 2022a, §3.3 with DPM-Solver-1/2/3 of §3.2, Algorithms 1-2),
-    noise-prediction form, steps uniform in λ.
+    """DPM-Solver-fast as ComfyUI runs it (its `dpm_fast`): k-diffusion's DPM-Solver-fast (Lu et al.
+    2022a, §3.3 with DPM-Solver-1/2/3 of §3.2, Algorithms 1-2), noise-prediction form, steps uniform
+    in λ, called with σ_max = σ₀, σ_min = the last positive σ and an NFE budget N = len(sigmas) − 1
+    counted on the schedule as given, final 0 included.
+
+    So all N model calls go to the ODE from σ₀ to σ_min and the result is the state at σ_min: a
+    schedule ending in 0 is not denoised at the end (the sample keeps noise of size σ_min), and
+    sigmas = [σ₀, 0] makes one call and returns x unchanged (σ_min = σ_max). The VE form (α = 1,
+    λ = −log σ) is used on the model's own σ for every model, flow included (k-diffusion's
+    DPMSolver). `dpm_fast_exact` spends N − 1 calls on the ODE and the last on the final denoise,
+    in the model's own noise form.
+    """
+    extra_args = extra_args or {}
+    f = ScalarForm(model, ve=True)
+    s_min = float(sigmas[-2] if float(sigmas[-1]) == 0 else sigmas[-1])
+    x, _ = _fast_solve(model, x, sigmas, extra_args, callback, disable, f, sigmas[0], s_min, len(sigmas) - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_fast_exact(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver-fast (Lu et al. 2022a, §3.3 with DPM-Solver-1/2/3 of §3.2, Algorithms 1-2) that
+    honours a schedule ending in 0, in the model's own noise form (α, λ of flow models).
 
     Uses only σ₀, the last positive σ (σ_min) and the step count N = len(sigmas) − 1: the ODE is solved
     from σ₀ to σ_min with the paper's order pattern for an NFE budget. If `sigmas` ends in 0 the budget
     is N − 1 ODE evaluations plus one final denoise x = D(x, σ_min) (the DPM-Solver "denoise_to_zero"
     option), so the model is called exactly N times either way; for sigmas = [σ₀, 0] that is D(x, σ₀).
+    Without a final 0 it equals `dpm_fast` (for VE models).
     """
     extra_args = extra_args or {}
     f = ScalarForm(model)
     sigmas = first_sigma_for_log_snr(sigmas, f.flow)
-    n = len(sigmas) - 1
     ends0 = float(sigmas[-1]) == 0
-    s_max = float(sigmas[0])
     s_min_t = sigmas[-2] if ends0 else sigmas[-1]
-    s_min = float(s_min_t)
-    nfe = n - 1 if ends0 else n
-    solver = _NoisePredSolver(model, sigmas, extra_args, f)
+    nfe = len(sigmas) - 2 if ends0 else len(sigmas) - 1
+    steps = 0
     if nfe > 0:
-        orders = _fast_orders(nfe)
-        lam0, lam1 = f.lam(s_max), f.lam(s_min)
-        lams = [lam0 + (lam1 - lam0) * k / len(orders) for k in range(len(orders) + 1)]
-        grid = [s_max] + [f.sigma(v) for v in lams[1:-1]] + [s_min]
-        for i in trange(len(orders), disable):
-            s, t = grid[i], grid[i + 1]
-            s_t = sigmas[0] if i == 0 else sigma_tensor(s, sigmas)
-            e_s, D = solver.eps(x, s, s_t)
-            report(callback, x, i, s_t, s_t, D)
-            x = solver.step(x, e_s, s, t, orders[i])
+        x, steps = _fast_solve(
+            model, x, sigmas, extra_args, callback, disable, f, sigmas[0], float(s_min_t), nfe
+        )
     if ends0:
         D = call_model(model, x, s_min_t, extra_args)
-        report(callback, x, len(_fast_orders(nfe)) if nfe else 0, s_min_t, s_min_t, D)
+        report(callback, x, steps, s_min_t, s_min_t, D)
         x = D
     return x
 
@@ -181,6 +213,75 @@ class _StepController:
 _ADAPTIVE_MAX_ATTEMPTS = 100_000
 
 
+def _dpm_adaptive(model, x, sigmas, extra_args, callback, disable, comfy, order, rtol, atol, h_init, pcoeff,
+                  icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler, seed, return_info):  # fmt: skip
+    if order not in (2, 3):
+        raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {order}")
+    extra_args = extra_args or {}
+    f = ScalarForm(model, ve=comfy)
+    if not comfy:
+        sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=False, cpu=True)
+    pos = sigmas[sigmas > 0]
+    s_min_t = pos[-1]
+    s_max, s_min = float(sigmas[0]), float(s_min_t)
+    lam_s, lam_end = f.lam(s_max), f.lam(s_min)
+    solver = _NoisePredSolver(model, sigmas, extra_args, f)
+    ctrl = _StepController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": [s_max]}
+    s, x_prev, e_s, D_s = s_max, x, None, None
+    attempts = 0
+    while lam_s < lam_end - 1e-5 if comfy else lam_s < lam_end:
+        attempts += 1
+        if attempts > _ADAPTIVE_MAX_ATTEMPTS:
+            raise RuntimeError(
+                f"dpm_adaptive: no convergence after {attempts - 1} attempts (h = {ctrl.h:.3g})"
+            )
+        if e_s is None:
+            e_s, D_s = solver.eps(x, s, sigmas[0] if s == s_max else sigma_tensor(s, sigmas))
+        lam_t = lam_s + ctrl.h
+        if comfy:  # k-diffusion: t = min(t_end, s + h), the loop stops within 1e-5 of t_end
+            lam_t = min(lam_t, lam_end)
+            t = s_min if lam_t == lam_end else f.sigma(lam_t)
+        elif lam_end - lam_t < 1e-5:  # snap the last step onto σ_min
+            lam_t, t = lam_end, s_min
+        else:
+            t = f.sigma(lam_t)
+        t_down, t_up, scale = f.ancestral(s, t, eta) if eta else (t, 0.0, 1.0)
+        if comfy and t_down < s_min:  # k-diffusion clamps the step target to σ_min, noise to √(σ_t² − σ_min²)
+            t_down, t_up = s_min, math.sqrt(max(t * t - s_min * s_min, 0.0))
+        if order == 2:
+            x_low = solver.step1(x, e_s, s, t_down)
+            x_high, _ = solver.step2(x, e_s, s, t_down, r1=0.5)
+        else:
+            x_low, e1 = solver.step2(x, e_s, s, t_down, r1=1 / 3)
+            x_high = solver.step3(x, e_s, s, t_down, e1=e1)
+        wide = torch.promote_types(x.dtype, torch.float32)  # the error norm in x's dtype, at least float32
+        delta = torch.maximum(x_low.abs(), x_prev.abs()).to(wide).mul(rtol).clamp_min(atol)
+        scaled = (x_low - x_high).to(wide) / delta
+        if comfy:  # k-diffusion: RMS over the whole batch
+            err = scaled.square().mean().sqrt()
+        else:  # the worst image's RMS: no image is judged by the others
+            err = scaled.reshape(x.shape[0], -1).square().mean(1).sqrt().max()
+        if ctrl.propose(float(err)):
+            report(callback, x, info["n_accept"], sigma_tensor(s, sigmas), sigma_tensor(s, sigmas), D_s)
+            x_prev, x = x_low, x_high
+            if t_up > 0:
+                x = scale * x + noise(sigma_tensor(s, sigmas), sigma_tensor(t, sigmas)) * (s_noise * t_up)
+            s, lam_s, e_s = t, lam_t, None
+            info["n_accept"] += 1
+            info["steps"].append(t)
+        else:
+            info["n_reject"] += 1
+    if float(sigmas[-1]) == 0 and not comfy:
+        D = call_model(model, x, s_min_t, extra_args)
+        solver.nfe += 1
+        report(callback, x, info["n_accept"], s_min_t, s_min_t, D)
+        x = D
+    info["nfe"] = solver.nfe
+    return (x, info) if return_info else x
+
+
 @torch.no_grad()
 def sample_dpm_adaptive(
     model,
@@ -203,9 +304,48 @@ def sample_dpm_adaptive(
     seed=None,
     return_info=False,
 ):
+    """Adaptive step size DPM-Solver-12 / -23 as ComfyUI runs it (its `dpm_adaptive`: k-diffusion's
+    DPM-Solver-adaptive between σ₀ and the last positive σ; see `sample_dpm_adaptive_exact` for the
+    method and its options).
+
+    Where it differs from `dpm_adaptive_exact`: the result is the state at σ_min (a schedule ending
+    in 0 is not denoised at the end); the error norm is the RMS over the whole batch; the VE form
+    (α = 1, λ = −log σ) is used on the model's own σ for every model; the loop ends once λ is within
+    1e-5 of λ(σ_min); with eta > 0 a step whose σ_down falls below σ_min is clamped to σ_min.
+    ε̂ at a step's start is reused across rejected attempts (k-diffusion recomputes it: the same
+    numbers, fewer model calls).
+    """
+    return _dpm_adaptive(
+        model, x, sigmas, extra_args, callback, disable, True, order, rtol, atol, h_init, pcoeff, icoeff,
+        dcoeff, accept_safety, eta, s_noise, noise_sampler, seed, return_info,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_dpm_adaptive_exact(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    order=3,
+    rtol=0.05,
+    atol=0.0078,
+    h_init=0.05,
+    pcoeff=0.0,
+    icoeff=1.0,
+    dcoeff=0.0,
+    accept_safety=0.81,
+    eta=0.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+    return_info=False,
+):
     """Adaptive step size DPM-Solver-12 (order=2) / DPM-Solver-23 (order=3) (Lu et al. 2022a, §3.3 and
     Appendix C; error control after Jolicoeur-Martineau et al. 2021, "Gotta go fast"), noise-prediction
-    form, from σ₀ to the smallest positive σ in λ.
+    form, from σ₀ to the smallest positive σ in λ, in the model's own noise form (α, λ of flow models).
 
     Each attempt from λ_s to λ_t = λ_s + h computes a lower- and a higher-order solution sharing their
     model calls (DPM-Solver-1 / -2 with r₁ = ½, or DPM-Solver-2 / -3 with r₁ = ⅓, r₂ = ⅔),
@@ -217,63 +357,18 @@ def sample_dpm_adaptive(
     If `sigmas` ends in 0, finishes with x = D(x, σ_min). return_info=True returns (x, info) with
     info = {"nfe", "n_accept", "n_reject", "steps"} (steps: accepted σ's, then σ_min).
     """
-    if order not in (2, 3):
-        raise ValueError(f"dpm_adaptive: order must be 2 or 3, got {order}")
-    extra_args = extra_args or {}
-    f = ScalarForm(model)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
-    noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=False, cpu=True)
-    pos = sigmas[sigmas > 0]
-    s_min_t = pos[-1]
-    s_max, s_min = float(sigmas[0]), float(s_min_t)
-    lam_s, lam_end = f.lam(s_max), f.lam(s_min)
-    solver = _NoisePredSolver(model, sigmas, extra_args, f)
-    ctrl = _StepController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
-    info = {"nfe": 0, "n_accept": 0, "n_reject": 0, "steps": [s_max]}
-    s, x_prev, e_s, D_s = s_max, x, None, None
-    attempts = 0
-    while lam_s < lam_end:
-        attempts += 1
-        if attempts > _ADAPTIVE_MAX_ATTEMPTS:
-            raise RuntimeError(
-                f"dpm_adaptive: no convergence after {attempts - 1} attempts (h = {ctrl.h:.3g})"
-            )
-        if e_s is None:
-            e_s, D_s = solver.eps(x, s, sigmas[0] if s == s_max else sigma_tensor(s, sigmas))
-        lam_t = lam_s + ctrl.h
-        if lam_end - lam_t < 1e-5:  # snap the last step onto σ_min
-            lam_t, t = lam_end, s_min
-        else:
-            t = f.sigma(lam_t)
-        t_down, t_up, scale = f.ancestral(s, t, eta) if eta else (t, 0.0, 1.0)
-        if order == 2:
-            x_low = solver.step1(x, e_s, s, t_down)
-            x_high, _ = solver.step2(x, e_s, s, t_down, r1=0.5)
-        else:
-            x_low, e1 = solver.step2(x, e_s, s, t_down, r1=1 / 3)
-            x_high = solver.step3(x, e_s, s, t_down, e1=e1)
-        delta = torch.maximum(x_low.abs(), x_prev.abs()).float().mul(rtol).clamp_min(atol)
-        err = ((x_low - x_high).float() / delta).reshape(x.shape[0], -1).square().mean(1).sqrt().max()
-        if ctrl.propose(float(err)):
-            report(callback, x, info["n_accept"], sigma_tensor(s, sigmas), sigma_tensor(s, sigmas), D_s)
-            x_prev, x = x_low, x_high
-            if t_up > 0:
-                x = scale * x + noise(sigma_tensor(s, sigmas), sigma_tensor(t, sigmas)) * (s_noise * t_up)
-            s, lam_s, e_s = t, lam_t, None
-            info["n_accept"] += 1
-            info["steps"].append(t)
-        else:
-            info["n_reject"] += 1
-    if float(sigmas[-1]) == 0:
-        D = call_model(model, x, s_min_t, extra_args)
-        solver.nfe += 1
-        report(callback, x, info["n_accept"], s_min_t, s_min_t, D)
-        x = D
-    info["nfe"] = solver.nfe
-    return (x, info) if return_info else x
+    return _dpm_adaptive(
+        model, x, sigmas, extra_args, callback, disable, False, order, rtol, atol, h_init, pcoeff, icoeff,
+        dcoeff, accept_safety, eta, s_noise, noise_sampler, seed, return_info,
+    )  # fmt: skip
 
 
 SAMPLERS = {
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
+}
+# Our own variants, each more accurate than the ComfyUI name it departs from (see their docstrings).
+EXACT_SAMPLERS = {
+    "dpm_fast_exact": sample_dpm_fast_exact,
+    "dpm_adaptive_exact": sample_dpm_adaptive_exact,
 }

@@ -305,8 +305,44 @@ def sample_dpmpp_3m_sde(
     seed=None,
     brownian_cpu=True,
 ):
-    """SDE-DPM-Solver++(3M): the third-order multistep extension of SDE-DPM-Solver++(2M)
-    (Lu et al. 2022b, §4.2 multistep idea and §5 SDE form), generalised by eta.
+    """SDE-DPM-Solver++(3M) as k-diffusion and ComfyUI compute it (their `dpmpp_3m_sde`): the
+    third-order multistep extension of SDE-DPM-Solver++(2M) (Lu et al. 2022b, §4.2 multistep idea
+    and §5 SDE form), generalised by eta, with the second-difference term at half its weight.
+
+    D(λ) is replaced by its quadratic interpolant p through (λ_{i−2}, λ_{i−1}, λ_i); with c = 1 + η,
+    H = c·h, I₁ = h(1 − (1 − e^{−H})/H) and ½I₂ = h²(½ − 1/H + (1 − e^{−H})/H²) (see
+    `sample_dpmpp_3m_sde_exact`), the step is
+        x ← (σ_{i+1}/σ_i)e^{−ηh}x + α_{i+1}[(1 − e^{−H})D_i + I₁·p'(λ_i) + ½I₂·D[i,i−1,i−2]]
+            + σ_{i+1}√(1 − e^{−2ηh})·s_noise·W,
+    p'(λ_i) = D[i,i−1] + D[i,i−1,i−2]·h_{i−1}. The exact integral of p has ½I₂·p'' = I₂·D[i,i−1,i−2],
+    twice the last term (the DPM-Solver reference code's third-order multistep update has this same
+    weight), so the local error is O(h³) and the method is second order (measured 1.9 on a Gaussian
+    at η = 0); `dpmpp_3m_sde_exact` is third order. With one history point it is the `heun` form of
+    `dpmpp_2m_sde`; the first step is DDIM; the last step to 0 is x = D_i. Noise: Brownian tree.
+    """
+    return _multistep_sde(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, brownian_cpu,
+        order=3, solver_type="heun", exact=False,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_exact(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+    brownian_cpu=True,
+):
+    """SDE-DPM-Solver++(3M) with the exact integral of the quadratic interpolant: the third-order
+    multistep extension of SDE-DPM-Solver++(2M) (Lu et al. 2022b, §4.2 multistep idea and §5 SDE
+    form), generalised by eta.
 
     D(λ) is replaced by its quadratic interpolant p through (λ_{i−2}, λ_{i−1}, λ_i) and the SDE integral
     of `dpmpp_2m_sde` is taken exactly (c = 1 + η, H = c·h):
@@ -314,11 +350,12 @@ def sample_dpmpp_3m_sde(
             + σ_{i+1}√(1 − e^{−2ηh})·s_noise·W,
         I₁ = h(1 − (1 − e^{−H})/H),   ½I₂ = h²(½ − 1/H + (1 − e^{−H})/H²),
     with divided differences p'(λ_i) = D[i,i−1] + D[i,i−1,i−2]·h_{i−1}, p'' = 2·D[i,i−1,i−2].
+    Third order at η = 0 (measured 2.9 on a Gaussian); `dpmpp_3m_sde` (ComfyUI's) weights p'' by ½.
     The first steps use the linear (one history) and constant interpolants; the last step to 0 is x = D_i.
     """
     return _multistep_sde(
         model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, brownian_cpu,
-        order=3, solver_type="heun",
+        order=3, solver_type="heun", exact=True,
     )  # fmt: skip
 
 
@@ -336,6 +373,7 @@ def _multistep_sde(
     brownian_cpu,
     order,
     solver_type,
+    exact=True,
 ):
     extra_args = extra_args or {}
     f = ScalarForm(model)
@@ -360,7 +398,8 @@ def _multistep_sde(
             if order == 3 and len(hist) >= 2:
                 D2, l2 = hist[-2]
                 d2 = (d1 - (D1 - D2) / (l1 - l2)) / (lam_s - l2)  # D[i, i−1, i−2]
-                x = x + (a_t * _i1(h, c)) * (d1 + (lam_s - l1) * d2) + (a_t * 2 * _i2_half(h, c)) * d2
+                w2 = 2 * _i2_half(h, c) if exact else _i2_half(h, c)  # ½I₂·p'' (exact) or half of it
+                x = x + (a_t * _i1(h, c)) * (d1 + (lam_s - l1) * d2) + (a_t * w2) * d2
             elif solver_type == "midpoint":
                 x = x + (a_t * 0.5 * one_minus_exp_neg(c * h) * h) * d1
             else:
@@ -407,4 +446,8 @@ SAMPLERS = {
     "dpmpp_2m_sde_heun_gpu": sample_dpmpp_2m_sde_heun_gpu,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde_gpu,
+}
+# Our own variants, more accurate than the ComfyUI name they depart from (see their docstrings).
+EXACT_SAMPLERS = {
+    "dpmpp_3m_sde_exact": sample_dpmpp_3m_sde_exact,
 }
