@@ -61,14 +61,6 @@ def mean(world: World, value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over ranks (itself for one process)."""
     if not world.distributed:
         return value
-    v = value.detach().clone().float()
+    v = value.detach().to(world.device, torch.float32, copy=True)  # NCCL reduces device tensors only
     dist.all_reduce(v)
     return v / world.world_size
-
-
-def broadcast_object(world: World, obj):
-    if not world.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

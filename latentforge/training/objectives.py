@@ -194,13 +194,6 @@ def sample_sigmas(
 # targets and weights
 
 
-def ve_sigma(ms: ModelSampling, sigma: torch.Tensor) -> torch.Tensor:
-    """The VE noise level: σ itself for VP/EDM, σ/(1 − σ) for rectified flow."""
-    if isinstance(ms, DiscreteFlow):
-        return sigma / (1 - sigma)
-    return sigma
-
-
 def snr(ms: ModelSampling, sigma: torch.Tensor) -> torch.Tensor:
     """SNR = α²/σ² of the noise form: 1/σ² (VE; = ᾱ/(1 − ᾱ) for DDPM), ((1 − σ)/σ)² (flow)."""
     if isinstance(ms, DiscreteFlow):
