@@ -17,18 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from latentforge import files
 
 
 class LatentCache:
@@ -148,7 +137,7 @@ class LatentCache:
 
     def _write_index(self) -> None:
         data = {"version": self.VERSION, "items": self._entries}
-        _atomic_write_text(self.dir / self.INDEX, json.dumps(data, sort_keys=True))
+        files.write_text(str(self.dir / self.INDEX), json.dumps(data, sort_keys=True))
 
     def prune(self, keep: set[str] | None = None) -> int:
         """Drop entries not in `keep` (None: keep all entries), rewrite the index, and delete shards no
