@@ -52,9 +52,9 @@ from torch import nn
 
 from latentforge.models import DiT, DiTConfig, UNet, UNetConfig
 from latentforge.training.config import DenoiserTrainConfig, resolve
-from latentforge.training.loop import build_optimizer
 from latentforge.training.objectives import ObjectiveConfig, model_sampling_for
 from latentforge.training.objectives import loss as objective_loss
+from latentforge.training.optim import build_optimizer
 
 LATENT = (4, 16, 16)  # shapes latents: the shapes-vae preset maps 64×64×3 images to 16×16×4
 CONTEXT = (16, 64)  # [L, context_dim] of the UNet's text context

@@ -19,7 +19,8 @@ from latentforge.checkpoints import read_state_dict
 from latentforge.cli import main as cli
 from latentforge.pipeline import Pipeline
 from latentforge.training.config import resolve
-from latentforge.training.loop import TrainingError, read_metrics
+from latentforge.training.loop import TrainingError
+from latentforge.training.metrics import read_metrics
 from latentforge.training.trainer import train_denoiser
 from latentforge.training.vae_trainer import train_vae
 

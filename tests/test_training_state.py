@@ -13,14 +13,9 @@ import torch
 from torch import nn
 
 from latentforge.training import state as st
-from latentforge.training.state import (
-    EMA,
-    apply_lr,
-    config_differences,
-    load_training_state,
-    lr_at,
-    save_training_state,
-)
+from latentforge.training.ema import EMA
+from latentforge.training.optim import apply_lr, lr_at
+from latentforge.training.state import config_differences, load_training_state, save_training_state
 
 BASE_LR, WARMUP, K = 1e-2, 3, 7
 DATA = torch.randn(20, 4, generator=torch.Generator().manual_seed(1234))

@@ -25,8 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from latentforge.training.loop import top_level_blocks
-from latentforge.training.state import EMA, _metadata, flat_to_optimizer_state
+from latentforge.training.ema import EMA
+from latentforge.training.optim import top_level_blocks
+from latentforge.training.state import _metadata, flat_to_optimizer_state
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

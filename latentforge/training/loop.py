@@ -1,18 +1,47 @@
-"""What the denoiser and VAE trainers share: data feeding by global micro-batch, the optimiser, autocast,
-gradient checkpointing, the metrics log, the progress bar, the loss plot and the dry-run report."""
+"""The one training loop of both trainers (the denoiser's, trainer.py, and the VAE's, vae_trainer.py).
+
+A trainer describes its run as a `Task`: the trained modules as one tree, its optimizer, a micro-step (forward
+and backward of this rank's share of one global micro-batch, see feed.py), and what it exports and samples.
+`run` does the rest, the same way for both:
+
+    resume (state.py: model, EMA, optimizer, GradScaler, RNGs) · DDP or FSDP · Module.compile in place
+    for step in start … max_steps − 1:
+        lr ← lr_at(step)                                                             (optim.py)
+        for a in 0 … grad_accum − 1:              micro-batch m = step·grad_accum + a (feed.py)
+            without gradient sync unless a is the last (DDP no_sync / FSDP):
+                task.micro_step → backward of loss / grad_accum (scaled by the GradScaler for fp16)
+        loss ← mean over micro-batches and ranks; not finite: TrainingError naming the step
+        unscale, clip to grad_clip, optimizer step, EMA update                       (ema.py)
+        metrics.jsonl and the progress bar; at checkpoint steps the training state and the task's export of
+        the EMA weights; at sample steps the task's samples (EMA weights)
+
+Outputs under `out/`: config.json, metrics.jsonl, state/step-N/ (exact-resume state), checkpoints/step-N.
+safetensors and checkpoints/last.safetensors (the task's export), samples/, loss.png.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from latentforge import files
 from latentforge.training import dist
+from latentforge.training.config import to_dict
+from latentforge.training.ema import EMA
+from latentforge.training.feed import collate, data_loader
+from latentforge.training.metrics import MetricsLog, progress_bar, save_loss_plot
+from latentforge.training.optim import apply_lr
+from latentforge.training.state import load_training_state, save_training_state, step_dirs
 
 
 class TrainingError(RuntimeError):
@@ -20,282 +49,377 @@ class TrainingError(RuntimeError):
     checkpoint."""
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-step as the loop hands it to `Task.micro_step`."""
+
+    batch: dict  # this rank's rows of global micro-batch m (feed.collate)
+    m: int  # the global micro-batch index: seeds its randomness (feed.micro_generator)
+    step: int  # the optimiser step it belongs to (0-based)
+    nets: dict[str, nn.Module]  # Task.units(), wrapped in DDP with several ranks: call these
+    backward: Callable[[torch.Tensor], None]  # backward of loss / grad_accum (GradScaler-scaled for fp16)
 
 
-def micro_generator(seed: int, m: int) -> torch.Generator:
-    """The CPU generator of global micro-batch m: caption dropout, σ, ε (and the VAE posterior draw)."""
-    return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(m)) % (2**63))
+class Task:
+    """What a trainer supplies to `run`: `cfg` (the loop reads its optimisation and output fields), `world`,
+    `model` (every trained module as one tree: what the training state stores and the EMA averages) and
+    `dataset` (feed.py), and the methods below."""
+
+    config_keys: tuple[str, ...] = ()  # config fields that define the model: resuming with others is refused
+    plot_key = "loss"  # the metric loss.png shows
+    progress_keys: tuple[str, ...] = ()  # metrics on the progress bar besides loss and lr
+
+    def __init__(self, cfg, world: dist.World, model: nn.Module, dataset):
+        self.cfg, self.world, self.model, self.dataset = cfg, world, model, dataset
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """An optimizer over `model`'s trainable parameters (called again under FSDP, over the shards)."""
+        raise NotImplementedError
+
+    def units(self) -> dict[str, nn.Module]:
+        """The modules `micro_step` calls, by name; with several ranks each is wrapped in DDP."""
+        return {"model": self.model}
+
+    def components(self) -> dict[str, nn.Module]:
+        """Every module of the run by name, trained or frozen (the dry run counts their parameters)."""
+        return self.units()
+
+    def clip_parameters(self) -> Iterable[nn.Parameter]:
+        """The parameters whose gradient norm is clipped to grad_clip (and logged as grad_norm)."""
+        return self.model.parameters()
+
+    def compiled(self) -> list[nn.Module]:
+        """The modules `compile = true` compiles in place (`Module.compile`: state-dict keys unchanged)."""
+        return []
+
+    def fsdp_net(self) -> nn.Module:
+        """The network whose top-level blocks FSDP shards one by one (parallel = "fsdp")."""
+        raise ValueError(f"{type(self).__name__} does not support parallel='fsdp'")
+
+    def micro_step(self, mb: MicroBatch) -> dict[str, float | torch.Tensor]:
+        """Forward and `mb.backward(loss)` of this rank's share of global micro-batch `mb.m`. Returns its
+        metrics, "loss" among them; the loop averages them over the micro-batches, the loss also over the
+        ranks, and logs them."""
+        raise NotImplementedError
+
+    def export(self, path: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Rank 0 at a checkpoint: write the result file `path` with `weights` (the EMA, `model`'s keys)."""
+        raise NotImplementedError
+
+    def samples(self, path: str, weights: Mapping[str, torch.Tensor]) -> dict | None:
+        """Rank 0 at a sample step: an image grid at `path` (samples/step-N.png) and evaluations, made with
+        `weights` (the EMA); returns metrics to log, or None."""
+        return None
+
+
+def is_sharded(cfg, world: dist.World) -> bool:
+    """Whether the run shards its model with FSDP (parallel = "fsdp" on several ranks) instead of DDP."""
+    return getattr(cfg, "parallel", "ddp") == "fsdp" and world.distributed
+
+
+def describe_batch(cfg, world: dist.World) -> str:
+    G = cfg.batch_size * world.world_size
+    return (
+        f"effective batch {G * cfg.grad_accum} = {cfg.batch_size} per rank × {world.world_size} ranks × "
+        f"{cfg.grad_accum} accumulation; device {world.device}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
-# data: every rank takes its rows of the same global micro-batch
+# the loop
 
 
-class ShapesTrain(torch.utils.data.Dataset):
-    """Item i of the shapes training stream (`latentforge.shapes.sample(seed, "train", i, size)`)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = int(size), int(seed)
-
-    def __getitem__(self, i: int) -> dict:
-        from latentforge.shapes.data import sample, to_tensor
-
-        img, text, _, _ = sample(self.seed, "train", int(i), self.size)
-        return {"image": to_tensor(img), "caption": text}
-
-    def global_batch(self, m: int, G: int) -> list:
-        return list(range(m * G, (m + 1) * G))
-
-
-class FolderTrain(torch.utils.data.Dataset):
-    """An `ImageFolder` fed by epochs of shuffled single-bucket global batches of G items (drop_last);
-    items are addressed as (epoch, index) so random crops follow the epoch inside worker processes."""
-
-    def __init__(self, folder, G: int, seed: int):
-        from latentforge.training.data import BucketBatchSampler
-
-        self.ds = folder
-        self.sampler = BucketBatchSampler(folder, G, seed=seed, shuffle=True, drop_last=True)
-        self.per_epoch = len(self.sampler)
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"{folder.root}: {len(folder)} usable images, fewer than one global batch of {G} in any "
-                "bucket; lower batch_size or add images"
-            )
-        self._epoch, self._batches = -1, []
-        self.pre = None  # a precompute.Precomputed once latents (and text conditioning) are cached
-
-    def __getitem__(self, key) -> dict:
-        epoch, i = key
-        if self.pre is not None:  # cached: the image file is not even opened
-            caption = self.ds.items[i].caption
-            return {"caption": caption, **self.pre.item(i, caption, self.ds.target_size(i))}
-        self.ds.set_epoch(epoch)
-        d = self.ds[i]
-        return {"image": d["image"], "caption": d["caption"]}
-
-    def global_batch(self, m: int, G: int) -> list:
-        epoch, k = divmod(m, self.per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._epoch, self._batches = epoch, self.sampler.batches()
-        return [(epoch, i) for i in self._batches[k]]
-
-
-def dataset_for(cfg, world: dist.World):
-    """The run's training data: the shapes stream or a folder (skipped files and missing captions
-    reported)."""
-    G = cfg.batch_size * world.world_size
-    if cfg.data == "shapes":
-        return ShapesTrain(cfg.resolution, cfg.seed)
-    from latentforge.training.data import ImageFolder
-
-    folder = ImageFolder(
-        cfg.data,
-        cfg.resolution,
-        center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip,
-        buckets=getattr(cfg, "buckets", False),
-        bucket_step=getattr(cfg, "bucket_step", 64),
-        seed=cfg.seed,
-    )
+def run(
+    task: Task,
+    out: str,
+    resume: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `task` into folder `out` (or continue it, with `resume`); returns a summary. `dry_run`: print
+    the config, parameter counts, FLOPs and time per step, and write nothing. `stop_after`: return after
+    this many steps of this call (tests; the run stays resumable)."""
+    cfg, world = task.cfg, task.world
+    optimizer = task.optimizer()
+    if dry_run:
+        return dry_run_report(task, optimizer) if world.main else {}
+    existing = _existing_run(out, resume, world)
+    ema = EMA(task.model, decay=cfg.ema_decay)
+    scaler = torch.amp.GradScaler(world.device.type) if cfg.precision == "fp16" else None
+    sharded = is_sharded(cfg, world)
+    info = _resume(task, out, ema, None if sharded else optimizer, scaler) if existing else None
+    nets, optimizer = _distribute(task, ema, optimizer, info, sharded)
     if world.main:
-        print(
-            f"data {cfg.data}: {len(folder)} images, {len(folder.skipped)} skipped (unreadable), "
-            f"{len(folder.missing_captions)} without a caption (trained with an empty one)",
-            flush=True,
+        files.write_json(os.path.join(out, "config.json"), to_dict(cfg))
+    clock = _Clock(info["step"] if info else 0)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), clock.step, enabled=world.main)
+    loader = iter(data_loader(cfg, task.dataset, clock.step * cfg.grad_accum, world))
+    bar = progress_bar(clock.step, cfg.max_steps, enabled=progress and world.main)
+    loss = None
+    clock.start()
+    while clock.step < cfg.max_steps and (stop_after is None or clock.ran < stop_after):
+        lr = apply_lr(
+            optimizer,
+            clock.step,
+            cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.max_steps,
+            schedule=cfg.lr_schedule,
+            min_lr_ratio=cfg.min_lr_ratio,
         )
-        for path, why in folder.skipped[:10]:
-            print(f"  skipped {path}: {why}", flush=True)
-    return FolderTrain(folder, G, cfg.seed)
+        metrics = _accumulate(task, nets, loader, clock, scaler, sharded)
+        loss = _global_loss(task, metrics, clock.step, out, log)
+        grad_norm = _optimizer_step(task, optimizer, scaler)
+        ema.update(task.model)
+        clock.tick()
+        _report(task, log, bar, clock, {**metrics, "lr": lr, "loss": loss, "grad_norm": grad_norm})
+        end = clock.step == cfg.max_steps
+        if clock.step % cfg.checkpoint_every == 0 or end:
+            _checkpoint(task, out, clock.step, ema, optimizer, scaler, sharded)
+        if (cfg.sample_every and clock.step % cfg.sample_every == 0) or end:
+            _samples(task, out, clock.step, ema, log, sharded)
+    bar.close()
+    if world.main and clock.step == cfg.max_steps:
+        save_loss_plot(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"), key=task.plot_key)
+    return {"step": clock.step, "loss": loss, "out": out, "data_wait": clock.data_wait, "it_s": clock.it_s}
 
 
-def collate(items: list[dict]) -> dict:
-    """Tensors stacked (images, or cached latent moments and conditioning), captions as a list."""
-    out = {k: torch.stack([d[k] for d in items]) for k in items[0] if k != "caption"}
-    out["caption"] = [d["caption"] for d in items]
-    return out
+@dataclasses.dataclass
+class _Clock:
+    """Steps done, and the time spent in the step loop and waiting for data."""
+
+    step: int
+    ran: int = 0  # steps of this call
+    waited: float = 0.0  # seconds in next(loader)
+    elapsed: float = 0.0  # seconds of the step loop up to the last finished step
+    t0: float = 0.0
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def tick(self) -> None:
+        self.step += 1
+        self.ran += 1
+        self.elapsed = time.perf_counter() - self.t0
+
+    @property
+    def it_s(self) -> float:
+        return self.ran / max(self.elapsed, 1e-9)
+
+    @property
+    def data_wait(self) -> float:
+        return self.waited / max(self.elapsed, 1e-9)
 
 
-class _RankBatches(torch.utils.data.Sampler):
-    """Rows rank, rank + W, … of global micro-batches start, start + 1, … (forever)."""
+def _existing_run(out: str, resume: bool, world: dist.World) -> bool:
+    """Create `out`; refuse to start a new run where one is. Returns whether there is one to resume."""
+    if world.main:
+        os.makedirs(out, exist_ok=True)
+    dist.barrier(world)
+    existing = step_dirs(os.path.join(out, "state"))
+    if existing and not resume:
+        raise ValueError(
+            f"{out!r} already holds a run (step {existing[-1][0]}); pass --resume {out} to continue it "
+            "or choose another --out"
+        )
+    return bool(existing)
 
-    def __init__(self, dataset, start: int, G: int, rank: int, world_size: int):
-        self.dataset, self.start, self.G, self.rank, self.W = dataset, start, G, rank, world_size
 
-    def __iter__(self) -> Iterator[list]:
-        m = self.start
-        while True:
-            yield self.dataset.global_batch(m, self.G)[self.rank :: self.W]
-            m += 1
-
-
-def data_loader(cfg, dataset, start_micro_batch: int, world: dist.World) -> torch.utils.data.DataLoader:
-    G = cfg.batch_size * world.world_size
-    sampler = _RankBatches(dataset, start_micro_batch, G, world.rank, world.world_size)
-    workers = cfg.num_workers
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        prefetch_factor=4 if workers else None,
-        pin_memory=world.device.type == "cuda",
+def _resume(task: Task, out: str, ema: EMA, optimizer, scaler) -> dict:
+    info = load_training_state(
+        os.path.join(out, "state"),
+        task.model,
+        ema,
+        optimizer,  # None under FSDP: loaded after sharding (_distribute)
+        scaler,
+        rng=True,
+        expected_config=to_dict(task.cfg),
+        config_keys=task.config_keys,
     )
+    if task.world.main:
+        print(f"resumed from {info['path']} at step {info['step']}", flush=True)
+    return info
 
 
-# --------------------------------------------------------------------------------------------------------
-# optimisation helpers
+def _distribute(task: Task, ema: EMA, optimizer, info: dict | None, sharded: bool):
+    """FSDP (shard the model and the EMA, build the optimizer over the shards and load its state) or DDP
+    replicas of the task's units; then compile in place. Returns (the nets micro-steps call, optimizer)."""
+    world, model = task.world, task.model
+    nets = task.units()
+    if sharded:
+        from latentforge.training import fsdp
+
+        units = fsdp.shard(model, task.fsdp_net())
+        if world.main:
+            local = sum(p.to_local().numel() for p in model.parameters())
+            total = sum(p.numel() for p in model.parameters())
+            print(
+                f"FSDP: {units} units sharded over {world.world_size} ranks; rank 0 holds {local:,} of "
+                f"{total:,} parameters",
+                flush=True,
+            )
+        fsdp.shard_ema(ema, model)
+        optimizer = task.optimizer()
+        if info is not None:
+            fsdp.load_optimizer(model, optimizer, info["path"])
+    elif world.distributed:
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        nets = {name: DistributedDataParallel(m, device_ids=ids) for name, m in nets.items()}
+    if task.cfg.compile:
+        for m in task.compiled():
+            m.compile()
+    return nets, optimizer
 
 
-def build_optimizer(cfg, params: Iterable[nn.Parameter]) -> torch.optim.AdamW:
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("nothing to train: every parameter is frozen")
-    return torch.optim.AdamW(
-        trainable,
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
+def _accumulate(task: Task, nets, loader: Iterator, clock: _Clock, scaler, sharded: bool) -> dict:
+    """The micro-steps of one optimiser step; their metrics averaged."""
+    cfg, world = task.cfg, task.world
+    backward = _backward(cfg.grad_accum, scaler)
+    sums: dict = {}
+    for a in range(cfg.grad_accum):
+        t = time.perf_counter()
+        batch = next(loader)
+        clock.waited += time.perf_counter() - t
+        sync = a == cfg.grad_accum - 1 or not world.distributed
+        with _gradient_sync(task.model, nets, sync, sharded):
+            out = task.micro_step(
+                MicroBatch(batch, clock.step * cfg.grad_accum + a, clock.step, nets, backward)
+            )
+        for k, v in out.items():
+            sums[k] = sums[k] + v if k in sums else v
+    return {k: v / cfg.grad_accum for k, v in sums.items()}
 
 
-def autocast(precision: str, device: torch.device):
-    """Mixed precision where the device supports it: bf16 on CPU and CUDA, fp16 on CUDA (with a scaler)."""
-    if precision == "no":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device (use 'bf16' on the CPU)")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def _backward(grad_accum: int, scaler) -> Callable[[torch.Tensor], None]:
+    def backward(loss: torch.Tensor) -> None:
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+    return backward
 
 
-def top_level_blocks(net: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a UNet (input/middle/output blocks), DiT (blocks) or MMDiT (joint_blocks)."""
-    blocks: list[nn.Module] = []
-    for name in ("input_blocks", "output_blocks", "blocks", "joint_blocks"):
-        blocks += list(getattr(net, name, []))
-    if hasattr(net, "middle_block"):
-        blocks.append(net.middle_block)
-    if not blocks:
-        raise ValueError(f"no top-level blocks known for {type(net).__name__}")
-    return blocks
-
-
-def enable_checkpointing(net: nn.Module) -> int:
-    """Gradient checkpointing (Chen et al. 2016): each top-level block recomputes its activations in the
-    backward pass instead of storing them. Wraps the blocks' forward (state-dict keys are unchanged);
-    returns the number of blocks wrapped."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = top_level_blocks(net)
-    for block in blocks:
-
-        def run(*args, _forward=block.forward, **kw):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kw)
-            return checkpoint(_forward, *args, use_reentrant=False, **kw)
-
-        block.forward = run
-    return len(blocks)
-
-
-def load_vae_file(path: str):
-    """A frozen VAE from a file (ours from `train vae`, or any SD VAE) and its latent format: the file's
-    measured scale factor when it has one, else SD's (0.18215; 1.5305/0.0609 for 16 channels)."""
-    from latentforge.checkpoints import (
-        _component_file,
-        _load_component,
-        _read_metadata,
-        configs_from_json,
-        preset_configs,
-    )
-    from latentforge.models.vae import LATENT_FORMATS, LatentFormat
-
-    meta = _read_metadata(path)
-    configs = configs_from_json(meta["latentforge.configs"]) if "latentforge.configs" in meta else {}
-    sd = _component_file("vae", path)
-    if "vae" in configs:
-        vcfg = configs["vae"]
-    elif sd.get("encoder.conv_out.weight") is not None and sd["encoder.conv_out.weight"].shape[0] == 32:
-        vcfg = preset_configs("sd3-medium")["vae"]
-    else:
-        vcfg = preset_configs("sd15")["vae"]
-    vae = _load_component("vae", vcfg, sd, torch.float32, path)
-    if "latentforge.latent_format" in meta:
-        fmt = LatentFormat.from_json(meta["latentforge.latent_format"])
-    else:
-        fmt = LATENT_FORMATS["sd3"] if vae.latent_channels == 16 else LATENT_FORMATS["sd1"]
-    return vae, fmt
-
-
-# --------------------------------------------------------------------------------------------------------
-# logging
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line, appended and flushed as it goes. A run resumed at step s
-    first drops the records of steps after s (they are trained again); a new run starts the file."""
-
-    def __init__(self, path: str, start_step: int, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if start_step > 0 and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill
-                    if rec.get("step", 0) <= start_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        record = {**record, "time": round(time.time(), 3)}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
-
-def read_metrics(path: str) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-    return out
-
-
-def progress_bar(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-def save_loss_plot(metrics_path: str, png_path: str, key: str = "loss") -> None:
-    from latentforge.plot import line_plot
-
-    recs = [r for r in read_metrics(metrics_path) if key in r]
-    if len(recs) < 2:
+@contextlib.contextmanager
+def _gradient_sync(model: nn.Module, nets: dict[str, nn.Module], sync: bool, sharded: bool):
+    """Gradients all-reduced only on the last micro-batch of a step: DDP's no_sync, FSDP's switch."""
+    if sharded:
+        model.set_requires_gradient_sync(sync)
+        yield
         return
-    series = {key: ([r["step"] for r in recs], [r[key] for r in recs])}
-    line_plot(
-        series, png_path, title=f"training {key}", xlabel="step", ylabel=key, logy=True, size=(900, 560)
-    )
+    with contextlib.ExitStack() as stack:
+        for net in nets.values() if not sync else ():
+            if isinstance(net, DistributedDataParallel):
+                stack.enter_context(net.no_sync())
+        yield
+
+
+def _global_loss(task: Task, metrics: dict, step: int, out: str, log: MetricsLog) -> float:
+    """The step's loss averaged over the ranks; a non-finite one stops the run (TrainingError)."""
+    loss = float(dist.mean(task.world, torch.as_tensor(metrics["loss"], dtype=torch.float64)))
+    if not math.isfinite(loss):
+        last = os.path.join(out, "checkpoints", "last.safetensors")
+        good = last if os.path.exists(last) else "none (no checkpoint was written yet)"
+        log.write({"step": step + 1, "error": f"non-finite loss {loss}"})
+        raise TrainingError(
+            f"the loss is {loss} at step {step + 1}; stopping. The last good checkpoint: {good}"
+        )
+    return loss
+
+
+def _optimizer_step(task: Task, optimizer: torch.optim.Optimizer, scaler) -> torch.Tensor:
+    """Unscale (fp16), clip, step, zero the gradients; returns the gradient norm before clipping."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = list(task.clip_parameters())
+    if task.cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, task.cfg.grad_clip)
+    else:
+        norm = _grad_norm(params)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _report(task: Task, log: MetricsLog, bar, clock: _Clock, metrics: dict) -> None:
+    cfg = task.cfg
+    bar.update(1)
+    shown = {k: f"{float(metrics[k]):.4f}" for k in ("loss", *task.progress_keys)}
+    bar.set_postfix(**shown, lr=f"{metrics['lr']:.2e}")
+    if clock.step % cfg.log_every == 0 or clock.step == cfg.max_steps:
+        values = {k: float(v) for k, v in metrics.items()}
+        log.write({"step": clock.step, **values, "it_s": clock.it_s, "data_wait": clock.data_wait})
+
+
+def _checkpoint(task: Task, out: str, step: int, ema: EMA, optimizer, scaler, sharded: bool) -> None:
+    """The exact-resume state (state.py) and the task's export of the EMA weights, as step-N.safetensors
+    and last.safetensors (rank 0 writes; under FSDP every rank takes part in gathering the full state)."""
+    cfg, world = task.cfg, task.world
+    states = _full_states(task.model, ema, optimizer) if sharded else None
+    if world.main:
+        save_training_state(
+            os.path.join(out, "state"),
+            step,
+            task.model,
+            ema,
+            optimizer,
+            scaler,
+            data_position={
+                "micro_batch": step * cfg.grad_accum,
+                "global_batch": cfg.batch_size * world.world_size,
+            },
+            config=to_dict(cfg),
+            keep_last=cfg.keep_last,
+            states=states,
+        )
+        folder = os.path.join(out, "checkpoints")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{step:08d}.safetensors")
+        task.export(path, states["ema"] if states else ema.state_dict())
+        with files.atomic_path(os.path.join(folder, "last.safetensors")) as tmp:
+            shutil.copyfile(path, tmp)
+        _prune_exports(folder, cfg.keep_last)
+    dist.barrier(world)
+
+
+def _full_states(model: nn.Module, ema: EMA, optimizer) -> dict:
+    from latentforge.training import fsdp
+
+    return {
+        "model": fsdp.full_model(model),
+        "ema": fsdp.full_ema(ema),
+        "optimizer": fsdp.full_optimizer(model, optimizer),
+    }
+
+
+def _prune_exports(folder: str, keep: int) -> None:
+    names = sorted(f for f in os.listdir(folder) if f.startswith("step-") and f.endswith(".safetensors"))
+    for f in names[:-keep] if keep else []:
+        os.remove(os.path.join(folder, f))
+
+
+def _samples(task: Task, out: str, step: int, ema: EMA, log: MetricsLog, sharded: bool) -> None:
+    if sharded:
+        from latentforge.training import fsdp
+
+        weights = fsdp.full_ema(ema)  # a collective: every rank takes part
+    else:
+        weights = ema.state_dict()
+    if task.world.main:
+        metrics = task.samples(os.path.join(out, "samples", f"step-{step:08d}.png"), weights)
+        if metrics:
+            log.write({"step": step, **metrics})
+    dist.barrier(task.world)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -309,29 +433,27 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return t, f
 
 
-def dry_run_report(cfg, setup, dataset, ms, optimizer, world, micro_step: Callable) -> dict:
+def dry_run_report(task: Task, optimizer: torch.optim.Optimizer) -> dict:
     """Print the resolved config, parameter counts, FLOPs per optimiser step (counted with
     torch.utils.flop_counter on one real micro-batch, forward + backward, × grad_accum) and the measured
     time per step (the second of two micro-steps × grad_accum). Nothing is written."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latentforge.training.config import to_dict
-
+    cfg, world, dataset = task.cfg, task.world, task.dataset
     print(json.dumps(to_dict(cfg), indent=2))
-    model = setup.model
     counts = {}
-    for name, m in {**dict(model.parts.items()), **model.frozen, **setup.extra_components}.items():
+    for name, m in task.components().items():
         t, f = count_parameters(m)
         counts[name] = {"trainable": t, "frozen": f}
         print(f"{name:8s} {t:>14,d} trainable {f:>14,d} frozen")
     G = cfg.batch_size * world.world_size
     batch = collate([dataset[k] for k in dataset.global_batch(0, G)[world.rank :: world.world_size]])
-    size = (cfg.resolution, cfg.resolution)
+    nets, backward = task.units(), _backward(cfg.grad_accum, None)
     with FlopCounterMode(display=False) as fc:
-        micro_step(cfg, setup, ms, model, batch, 0, G, world, size, None)
+        task.micro_step(MicroBatch(batch, 0, 0, nets, backward))
     flops = fc.get_total_flops() * cfg.grad_accum
     t0 = time.perf_counter()
-    micro_step(cfg, setup, ms, model, batch, 1, G, world, size, None)
+    task.micro_step(MicroBatch(batch, 1, 0, nets, backward))
     seconds = (time.perf_counter() - t0) * cfg.grad_accum
     optimizer.zero_grad(set_to_none=True)
     print(f"FLOPs per step (forward + backward, this rank): {flops / 1e9:,.2f} GFLOP")

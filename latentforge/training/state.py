@@ -1,193 +1,44 @@
 """Everything a trainer needs to stop and resume exactly, stored without pickles.
 
-* `EMA`: a float32 exponential moving average of a model's parameters (buffers are copied), with the
-  warm-up decay min(decay, (1 + step)/(10 + step)) of ldm's `LitEma` (CompVis/latent-diffusion,
-  ldm/modules/ema.py) and diffusers' `EMAModel.get_decay` (diffusers/training_utils.py).
-* `lr_at`: the learning rate as a pure function of the step: linear warm-up, then constant, cosine or linear
-  decay to `min_lr_ratio * base_lr` (the shapes of transformers/diffusers `get_*_schedule_with_warmup`,
-  diffusers/optimization.py; the first step of a warm-up has lr 0 as there).
-* `save_training_state` / `load_training_state`: one folder per step, ``dir/step-00001234/``, with
+`save_training_state` / `load_training_state`: one folder per step, ``dir/step-00001234/``, with
 
-      model.safetensors      the model's state dict
-      ema.safetensors        the EMA's state dict (model layout, float32; usable as a weights file)
-      optimizer.safetensors  every optimizer-state tensor as "state.{param_index}.{name}"; the param
-                             groups' hyperparameters and the non-tensor state in the metadata (JSON)
-      rng.safetensors        "torch.cpu" (uint8), "torch.cuda.{i}" (uint8); numpy's global bit-generator
-                             state and python `random`'s state as JSON in the metadata
-      state.json             step, data position, config, GradScaler state, EMA settings, versions
+    model.safetensors      the model's state dict
+    ema.safetensors        the EMA's state dict (model layout, float32; usable as a weights file; ema.py)
+    optimizer.safetensors  every optimizer-state tensor as "state.{param_index}.{name}"; the param
+                           groups' hyperparameters and the non-tensor state in the metadata (JSON)
+    rng.safetensors        "torch.cpu" (uint8), "torch.cuda.{i}" (uint8); numpy's global bit-generator
+                           state and python `random`'s state as JSON in the metadata
+    state.json             step, data position, config, GradScaler state, EMA settings, versions
 
-  The folder is written under a temporary name and renamed into place (`os.replace` of the directory), so a
-  crash mid-write leaves the previous checkpoint as it was; then the `last` file (written atomically)
-  names it and folders beyond `keep_last` are removed. Nothing is pickled: tensors go through safetensors,
-  everything else through JSON.
+The folder is written under a temporary name and renamed into place (`os.replace` of the directory), so a
+crash mid-write leaves the previous checkpoint as it was; then the `last` file (written atomically) names it
+and folders beyond `keep_last` are removed. Nothing is pickled: tensors go through safetensors, everything
+else through JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import random
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from latentforge.checkpoints import read_state_dict, save_state_dict
+from latentforge.files import atomic_path, temp_name
 
-SCHEDULES = ("constant", "cosine", "linear")
+if TYPE_CHECKING:
+    from latentforge.training.ema import EMA
+
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-
-
-# --------------------------------------------------------------------------------------------------------
-# EMA
-
-
-class EMA:
-    """Exponential moving average of `model`'s parameters, kept in float32 whatever dtype the model trains in.
-
-    ``shadow ← shadow + (1 − d)·(param − shadow)`` with d = min(decay, (1 + step)/(10 + step)) when `warmup`
-    (LitEma's num_updates rule), else d = decay. Buffers (e.g. norm statistics) are copied, not averaged.
-    Keys are the model's state-dict keys, so `state_dict()` is a loadable weights file.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, warmup: bool = True):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.num_updates = 0
-        self.param_names = [n for n, _ in model.named_parameters()]
-        self.shadow: dict[str, torch.Tensor] = {}
-        sd = model.state_dict()
-        for k, v in sd.items():
-            v = v.detach()
-            self.shadow[k] = v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
-
-    def decay_at(self, step: int) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int | None = None) -> float:
-        """Fold the model's current weights in; `step` defaults to the number of updates so far.
-        Returns the decay used."""
-        d = self.decay_at(self.num_updates if step is None else int(step))
-        params = dict(model.named_parameters())
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if k in params and s.is_floating_point():
-                s.lerp_(v.detach().to(device=s.device, dtype=torch.float32), 1.0 - d)
-            else:
-                s.copy_(v.detach())
-        self.num_updates += 1
-        return d
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        """Write the averaged weights into `model` (cast to each tensor's dtype, in place)."""
-        for k, v in model.state_dict().items():
-            v.copy_(self.shadow[k])
-
-    @contextlib.contextmanager
-    def swapped(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Temporarily put the EMA weights into `model` (e.g. to sample); the training weights come back
-        bit for bit on exit, even when the body raises."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(backup[k])
-
-    def to(self, device: torch.device | str) -> EMA:
-        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def settings(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
-
-    @torch.no_grad()
-    def load_state_dict(
-        self, sd: Mapping[str, torch.Tensor], settings: Mapping[str, Any] | None = None
-    ) -> None:
-        missing = sorted(set(self.shadow) - set(sd))
-        unexpected = sorted(set(sd) - set(self.shadow))
-        if missing or unexpected:
-            raise ValueError(
-                f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for k, v in sd.items():
-            if tuple(v.shape) != tuple(self.shadow[k].shape):
-                raise ValueError(f"EMA {k}: shape {tuple(v.shape)}, expected {tuple(self.shadow[k].shape)}")
-            self.shadow[k].copy_(v)
-        if settings:
-            self.decay = float(settings.get("decay", self.decay))
-            self.warmup = bool(settings.get("warmup", self.warmup))
-            self.num_updates = int(settings.get("num_updates", self.num_updates))
-
-
-# --------------------------------------------------------------------------------------------------------
-# learning-rate schedules
-
-
-def lr_at(
-    step: int,
-    base_lr: float,
-    warmup_steps: int = 0,
-    total_steps: int = 0,
-    schedule: str = "constant",
-    min_lr_ratio: float = 0.0,
-) -> float:
-    """The learning rate at `step` (0-based): base_lr·step/warmup_steps during warm-up, then
-
-    constant: base_lr
-    cosine:   base_lr·(m + (1 − m)·½(1 + cos(π·p)))
-    linear:   base_lr·(m + (1 − m)·(1 − p))
-
-    with p = (step − warmup_steps)/(total_steps − warmup_steps) clamped to [0, 1] and m = `min_lr_ratio`
-    (diffusers/optimization.py `get_cosine_schedule_with_warmup`, `get_linear_schedule_with_warmup`)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not supported; expected one of {', '.join(SCHEDULES)}")
-    if warmup_steps < 0 or step < 0:
-        raise ValueError(f"step ({step}) and warmup_steps ({warmup_steps}) must be >= 0")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    if total_steps <= warmup_steps:
-        raise ValueError(
-            f"a {schedule} schedule needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})"
-        )
-    p = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
-    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """Set `lr` on every param group, times the group's optional "lr_scale" (e.g. 0.1 for a text encoder)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-def apply_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float, **schedule: Any) -> float:
-    """`set_lr(optimizer, lr_at(step, base_lr, **schedule))`; returns the learning rate."""
-    return set_lr(optimizer, lr_at(step, base_lr, **schedule))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,17 +198,12 @@ def step_dirs(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_synced(path: str, text: str) -> None:
+    """`text` written atomically and flushed to the disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
@@ -392,7 +238,7 @@ def save_training_state(
     os.makedirs(dir, exist_ok=True)
     name = f"step-{int(step):08d}"
     final = os.path.join(dir, name)
-    tmp = os.path.join(dir, f".{name}.tmp-{os.getpid()}")
+    tmp = temp_name(final)  # the step folder is written whole under this name, then renamed
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
@@ -426,7 +272,7 @@ def save_training_state(
             text = json.dumps(state, indent=2, sort_keys=True)
         except TypeError as e:
             raise TypeError(f"data_position, config and scaler state must be JSON-serialisable: {e}") from e
-        _write_text_atomic(os.path.join(tmp, "state.json"), text)  # written last: marks the folder complete
+        _write_synced(os.path.join(tmp, "state.json"), text)  # written last: marks the folder complete
         _fsync_dir(tmp)
         if os.path.exists(final):  # saving the same step again: move the old one aside first
             old = os.path.join(dir, f".{name}.old-{os.getpid()}")
@@ -439,7 +285,7 @@ def save_training_state(
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    _write_text_atomic(os.path.join(dir, "last"), name + "\n")
+    _write_synced(os.path.join(dir, "last"), name + "\n")
     if keep_last:
         for _, path in step_dirs(dir)[:-keep_last]:
             if os.path.abspath(path) != os.path.abspath(final):

@@ -1,0 +1,134 @@
+"""Data feeding by global micro-batch, shared by both trainers.
+
+Global micro-batch m (m = step·grad_accum + a) holds the dataset items `dataset.global_batch(m, G)` with
+G = batch_size·world_size; rank r takes positions r, r + W, … of it, and the randomness of a micro-step
+(caption dropout, σ, ε, the VAE posterior draw) comes from `micro_generator(seed, m)`. So what a step sees
+is a pure function of (seed, step): a resumed run needs no sampler state, and W ranks with batch b see what
+one process with batch W·b sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from latentforge.training import dist
+
+
+def micro_generator(seed: int, m: int) -> torch.Generator:
+    """The CPU generator of global micro-batch m: caption dropout, σ, ε (and the VAE posterior draw)."""
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(m)) % (2**63))
+
+
+class ShapesTrain(torch.utils.data.Dataset):
+    """Item i of the shapes training stream (`latentforge.shapes.sample(seed, "train", i, size)`)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = int(size), int(seed)
+
+    def __getitem__(self, i: int) -> dict:
+        from latentforge.shapes.data import sample, to_tensor
+
+        img, text, _, _ = sample(self.seed, "train", int(i), self.size)
+        return {"image": to_tensor(img), "caption": text}
+
+    def global_batch(self, m: int, G: int) -> list:
+        return list(range(m * G, (m + 1) * G))
+
+
+class FolderTrain(torch.utils.data.Dataset):
+    """An `ImageFolder` fed by epochs of shuffled single-bucket global batches of G items (drop_last);
+    items are addressed as (epoch, index) so random crops follow the epoch inside worker processes."""
+
+    def __init__(self, folder, G: int, seed: int):
+        from latentforge.training.data import BucketBatchSampler
+
+        self.ds = folder
+        self.sampler = BucketBatchSampler(folder, G, seed=seed, shuffle=True, drop_last=True)
+        self.per_epoch = len(self.sampler)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{folder.root}: {len(folder)} usable images, fewer than one global batch of {G} in any "
+                "bucket; lower batch_size or add images"
+            )
+        self._epoch, self._batches = -1, []
+        self.pre = None  # a precompute.Precomputed once latents (and text conditioning) are cached
+
+    def __getitem__(self, key) -> dict:
+        epoch, i = key
+        if self.pre is not None:  # cached: the image file is not even opened
+            caption = self.ds.items[i].caption
+            return {"caption": caption, **self.pre.item(i, caption, self.ds.target_size(i))}
+        self.ds.set_epoch(epoch)
+        d = self.ds[i]
+        return {"image": d["image"], "caption": d["caption"]}
+
+    def global_batch(self, m: int, G: int) -> list:
+        epoch, k = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._batches = epoch, self.sampler.batches()
+        return [(epoch, i) for i in self._batches[k]]
+
+
+def dataset_for(cfg, world: dist.World):
+    """The run's training data: the shapes stream or a folder (skipped files and missing captions
+    reported)."""
+    G = cfg.batch_size * world.world_size
+    if cfg.data == "shapes":
+        return ShapesTrain(cfg.resolution, cfg.seed)
+    from latentforge.training.data import ImageFolder
+
+    folder = ImageFolder(
+        cfg.data,
+        cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        buckets=getattr(cfg, "buckets", False),
+        bucket_step=getattr(cfg, "bucket_step", 64),
+        seed=cfg.seed,
+    )
+    if world.main:
+        print(
+            f"data {cfg.data}: {len(folder)} images, {len(folder.skipped)} skipped (unreadable), "
+            f"{len(folder.missing_captions)} without a caption (trained with an empty one)",
+            flush=True,
+        )
+        for path, why in folder.skipped[:10]:
+            print(f"  skipped {path}: {why}", flush=True)
+    return FolderTrain(folder, G, cfg.seed)
+
+
+def collate(items: list[dict]) -> dict:
+    """Tensors stacked (images, or cached latent moments and conditioning), captions as a list."""
+    out = {k: torch.stack([d[k] for d in items]) for k in items[0] if k != "caption"}
+    out["caption"] = [d["caption"] for d in items]
+    return out
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """Rows rank, rank + W, … of global micro-batches start, start + 1, … (forever)."""
+
+    def __init__(self, dataset, start: int, G: int, rank: int, world_size: int):
+        self.dataset, self.start, self.G, self.rank, self.W = dataset, start, G, rank, world_size
+
+    def __iter__(self) -> Iterator[list]:
+        m = self.start
+        while True:
+            yield self.dataset.global_batch(m, self.G)[self.rank :: self.W]
+            m += 1
+
+
+def data_loader(cfg, dataset, start_micro_batch: int, world: dist.World) -> torch.utils.data.DataLoader:
+    G = cfg.batch_size * world.world_size
+    sampler = _RankBatches(dataset, start_micro_batch, G, world.rank, world.world_size)
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers else None,
+        pin_memory=world.device.type == "cuda",
+    )
