@@ -1,4 +1,10 @@
-"""The `latentforge` command: one entry point, sub-commands per job."""
+"""The `latentforge` command: one entry point, sub-commands per job.
+
+Bad input (a missing file, a value out of range, text that is not UTF-8) is answered with one line
+`error: …` that names the value and what is accepted, and exit status 2; the checks (cli_checks.py) run before
+any expensive work. A traceback means a bug. Warnings (e.g. a prompt cut at the text encoder's context) are
+printed as `warning: …` lines on stderr.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
+
+from latentforge import cli_checks as check
+
+
+def _say(text: str) -> None:
+    """Print to stdout; a path that is not UTF-8 (surrogate-escaped bytes) is shown with U+FFFD."""
+    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _bench(args) -> int:
@@ -17,18 +31,42 @@ def _bench(args) -> int:
 
         for n in names:
             get_sampler(n)  # clear error with the closest valid name
+    check.out_dir("--out", args.out)
     report = bench_samplers(args.out, names=names)
-    print(format_table(report))
-    print(f"wrote {args.out}/samplers.json and {args.out}/samplers.png")
+    _say(format_table(report))
+    _say(f"wrote {args.out}/samplers.json and {args.out}/samplers.png")
     return 0
 
 
 def _shapes(args) -> int:
     from latentforge.shapes import export
+    from latentforge.shapes.render import check_resolution
 
+    check.int_in("--n", args.n, 1)
+    check.int_in("--seed", args.seed, 0)
+    check_resolution(args.size)
+    check.out_dir("DIR", args.dir)
     out = export(args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split)
-    print(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
+    _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
     return 0
+
+
+def _check_generation(args) -> None:
+    """The generation flags `generate` and `eval shapes --model` share, checked before the model loads."""
+    from latentforge.pipeline import MAX_BATCH, MAX_CFG, MAX_SIZE, MAX_STEPS
+    from latentforge.samplers import get_sampler
+    from latentforge.schedules import SCHEDULERS, unknown_name_error
+
+    check.int_in("--steps", args.steps, 1, MAX_STEPS)
+    check.float_in("--cfg", args.cfg, 0.0, MAX_CFG)
+    check.int_in("--width", args.width, 1, MAX_SIZE)
+    check.int_in("--height", args.height, 1, MAX_SIZE)
+    batch = check.int_in("--batch-size", getattr(args, "batch_size", 1), 1, MAX_BATCH)
+    check.int_in("--seed", args.seed, 0, 2**63 - 1 - batch - getattr(args, "n", 0))
+    get_sampler(args.sampler)
+    if args.scheduler not in SCHEDULERS:
+        raise unknown_name_error("scheduler", args.scheduler, list(SCHEDULERS))
+    check.checkpoint("--model", args.model)
 
 
 def _eval_generate(args) -> str:
@@ -37,13 +75,14 @@ def _eval_generate(args) -> str:
 
     import numpy as np
 
+    from latentforge.files import write_text
     from latentforge.pipeline import Pipeline
     from latentforge.shapes import caption, sample_scene
 
     out = args.out or tempfile.mkdtemp(prefix="latentforge-eval-")
     os.makedirs(out, exist_ok=True)
     pipe = Pipeline.from_single_file(args.model)
-    print(f"loaded {args.model}: {pipe.detection}")
+    _say(f"loaded {args.model}: {pipe.detection}")
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(args.n)]
     lines = []
@@ -55,28 +94,33 @@ def _eval_generate(args) -> str:
         img.save(tmp)
         os.replace(tmp, os.path.join(out, name))
         lines.append(json.dumps({"file_name": name, "text": prompt}))
-    tmp = os.path.join(out, ".metadata.jsonl.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "metadata.jsonl"))
+    write_text(os.path.join(out, "metadata.jsonl"), "\n".join(lines) + "\n")
     return out
 
 
 def _eval(args) -> int:
     from latentforge.shapes.evaluate import evaluate_folder
+    from latentforge.shapes.render import check_resolution
     from latentforge.shapes.report import format_report
 
     if (args.images is None) == (args.model is None):
-        print("error: give exactly one of --images DIR or --model PATH", file=sys.stderr)
-        return 2
-    folder = args.images if args.images is not None else _eval_generate(args)
-    if not os.path.isdir(folder):
-        print(f"error: --images {folder!r} is not a folder", file=sys.stderr)
-        return 2
+        raise ValueError("give exactly one of --images DIR or --model PATH")
+    check.int_in("--n", args.n, 1)
+    check_resolution(args.size)
+    if args.json is not None:
+        check.out_file("--json", args.json)
+    if args.images is not None:
+        check.in_dir("--images", args.images, "a folder of images with .txt captions or metadata.jsonl")
+        folder = args.images
+    else:
+        _check_generation(args)
+        if args.out is not None:
+            check.out_dir("--out", args.out)
+        folder = _eval_generate(args)
     report = evaluate_folder(folder, json_path=args.json, size=args.size)
-    print(format_report(report))
+    _say(format_report(report))
     if args.json:
-        print(f"wrote {args.json}")
+        _say(f"wrote {args.json}")
     return 0
 
 
@@ -84,24 +128,26 @@ def _info(args) -> int:
     from latentforge.samplers import SAMPLER_NAMES
     from latentforge.schedules import SCHEDULERS
 
-    print(json.dumps({"samplers": SAMPLER_NAMES, "schedulers": list(SCHEDULERS)}, indent=1))
+    _say(json.dumps({"samplers": SAMPLER_NAMES, "schedulers": list(SCHEDULERS)}, indent=1))
     return 0
 
 
 def _generate(args) -> int:
-    import os
-
     import torch
 
     from latentforge.pipeline import Pipeline, infotext, save_png
 
+    check.utf8("the prompt", args.prompt)
+    check.utf8("--negative", args.negative)
+    _check_generation(args)
+    if args.vae is not None:
+        check.checkpoint("--vae", args.vae)
+    check.device("--device", args.device)
+    check.out_dir("--out", args.out)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    try:
-        pipe = Pipeline.from_single_file(
-            args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
-        )
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+    pipe = Pipeline.from_single_file(
+        args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
+    )
     if args.device:
         pipe.to(args.device)
     images = pipe(
@@ -117,7 +163,6 @@ def _generate(args) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    os.makedirs(args.out, exist_ok=True)
     model_hash = _short_hash(args.model)
     for k, image in enumerate(images):
         text = infotext(
@@ -135,7 +180,7 @@ def _generate(args) -> int:
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )
-        print(save_png(image, args.out, text, args.seed + k))
+        _say(save_png(image, args.out, text, args.seed + k))
     return 0
 
 
@@ -145,7 +190,7 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     i = 0
     while i < len(rest):
-        arg = rest[i]
+        arg = check.utf8("an option", rest[i])
         if not arg.startswith("--") or len(arg) == 2:
             raise ValueError(
                 f"unexpected argument {arg!r}; options look like --field value or --table.field=value"
@@ -153,7 +198,7 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                value = rest[i + 1]
+                value = check.utf8(f"the value of {arg}", rest[i + 1])
                 i += 1
             else:
                 value = "true"
@@ -162,35 +207,58 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
     return out
 
 
-def _train(args, rest: list[str]) -> int:
-    import os
+def _trainer(what: str):
+    """The function that runs a training job of kind `what` (tests replace this to stay fast)."""
+    if what == "denoiser":
+        from latentforge.training.trainer import train_denoiser
 
+        return train_denoiser
+    from latentforge.training.vae_trainer import train_vae
+
+    return train_vae
+
+
+def _train_config(args, overrides: dict):
     from latentforge.training.config import DenoiserTrainConfig, VAETrainConfig, apply_overrides, from_dict
     from latentforge.training.config import resolve as resolve_config
 
+    cls = DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
+    check.config_shapes(cls, overrides, "options")
+    if args.config is not None:
+        check.config_shapes(cls, check.read_toml("--config", args.config), f"--config {args.config!r}")
+    if args.resume and args.preset is None and args.config is None:
+        saved = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(saved):
+            raise ValueError(f"--resume {args.resume!r}: no config.json there; is it a training folder?")
+        try:
+            with open(saved, encoding="utf-8") as f:
+                fields = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{saved!r} is not a readable config ({check.message(e)})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"{saved!r} is not a readable config (not a JSON object)")
+        check.config_shapes(cls, fields, repr(saved))
+        return apply_overrides(from_dict(cls, fields), overrides)
+    return resolve_config(args.what, args.preset, args.config, overrides)
+
+
+def _train(args, rest: list[str]) -> int:
     overrides = parse_overrides(rest)
     if args.data is not None:
-        overrides["data"] = args.data
+        overrides["data"] = check.utf8("--data", args.data)
+    if args.resume is not None:
+        check.in_dir("--resume", args.resume, "the folder of a training run")
     out = args.resume or args.out
     if out is None and not args.dry_run:
         raise ValueError("give --out DIR for a new run (or --resume DIR to continue one)")
-    saved = os.path.join(args.resume, "config.json") if args.resume else None
-    if args.resume and args.preset is None and args.config is None:
-        if not os.path.isfile(saved):
-            raise ValueError(f"--resume {args.resume!r}: no config.json there; is it a training folder?")
-        with open(saved, encoding="utf-8") as f:
-            fields = json.load(f)
-        cls = DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
-        cfg = apply_overrides(from_dict(cls, fields), overrides)
-    else:
-        cfg = resolve_config(args.what, args.preset, args.config, overrides)
-    if args.what == "denoiser":
-        from latentforge.training.trainer import train_denoiser as run
-    else:
-        from latentforge.training.vae_trainer import train_vae as run
+    if out is not None:
+        check.out_dir("--out", out)
+    cfg = _train_config(args, overrides)
+    check.train_config(cfg)
+    run = _trainer(args.what)
     summary = run(cfg, out, resume=args.resume is not None, dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run and summary:
-        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+        _say(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return 0
 
 
@@ -218,30 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shapes", help="the procedural shapes benchmark data")
     shs = sh.add_subparsers(dest="shapes_command", required=True)
     ex = shs.add_parser("export", help="write rendered images, .txt captions and metadata.jsonl to DIR")
-    ex.add_argument("dir")
-    ex.add_argument("--n", type=int, default=1000, help="number of images")
+    ex.add_argument("dir", metavar="DIR", help="output folder (created if needed)")
+    ex.add_argument("--n", type=int, default=1000, help="number of images, >= 1")
     ex.add_argument("--size", type=int, default=64, help="resolution, 32..512")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=int, default=0, help="an integer >= 0")
     ex.add_argument("--split", default="train", choices=["train", "validation", "heldout"])
     ex.set_defaults(func=_shapes)
 
     g = sub.add_parser("generate", help="text to image from a single-file checkpoint")
-    g.add_argument("prompt", help="the prompt (a class index such as 207 for DiT)")
+    g.add_argument("prompt", help="the prompt, UTF-8 (a class index such as 207 for DiT)")
     g.add_argument("--model", required=True, help="single-file checkpoint (.safetensors, .ckpt, .pt)")
     g.add_argument("--negative", default="", help="negative prompt (default: empty)")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--sampler", default="euler", help="sampler name as in ComfyUI (see `latentforge info`)")
-    g.add_argument("--scheduler", default="normal", help="scheduler name as in ComfyUI")
-    g.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (1 = none)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    g.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=1)
+    _generation_flags(g, sampler="euler", scheduler="normal", cfg=7.0)
+    g.add_argument("--batch-size", type=int, default=1, help="images, 1..256")
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    g.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    g.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
@@ -251,19 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         "shapes", help="the shapes benchmark: score a folder, or generate from a model and score"
     )
     es.add_argument("--images", help="folder of images with .txt captions or metadata.jsonl")
-    es.add_argument("--model", help="a checkpoint: generate from held-out prompts, then score")
-    es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model)")
-    es.add_argument("--steps", type=int, default=20)
-    es.add_argument("--sampler", default="dpmpp_2m")
-    es.add_argument("--scheduler", default="karras")
-    es.add_argument("--cfg", type=float, default=5.0)
-    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--model", help="a checkpoint file: generate from held-out prompts, then score")
+    es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model), >= 1")
+    _generation_flags(es, sampler="dpmpp_2m", scheduler="karras", cfg=5.0)
     es.add_argument(
         "--out", default=None, help="where generated images go (with --model; default: a temp folder)"
     )
-    es.add_argument("--width", type=int, default=None, help="generation width (default: the model's)")
-    es.add_argument("--height", type=int, default=None, help="generation height (default: the model's)")
-    es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at")
+    es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at, 32..512")
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
     es.set_defaults(func=_eval)
 
@@ -278,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoiser: shapes-tiny, shapes-tiny-dit, sd15, sdxl-base, sd3-medium; vae: shapes-vae, sd",
     )
     t.add_argument("--config", default=None, help="a TOML file of config fields (applied after the preset)")
-    t.add_argument("--data", default=None, help="'shapes' or a folder of images with captions")
+    t.add_argument(
+        "--data",
+        default=None,
+        help=f"'shapes' (--resolution 32..512) or a folder of images with captions "
+        f"(--resolution {check.TRAIN_RES_MIN}..{check.TRAIN_RES_MAX}); numbers such as --lr must be finite",
+    )
     t.add_argument("--out", default=None, help="the run's folder")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
     t.add_argument("--dry-run", action="store_true", help="print config, parameters, FLOPs and time per step")
@@ -290,16 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _generation_flags(p: argparse.ArgumentParser, sampler: str, scheduler: str, cfg: float) -> None:
+    p.add_argument("--steps", type=int, default=20, help="sampling steps, 1..10000")
+    p.add_argument("--sampler", default=sampler, help="sampler name as in ComfyUI (see `latentforge info`)")
+    p.add_argument("--scheduler", default=scheduler, help="scheduler name as in ComfyUI")
+    p.add_argument("--cfg", type=float, default=cfg, help="classifier-free guidance scale, 0..100 (1 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed >= 0 of the first image; image k: seed + k")
+    p.add_argument("--width", type=int, default=None, help="pixels, 1..16384 (default: the model's size)")
+    p.add_argument("--height", type=int, default=None, help="pixels, 1..16384 (default: the model's)")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_rest", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args)
+        except check.USER_ERRORS as e:
+            print(f"error: {check.message(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

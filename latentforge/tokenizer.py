@@ -18,6 +18,8 @@ A1111 and ComfyUI feed their SD models; OpenAI's reference additionally runs `ft
 `html.unescape`, which only changes mojibake and HTML entities such as `&amp;`.
 
 `tokenize(texts)` returns the [B, 77] int64 ids the encoders take: BOS, at most 75 text tokens, EOS, padding.
+A text with more tokens is cut, as in every SD pipeline, and a `PromptTruncatedWarning` names the token count,
+the limit and the words dropped (once per distinct text and limit, for the first `MAX_CUT_WARNINGS` texts).
 The padding differs by model family: HF CLIP / SD1 / SDXL CLIP-L / SD3 CLIP-L pad with EOS (49407), OpenCLIP
 (SD2, SDXL/SD3 bigG) pads with 0 (`pad="zero"`). The encoders pool at argmax(ids), the first EOS, either way.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +43,14 @@ BOS, EOS = 49406, 49407
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
 PAD_MODES = ("eos", "zero")
+MAX_CUT_WARNINGS = 20  # distinct cut texts warned about per process; one more warning says the rest are not
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A text had more tokens than the text encoder's context; the rest was cut."""
+
+
+_cut_warned: set[tuple[str, int]] = set()
 
 # CLIP's word split: English contractions, runs of letters, single digits, runs of anything else that is not
 # whitespace. Whitespace itself is dropped.
@@ -121,18 +132,42 @@ def tokenize(
     """[B, context_length] int64: BOS, the first context_length - 2 tokens of each text, EOS, then padding.
 
     pad="eos" pads with 49407 (HF CLIPTokenizer; SD1, SDXL CLIP-L, SD3 CLIP-L); pad="zero" pads with 0
-    (open_clip; SD2 ViT-H, SDXL and SD3 bigG). Longer texts are truncated, as every SD pipeline does.
+    (open_clip; SD2 ViT-H, SDXL and SD3 bigG). Longer texts are truncated, as every SD pipeline does, with a
+    `PromptTruncatedWarning` (once per distinct text and limit).
     """
     if pad not in PAD_MODES:
         raise ValueError(f"pad must be one of {PAD_MODES}, got {pad!r}")
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2 (room for BOS and EOS), got {context_length!r}")
+    texts = _as_list(texts)
     ids = encode(texts)
+    for text, tokens in zip(texts, ids, strict=True):
+        if len(tokens) > context_length - 2:
+            _warn_cut(text, tokens, context_length - 2)
     out = torch.full((len(ids), context_length), EOS if pad == "eos" else 0, dtype=torch.int64)
     for row, tokens in zip(out, ids, strict=True):
         tokens = [BOS, *tokens[: context_length - 2], EOS]
         row[: len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
     return out
+
+
+def _warn_cut(text: str, tokens: list[int], limit: int) -> None:
+    """Warn that `text` (`tokens` without BOS/EOS) was cut to `limit` tokens: once per (text, limit)."""
+    key = (text, limit)
+    if key in _cut_warned or len(_cut_warned) > MAX_CUT_WARNINGS:
+        return
+    _cut_warned.add(key)
+    if len(_cut_warned) > MAX_CUT_WARNINGS:
+        msg = f"more than {MAX_CUT_WARNINGS} prompts were cut at the text encoder's context; no more warnings"
+    else:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        dropped = decode(tokens[limit:])
+        dropped = dropped if len(dropped) <= 60 else dropped[:57] + "..."
+        msg = (
+            f"the prompt {shown!r} has {len(tokens)} tokens, more than the text encoder's limit of {limit} "
+            f"({limit + 2} with BOS and EOS); the rest is ignored: {dropped!r}"
+        )
+    warnings.warn(msg, PromptTruncatedWarning, stacklevel=3)
 
 
 def decode(ids: Sequence[int] | torch.Tensor) -> str:

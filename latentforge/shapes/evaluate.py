@@ -75,22 +75,41 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
     return report
 
 
+def _read_text(path: Path) -> str:
+    """A caption file's text; one that is not UTF-8 is an error naming the file and the byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def _read_prompts(folder: Path, files: list[Path]) -> dict[str, str]:
-    """Prompt of each image by its path relative to ``folder``: from ``metadata.jsonl``, else a ``.txt``."""
+    """Prompt of each image by its path relative to ``folder``: from ``metadata.jsonl``, else a ``.txt``.
+    A ``metadata.jsonl`` line that is not a JSON object with ``file_name`` and ``text`` is an error naming
+    the line; a caption file that is not UTF-8 is an error naming the file."""
     prompts: dict[str, str] = {}
     meta = folder / "metadata.jsonl"
-    if meta.exists():
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    prompts[str(rec["file_name"])] = str(rec["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+    if meta.is_file():
+        for n, line in enumerate(_read_text(meta).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta}: line {n} is not JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str) or "text" not in rec:
+                raise ValueError(
+                    f'{meta}: line {n} is not an object with "file_name" (a string) and "text": {line[:80]!r}'
+                )
+            if not isinstance(rec["text"], str):
+                raise ValueError(f'{meta}: line {n}: "text" must be a string, got {str(rec["text"])[:80]!r}')
+            prompts[rec["file_name"]] = rec["text"]
     for f in files:
         rel = f.relative_to(folder).as_posix()
-        if rel not in prompts and f.with_suffix(".txt").exists():
-            prompts[rel] = f.with_suffix(".txt").read_text().strip()
+        txt = f.with_suffix(".txt")
+        if rel not in prompts and txt.is_file():
+            prompts[rel] = _read_text(txt).strip()
     return prompts
 
 
@@ -154,12 +173,29 @@ def evaluate_folder(
         raise FileNotFoundError(f"not a directory: {folder}")
     size = check_resolution(size)
     images, texts, names, unreadable, missing, resized = _load_images(folder, size)
+    found = len(images) + len(unreadable) + len(missing)
+    if not found:
+        raise ValueError(f"{folder}: no images to score ({', '.join(IMAGE_EXTENSIONS)})")
+    if len(missing) == found:
+        raise ValueError(
+            f"{folder}: none of the {found} images has a caption (metadata.jsonl, or a .txt beside each)"
+        )
+    if not images:
+        u = unreadable[0]
+        raise ValueError(
+            f"{folder}: none of the images with a caption could be read ({u['file']}: {u['error']})"
+        )
     if resized:
         warnings.warn(
             f"{len(resized)} image(s) are not {size}x{size} and were resized (e.g. {resized[0]})",
             stacklevel=2,
         )
     report = evaluate(images, texts, names, reference=reference)
+    if not report["n"]:
+        raise ValueError(
+            f"{folder}: none of the {len(texts)} captions is a shapes prompt (e.g. {texts[0][:80]!r}); "
+            "nothing to score"
+        )
     report["unreadable"] = unreadable
     report["missing_prompt"] = missing
     report["resized"] = len(resized)
