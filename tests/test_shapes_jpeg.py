@@ -8,7 +8,6 @@ from PIL import Image
 from shapes_degrade import degrade
 
 from latentforge.shapes import Obj, Scene, jpeg, render, templates
-from latentforge.shapes.color import METRICS
 from latentforge.shapes.detection import detect
 from latentforge.shapes.render import COLORS, SHAPES, cell_bounds
 
@@ -78,8 +77,9 @@ def test_jpeg_rerank_recovers_shapes_from_the_round_trip():
 
 def test_jpeg_rerank_in_detect(monkeypatch):
     # 120 small chroma-contrast objects (5 colour pairs x 8 shapes x 3 cells) after JPEG q50 4:2:0: measured
-    # 116/120 scenes exactly right with the re-ranking and 84/120 without it (JPEG_MARGIN < 0 turns it off);
-    # the bounds leave room for other libjpeg builds (the simulation and the degradation share one).
+    # 115/120 scenes exactly right with the re-ranking and 110/120 without it (JPEG_MARGIN < 0 turns it off;
+    # 84/120 before the template fit modelled blur and 4:2:0 with the palette contrast); the bounds leave
+    # room for other libjpeg builds (the simulation and the degradation share one).
     rng = np.random.default_rng(0)
     cases = []
     for color, background in CHROMA_PAIRS:
@@ -90,24 +90,24 @@ def test_jpeg_rerank_in_detect(monkeypatch):
     with_rerank = sum(detect(img) == scene for scene, img in cases)
     monkeypatch.setattr(jpeg, "JPEG_MARGIN", -1.0)
     without = sum(detect(img) == scene for scene, img in cases)
-    assert with_rerank >= 112 and without <= 100, (with_rerank, without)
+    assert with_rerank >= 112 and without < with_rerank, (with_rerank, without)
 
 
 def test_shift_bookkeeping(monkeypatch):
     # Each template's best shift as handed to the re-ranking. The search-order offsets enumerate every shift
-    # once per metric (plain search) and once (4:2:0 search, by parity); the 4:2:0 offsets are marked +100
+    # once (plain search) and once (4:2:0 search, by parity); the 4:2:0 offsets are marked +100
     # here to tell which search won. On a clean render rolled by (dy, dx) the plain search wins and finds the
     # true template exactly at (dy, dx); after JPEG 4:2:0 the 4:2:0 search wins and finds it there too.
     p = templates.MAX_SHIFT
     grid = np.stack(np.mgrid[-p : p + 1, -p : p + 1], -1)  # [2p+1, 2p+1, 2]: (dy, dx) of each window offset
     plain, parity = templates.shift_offsets()
-    assert np.array_equal(plain, np.tile(grid.reshape(-1, 2), (len(METRICS), 1)))
+    assert np.array_equal(plain, grid.reshape(-1, 2))
     parts = [grid[(p + py) % 2 :: 2, (p + px) % 2 :: 2].reshape(-1, 2) for py in range(2) for px in range(2)]
     assert np.array_equal(parity, np.concatenate(parts))
     assert sorted(map(tuple, parity)) == sorted(map(tuple, grid.reshape(-1, 2)))
     seen = {}
 
-    def capture(img8, position, background, color, sim, shift):
+    def capture(img8, position, background, color, sim, shift, blur=0):
         seen[position] = tuple(int(x) for x in shift[:, templates.TEMPLATE_KEYS.index(("heart", "small"))])
         return None
 

@@ -1,5 +1,5 @@
-"""Colour classification for the shapes evaluator: the palette, the YCbCr metrics coverage is measured in,
-and the palette colour an object's measured colour stands for.
+"""Colour classification for the shapes evaluator: the palette, YCbCr and the chroma weight templates are
+fitted with, and the palette colour an object's measured colour stands for.
 
 Edge pixels mix an object with the background, so a palette colour ``c`` is scored by the distance from
 ``c`` to the segment ``bg + t (p - bg)``, ``t`` in ``[1, 1 / MIN_PURITY]`` (``p`` the measured colour): the
@@ -19,14 +19,11 @@ MIN_CHROMA_PURITY = 0.4  # 4:2:0 subsampling can leave a small object this littl
 COLOR_TOLERANCE = 25.0  # beyond this RGB distance from every palette segment, allow chroma dilution
 
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
-# Coverage is projected in YCbCr with chroma down-weighted by CHROMA_WEIGHT: luminance survives blur and JPEG
-# chroma subsampling best. YCC_METRIC = M^T diag(w) M for the RGB -> YCbCr matrix M.
+# Templates are fitted in YCbCr with chroma's squared error down-weighted by CHROMA_WEIGHT (templates.fit):
+# luminance survives blur and JPEG chroma subsampling best. YCC: the RGB -> YCbCr matrix (JPEG's).
 CHROMA_WEIGHT = 0.03
 YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-YCC_METRIC = (YCC.T @ np.diag([1.0, CHROMA_WEIGHT, CHROMA_WEIGHT]) @ YCC).astype(np.float32)
 PALETTE_YCC = PALETTE @ YCC.T.astype(np.float32)
-# The metrics coverage is measured under when matching templates: plain RGB, and YCbCr with weak chroma.
-METRICS = (np.eye(3, dtype=np.float32), YCC_METRIC)
 
 
 def nearest_palette(rgb: np.ndarray) -> int:

@@ -49,17 +49,19 @@ def candidate_cells(
     background: np.ndarray,
     colors: np.ndarray,
     candidates: list[tuple[int, int, int]],
+    blur: int = 0,
 ) -> np.ndarray:
     """Each candidate explanation of the object in ``position``'s cell, rendered like ``render`` does (the
     coverage template over ``background``, rounded to uint8) into the observed image cropped to whole MCUs
     (``mcu_crop``), edge-replicated to a multiple of 16 pixels as a JPEG encoder does: uint8 [K, H, W, 3].
 
-    ``candidates``: K (template index, dy, dx), |dy|, |dx| <= MAX_SHIFT; ``colors`` [K, 3]: their RGB."""
+    ``candidates``: K (template index, dy, dx), |dy|, |dx| <= MAX_SHIFT; ``colors`` [K, 3]: their RGB;
+    ``blur``: the templates' blur (index in templates.TEMPLATE_BLURS)."""
     res = img8.shape[0]
     r0, r1, c0, c1 = cell_bounds(position, res)
     y0, y1, x0, x1 = mcu_crop(position, res)
     h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
-    padded = padded_templates(position, res)
+    padded = padded_templates(position, res)[blur]
     hh, ww = -(-(y1 - y0) // 16) * 16, -(-(x1 - x0) // 16) * 16
     crop = img8[y0:y1, x0:x1]
     if crop.shape[:2] != (hh, ww):
@@ -97,6 +99,7 @@ def rerank(
     color: np.ndarray,
     sim: np.ndarray,
     shift: np.ndarray,
+    blur: int = 0,
 ) -> int | None:
     """Analysis by synthesis for an object whose best shapes are nearly tied (JPEG 4:2:0 at 64 px leaves a
     small object that differs from the background mostly in chroma a blurred, quantised outline): render each
@@ -106,9 +109,11 @@ def rerank(
     inference: analysis by synthesis?", Trends Cogn. Sci. 10(7)).
 
     Each shape is tried at its own best template shift (``shift`` [2, 16]: dy, dx) and at the renderer's
-    position (no shift). Returns the winning template index, or None when the image shows no sign of JPEG
-    compression: the plain render explains the cell within PLAIN_FLOOR, or the round trip does not explain it
-    JPEG_EVIDENCE times better than the plain render does (blur, noise, another codec)."""
+    position (no shift), sharp and blurred like the image (``blur``: index in templates.TEMPLATE_BLURS, the
+    blur the image's objects were found to have, which JPEG's quantisation can imitate). Returns the winning
+    template index, or None when the image shows no sign of JPEG compression: the plain render explains the
+    cell within PLAIN_FLOOR, or the round trip does not explain it JPEG_EVIDENCE times better than the plain
+    render does (noise, another codec)."""
     res = img8.shape[0]
     r0, r1, c0, c1 = cell_bounds(position, res)
     y0, _, x0, _ = mcu_crop(position, res)
@@ -117,18 +122,23 @@ def rerank(
     best = int(np.argmax(sim))
     rgb = np.asarray(color, np.float32)[None]  # [1, 3]
     p, dy, dx = MAX_SHIFT, int(shift[0, best]), int(shift[1, best])
-    m = padded_templates(position, res)[best, p - dy : p - dy + r1 - r0, p - dx : p - dx + c1 - c0, None]
+    m = padded_templates(position, res)[
+        blur, best, p - dy : p - dy + r1 - r0, p - dx : p - dx + c1 - c0, None
+    ]
     if ((np.floor(background + m * (rgb - background) + 0.5) - obs) ** 2).mean() <= PLAIN_FLOOR:
         return None  # the template match's winner, rendered, explains the cell: the usual (clean) case
     keys = [k for k in range(len(TEMPLATE_KEYS)) if k % len(SIZES) == best % len(SIZES)]
     cands = list(
         dict.fromkeys([(k, int(shift[0, k]), int(shift[1, k])) for k in keys] + [(k, 0, 0) for k in keys])
     )
-    tiles = candidate_cells(img8, position, background, np.repeat(rgb, len(cands), axis=0), cands)
+    colors = np.repeat(rgb, len(cands), axis=0)
+    # JPEG's quantisation can pass for blur, so the sharp render is tried too
+    blurs = sorted({0, blur})
+    tiles = np.concatenate([candidate_cells(img8, position, background, colors, cands, b) for b in blurs])
     plain = ((tiles[window] - obs) ** 2).mean((1, 2, 3))  # [K]
     if plain.min() <= PLAIN_FLOOR:
         return None
     jpeg = ((round_trip(tiles)[window] - obs) ** 2).mean((1, 2, 3))  # [K]
     if jpeg.min() >= JPEG_EVIDENCE * plain.min():
         return None
-    return cands[int(np.argmin(jpeg))][0]
+    return cands[int(np.argmin(jpeg)) % len(cands)][0]

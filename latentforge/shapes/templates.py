@@ -1,29 +1,41 @@
 """The shape templates the shapes evaluator matches objects against: the renderer's own coverage masks of
-the 8 shapes x 2 sizes at each grid cell, and what JPEG's 4:2:0 chroma subsampling leaves of them.
+the 8 shapes x 2 sizes at each grid cell, Gaussian-blurred by each sigma of the blur bank, and what JPEG's
+4:2:0 chroma subsampling leaves of them.
 
-An object's coverage ``alpha`` (the projection of ``pixel - bg`` on its colour contrast, other objects' pixels
-zeroed) is matched against the templates at its cell, shifted by up to ``MAX_SHIFT`` pixels either way, by the
-Dice-style similarity ``2 <T, alpha> / (|T|^2 + |alpha|^2)`` (``match``). Under the 4:2:0 hypothesis (JPEG as
-usually saved, ``match_420``) luma coverage is matched against the templates and chroma coverage against
-what chroma subsampling (2x2 average, libjpeg's fancy upsampling, at the right block phase for each shift)
-leaves of them. ``shift_offsets`` names the shift of each row of the similarity matrices. The templates
-depend only on (position, resolution) and are computed once and cached (read-only arrays).
+Analysis by synthesis. An object of full-coverage colour contrast ``v`` (its palette colour minus the
+background, in YCbCr: luma ``vy``, chroma ``vc``) drawn with coverage ``A`` shows ``image - bg = A v``. Its
+luma coverage ``ay = dY / vy`` and chroma coverage ``ac = (dC . vc) / |vc|^2`` (other objects' pixels zeroed)
+are fitted by every template of its cell at every blur of ``TEMPLATE_BLURS`` and every shift of up to
+``MAX_SHIFT`` pixels either way, by the weighted least-squares residual
+``vy^2 |ay - A|^2 + w |vc|^2 |ac - A'|^2`` -- the squared error of the synthesised image in YCbCr with chroma
+down-weighted by ``w = CHROMA_WEIGHT`` (luma survives blur and JPEG best) -- where ``A'`` is ``A`` itself
+(the plain hypothesis) or what 4:2:0 chroma subsampling leaves of it (2x2 average, libjpeg's fancy
+upsampling, at the block phase of each shift: the 4:2:0 hypothesis, for objects whose contrast is mostly
+chroma). ``fit`` returns, per hypothesis, blur and template, the least residual over shifts, the Dice-style
+similarity ``2 <T, a> / (|T|^2 + |a|^2) = 1 - residual / (|T|^2 + |a|^2)`` there (same weights, over the
+whole window) and that shift. The detector chooses one blur and hypothesis per image (``detection.py``).
+``shift_offsets`` names the shift of each search row. The templates depend only on (position, resolution)
+and are computed once and cached (read-only arrays).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
 
-from .color import METRICS, YCC
+from .color import CHROMA_WEIGHT, YCC
 from .render import SHAPES, SIZES, cell_bounds, coverage
 
 MAX_SHIFT = 3  # template search: +-MAX_SHIFT pixels in x and y
-TEMPLATE_BLURS = ()  # templates are also matched Gaussian-blurred by these sigmas (pixels)
-SUBSAMPLED_CHROMA_WEIGHT = 0.3  # chroma vs luma weight in the 4:2:0 hypothesis (chroma is quantised harder)
+# The blur bank: templates are matched Gaussian-blurred by each of these sigmas (pixels). Generated images are
+# softer than renders; 0.3 px steps keep any blur up to ~1.6 px within ~0.15 px of a level.
+TEMPLATE_BLURS = (0.0, 0.6, 0.9, 1.2, 1.5)
 TEMPLATE_KEYS = tuple((s, z) for s in SHAPES for z in SIZES)  # (shape, size) of each template, shape-major
+ALPHA_RANGE = (-0.5, 1.5)  # measured coverages are clipped to this range (other objects' tails, outliers)
+_YCC = YCC.astype(np.float32)
 
 
 def upsample2(c: np.ndarray, axis: int) -> np.ndarray:
@@ -48,10 +60,9 @@ def chroma420(x: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def cell_templates(position: str, res: int):
-    """Cell bounds, the 16 coverage templates of ``position`` at ``res`` and their 4:2:0 chroma versions:
-    (r0, r1, c0, c1, T [16, h*w], |T|^2 [16], C [2, 2, 16, h*w], |C|^2 [2, 2, 16]). ``C[py, px]`` is what
-    chroma subsampling leaves of the templates shifted by an amount of parity (py, px), shifted back (the
-    result depends on the phase of the 2x2 blocks)."""
+    """Cell bounds and the blurred coverage templates of ``position`` at ``res``: (r0, r1, c0, c1,
+    T [len(TEMPLATE_BLURS), 16, h*w], |T|^2 [len(TEMPLATE_BLURS), 16]). Blurring the cell crop with zeros
+    around is blurring the whole canvas: every object lies inside its cell (what spills out is lost)."""
     r0, r1, c0, c1 = cell_bounds(position, res)
     h, w = r1 - r0, c1 - c0
     t = np.zeros((len(TEMPLATE_KEYS), h, w), dtype=np.float32)
@@ -59,6 +70,24 @@ def cell_templates(position: str, res: int):
         a0, a1, b0, b1, m = coverage(shape, size, position, res)
         y0, y1, x0, x1 = max(a0, r0), min(a1, r1), max(b0, c0), min(b1, c1)
         t[k, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = m[y0 - a0 : y1 - a0, x0 - b0 : x1 - b0, 0]
+    bank = np.stack(
+        [t if b == 0 else ndimage.gaussian_filter(t, (0, b, b), mode="constant") for b in TEMPLATE_BLURS]
+    )
+    bank = bank.reshape(len(TEMPLATE_BLURS), len(t), h * w)
+    norm = (bank * bank).sum(-1)
+    bank.setflags(write=False)
+    norm.setflags(write=False)
+    return r0, r1, c0, c1, bank, norm
+
+
+@lru_cache(maxsize=32)
+def chroma_templates(position: str, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """What 4:2:0 chroma subsampling leaves of ``cell_templates``: (C [2, 2, len(TEMPLATE_BLURS), 16, h*w],
+    |C|^2 [2, 2, len(TEMPLATE_BLURS), 16]). ``C[py, px]`` is what it leaves of the templates shifted by an
+    amount of parity (py, px), shifted back (the result depends on the phase of the 2x2 blocks)."""
+    r0, r1, c0, c1, bank, _ = cell_templates(position, res)
+    h, w = r1 - r0, c1 - c0
+    t = bank.reshape(-1, h, w)
     n = res + 2 + res % 2
     tc = np.zeros((2, 2, len(t), h * w), dtype=np.float32)
     for py in range(2):
@@ -66,18 +95,18 @@ def cell_templates(position: str, res: int):
             canvas = np.zeros((len(t), n, n), dtype=np.float32)
             canvas[:, r0 + py : r1 + py, c0 + px : c1 + px] = t
             tc[py, px] = chroma420(canvas)[:, r0 + py : r1 + py, c0 + px : c1 + px].reshape(len(t), -1)
-    bank = [t] + [ndimage.gaussian_filter(t, (0, b, b), mode="constant") for b in TEMPLATE_BLURS]
-    t = np.concatenate(bank).reshape(len(bank) * len(t), -1)
-    t.setflags(write=False)
+    tc = tc.reshape(2, 2, *bank.shape)
+    norm = (tc * tc).sum(-1)
     tc.setflags(write=False)
-    return r0, r1, c0, c1, t, (t * t).sum(1), tc, (tc * tc).sum(-1)
+    norm.setflags(write=False)
+    return tc, norm
 
 
 @lru_cache(maxsize=1)
 def shift_offsets() -> tuple[np.ndarray, np.ndarray]:
-    """The (dy, dx) of each row of the template search's similarity matrices, int [rows, 2]: the plain
-    search's (per metric of color.METRICS, shifts row-major) and the 4:2:0 search's (by parity of dy, then of
-    dx, each parity's shifts row-major); |dy|, |dx| <= MAX_SHIFT."""
+    """The (dy, dx) of each row of the template search: the plain hypothesis's (shifts row-major) and the
+    4:2:0 hypothesis's (by parity of dy, then of dx, each parity's shifts row-major); |dy|, |dx| <=
+    MAX_SHIFT. int [(2 MAX_SHIFT + 1)^2, 2] each."""
     p = MAX_SHIFT
     d = np.arange(-p, p + 1)
     plain = np.stack(np.meshgrid(d, d, indexing="ij"), -1).reshape(-1, 2)
@@ -86,7 +115,6 @@ def shift_offsets() -> tuple[np.ndarray, np.ndarray]:
         for px in range(2):
             dy, dx = d[(p + py) % 2 :: 2], d[(p + px) % 2 :: 2]
             parity.append(np.stack(np.meshgrid(dy, dx, indexing="ij"), -1).reshape(-1, 2))
-    plain = np.tile(plain, (len(METRICS), 1))
     plain.setflags(write=False)
     parity = np.concatenate(parity)
     parity.setflags(write=False)
@@ -95,61 +123,86 @@ def shift_offsets() -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=64)
 def padded_templates(position: str, res: int) -> np.ndarray:
-    """The 16 coverage templates of ``position`` zero-padded by MAX_SHIFT: float32 [16, h + 2p, w + 2p] with
-    p = MAX_SHIFT; ``[k, p - dy : p - dy + h, p - dx : p - dx + w]`` is template k displaced by (dy, dx)."""
-    r0, r1, c0, c1, tmpl, *_ = cell_templates(position, res)
+    """The blurred coverage templates of ``position`` zero-padded by MAX_SHIFT: float32
+    [len(TEMPLATE_BLURS), 16, h + 2p, w + 2p] with p = MAX_SHIFT; ``[b, k, p - dy : p - dy + h,
+    p - dx : p - dx + w]`` is template k at blur b displaced by (dy, dx)."""
+    r0, r1, c0, c1, bank, _ = cell_templates(position, res)
     h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
-    out = np.pad(tmpl[: len(TEMPLATE_KEYS)].reshape(-1, h, w), ((0, 0), (p, p), (p, p)))
+    out = np.pad(bank.reshape(*bank.shape[:2], h, w), ((0, 0), (0, 0), (p, p), (p, p)))
     out.setflags(write=False)
     return out
 
 
-def match(dwin: np.ndarray, others: np.ndarray, v: np.ndarray, position: str, res: int) -> np.ndarray:
-    """Similarity of every template of ``position`` at every shift to the object whose colour contrast with
-    the background is ``v`` [3], per metric of color.METRICS: float32 [len(METRICS) * shifts, 16], rows as
-    in ``shift_offsets()[0]``. ``dwin`` [h + 2p, w + 2p, 3]: image minus background around the cell
-    (p = MAX_SHIFT, zero outside the image); ``others`` (same window, bool): other objects' pixels."""
-    r0, r1, c0, c1, tmpl, tnorm, _, _ = cell_templates(position, res)
-    h, w = r1 - r0, c1 - c0
-    nk = len(TEMPLATE_KEYS)
-    scores = []  # per metric: similarity of every template at every shift [shifts, nk]
-    for metric in METRICS:
-        wv = metric @ v
-        win = np.clip((dwin @ wv) / max(float(v @ wv), 1e-6), -0.25, 1.0)
-        win[others] = 0.0
-        views = np.lib.stride_tricks.sliding_window_view(win, (h, w)).reshape(-1, h * w)
-        wnorm = float((win * win).sum())
-        dots = views @ tmpl.T  # [shifts, bank * templates]
-        sc = 2 * dots / (tnorm[None, :] + wnorm)
-        scores.append(sc if len(tnorm) == nk else sc.reshape(len(views), -1, nk).max(1))
-    return np.concatenate(scores)  # [metrics * shifts, nk]
+@dataclass(frozen=True)
+class Fit:
+    """One object's template fit under one hypothesis, per blur of TEMPLATE_BLURS and template:
+    ``resid`` the least weighted squared residual over shifts, ``sim`` the Dice-style similarity at that
+    shift, ``shift`` that shift's (dy, dx). float32 [nb, 16], float32 [nb, 16], int [nb, 16, 2]."""
+
+    resid: np.ndarray
+    sim: np.ndarray
+    shift: np.ndarray
 
 
-def match_420(
-    dwin: np.ndarray, others: np.ndarray, vy: float, vc: np.ndarray, position: str, res: int
-) -> np.ndarray:
-    """``match`` under the 4:2:0 hypothesis, for an object of luma contrast ``vy`` and chroma contrast ``vc``
-    [2] (of its full-coverage palette colour): luma against the sharp templates, chroma against their
-    subsampled versions, each weighted by its squared contrast (chroma by SUBSAMPLED_CHROMA_WEIGHT: quantised
-    harder). float32 [shifts, 16], rows as in ``shift_offsets()[1]``."""
-    r0, r1, c0, c1, tmpl, tnorm, tmplc, tnormc = cell_templates(position, res)
-    h, w, pad = r1 - r0, c1 - c0, MAX_SHIFT
-    nk = len(TEMPLATE_KEYS)
-    vcc = float(vc @ vc)
-    wy, wc = vy * vy, SUBSAMPLED_CHROMA_WEIGHT * vcc
-    ac = np.clip((dwin @ (YCC[1:].T @ vc).astype(np.float32)) / vcc, -0.25, 1.0)
-    ay = np.clip((dwin @ YCC[0].astype(np.float32)) / vy, -0.25, 1.0) if wy > 1e-6 else 0 * ac
-    ac[others] = 0.0
+def coverages(
+    dwin: np.ndarray, others: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Luma and chroma coverage of an object of full-coverage contrast ``v`` (RGB [3]) in ``dwin`` (image
+    minus background around its cell [h + 2p, w + 2p, 3], zero outside the image), other objects' pixels
+    (``others``, bool) zeroed, clipped to ALPHA_RANGE: (ay, ac, vy^2, |vc|^2)."""
+    u = _YCC @ np.asarray(v, np.float32)
+    vy, vc = float(u[0]), u[1:]
+    vy2, vc2 = vy * vy, float(vc @ vc)
+    lo, hi = ALPHA_RANGE
+    zero = np.zeros(dwin.shape[:2], np.float32)
+    ay = np.clip(dwin @ (_YCC[0] / vy), lo, hi) if vy2 > 1e-6 else zero
+    ac = np.clip(dwin @ ((_YCC[1:].T @ vc) / vc2), lo, hi) if vc2 > 1e-6 else zero.copy()
     ay[others] = 0.0
-    views = np.lib.stride_tricks.sliding_window_view(ac, (h, w))
+    ac[others] = 0.0
+    return ay, ac, vy2, vc2
+
+
+def _fit_from(na: float, resid: np.ndarray, dots: np.ndarray, offsets: np.ndarray) -> Fit:
+    """The Fit from every search row's residuals ``resid`` and dot products ``dots`` [rows, nb * 16] (both
+    weighted; ``na`` the window's weighted |a|^2, so that sim = 2 dots / (2 dots + resid)); ``offsets``
+    [rows, 2] each row's (dy, dx)."""
+    i = resid.argmin(0)
+    cols = np.arange(resid.shape[1])
+    r, d = resid[i, cols], dots[i, cols]
+    sim = 2 * d / np.maximum(2 * d + r, 1e-12)
+    shape = (len(TEMPLATE_BLURS), len(TEMPLATE_KEYS))
+    return Fit(r.reshape(shape), sim.reshape(shape), offsets[i].reshape(*shape, 2))
+
+
+def fit(
+    dwin: np.ndarray, others: np.ndarray, v: np.ndarray, position: str, res: int, subsampled: bool
+) -> tuple[Fit, Fit | None]:
+    """The template fit (see the module docstring) of the object of full-coverage contrast ``v`` [3] (RGB)
+    in ``position``'s cell: (plain hypothesis, 4:2:0 hypothesis or None unless ``subsampled``). ``dwin``
+    [h + 2p, w + 2p, 3]: image minus background around the cell (p = MAX_SHIFT, zero outside the image);
+    ``others`` (same window, bool): other objects' pixels. Residuals are over the whole window whatever the
+    shift; the similarity is ``1 - residual / (|a|^2 + |T|^2)`` over the whole window too."""
+    r0, r1, c0, c1, bank, tnorm = cell_templates(position, res)
+    h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
+    ay, ac, vy2, vc2 = coverages(dwin, others, v)
+    wy, wc = vy2, CHROMA_WEIGHT * vc2
+    na = wy * float(np.vdot(ay, ay)) + wc * float(np.vdot(ac, ac))
+    t = bank.reshape(-1, h * w)
+    mix = np.lib.stride_tricks.sliding_window_view(wy * ay + wc * ac, (h, w)).reshape(-1, h * w)
+    dots = mix @ t.T  # [shifts, nb * 16]
+    plain_offsets, parity_offsets = shift_offsets()
+    plain = _fit_from(na, (na + (wy + wc) * tnorm.reshape(1, -1)) - 2 * dots, dots, plain_offsets)
+    if not subsampled:
+        return plain, None
+    tc, tcnorm = chroma_templates(position, res)
     viewy = np.lib.stride_tricks.sliding_window_view(ay, (h, w))
-    wnorm = wc * float((ac * ac).sum()) + wy * float((ay * ay).sum())
-    scores = []  # [shifts, nk] by shift parity (the phase of the 2x2 chroma blocks)
+    viewc = np.lib.stride_tricks.sliding_window_view(ac, (h, w))
+    dots, resid = [], []
     for py in range(2):
         for px in range(2):
-            sl = (slice((pad + py) % 2, None, 2), slice((pad + px) % 2, None, 2))
-            dots = wc * (views[sl].reshape(-1, h * w) @ tmplc[py, px].T)
-            dots += wy * (viewy[sl].reshape(-1, h * w) @ tmpl[:nk].T)
-            tn = wc * tnormc[py, px] + wy * tnorm[:nk]
-            scores.append(2 * dots / (tn[None, :] + wnorm))
-    return np.concatenate(scores)
+            sl = (slice((p + py) % 2, None, 2), slice((p + px) % 2, None, 2))
+            y2, c2 = viewy[sl].reshape(-1, h * w), viewc[sl].reshape(-1, h * w)
+            d2 = wy * (y2 @ t.T) + wc * (c2 @ tc[py, px].reshape(-1, h * w).T)
+            dots.append(d2)
+            resid.append((na + (wy * tnorm + wc * tcnorm[py, px]).reshape(1, -1)) - 2 * d2)
+    return plain, _fit_from(na, np.concatenate(resid), np.concatenate(dots), parity_offsets)
