@@ -29,8 +29,12 @@ ORDERS = {
     "lms": (2, "ge"), "heunpp2": (1, "eq"), "ipndm": (2, "ge"), "ipndm_v": (2, "ge"), "deis": (2, "ge"),
     "res_multistep": (2, "ge"), "res_multistep_cfg_pp": (2, "ge"), "uni_pc": (2, "ge"),
     "uni_pc_bh2": (2, "ge"), "dpm_fast": (2, "ge"), "gradient_estimation": (1, "ge"),
-    "gradient_estimation_cfg_pp": (1, "ge"), "dpm_fast_exact": (2, "ge"),
+    "gradient_estimation_cfg_pp": (1, "ge"), "dpm_fast_exact": (2, "ge"), "ipndm_v_exact": (2, "ge"),
+    "res_multistep_exact": (2, "ge"), "res_multistep_cfg_pp_exact": (2, "ge"),
 }  # fmt: skip
+# ComfyUI's ipndm_v is of order 2 only asymptotically (its error changes sign near 30 steps): measured
+# on longer schedules (see multistep._ipndm_v_coeffs)
+STEPS = {"ipndm_v": (160, 320, 640, 1280)}
 DETERMINISTIC = set(ORDERS) | {"dpm_adaptive", "dpm_adaptive_exact"}
 STOCHASTIC = [n for n in ALL_SAMPLER_NAMES if n not in DETERMINISTIC]
 
@@ -61,7 +65,7 @@ def test_convergence_order(name):
     D = g.denoiser()
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(256, 4, generator=gen, dtype=torch.float64)
-    ns, errs = (20, 40, 80, 160), []
+    ns, errs = STEPS.get(name, (20, 40, 80, 160)), []
     for n in ns:
         s = get_sigmas_karras(n, SMIN, SMAX).double()[:-1]
         ref = g.ode_solution_ve(noise * s[0], float(s[0]), float(s[-1]))
@@ -154,7 +158,7 @@ def test_flow_model_convergence(name):
     fn = _needs(name)
     g = GaussianMixture.single(4)
     noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ns, errs = (40, 80, 160), []
+    ns, errs = STEPS.get(name, (40, 80, 160))[-3:], []
     for n in ns:
         s = torch.linspace(1.0, 0.02, n + 1, dtype=torch.float64)
         smin = float(s[-1])

@@ -1,11 +1,13 @@
 """Multistep samplers: one model call per step, reusing the outputs of earlier steps.
 
-- `ipndm`, `ipndm_v`: Adams–Bashforth on the Karras derivative d = (x − D)/σ in σ, with fixed-step
-  (iPNDM, introduced in Zhang & Chen 2023 from PNDM, Liu et al. 2022) or variable-step coefficients.
-- `deis`: DEIS tAB (Zhang & Chen 2023, Eq. 14-15), ε-prediction form, polynomial extrapolation in the
-  DEIS (VP) time t.
+- `ipndm`, `ipndm_v`, `ipndm_v_exact`: Adams–Bashforth on the Karras derivative d = (x − D)/σ in σ,
+  with fixed-step (iPNDM, introduced in Zhang & Chen 2023 from PNDM, Liu et al. 2022), ComfyUI's
+  variable-step or exact variable-step coefficients.
+- `deis`: DEIS tAB (Zhang & Chen 2023, Eq. 14-15) on the Karras ODE in σ, polynomial extrapolation in
+  the DEIS (VP) time t.
 - `res_multistep*`: RES 2nd-order multistep (Zhang et al. 2023, arXiv 2308.02157), data prediction,
-  optional ancestral noise (η = 1) and CFG++ renoising.
+  optional ancestral noise (η = 1) and CFG++ renoising; ComfyUI's names take the VE form on the
+  model's own σ, the `_exact` ones the model's own noise form (and a CFG++ form consistent with DDIM's).
 - `uni_pc`, `uni_pc_bh2`: UniPC (Zhao et al. 2023, Alg. 1-3), data prediction, UniP-p predictor + UniC-p
   corrector, B(h) = hh (bh1) or e^{hh} − 1 (bh2) with hh = −h.
 
@@ -14,10 +16,11 @@ Conventions shared by all of them:
   first-order (Euler/DDIM) step to 0, and it avoids extrapolating earlier outputs over the large last
   step σ_min → 0 (ComfyUI does the same for ipndm, ipndm_v, deis and res_multistep; for UniPC it
   steps to σ = 0.001 instead, which is x ≈ D up to 1e-3).
-- Exponential integrators work in the model's own coordinates x = α·x₀ + σ·ε (common.alpha,
-  common.half_log_snr): α = 1, λ = −log σ for VE/VP and plain callables; α = 1 − σ,
+- UniPC and the `_exact` exponential integrators work in the model's own coordinates x = α·x₀ + σ·ε
+  (common.alpha, common.half_log_snr): α = 1, λ = −log σ for VE/VP and plain callables; α = 1 − σ,
   λ = log((1 − σ)/σ) for rectified flow. The first σ = 1 of a flow schedule (λ = −∞) is moved to
   0.9999 (common.first_sigma_for_log_snr) for the model call and the coefficients, as ComfyUI does.
+  ComfyUI's deis and res_multistep* use the VE form on every model's own σ, and so do these names.
 - All coefficients are computed in float64 on the CPU as Python floats; tensors stay in x's dtype.
 """
 
@@ -81,7 +84,7 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
         x_{i+1} = x_i + (σ_{i+1} − σ_i)·Σ_j b_j·d_{i−j},
     b = (1), (3/2, −1/2), (23/12, −16/12, 5/12), (55/24, −59/24, 37/24, −9/24) for orders 1..4,
     order = min(max_order, i + 1). The coefficients ignore the actual step ratios, so on a
-    non-uniform schedule the method is formally 2nd order (use `ipndm_v` for full order).
+    non-uniform schedule the method is formally 2nd order (`ipndm_v_exact` keeps full order).
     A step to σ = 0 is the final denoise x ← D.
     """
     _check_order(max_order, 4)
@@ -100,16 +103,90 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
+def _ipndm_v_coeffs(h: list[float]) -> list[float]:
+    """b_j of ComfyUI's `ipndm_v` step x_{i+1} = x_i + h₀·Σ_j b_j·d_{i−j}, newest first, for the step
+    lengths h = [h₀, h₁, …] (h₀ = σ_{i+1} − σ_i, h_k = σ_{i−k+1} − σ_{i−k}); the order is len(h).
+
+    The Newton form of variable-step Adams–Bashforth: AB2 plus multiples T₁, T₂ of a second and a
+    third backward difference (q = h₁(h₁ + h₂)/(h₂(h₂ + h₃))):
+        AB2:  b = (1 + h₀/(2h₁), −h₀/(2h₁))
+        + T₁·(1, −(1 + h₁/h₂), h₁/h₂),   T₁ = (1 − h₀²/(3h₁(h₁ + h₂)))/2
+        + T₂·(1, −(1 + h₁/h₂ + q), h₁/h₂ + q(1 + h₂/h₃), −q·h₁/h₂),
+          T₂ = [(1 − h₀/(3(h₀ + h₁)))/2 + (1 − h₀/(2(h₀ + h₁)))·h₀/(6(h₀ + h₁ + h₂))]
+               · h₀(h₀ + h₁)(h₀ + h₁ + h₂) / (h₁(h₁ + h₂)(h₁ + h₂ + h₃)).
+    These are the values of zju-pi/diff-solvers' iPNDM-v, which ComfyUI's `ipndm_v` uses. They are not
+    the Adams ones beyond order 2: the Adams T₁ is (1 − h₀/(3(h₀ + h₁)))·h₀(h₀ + h₁)/(2h₁(h₁ + h₂)) (equal
+    to this one on a uniform grid only, both 5/12, giving AB3's 23/12, −16/12, 5/12); the third
+    difference's last entry would be −q·h₂/h₃ (with −q·h₁/h₂ the b's sum to 1 only when h₁/h₂ = h₂/h₃),
+    and the Adams T₂ on a uniform grid is 3/8 (AB4's 55, −59, 37, −9 over 24), this one 11/24
+    (57, −65, 43, −11 over 24). `ipndm_v_exact` integrates the interpolant exactly.
+    """
+    k = len(h)
+    if k == 1:
+        return [1.0]
+    h0, h1 = h[0], h[1]
+    b = [1 + h0 / (2 * h1), -h0 / (2 * h1)]
+    if k == 2:
+        return b
+    h2 = h[2]
+    t1 = (1 - h0 * h0 / (3 * h1 * (h1 + h2))) / 2
+    b = [b[0] + t1, b[1] - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    if k == 3:
+        return b
+    h3 = h[3]
+    t2 = ((1 - h0 / (3 * (h0 + h1))) / 2 + (1 - h0 / (2 * (h0 + h1))) * h0 / (6 * (h0 + h1 + h2))) * (
+        h0 * (h0 + h1) * (h0 + h1 + h2) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    )
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [
+        b[0] + t2,
+        b[1] - (1 + h1 / h2 + q) * t2,
+        b[2] + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+        -t2 * q * h1 / h2,
+    ]
+
+
 @torch.no_grad()
 def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
-    """iPNDM-v: variable-step Adams–Bashforth in σ on d = (x − D)/σ.
+    """iPNDM-v as ComfyUI computes it (its `ipndm_v`): Adams–Bashforth-type multistep in σ on
+    d = (x − D)/σ with step-ratio-dependent coefficients (`_ipndm_v_coeffs`; iPNDM, Zhang & Chen 2023,
+    from PNDM, Liu et al. 2022), order = min(max_order, i + 1) (warm start 1, 2, 3, 4):
+        x_{i+1} = x_i + (σ_{i+1} − σ_i)·Σ_j b_j·d_{i−j}.
+    Exact Adams–Bashforth up to order 2 on any grid, AB3 on a uniform grid; its higher terms are not
+    the Adams ones (see `_ipndm_v_coeffs`), so on Karras schedules it converges at order 2 only
+    asymptotically (measured 1.8 over 160..1280 steps; below ~100 steps the error is erratic, its sign
+    changes between 20 and 40 steps). `ipndm_v_exact` is the Adams method (order 4, measured 3.4).
+    A step to σ = 0 is the final denoise x ← D.
+    """
+    _check_order(max_order, 4)
+    extra_args = extra_args or {}
+    ds: list[torch.Tensor] = []  # newest first
+    sig = [float(v) for v in sigmas.double().cpu()]
+    for i in trange(len(sigmas) - 1, disable):
+        sigma = sigmas[i]
+        denoised = model(x, svec(sigma, x), **extra_args)
+        report(callback, x, i, sigma, sigma, denoised)
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        ds = [to_d(x, sigma, denoised), *ds][:max_order]
+        h = [sig[i + 1] - sig[i]] + [sig[i - k + 1] - sig[i - k] for k in range(1, len(ds))]
+        x = x + h[0] * _combine(_ipndm_v_coeffs(h), ds)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm_v_exact(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """Variable-step Adams–Bashforth in σ on d = (x − D)/σ, integrating the interpolant exactly.
 
     The derivative is replaced by its Lagrange interpolant through the last k = min(max_order, i + 1)
     nodes σ_i, σ_{i−1}, …, σ_{i−k+1} and integrated exactly (Adams' construction, Hairer, Nørsett &
     Wanner I, §III.1 / §III.5 for variable steps):
         x_{i+1} = x_i + Σ_j c_j·d_{i−j},
         c_j = ∫_{σ_i}^{σ_{i+1}} Π_{m≠j} (τ − σ_{i−m})/(σ_{i−j} − σ_{i−m}) dτ.
-    On a uniform grid this is exactly `ipndm`. A step to σ = 0 is the final denoise x ← D.
+    Order max_order on any grid (measured 3.4 for AB4 over 10..80 Karras steps; ComfyUI's `ipndm_v`
+    is of order 2). On a uniform grid this is exactly `ipndm`. A step to σ = 0 is the final
+    denoise x ← D.
     """
     _check_order(max_order, 4)
     extra_args = extra_args or {}
@@ -160,40 +237,39 @@ def _deis_coeffs(ts, rho_a: float, rho_b: float) -> list[float]:
 @torch.no_grad()
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3):
     """DEIS tAB (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator",
-    Eq. 14-15, tAB, written in the variable ρ = σ/α), ε-prediction form.
+    Eq. 14-15, tAB) as ComfyUI computes it (its `deis`, after zju-pi/diff-solvers): on the Karras ODE
+    dx/dσ = d = (x − D)/σ in the model's own σ, for every model (a flow model's σ is used as is).
 
-    With y = x/α and ρ = σ/α = e^{−λ}, the probability-flow ODE is dy/dρ = ε̂(x, σ) (for VE, y = x and
-    ρ = σ, so ε̂ = d = (x − D)/σ); the exponential integrator takes the linear part exactly and
-    extrapolates ε̂ by the Lagrange polynomial in the DEIS time t through the last
-    k = min(max_order, i + 1) nodes:
-        y_{i+1} = y_i + Σ_j C_j·ε̂_{i−j},   C_j = ∫_{t_i}^{t_{i+1}} L_j(τ)·(dρ/dτ) dτ,
-    C_j by Gauss–Legendre quadrature (common.lagrange_integrals). Written as
-    x_{i+1} = α_{i+1}D_i + σ_{i+1}ε̂_i + α_{i+1}Σ_{j≥1} C_j(ε̂_{i−j} − ε̂_i) (Σ_j C_j = ρ_{i+1} − ρ_i),
-    which avoids the 1/α blow-up near σ = 1 for flow models. A step to σ = 0 is the final denoise x ← D.
+    For VE the exponential integrator in ρ = σ takes the linear part exactly, and d is extrapolated by
+    the Lagrange polynomial in the DEIS time t (`_deis_t`) through the last k = min(max_order, i + 1)
+    nodes:
+        x_{i+1} = x_i + Σ_j C_j·d_{i−j},   C_j = ∫_{t_i}^{t_{i+1}} L_j(τ)·(dσ/dτ) dτ,
+    written here as x_{i+1} = D_i + σ_{i+1}d_i + Σ_{j≥1} C_j(d_{i−j} − d_i) (Σ_j C_j = σ_{i+1} − σ_i).
+    C_j by Gauss–Legendre quadrature (common.lagrange_integrals); ComfyUI sums 10,000 equispaced
+    points in float32, whose bias and rounding are ~1e-5 of σ_{i+1} − σ_i. A step to σ = 0 is the
+    final denoise x ← D (ComfyUI's order-1 step to 0). Order 3 (measured 2.9 over 20..160 Karras
+    steps). On flow models this is also more accurate than the same method in y = x/α, ρ = σ/α
+    (measured on a Gaussian, flow σ with the SNRs of 80 Karras steps: 2.6e-5 against 2.3e-4).
     """
     _check_order(max_order, 4)
     extra_args = extra_args or {}
-    flow = is_flow(model)
-    sigmas = first_sigma_for_log_snr(sigmas, flow)
-    s64 = sigmas.double().cpu()
-    a64 = alpha(s64, flow)
-    eps_hist: list[torch.Tensor] = []  # ε̂ at σ_i, σ_{i−1}, … (newest first)
+    sig = [float(v) for v in sigmas.double().cpu()]
+    ds: list[torch.Tensor] = []  # d at σ_i, σ_{i−1}, … (newest first)
     ts: list[float] = []
     for i in trange(len(sigmas) - 1, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma = sigmas[i]
         denoised = model(x, svec(sigma, x), **extra_args)
         report(callback, x, i, sigma, sigma, denoised)
-        if float(sigma_next) == 0:
+        if sig[i + 1] == 0:
             x = denoised
             continue
-        s, sn, a, an = float(s64[i]), float(s64[i + 1]), float(a64[i]), float(a64[i + 1])
-        eps = (x - a * denoised) / s
-        eps_hist = [eps, *eps_hist][:max_order]
-        ts = [_deis_t(s / a), *ts][:max_order]
-        c = _deis_coeffs(ts, s / a, sn / an)
-        x = an * denoised + sn * eps
+        d = to_d(x, sigma, denoised)
+        ds = [d, *ds][:max_order]
+        ts = [_deis_t(sig[i]), *ts][:max_order]
+        c = _deis_coeffs(ts, sig[i], sig[i + 1])
+        x = denoised + sig[i + 1] * d
         if len(c) > 1:
-            x = x + an * _combine(c[1:], [e - eps for e in eps_hist[1:]])
+            x = x + _combine(c[1:], [dj - d for dj in ds[1:]])
     return x
 
 
@@ -201,10 +277,12 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 
 def _res_multistep(
-    model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, cfg_pp
+    model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, cfg_pp, comfy
 ):
+    """RES multistep; `comfy`: VE form on the model's own σ and the unconditional outputs in the CFG++
+    multistep combination (ComfyUI's res_multistep*); else the model's own α, λ and the guided ones."""
     extra_args = extra_args or {}
-    flow = is_flow(model)
+    flow = not comfy and is_flow(model)
     sigmas = first_sigma_for_log_snr(sigmas, flow)
     if eta:
         noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
@@ -229,14 +307,30 @@ def _res_multistep(
                 d_bar = denoised
             else:  # c₂ = −r, r = h_{i−1}/h: b₁ = φ₁ + φ₂/r, b₂ = −φ₂/r, so h(b₁D + b₂D_old) = hφ₁·d_bar
                 r = old[0] / h
-                d_bar = denoised + (p2 / (p1 * r)) * (denoised - old[1])
+                base = uncond if comfy else denoised
+                d_bar = base + (p2 / (p1 * r)) * (base - old[1])
             x = (sd / s) * x + (ad * h * p1) * d_bar
             if cfg_pp:  # renoise along the unconditional ε̂: + α_d·e^{−h}·(D_cfg − D_uncond)
                 x = x + (sd * a / s) * (denoised - uncond)
-            old = (h, denoised)
+            old = (h, uncond if comfy else denoised)
         if float(sigma_next) > 0 and float(s_up) > 0:
             x = float(scale) * x + noise_sampler(sigma, sigma_next) * (s_noise * float(s_up))
     return x
+
+
+_RES_COMFY = """
+
+    As ComfyUI computes it: the VE form (α = 1, λ = −log σ, the VE ancestral split of
+    common.get_ancestral_step) on the model's own σ for every model. For VE/VP models that is the
+    method above; on flow models the deterministic form is a valid but slightly less accurate
+    integrator (measured on a Gaussian: 1.1-1.3× the error of `{exact}`), and the ancestral forms add
+    noise without rescaling the signal, which inflates the variance of the samples (measured: 2× the
+    covariance of a 2-D mixture at 100 steps). `{exact}` works in the model's own α, λ."""
+
+
+def _res_doc(fn, exact: str):
+    fn.__doc__ = fn.__doc__ + _RES_COMFY.format(exact=exact)
+    return fn
 
 
 @torch.no_grad()
@@ -248,17 +342,22 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
     approximated with D interpolated linearly through (λ_{i−1}, D_{i−1}), (λ_i, D_i):
         x_{i+1} = (σ_{i+1}/σ_i)·x_i + α_{i+1}·h·(b₁D_i + b₂D_{i−1}),
     where the paper's order conditions b₁ + b₂ = φ₁(−h), b₂c₂ = φ₂(−h) with c₂ = −(λ_i − λ_{i−1})/h give
-    b₂ = φ₂/c₂, b₁ = φ₁ − b₂. The first step is exponential Euler (DDIM); a step to σ = 0 is x ← D.
-    """
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, False)
+    b₂ = φ₂/c₂, b₁ = φ₁ − b₂. The first step is exponential Euler (DDIM); a step to σ = 0 is x ← D."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, False, True)
 
 
 @torch.no_grad()
 def sample_res_multistep_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """`res_multistep` with CFG++ (Chung et al. 2024): the next state is α_{i+1}·D̄_cfg + σ_{i+1}·ε̂_uncond,
-    i.e. the RES update with guided D plus α_{i+1}e^{−h}(D_cfg − D_uncond). Equals `res_multistep`
-    when the model has no separate unconditional prediction."""
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, True)
+    """`res_multistep` with CFG++ (Chung et al. 2024) as ComfyUI computes it: the first step is the
+    CFG++ DDIM step x₁ = D_cfg + σ₁·ε̂_uncond; later steps take the RES step from x + (D_cfg − D_uncond)
+    with the *unconditional* outputs (D_uncond,i and D_uncond,i−1) in the multistep combination:
+    α_{i+1}·e^{−h}(D_cfg − D_uncond) + [RES step on D_uncond], i.e. the CFG++ DDIM step plus
+    (1 − e^{−h})(D_uncond − D_cfg) plus RES's correction on the unconditional outputs. As the steps
+    grow it tends to the same limit as `euler_cfg_pp`, more slowly than `res_multistep_cfg_pp_exact`
+    (measured with guidance 3 on two Gaussians: 0.83 / 0.49 / 0.073 against 0.53 / 0.34 / 0.065 at
+    10 / 20 / 80 Karras steps, max error against `euler_cfg_pp` at 4000 steps). Equals
+    `res_multistep` without a separate unconditional prediction."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, True, True)
 
 
 @torch.no_grad()
@@ -275,8 +374,7 @@ def sample_res_multistep_ancestral(
     seed=None,
 ):
     """`res_multistep` with ancestral noise: the RES step goes to σ_down (h = λ(σ_down) − λ_i), then
-    fresh noise σ_up is added (common.get_ancestral_step: DDIM η-split for VE, signal-preserving split
-    for flow).
+    fresh i.i.d. noise σ_up is added (DDIM η-split).
 
     History convention (as ComfyUI): D_{i−1} is placed h_{i−1} = λ(σ_down,i−1) − λ_{i−1} behind, i.e. the
     deterministic segments are chained as one ODE path. For η = 1 (VE) this reproduces, to leading
@@ -284,7 +382,7 @@ def sample_res_multistep_ancestral(
     the true λ_{i−1} would double that term (measured: covariance bias of a 2-D mixture 3-6× larger at
     30 steps). For η = 0 both conventions are `res_multistep`."""
     return _res_multistep(
-        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, False
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, False, True
     )
 
 
@@ -301,9 +399,79 @@ def sample_res_multistep_ancestral_cfg_pp(
     noise_sampler=None,
     seed=None,
 ):
-    """`res_multistep_ancestral` with CFG++ renoising along the unconditional prediction."""
+    """`res_multistep_ancestral` with ComfyUI's CFG++ form of `res_multistep_cfg_pp` (the unconditional
+    outputs in the multistep combination)."""
     return _res_multistep(
-        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, True
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, True, True
+    )
+
+
+for _fn, _exact in (
+    (sample_res_multistep, "res_multistep_exact"),
+    (sample_res_multistep_cfg_pp, "res_multistep_cfg_pp_exact"),
+    (sample_res_multistep_ancestral, "res_multistep_ancestral_exact"),
+    (sample_res_multistep_ancestral_cfg_pp, "res_multistep_ancestral_cfg_pp_exact"),
+):
+    _res_doc(_fn, _exact)
+
+
+@torch.no_grad()
+def sample_res_multistep_exact(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """`res_multistep` (RES 2nd-order multistep, Zhang et al. 2023, arXiv 2308.02157) in the model's own
+    noise form: α = 1 − σ and λ = log((1 − σ)/σ) for flow models, whose first σ = 1 (λ = −∞) is moved
+    to 0.9999. The same as `res_multistep` for VE/VP models; on flow models more accurate (measured on a
+    Gaussian: 0.75-0.9× the error of `res_multistep`)."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, False, False)
+
+
+@torch.no_grad()
+def sample_res_multistep_cfg_pp_exact(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """`res_multistep_exact` with CFG++ (Chung et al. 2024): the next state is α_{i+1}·D̄_cfg +
+    σ_{i+1}·ε̂_uncond, i.e. the RES update with the guided D's plus α_{i+1}e^{−h}(D_cfg − D_uncond):
+    each step is the CFG++ DDIM step (`euler_cfg_pp`) plus RES's correction on the guided outputs.
+    Closer to the many-step limit of `euler_cfg_pp` than ComfyUI's `res_multistep_cfg_pp` (see
+    there). Equals `res_multistep_exact` without a separate unconditional prediction."""
+    return _res_multistep(model, x, sigmas, extra_args, callback, disable, 0.0, 1.0, None, None, True, False)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_exact(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """`res_multistep_ancestral` in the model's own noise form: the RES step to σ_down, then fresh noise
+    σ_up by common.get_ancestral_step (DDIM η-split for VE; for flow the signal-preserving split that
+    rescales the state to α_{i+1} = 1 − σ_{i+1}, so the samples have the right distribution). The same
+    history convention as `res_multistep_ancestral`; the same as it for VE/VP models."""
+    return _res_multistep(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, False, False
+    )
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral_cfg_pp_exact(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    noise_sampler=None,
+    seed=None,
+):
+    """`res_multistep_ancestral_exact` with the CFG++ renoising of `res_multistep_cfg_pp_exact`."""
+    return _res_multistep(
+        model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, seed, True, False
     )
 
 
@@ -405,4 +573,12 @@ SAMPLERS = {
     "res_multistep_ancestral_cfg_pp": sample_res_multistep_ancestral_cfg_pp,
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
+}
+# Our own variants, more accurate than the ComfyUI name they depart from (see their docstrings).
+EXACT_SAMPLERS = {
+    "ipndm_v_exact": sample_ipndm_v_exact,
+    "res_multistep_exact": sample_res_multistep_exact,
+    "res_multistep_cfg_pp_exact": sample_res_multistep_cfg_pp_exact,
+    "res_multistep_ancestral_exact": sample_res_multistep_ancestral_exact,
+    "res_multistep_ancestral_cfg_pp_exact": sample_res_multistep_ancestral_cfg_pp_exact,
 }
