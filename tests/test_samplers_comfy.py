@@ -400,3 +400,30 @@ def test_res_multistep_cfg_pp_exact_is_closer_to_the_cfgpp_limit():
             for k in ("res_multistep_cfg_pp", "res_multistep_cfg_pp_exact")
         }
         assert err["res_multistep_cfg_pp_exact"] < 0.95 * err["res_multistep_cfg_pp"], (n, err)
+
+
+# --- gradient_estimation* -----------------------------------------------------------------------------
+# ComfyUI's sample_gradient_estimation: d = (x − D)/σ (CFG++: (x − D_uncond)/σ); a step to σ = 0 is
+# x = D_cfg; otherwise Euler (CFG++: D_cfg + σ_{i+1}·d) plus (γ − 1)(d_i − d_{i−1})·Δσ from the second
+# step on; γ = 2. The same on every model's own σ.
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", ["gradient_estimation", "gradient_estimation_cfg_pp"])
+def test_gradient_estimation_is_comfyuis(name, flow):
+    model = Guided(3.0, flow)
+    s = torch.cat([torch.linspace(1.0, 0.03, 9, dtype=torch.float64), torch.zeros(1)]) if flow else karras(9)
+    x0 = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x0 if flow else x0 * s[0]
+    cfg_pp, ref, d_old = "cfg_pp" in name, x.clone(), None
+    for i in range(len(s) - 1):
+        dc, du = model.with_uncond(ref, torch.full((16,), float(s[i]), dtype=torch.float64))
+        d = (ref - (du if cfg_pp else dc)) / s[i]
+        if s[i + 1] == 0:
+            ref = dc
+            break
+        ref = dc + s[i + 1] * d if cfg_pp else ref + d * (s[i + 1] - s[i])
+        if d_old is not None:
+            ref = ref + (d - d_old) * (s[i + 1] - s[i])
+        d_old = d
+    assert rel(SAMPLERS[name](model, x.clone(), s), ref) < 1e-13

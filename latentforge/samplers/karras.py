@@ -433,7 +433,6 @@ def sample_lcm(
 
 def _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp):
     extra_args = extra_args or {}
-    flow = is_flow(model)
     d_old = None
     for i in trange(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -444,9 +443,11 @@ def _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gam
         report(callback, x, i, sigma, sigma, denoised)
         d = to_d(x, sigma, uncond)  # ε̂ (VE) or velocity (flow), unconditional for CFG++
         dt = sigma_next - sigma
-        if cfg_pp:  # CFG++ Euler: guided x̂₀ re-noised along the unconditional ε̂
-            a, a_next = alpha(sigma, flow), alpha(sigma_next, flow)
-            x_new = a_next * denoised + sigma_next * (x - a * uncond) / sigma
+        if float(sigma_next) == 0:  # the final denoise, without the correction
+            x = denoised
+            break
+        if cfg_pp:  # CFG++ Euler (VE form): guided x̂₀ re-noised along the unconditional ε̂
+            x_new = denoised + sigma_next * (x - uncond) / sigma
         else:
             x_new = x + d * dt
         if d_old is not None:  # d̄ = γ·d_i + (1 − γ)·d_{i−1} = d_i + (γ − 1)(d_i − d_{i−1})
@@ -460,7 +461,11 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
     """Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from
     an optimization perspective", ICML 2024, arXiv 2306.04848, Algorithm 2): Euler on the
     averaged gradient ε̄ = γ·ε̂_i + (1 − γ)·ε̂_{i−1}, i.e. x ← x + Δσ·(d_i + (γ − 1)(d_i − d_{i−1}));
-    the first step is plain Euler. γ = 2 (the paper's choice). 1 NFE per step."""
+    the first step is plain Euler. γ = 2 (the paper's choice). 1 NFE per step.
+
+    As ComfyUI computes it: a step to σ = 0 is x ← D_i without the correction (applying it there too
+    is less accurate: measured 1.10e-1 / 1.22e-2 against 9.24e-2 / 1.15e-2 at 10 / 160 Karras steps
+    on a Gaussian)."""
     return _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=False)
 
 
@@ -468,9 +473,12 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
 def sample_gradient_estimation_cfg_pp(
     model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.0
 ):
-    """Gradient estimation with CFG++ (Chung et al. 2024, Alg. 2 in σ form): the Euler part is
-    x ← α_{i+1}·D_cfg + σ_{i+1}·ε̂_uncond, and d̄'s correction (γ − 1)(d_i − d_{i−1})·Δσ uses the
-    unconditional derivatives. Equals `gradient_estimation` without guidance."""
+    """Gradient estimation with CFG++ (Chung et al. 2024, Alg. 2 in σ form) as ComfyUI computes it:
+    the Euler part is x ← D_cfg + σ_{i+1}·(x − D_uncond)/σ_i (the VE form, on the model's own σ for
+    every model), d̄'s correction (γ − 1)(d_i − d_{i−1})·Δσ uses the unconditional derivatives
+    d = (x − D_uncond)/σ, and a step to σ = 0 is x ← D_cfg. Equals `gradient_estimation` without
+    guidance. (A flow form α_{i+1}·D_cfg + σ_{i+1}·ε̂_uncond is not more accurate: measured against
+    many-step `euler_cfg_pp` it is closer at 10 steps, farther from 20 on.)"""
     return _gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=True)
 
 
