@@ -159,5 +159,11 @@ def read_metadata(path: str) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+    with handle as f:
         return f.metadata() or {}

@@ -79,9 +79,9 @@ def _eval_generate(args) -> str:
     from latentforge.pipeline import Pipeline
     from latentforge.shapes import caption, sample_scene
 
+    pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
     out = args.out or tempfile.mkdtemp(prefix="latentforge-eval-")
     os.makedirs(out, exist_ok=True)
-    pipe = Pipeline.from_single_file(args.model)
     _say(f"loaded {args.model}: {pipe.detection}")
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(args.n)]
@@ -252,7 +252,7 @@ def _train(args, rest: list[str]) -> int:
     if out is None and not args.dry_run:
         raise ValueError("give --out DIR for a new run (or --resume DIR to continue one)")
     if out is not None:
-        check.out_dir("--out", out)
+        check.out_dir("--resume" if args.resume else "--out", out)
     cfg = _train_config(args, overrides)
     check.train_config(cfg)
     run = _trainer(args.what)

@@ -84,6 +84,9 @@ def _nearest_existing(path: str) -> str:
 def _creatable(what: str, path: str) -> None:
     """`path` (a folder) exists or can be created, and can be written in: its nearest existing ancestor is
     a folder where a temporary folder can be made (and is removed at once)."""
+    longest = max(os.path.abspath(path).split(os.sep), key=len)
+    if len(os.fsencode(longest)) > 255 or len(os.fsencode(os.path.abspath(path))) > 4000:
+        raise ValueError(f"{what}: the name is too long (at most 255 bytes a part, 4000 in all)")
     base = _nearest_existing(path)
     if not os.path.isdir(base):
         raise ValueError(f"{what}: {base!r} is a file, so nothing can be created under it")
