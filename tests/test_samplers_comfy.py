@@ -427,3 +427,63 @@ def test_gradient_estimation_is_comfyuis(name, flow):
             ref = ref + (d - d_old) * (s[i + 1] - s[i])
         d_old = d
     assert rel(SAMPLERS[name](model, x.clone(), s), ref) < 1e-13
+
+
+# --- er_sde ----------------------------------------------------------------------------------------------
+# ComfyUI's sample_er_sde (VP ER-SDE-Solver-3 after the paper's code): v = σ/α (flow: σ = 1 → 0.9999),
+# stage = min(3, i + 1), r = φ(v_t)/φ(v_s) with φ(v) = v(e^{v^0.3} + 10); x ← (α_t/α_s)r·x + α_t(1 − r)D;
+# stage 2 adds α_t(Δv + φ_t·S₀)·(D − D_{i−1})/(v_s − v_{i−1}), stage 3 α_t(Δv²/2 + φ_t·S₁)·
+# (D′ − D′_{i−1})/((v_s − v_{i−2})/2), S₀, S₁ left Riemann sums over 200 points from v_t; then
+# α_t·√(v_t² − r²v_s²)·z with i.i.d. z; x = D on the step to σ = 0.
+
+
+def _comfy_er_sde_reference(model, x, sigmas, flow, noise):
+    phi = lambda v: v * (np.exp(v**0.3) + 10.0)
+    sig = [float(v) for v in sigmas]
+    if flow and sig[0] >= 1:
+        sig[0] = 0.9999
+    alpha = [1 - v if flow else 1.0 for v in sig]
+    lam = [v / a if v > 0 else 0.0 for v, a in zip(sig, alpha, strict=True)]
+    old_d = old_dd = None
+    for i in range(len(sig) - 1):
+        den = model(x, torch.full((x.shape[0],), sig[i], dtype=torch.float64))
+        if sig[i + 1] == 0:
+            return den
+        vs, vt = lam[i], lam[i + 1]
+        r = phi(vt) / phi(vs)
+        x = alpha[i + 1] / alpha[i] * r * x + alpha[i + 1] * (1 - r) * den
+        stage = min(3, i + 1)
+        if stage >= 2:
+            dv = vt - vs
+            pos = vt + np.arange(200) * (-dv / 200)
+            s0 = float(np.sum(1 / phi(pos)) * (-dv / 200))
+            dd = (den - old_d) / (vs - lam[i - 1])
+            x = x + alpha[i + 1] * (dv + s0 * phi(vt)) * dd
+            if stage >= 3:
+                s1 = float(np.sum((pos - vs) / phi(pos)) * (-dv / 200))
+                du = (dd - old_dd) / ((vs - lam[i - 2]) / 2)
+                x = x + alpha[i + 1] * (dv**2 / 2 + s1 * phi(vt)) * du
+            old_dd = dd
+        x = x + alpha[i + 1] * noise(None, None) * np.sqrt(max(vt**2 - vs**2 * r**2, 0.0))
+        old_d = den
+    return x
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_er_sde_is_comfyuis(flow):
+    from conftest import FlowModel
+
+    g = GaussianMixture.random(k=2, dim=4, seed=3)
+    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if flow:
+        s, model = (
+            torch.cat([torch.linspace(1.0, 0.03, 12, dtype=torch.float64), torch.zeros(1)]),
+            FlowModel(g),
+        )
+    else:
+        s, model = karras(12), g.denoiser()
+        x = x * s[0]
+    ref = _comfy_er_sde_reference(model, x.clone(), s, flow, shared_noise())
+    assert rel(SAMPLERS["er_sde"](model, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-12
+    exact = SAMPLERS["er_sde_exact"](model, x.clone(), s, noise_sampler=shared_noise())
+    assert rel(exact, ref) > 1e-4  # the same noise; D′ and the integrals differ

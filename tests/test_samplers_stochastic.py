@@ -14,8 +14,8 @@ from latentforge.samplers.karras import sample_euler
 from latentforge.schedules import get_sigmas_karras
 
 SMIN, SMAX = 0.0291675, 14.614642
-NAMES = ["er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece"]
-RAW = st.SAMPLERS
+NAMES = ["er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "er_sde_exact"]
+RAW = {**st.SAMPLERS, **st.EXACT_SAMPLERS}  # ComfyUI's names and our `_exact` variants
 
 
 def identity_scaler(v):
@@ -25,6 +25,7 @@ def identity_scaler(v):
 # The deterministic (PF-ODE) member of each family: η = 0, or φ(v) = v for ER-SDE (zero noise).
 ODE = {
     "er_sde": dict(noise_scaler=identity_scaler),
+    "er_sde_exact": dict(noise_scaler=identity_scaler),
     "seeds_2": dict(eta=0.0),
     "seeds_3": dict(eta=0.0),
     "sa_solver": dict(eta=0.0),
@@ -68,15 +69,20 @@ def slope(fn, **kw):
 
 # (name, options, nominal order, check). Measured slopes over n = 10..80 (float64):
 # seeds_2 2.02, seeds_2 phi_2 2.08, seeds_3 2.83, sa_solver 4.09, sa_solver_pece 4.06 (predictor 3 +
-# corrector 4: order min(3 + 1, 4) = 4), er_sde 4.67 (stage 3; pre-asymptotic, 4.2 over n = 40..320),
-# er_sde stage 2 2.28, stage 1 1.00. Multistep methods: ">= nominal - 0.3".
+# corrector 4: order min(3 + 1, 4) = 4), er_sde_exact 4.67 (stage 3; pre-asymptotic, 4.2 over
+# n = 40..320), er_sde_exact stage 2 2.28, stage 1 1.00; ComfyUI's er_sde (200-point Riemann integrals,
+# backward-difference D'): stage 3 2.28, stage 2 2.21, stage 1 1.00, tending to 1 on finer grids (see
+# test_er_sde_riemann_sum_limits_the_order). Multistep methods: ">= nominal - 0.3".
 CONVERGENCE = [
     ("seeds_2", dict(eta=0.0), 2, "near"),
     ("seeds_2", dict(eta=0.0, solver_type="phi_2"), 2, "near"),
     ("seeds_3", dict(eta=0.0), 3, "near"),
     ("sa_solver", dict(eta=0.0), 4, "atleast"),
     ("sa_solver_pece", dict(eta=0.0), 4, "atleast"),
-    ("er_sde", dict(noise_scaler=identity_scaler), 3, "atleast"),
+    ("er_sde_exact", dict(noise_scaler=identity_scaler), 3, "atleast"),
+    ("er_sde_exact", dict(noise_scaler=identity_scaler, max_stage=2), 2, "near"),
+    ("er_sde_exact", dict(noise_scaler=identity_scaler, max_stage=1), 1, "near"),
+    ("er_sde", dict(noise_scaler=identity_scaler), 2, "near"),
     ("er_sde", dict(noise_scaler=identity_scaler, max_stage=2), 2, "near"),
     ("er_sde", dict(noise_scaler=identity_scaler, max_stage=1), 1, "near"),
 ]
@@ -89,6 +95,16 @@ def test_deterministic_limit_converges_at_its_order(name, kw, order, check):
         assert abs(p - order) < 0.3, f"{name} {kw}: slope {p:.2f}, nominal {order}"
     else:
         assert p >= order - 0.3, f"{name} {kw}: slope {p:.2f}, nominal {order}"
+
+
+def test_er_sde_riemann_sum_limits_the_order():
+    """ComfyUI's er_sde takes c₁'s integral by a 200-point Riemann sum, whose relative error does not
+    shrink with the step: on fine grids its order falls towards 1 (measured 1.29 over 160..1280 steps)
+    while er_sde_exact stays high (error 2e-8 at 160 steps against er_sde's 1.7e-4)."""
+    ns = (160, 320, 640, 1280)
+    errs = [max_error(RAW["er_sde"], n, noise_scaler=identity_scaler) for n in ns]
+    assert -np.polyfit(np.log(ns), np.log(errs), 1)[0] < 1.7, errs
+    assert max_error(RAW["er_sde_exact"], 160, noise_scaler=identity_scaler) < errs[0] / 100
 
 
 # --- stochastic: the mixture's mean and covariance ----------------------------------------------------
@@ -220,6 +236,7 @@ def test_sa_solver_tau_zero_function_equals_eta_zero():
     "name,nfe",
     [
         ("er_sde", "n"),
+        ("er_sde_exact", "n"),
         ("seeds_2", "2n-1"),
         ("seeds_3", "3n-2"),
         ("sa_solver", "n"),

@@ -32,7 +32,12 @@ SAMPLER_NAMES = [
     "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
 ]  # fmt: skip
 
-_RAW_EXACT = {**dpm_solver.EXACT_SAMPLERS, **dpmpp.EXACT_SAMPLERS, **multistep.EXACT_SAMPLERS}
+_RAW_EXACT = {
+    **dpm_solver.EXACT_SAMPLERS,
+    **dpmpp.EXACT_SAMPLERS,
+    **multistep.EXACT_SAMPLERS,
+    **stochastic.EXACT_SAMPLERS,
+}
 EXACT_SAMPLER_NAMES = list(_RAW_EXACT)
 EXACT_VARIANT_OF = {name: name.removesuffix("_exact") for name in EXACT_SAMPLER_NAMES}
 ALL_SAMPLER_NAMES = SAMPLER_NAMES + EXACT_SAMPLER_NAMES
