@@ -40,11 +40,11 @@ def _bench(args) -> int:
 
 def _shapes(args) -> int:
     from latentforge.shapes import export
-    from latentforge.shapes.render import check_resolution
+    from latentforge.shapes.render import MAX_RES, MIN_RES
 
     check.int_in("--n", args.n, 1)
     check.int_in("--seed", args.seed, 0)
-    check_resolution(args.size)
+    check.int_in("--size", args.size, MIN_RES, MAX_RES)
     check.out_dir("DIR", args.dir)
     out = export(args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split)
     _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
@@ -100,13 +100,13 @@ def _eval_generate(args) -> str:
 
 def _eval(args) -> int:
     from latentforge.shapes.evaluate import evaluate_folder
-    from latentforge.shapes.render import check_resolution
+    from latentforge.shapes.render import MAX_RES, MIN_RES
     from latentforge.shapes.report import format_report
 
     if (args.images is None) == (args.model is None):
         raise ValueError("give exactly one of --images DIR or --model PATH")
     check.int_in("--n", args.n, 1)
-    check_resolution(args.size)
+    check.int_in("--size", args.size, MIN_RES, MAX_RES)
     if args.json is not None:
         check.out_file("--json", args.json)
     if args.images is not None:

@@ -133,7 +133,7 @@ CASES = [
     ("eval-images-missing", [*EVAL, "{tmp}/none"], ["--images", "does not exist"]),
     ("eval-images-is-file", [*EVAL, "{file}"], ["--images", "is a file, not a directory"]),
     ("eval-model-is-dir", ["eval", "shapes", "--model", "{dir}"], ["--model", "is a directory"]),
-    ("eval-size", [*EVAL, "{nocaps}", "--size", "1000"], ["[32, 512]", "1000"]),
+    ("eval-size", [*EVAL, "{nocaps}", "--size", "1000"], ["--size 1000", "[32, 512]"]),
     ("eval-garbage-model", ["eval", "shapes", "--model", "{model}", "--out", "{tmp}/gen"],
      ["is not a readable safetensors file"]),
     ("eval-neither", ["eval", "shapes"], ["exactly one of --images DIR or --model PATH"]),
@@ -142,7 +142,7 @@ CASES = [
     ("export-to-file", ["shapes", "export", "{file}", "--n", "1"], ["DIR '{file}' is a file", "directory"]),
     ("export-under-file", ["shapes", "export", "{file}/x", "--n", "1"], ["'{file}' is a file"]),
     ("export-n-0", ["shapes", "export", "{tmp}/x", "--n", "0"], ["--n 0", ">= 1"]),
-    ("export-size", ["shapes", "export", "{tmp}/x", "--size", "1000"], ["[32, 512]"]),
+    ("export-size", ["shapes", "export", "{tmp}/x", "--size", "1000"], ["--size 1000", "[32, 512]"]),
     ("bench-out-is-file", ["bench", "samplers", "--out", "{file}"], ["--out", "is a file"]),
 ]  # fmt: skip
 
