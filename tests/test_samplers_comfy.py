@@ -487,3 +487,142 @@ def test_er_sde_is_comfyuis(flow):
     assert rel(SAMPLERS["er_sde"](model, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-12
     exact = SAMPLERS["er_sde_exact"](model, x.clone(), s, noise_sampler=shared_noise())
     assert rel(exact, ref) > 1e-4  # the same noise; D′ and the integrals differ
+
+
+# --- seeds_2, seeds_3 ----------------------------------------------------------------------------------
+# ComfyUI's sample_seeds_2 / _3 (SEEDS, Gonzalez et al. 2023, data prediction in λ, flow σ = 1 → 0.9999):
+# stages at λ_s + r·h (r = ½; r₁ = ⅓, r₂ = ⅔), c = 1 + η, each stage point and the end get
+# (σ/σ_s)e^{−ηrh}·x − α·[φ-combination of the D's] plus σ·ν with ν carried over the sub-intervals
+# (ν ← e^{−η(r′−r)h}ν + √(1 − e^{−2η(r′−r)h})·z, one i.i.d. z per sub-interval, in order).
+
+
+def _comfy_seeds_reference(model, x, sigmas, flow, noise, stages, eta=1.0):
+    sig = [float(v) for v in sigmas]
+    if flow and sig[0] >= 1:
+        sig[0] = 0.9999
+    lam = lambda v: np.log((1 - v) / v) if flow else -np.log(v)
+    sig_of = lambda lm: 1 / (1 + np.exp(lm)) if flow else np.exp(-lm)
+    alpha = lambda v: 1 - v if flow else 1.0
+    e1 = lambda z: -np.expm1(-z)  # 1 − e^{−z}
+    psi = lambda z: 1 - e1(z) / z  # 1 − (1 − e^{−z})/z
+    call = lambda y, v: model(y, torch.full((y.shape[0],), v, dtype=torch.float64))
+    c = 1 + eta
+    for i in range(len(sig) - 1):
+        d0 = call(x, sig[i])
+        if sig[i + 1] == 0:
+            return d0
+        h = lam(sig[i + 1]) - lam(sig[i])
+        rs = [0.5, 1.0] if stages == 2 else [1 / 3, 2 / 3, 1.0]
+        ds, nu, r_prev = [d0], 0.0, 0.0
+        for k, r in enumerate(rs):
+            sr = sig[i + 1] if r == 1.0 else sig_of(lam(sig[i]) + r * h)
+            if stages == 2 and r == 1.0:  # phi_1: the midpoint combination
+                data = e1(c * h) * ((1 - 1 / (2 * 0.5)) * d0 + ds[1] / (2 * 0.5))
+            elif k == 0:
+                data = e1(c * r * h) * d0
+            else:  # the exact integral of the line through D_s and the previous stage's D
+                data = e1(c * r * h) * d0 + (r / rs[k - 1]) * psi(c * r * h) * (ds[k] - d0)
+            dr = r - r_prev
+            nu = nu * np.exp(-eta * dr * h) + np.sqrt(-np.expm1(-2 * eta * dr * h)) * noise(None, None)
+            y = sr / sig[i] * np.exp(-eta * r * h) * x + alpha(sr) * data + sr * nu
+            if r == 1.0:
+                x = y
+            else:
+                ds.append(call(y, sr))
+            r_prev = r
+    return x
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", ["seeds_2", "seeds_3"])
+def test_seeds_is_comfyuis(name, flow):
+    from conftest import FlowModel
+
+    g = GaussianMixture.random(k=2, dim=4, seed=3)
+    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if flow:
+        s, model = (
+            torch.cat([torch.linspace(1.0, 0.03, 10, dtype=torch.float64), torch.zeros(1)]),
+            FlowModel(g),
+        )
+    else:
+        s, model = karras(10), g.denoiser()
+        x = x * s[0]
+    ref = _comfy_seeds_reference(model, x.clone(), s, flow, shared_noise(), int(name[-1]))
+    assert rel(SAMPLERS[name](model, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-12
+
+
+# --- sa_solver, sa_solver_pece ---------------------------------------------------------------------------
+# ComfyUI's sample_sa_solver (SA-Solver, Xue et al. 2023; comfy/k_diffusion/sa_solver.py): τ = 1 for σ in
+# [σ(80 %), σ(20 %)] of the model's range, else 0; predictor order p = min(3, #D), corrector order
+# min(4, #D) (none on step 0, nor on the last step without PECE); on a schedule ending in 0 also
+# p ≤ n − 1 − i and corrector ≤ n − i; b_j = α_t·∫_{λ_s}^{λ_t} (1 + τ²)e^{−(1+τ²)(λ_t − λ)}ℓ_j(λ) dλ;
+# x_t = (σ_t/σ_s)e^{−τ²h}x_s + Σ b_j D_j + σ_t√(1 − e^{−2τ²h})·z (the corrector reuses the predictor's z
+# and τ); PECE re-evaluates D at the corrected point. The step to σ = 0 returns that D.
+
+
+def _comfy_sa_solver_reference(model, x, sigmas, noise, pece, tau_of):
+    from scipy.integrate import quad
+
+    sig = [float(v) for v in sigmas]
+    lam = [-np.log(v) if v > 0 else np.inf for v in sig]
+    n = len(sig) - 1
+    lower = sig[-1] == 0
+
+    def b(nodes, ls, lt, tau):
+        c = 1 + tau**2
+
+        def integrand(u, j):
+            basis = np.prod([(u - lk) / (nodes[j] - lk) for k, lk in enumerate(nodes) if k != j])
+            return c * np.exp(-c * (lt - u)) * basis
+
+        return [quad(integrand, ls, lt, args=(j,), epsabs=1e-14, epsrel=1e-13)[0] for j in range(len(nodes))]
+
+    call = lambda y, v: model(y, torch.full((y.shape[0],), v, dtype=torch.float64))
+    preds, x_pred, tau, h, z = [], x, 0.0, 0.0, None
+    for i in range(n):
+        den = call(x_pred, sig[i])
+        preds = (preds + [den])[-4:]
+        p = min(3, len(preds))
+        cor = 0 if i == 0 or (sig[i + 1] == 0 and not pece) else min(4, len(preds))
+        if lower:
+            p, cor = min(p, n - 1 - i), min(cor, n - i)
+        if cor == 0:
+            x = x_pred
+        else:
+            nodes = lam[i - cor + 1 : i + 1]
+            coef = b(nodes, lam[i - 1], lam[i], tau)
+            x = sig[i] / sig[i - 1] * np.exp(-(tau**2) * h) * x + sum(
+                cj * dj for cj, dj in zip(coef, preds[-cor:], strict=True)
+            )
+            if tau > 0:
+                x = x + z
+            if pece:
+                den = call(x, sig[i])
+                preds[-1] = den
+        if sig[i + 1] == 0:
+            return den
+        tau = tau_of(sig[i + 1])
+        nodes = lam[i - p + 1 : i + 1]
+        coef = b(nodes, lam[i], lam[i + 1], tau)
+        h = lam[i + 1] - lam[i]
+        x_pred = sig[i + 1] / sig[i] * np.exp(-(tau**2) * h) * x + sum(
+            cj * dj for cj, dj in zip(coef, preds[-p:], strict=True)
+        )
+        if tau > 0:
+            z = noise(None, None) * sig[i + 1] * np.sqrt(-np.expm1(-2 * tau**2 * h))
+            x_pred = x_pred + z
+    return x_pred
+
+
+@pytest.mark.parametrize("steps", [5, 12])
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_sa_solver_is_comfyuis(name, steps):
+    from latentforge.samplers.stochastic import sa_solver_tau_interval
+
+    hi, lo = sa_solver_tau_interval(D)  # a plain VE denoiser: SD1's table, σ ∈ [0.571, 5.09]
+    tau_of = lambda v: 1.0 if lo <= v <= hi else 0.0
+    for s in (karras(steps), karras(steps + 2)[:-2]):  # ending in 0 (orders lowered at the end) or not
+        x = start(s)
+        ref = _comfy_sa_solver_reference(D, x.clone(), s, shared_noise(), name.endswith("pece"), tau_of)
+        assert rel(SAMPLERS[name](D, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-11
