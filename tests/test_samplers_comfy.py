@@ -626,3 +626,69 @@ def test_sa_solver_is_comfyuis(name, steps):
         x = start(s)
         ref = _comfy_sa_solver_reference(D, x.clone(), s, shared_noise(), name.endswith("pece"), tau_of)
         assert rel(SAMPLERS[name](D, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-11
+
+
+# --- heunpp2, ipndm: already ComfyUI's ------------------------------------------------------------------
+# heunpp2 (ComfyUI, from Carzit/sd-webui-samplers-scheduler): Euler when σ_{i+1} is the last σ; when
+# σ_{i+2} is, Heun with weights 1 − w, w = σ_{i+1}/(2σ₀); else a three-point chain with
+# w₂ = σ_{i+1}/(3σ₀), w₃ = σ_{i+2}/(3σ₀). ipndm (zju-pi): x = D on a step to 0, else AB1..AB4 with the
+# uniform-grid coefficients, order min(4, i + 1). Both on the model's own σ; re-derived here.
+
+
+def _comfy_heunpp2_reference(model, x, s):
+    call = lambda y, v: model(y, torch.full((y.shape[0],), float(v), dtype=torch.float64))
+    to_d = lambda y, v: (y - call(y, v)) / v
+    n = len(s) - 1
+    for i in range(n):
+        d, dt = to_d(x, s[i]), s[i + 1] - s[i]
+        if i == n - 1:
+            x = x + d * dt
+        elif i == n - 2:
+            w = s[i + 1] / (2 * s[0])
+            x2 = x + d * dt
+            x = x + ((1 - w) * d + w * to_d(x2, s[i + 1])) * dt
+        else:
+            x2 = x + d * dt
+            d2 = to_d(x2, s[i + 1])
+            x3 = x2 + d2 * (s[i + 2] - s[i + 1])
+            w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * to_d(x3, s[i + 2])) * dt
+    return x
+
+
+def _comfy_ipndm_reference(model, x, s):
+    ab = {
+        1: [1],
+        2: [3 / 2, -1 / 2],
+        3: [23 / 12, -16 / 12, 5 / 12],
+        4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+    }
+    ds = []
+    for i in range(len(s) - 1):
+        den = model(x, torch.full((x.shape[0],), float(s[i]), dtype=torch.float64))
+        ds.insert(0, (x - den) / s[i])
+        if s[i + 1] == 0:
+            return den
+        k = min(4, i + 1)
+        x = x + (s[i + 1] - s[i]) * sum(c * d for c, d in zip(ab[k], ds[:k], strict=True))
+    return x
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", ["heunpp2", "ipndm"])
+def test_heunpp2_and_ipndm_are_comfyuis(name, flow):
+    from conftest import FlowModel
+
+    g = GaussianMixture.random(k=2, dim=4, seed=3)
+    x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if flow:
+        s, model = (
+            torch.cat([torch.linspace(1.0, 0.03, 9, dtype=torch.float64), torch.zeros(1)]),
+            FlowModel(g),
+        )
+    else:
+        s, model = karras(9), g.denoiser()
+        x = x * s[0]
+    ref = {"heunpp2": _comfy_heunpp2_reference, "ipndm": _comfy_ipndm_reference}[name]
+    for sig in (s, s[:-2]):  # ending in 0, or stopping above it
+        assert rel(SAMPLERS[name](model, x.clone(), sig), ref(model, x.clone(), sig)) < 1e-13
