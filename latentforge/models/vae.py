@@ -172,8 +172,21 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+# Query rows per scaled_dot_product_attention call in AttnBlock (see there).
+ATTN_CHUNK = 4096
+
+
 class AttnBlock(nn.Module):
-    # Single-head self-attention over the H·W positions, softmax(q·kᵀ/√C)·v, with 1×1-conv projections.
+    """Single-head self-attention over the H·W positions, softmax(q·kᵀ/√C)·v, with 1×1-conv projections.
+
+    Memory: q, k, v are made contiguous [B, 1, H·W, C] (a transposed view, unit stride along H·W instead
+    of C, sends PyTorch's CPU SDPA to its math path, which materialises the [H·W, H·W] score matrix and
+    its softmax: 17 GB for a 256×256 latent in float32; contiguous, it takes the fused flash kernel, whose
+    working set is a few blocks per thread). The queries also go in chunks of `ATTN_CHUNK` rows, so even
+    a backend that materialises the scores (another device, dtype or head size without a fused kernel)
+    holds at most [ATTN_CHUNK, H·W] of them: memory linear in the pixels. Each query row's result does not
+    depend on the other rows, so chunking changes nothing but the order of work."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.norm = Normalize(channels)
@@ -184,13 +197,24 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         B, C, H, W = x.shape
+        n = H * W
         h = self.norm(x)
 
-        def tokens(t):  # [B, C, H, W] -> [B, 1, H·W, C] (one head)
-            return t.reshape(B, 1, C, H * W).transpose(-1, -2)
+        def tokens(t):  # [B, C, H, W] -> [B, 1, H·W, C] (one head), contiguous
+            return t.reshape(B, 1, C, n).transpose(-1, -2).contiguous()
 
-        h = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
-        h = h.transpose(-1, -2).reshape(B, C, H, W)  # [B, 1, H·W, C] -> [B, C, H, W]
+        q, k, v = tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h))
+        del h
+        if n <= ATTN_CHUNK:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.empty_like(q)
+            for i in range(0, n, ATTN_CHUNK):
+                out[:, :, i : i + ATTN_CHUNK] = F.scaled_dot_product_attention(
+                    q[:, :, i : i + ATTN_CHUNK], k, v
+                )
+        del q, k, v
+        h = out.transpose(-1, -2).reshape(B, C, H, W)  # [B, 1, H·W, C] -> [B, C, H, W]
         return x + self.proj_out(h)
 
 
