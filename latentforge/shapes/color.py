@@ -17,6 +17,7 @@ from .render import COLOR_NAMES, COLORS
 MIN_PURITY = 0.6  # the purest pixels of an object are at least this much object (blur, antialiasing)
 MIN_CHROMA_PURITY = 0.4  # 4:2:0 subsampling can leave a small object this little of its chroma
 COLOR_TOLERANCE = 25.0  # beyond this RGB distance from every palette segment, allow chroma dilution
+MIN_BLUR_PURITY = 0.25  # a small object blurred by up to ~1.5 px at 32 px keeps this much colour at its core
 
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
 # Templates are fitted in YCbCr with chroma's squared error down-weighted by CHROMA_WEIGHT (templates.fit):
@@ -49,6 +50,24 @@ def nearest_color(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:
     if d[best] <= COLOR_TOLERANCE:
         return best
     return _nearest_diluted(v, bg, exclude)
+
+
+def color_candidates(p: np.ndarray, bg: np.ndarray, exclude: int | None) -> list[int]:
+    """The palette colours measured colour ``p`` may stand for: every one within COLOR_TOLERANCE of the
+    segment bg + t (p - bg), t in [1, 1 / MIN_BLUR_PURITY] (nearest first) -- a blurred small object's core
+    is diluted further than MIN_PURITY, and how far only the shape fit can tell (a gray blob on black may
+    be a white one, blurred) -- or, when there is none, ``nearest_color``'s (chroma diluted by 4:2:0)."""
+    v = p - bg
+    vv = float(v @ v)
+    if vv >= 1e-6:
+        t = np.clip(((PALETTE - bg) @ v) / vv, 1.0, 1.0 / MIN_BLUR_PURITY)
+        d = np.linalg.norm(PALETTE - (bg + t[:, None] * v), axis=1)
+        if exclude is not None:
+            d[exclude] = np.inf
+        near = [int(k) for k in np.argsort(d) if d[k] <= COLOR_TOLERANCE]
+        if near:
+            return near
+    return [nearest_color(p, bg, exclude)]
 
 
 def _nearest_diluted(v: np.ndarray, bg: np.ndarray, exclude: int | None) -> int:

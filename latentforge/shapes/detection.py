@@ -1,24 +1,30 @@
 """Detection for the shapes evaluator: ``detect(image) -> Scene``, a complete scene of everything found.
 Analytic, no training.
 
-1. Background: the per-channel median of all pixels (objects cover at most ~25% of an image), named by the
-   nearest palette colour.
+1. Background: the per-channel median of all pixels (objects cover at most ~25% of an image), then of the
+   pixels step 2's smoothed copy puts near it (objects and their halos left out), named by the nearest
+   palette colour.
 2. Foreground: pixels of a 3x3 box-smoothed copy whose RGB distance from the background exceeds
    ``FG_THRESHOLD`` (well below the ~95 separating any two palette colours, well above smoothed noise);
    8-connected components smaller than ``MIN_AREA_FRACTION`` of a cell are dropped as specks; a component
    with at least ``SPLIT_AREA_FRACTION`` of a cell in each of several cells (neighbouring large objects whose
    blurred edges touch) is split along the cell borders; each remaining component goes to the grid cell
-   holding its centroid (components in one cell are merged).
-3. Colour: the median colour of the object's purest pixels (those farthest from the background), named by
-   ``color.nearest_color`` (which allows for edge pixels' mixing and 4:2:0 chroma dilution).
-4. Shape and size, by analysis by synthesis: the object's coverage of its palette colour (offset like the
-   background) is fitted by the renderer's own coverage masks of the 8 shapes x 2 sizes at that cell,
-   Gaussian-blurred by each sigma of a bank (``templates.fit``: least squares in YCbCr, luma weighted over
-   chroma); objects that differ from the background mostly in chroma are also fitted under a 4:2:0
-   hypothesis (chroma as JPEG's subsampling leaves it). One blur and one hypothesis per image -- the pair
-   leaving the least residual summed over its objects (``_choose_model``) -- then the least residual names
-   each object's shape and size. Generated images are softer than renders: sharp templates alone mistake
-   small blurred shapes (86% of 64 px renders all correct after a 1.2 px blur, 100% with the bank).
+   holding its centroid (components in one cell are merged). 2b: in cells left empty, faint objects (a
+   small object blurred at 32 px) are looked for at ``FAINT_THRESHOLD`` and kept only if a template fits
+   them (``_faint_candidates``, ``_fits_faint``).
+3. Colour: the median colour of the object's purest pixels (those farthest from the background); the
+   palette colours it may stand for (``color.color_candidates``: edge mixing, blur dilution, 4:2:0 chroma
+   dilution) are each tried in step 4, and the one whose fit leaves the least residual wins.
+4. Shape and size, by analysis by synthesis: the object as the renderer would draw it -- its palette colour
+   (offset like the background) at the coverage of one of the renderer's own masks of the 8 shapes x 2
+   sizes at that cell, Gaussian-blurred by each sigma of a bank, shifted by up to MAX_SHIFT px -- is fitted
+   to the image by least squares (``templates.fit``; in RGB). Images whose chroma is blurrier than their
+   luma (JPEG 4:2:0; ``templates.Fits.subsampling`` summed over the objects) are fitted in YCbCr with
+   chroma down-weighted instead, and objects that differ from the background mostly in chroma also under
+   a 4:2:0 hypothesis (``templates.fit_jpeg``). One chroma model and one blur per image -- those leaving
+   the least residual summed over its objects (``_choose_model``) -- then the least residual names each
+   object's shape and size. Generated images are softer than renders: sharp templates alone mistake small
+   blurred shapes (86% of 300 held-out 64 px renders all correct after a 1.2 px blur, 100% with the bank).
 5. JPEG re-ranking: when the best two shapes are nearly tied and the contrast is mostly chroma, simulated
    JPEG round trips of the candidates (sharp and blurred like the image) decide (``jpeg.suspect``,
    ``jpeg.rerank``).
@@ -40,12 +46,24 @@ import numpy as np
 from scipy import ndimage
 
 from . import jpeg, templates
-from .color import CHROMA_WEIGHT, PALETTE, YCC, nearest_color, nearest_palette
+from .color import CHROMA_WEIGHT, PALETTE, YCC, color_candidates, nearest_palette
 from .render import COLOR_NAMES, POSITION_NAMES, SHAPES, SIZES, Obj, Scene, cell_bounds, check_resolution
 
 FG_THRESHOLD = 40.0  # RGB distance from the background (smoothed image) that makes a pixel foreground
 MIN_AREA_FRACTION = 0.02  # components below this fraction of a cell's area are noise
 SPLIT_AREA_FRACTION = 0.15  # a component with this much of a cell in each of two cells is two objects
+BG_REFINE_DISTANCE = 10.0  # step 1's second pass: pixels whose smoothed distance from the background is below
+FAINT_THRESHOLD = 20.0  # step 2b: faint objects' smoothed distance from the background ...
+FAINT_NOISE_FACTOR = 2.5  # ... or this x the background's median absolute deviation, if higher
+# A faint candidate is an object if its best template (``templates.Fits.full``) fits it with at least this
+# similarity at a shift of at most FAINT_MAX_SHIFT px -- FAINT_MIN_SIM_JPEG in images whose other objects
+# show JPEG 4:2:0 (``templates.Fits.subsampling``). Measured at 32 px on 300 renders: real faint objects
+# under blur 1.2 or 1.5 (+ noise 8) all fit within 0 px with >= 0.68 (0.60); JPEG q40 4:2:0 ringing, the
+# bulk of spurious candidates (~1.5 per image at 32 px), mostly fits 3 px off, and within 1 px at up to
+# 0.77 (95th percentile 0.65); at 64 px no spurious candidate exceeds 0.36.
+FAINT_MIN_SIM = 0.55
+FAINT_MIN_SIM_JPEG = 0.8
+FAINT_MAX_SHIFT = 1
 FEATURES_PER_CELL = 15
 N_FEATURES = 9 * FEATURES_PER_CELL + 4
 
@@ -105,6 +123,18 @@ def _cell_map(res: int) -> np.ndarray:
     return m
 
 
+def _refine_background(img: np.ndarray, d2s: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Step 1 again, without the objects: the per-channel median of the pixels whose smoothed distance from
+    ``bg`` is below BG_REFINE_DISTANCE (objects, their fringes and blurred halos left out; noise either way
+    alike), when they are at least a quarter of the image, else ``bg``. Objects' pixels bias the median of
+    a noisy image (by 3 levels at 32 px with two large objects and noise of std 8), and a biased background
+    reads as coverage everywhere: it favoured the fuller of two nearly tied shapes."""
+    keep = d2s < BG_REFINE_DISTANCE**2
+    if keep.sum() < keep.size // 4:
+        return bg
+    return np.median(img[keep], axis=0).astype(np.float32)
+
+
 def _split_across_cells(lab: np.ndarray, n: int, res: int) -> tuple[np.ndarray, int]:
     """Split components with at least SPLIT_AREA_FRACTION of a cell in each of two or more cells: neighbouring
     large objects whose blurred (e.g. chroma-subsampled) edges touch. Each such cell's part becomes its own
@@ -126,26 +156,84 @@ def _split_across_cells(lab: np.ndarray, n: int, res: int) -> tuple[np.ndarray, 
     return lab, n
 
 
-def _foreground(diff: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Step 2's components: (foreground mask bool [res, res], labels int [res, res], number of labels)."""
+def _foreground(diff: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Step 2's components: (foreground mask bool [res, res], labels int [res, res], number of labels, the
+    smoothed image's squared distance from the background [res, res])."""
     smooth = ndimage.uniform_filter(diff, size=(3, 3, 1), mode="nearest")
-    fg = np.einsum("hwc,hwc->hw", smooth, smooth) > FG_THRESHOLD**2
+    d2s = np.einsum("hwc,hwc->hw", smooth, smooth)
+    fg = d2s > FG_THRESHOLD**2
     lab, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
     if n:
         lab, n = _split_across_cells(lab, n, res)
-    return fg, lab, n
+    return fg, lab, n, d2s
+
+
+def _faint_candidates(
+    d2s: np.ndarray, objfg: np.ndarray, lab: np.ndarray, n: int, taken: set[int], noise: float
+) -> tuple[np.ndarray, int, dict[int, int]]:
+    """Step 2b: faint objects (a small object blurred at 32 px keeps a smoothed contrast of only ~25): the
+    components of the smoothed image above FAINT_THRESHOLD (or FAINT_NOISE_FACTOR x the background's median
+    absolute deviation ``noise``, if higher) that touch no object's pixel (``objfg``; specks may be part of
+    them), are at least MIN_AREA_FRACTION of a cell and hold their centroid in a cell with no object
+    (``taken``); the largest per cell. Returns
+    (labels with each candidate added as a new component, their number, cell -> candidate's label). The
+    caller keeps a candidate only if a template fits it (FAINT_MIN_SIM): noise and JPEG ringing fit none."""
+    t = max(FAINT_THRESHOLD, FAINT_NOISE_FACTOR * noise)
+    low = d2s > t * t
+    low[objfg] = False
+    res = len(d2s)
+    free = np.ones(9, dtype=bool)
+    free[list(taken)] = False
+    if not (low & free[_cell_map(res)]).any():  # no candidate can hold its centroid in a free cell
+        return lab, n, {}
+    llab, ln = ndimage.label(low, structure=np.ones((3, 3), dtype=bool))
+    # components touching an object are its fringes
+    grown = ndimage.binary_dilation(objfg, structure=np.ones((3, 3), dtype=bool))
+    touching = np.zeros(ln + 1, dtype=bool)
+    touching[llab[grown]] = True
+    areas, cy, cx = _centroids(llab, ln)
+    cell = res / 3
+    best: dict[int, int] = {}
+    for k in range(ln):
+        if touching[k + 1] or areas[k] < MIN_AREA_FRACTION * cell * cell:
+            continue
+        ci = min(2, max(0, int((cy[k] + 0.5) / cell))) * 3 + min(2, max(0, int((cx[k] + 0.5) / cell)))
+        if ci not in taken and (ci not in best or areas[k] > areas[best[ci] - 1]):
+            best[ci] = k + 1
+    if not best:
+        return lab, n, {}
+    lab = lab.copy()
+    out = {}
+    for ci, k in best.items():
+        n += 1
+        lab[llab == k] = n
+        out[ci] = n
+    return lab, n, out
+
+
+@lru_cache(maxsize=16)
+def _coords(res: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every pixel, flattened: float64 [res * res] each."""
+    ys, xs = np.indices((res, res), dtype=np.float64)
+    return ys.ravel(), xs.ravel()
+
+
+def _centroids(lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area, centroid row and column of components 1..n of ``lab``: float64 [n] each."""
+    flat = lab.ravel()
+    ys, xs = _coords(len(lab))
+    areas = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    cy = np.bincount(flat, ys, minlength=n + 1)[1:] / np.maximum(areas, 1)
+    cx = np.bincount(flat, xs, minlength=n + 1)[1:] / np.maximum(areas, 1)
+    return areas, cy, cx
 
 
 def _objects_by_cell(fg: np.ndarray, lab: np.ndarray, n: int, res: int) -> dict[int, list[int]]:
     """The components that are objects, by the grid cell (0..8) holding their centroid: specks (below
     MIN_AREA_FRACTION of a cell) are dropped."""
-    idx = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(fg, lab, idx)
+    areas, cy, cx = _centroids(lab, n)
     cell = res / 3
     cell_area = cell * cell
-    ys, xs = np.indices(fg.shape)
-    cy = ndimage.sum_labels(ys, lab, idx) / np.maximum(areas, 1)
-    cx = ndimage.sum_labels(xs, lab, idx) / np.maximum(areas, 1)
     by_cell: dict[int, list[int]] = {}
     for k in range(n):
         if areas[k] < MIN_AREA_FRACTION * cell_area:
@@ -159,8 +247,12 @@ def _objects_by_cell(fg: np.ndarray, lab: np.ndarray, n: int, res: int) -> dict[
 def _measured_color(im: _Image, mine: np.ndarray) -> np.ndarray:
     """Step 3: the median colour of the object's purest 30% of pixels (farthest from the background)."""
     d_mine = im.dist2[mine]
-    top = d_mine >= np.quantile(d_mine, 0.7)
-    return np.median(im.diff[mine][top], axis=0) + im.bg
+    # np.quantile(d_mine, 0.7) (linear interpolation), by partition
+    pos = 0.7 * (len(d_mine) - 1)
+    k = int(pos)
+    part = np.partition(d_mine, [k, min(k + 1, len(d_mine) - 1)])
+    q = part[k] + (pos - k) * (part[min(k + 1, len(d_mine) - 1)] - part[k])
+    return np.median(im.diff[mine][d_mine >= q], axis=0) + im.bg
 
 
 def _window(im: _Image, own: np.ndarray, position: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +267,7 @@ def _window(im: _Image, own: np.ndarray, position: str) -> tuple[np.ndarray, np.
 
 @dataclass(frozen=True)
 class _Found:
-    """One object as measured, before the image-level choice of blur and chroma hypothesis."""
+    """One object as measured, before the image-level choice of chroma model and blur."""
 
     cell: int  # its grid cell (0..8, row-major)
     color: int  # its palette colour
@@ -183,45 +275,77 @@ class _Found:
     v: np.ndarray  # float32 [3]: its measured colour minus the background
     luma2: float  # squared luma contrast of its palette colour
     chroma2: float  # squared chroma contrast of its palette colour
-    plain: templates.Fit  # the template fit, plain hypothesis
-    sub: templates.Fit | None  # ... 4:2:0 hypothesis (objects whose contrast is mostly chroma)
+    fits: templates.Fits  # its template fits
+
+
+# The image-level chroma models: chroma as sharp as luma, weighted fully (renders, blur, noise); chroma
+# down-weighted (JPEG 4:2:0 blurs and quantises it), plain or as 4:2:0 subsampling leaves it.
+FULL, PLAIN, SUB = "full", "plain", "sub"
+
+
+def _fit(f: _Found, model: str) -> templates.Fit:
+    """An object's fit under an image-level chroma model (its plain one when it has no 4:2:0 fit)."""
+    if model == FULL:
+        return f.fits.full
+    return f.fits.sub if model == SUB and f.fits.sub is not None else f.fits.plain
 
 
 def _measure(im: _Image, ci: int, labels: list[int], n: int) -> _Found:
     """Steps 3 and 4 for the object made of components ``labels`` in cell ``ci``: colour, and the template
-    fit of its full-coverage palette colour (offset like the background: a colour cast moves both)."""
+    fits of its full-coverage palette colour (offset like the background: a colour cast moves both). When
+    its measured colour may stand for several palette colours (``color.color_candidates``: a blurred small
+    object's core is diluted), the one whose fit leaves the least residual (chroma weighted fully) wins."""
     own = np.zeros(n + 1, dtype=bool)
     own[labels] = True
     mine = own[im.lab]
     p = _measured_color(im, mine)
-    color = nearest_color(p, im.bg, im.bg_idx)
     position = POSITION_NAMES[ci]
-    full = PALETTE[color] + (im.bg - PALETTE[im.bg_idx]) - im.bg
-    vp = YCC @ full
-    luma2, chroma2 = float(vp[0] ** 2), float(vp[1:] @ vp[1:])
     dwin, others = _window(im, own, position)
-    plain, sub = templates.fit(dwin, others, full, position, im.res, luma2 < CHROMA_WEIGHT * chroma2)
     area = float(mine.sum()) / (im.res / 3) ** 2
-    return _Found(ci, color, area, p - im.bg, luma2, chroma2, plain, sub)
+    best = None
+    for color in color_candidates(p, im.bg, im.bg_idx):
+        full = PALETTE[color] + (im.bg - PALETTE[im.bg_idx]) - im.bg
+        vp = YCC @ full
+        luma2, chroma2 = float(vp[0] ** 2), float(vp[1:] @ vp[1:])
+        fits = templates.fit(dwin, others, full, position, im.res)
+        found = _Found(ci, color, area, p - im.bg, luma2, chroma2, fits)
+        if best is None or found.fits.full.resid.min() < best.fits.full.resid.min():
+            best = found
+    return best
 
 
-def _choose_model(found: list[_Found]) -> tuple[int, int]:
-    """The image's chroma hypothesis (0: plain, 1: 4:2:0) and blur (index in templates.TEMPLATE_BLURS): the
-    pair whose best templates leave the least residual summed over the image's objects (objects without a
-    4:2:0 fit count their plain one under both)."""
-    total = np.zeros((2, len(templates.TEMPLATE_BLURS)))
+def _fits_faint(f: _Found, jpeg_like: bool) -> bool:
+    """Whether a faint candidate is an object: its least-residual template (any blur) reaches FAINT_MIN_SIM
+    (FAINT_MIN_SIM_JPEG if ``jpeg_like``) within FAINT_MAX_SHIFT pixels."""
+    fit = f.fits.full
+    b, k = fit.best()
+    floor = FAINT_MIN_SIM_JPEG if jpeg_like else FAINT_MIN_SIM
+    return fit.sim[b, k] >= floor and np.abs(fit.shift[b, k]).max() <= FAINT_MAX_SHIFT
+
+
+def _choose_model(found: list[_Found]) -> tuple[str, int]:
+    """The image's chroma model and blur (index in templates.TEMPLATE_BLURS). Chroma is taken for 4:2:0
+    subsampled when, summed over the objects, the 4:2:0 version of their best templates fits it better
+    than the templates do (``templates.Fits.subsampling``); then the model (PLAIN or SUB) and blur whose
+    best templates leave the least residual summed over the objects win, else (FULL) the blur that does."""
+    nb = len(templates.TEMPLATE_BLURS)
+    if sum(f.fits.subsampling for f in found) <= 0:
+        total = sum(f.fits.full.resid.min(1) for f in found)
+        return FULL, int(np.argmin(total))
     for f in found:
-        plain = f.plain.resid.min(1)
-        total[0] += plain
-        total[1] += plain if f.sub is None else f.sub.resid.min(1)
+        templates.fit_jpeg(f.fits, f.luma2 < CHROMA_WEIGHT * f.chroma2)
+    total = np.zeros((2, nb))
+    for f in found:
+        total[0] += f.fits.plain.resid.min(1)
+        total[1] += _fit(f, SUB).resid.min(1)
     hyp, blur = np.unravel_index(int(np.argmin(total)), total.shape)
-    return int(hyp), int(blur)
+    return (PLAIN, SUB)[int(hyp)], int(blur)
 
 
-def _decide(im: _Image, f: _Found, hyp: int, blur: int) -> tuple[int, np.ndarray]:
-    """Step 4's decision and step 5 for one object under the image's hypothesis and blur: the index in
+def _decide(im: _Image, f: _Found, model: str, blur: int) -> tuple[int, np.ndarray]:
+    """Step 4's decision and step 5 for one object under the image's chroma model and blur: the index in
     templates.TEMPLATE_KEYS of its shape and size (least residual), and every template's similarity [16]."""
-    fit = f.sub if hyp == 1 and f.sub is not None else f.plain
+    fit = _fit(f, model)
     resid, sim = fit.resid[blur], fit.sim[blur]
     best = int(np.argmin(resid))
     per_shape = sim.reshape(len(SHAPES), len(SIZES)).max(1)
@@ -251,17 +375,26 @@ def analyze(image) -> Detection:
     res = check_resolution(img8.shape[0])
     img = img8.astype(np.float32)
     bg = np.median(img.reshape(-1, 3), axis=0).astype(np.float32)
+    fg, lab, n, d2s = _foreground(img - bg, res)
+    bg = _refine_background(img, d2s, bg)
     bg_idx = nearest_palette(bg)
     diff = img - bg
-    fg, lab, n = _foreground(diff, res)
     feats = np.zeros(N_FEATURES, dtype=np.float32)
     feats[-3:] = bg / 255.0
-    # image cleanliness: 10 x the median absolute deviation of background pixels from the background colour
-    feats[-4] = 10.0 * float(np.median(np.abs(diff[~fg]))) / 255.0 if (~fg).any() else 0.0
+    # image cleanliness: the median absolute deviation of background pixels from the background colour
+    noise = float(np.median(np.abs(diff[~fg]))) if (~fg).any() else 0.0
+    feats[-4] = 10.0 * noise / 255.0
     objects, conf = [], []
     blur = None
+    by_cell = _objects_by_cell(fg, lab, n, res) if n else {}
+    is_object = np.zeros(n + 1, dtype=bool)
+    for labels in by_cell.values():
+        is_object[labels] = True
+    objfg = is_object[lab]
+    lab, n, faint = _faint_candidates(d2s, objfg, lab, n, set(by_cell), noise)
+    for ci, k in faint.items():
+        by_cell[ci] = [k]
     if n:
-        by_cell = _objects_by_cell(fg, lab, n, res)
         kept = np.zeros(n + 1, dtype=bool)
         for labels in by_cell.values():
             kept[labels] = True
@@ -270,11 +403,14 @@ def analyze(image) -> Detection:
         diffp = np.pad(diff, ((pad, pad), (pad, pad), (0, 0)))
         im = _Image(img8, bg, bg_idx, diff, lab, kept, dist2, diffp, np.pad(lab, pad))
         found = [_measure(im, ci, by_cell[ci], n) for ci in sorted(by_cell)]
+        if faint:
+            jpeg_like = sum(f.fits.subsampling for f in found if f.cell not in faint) > 0
+            found = [f for f in found if f.cell not in faint or _fits_faint(f, jpeg_like)]
         if found:
-            hyp, b = _choose_model(found)
+            model, b = _choose_model(found)
             blur = templates.TEMPLATE_BLURS[b]
         for f in found:
-            best, sim = _decide(im, f, hyp, b)
+            best, sim = _decide(im, f, model, b)
             shape, size = templates.TEMPLATE_KEYS[best]
             objects.append(Obj(shape, COLOR_NAMES[f.color], size, POSITION_NAMES[f.cell]))
             conf.append(float(sim[best]))

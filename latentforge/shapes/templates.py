@@ -143,57 +143,125 @@ class Fit:
     sim: np.ndarray
     shift: np.ndarray
 
-
-def coverages(
-    dwin: np.ndarray, others: np.ndarray, v: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Luma and chroma coverage of an object of full-coverage contrast ``v`` (RGB [3]) in ``dwin`` (image
-    minus background around its cell [h + 2p, w + 2p, 3], zero outside the image), other objects' pixels
-    (``others``, bool) zeroed, clipped to ALPHA_RANGE: (ay, ac, vy^2, |vc|^2)."""
-    u = _YCC @ np.asarray(v, np.float32)
-    vy, vc = float(u[0]), u[1:]
-    vy2, vc2 = vy * vy, float(vc @ vc)
-    lo, hi = ALPHA_RANGE
-    zero = np.zeros(dwin.shape[:2], np.float32)
-    ay = np.clip(dwin @ (_YCC[0] / vy), lo, hi) if vy2 > 1e-6 else zero
-    ac = np.clip(dwin @ ((_YCC[1:].T @ vc) / vc2), lo, hi) if vc2 > 1e-6 else zero.copy()
-    ay[others] = 0.0
-    ac[others] = 0.0
-    return ay, ac, vy2, vc2
+    def best(self) -> tuple[int, int]:
+        """(blur index, template index) of the least residual."""
+        return divmod(int(np.argmin(self.resid)), self.resid.shape[1])
 
 
-def _fit_from(na: float, resid: np.ndarray, dots: np.ndarray, offsets: np.ndarray) -> Fit:
+@dataclass
+class Fits:
+    """One object's template fits. ``full``: plain RGB squared error, the least-squares fit for noise alike
+    in R, G and B when chroma is as sharp as luma; ``subsampling``: how much better (squared chroma error)
+    the 4:2:0 version of ``full``'s best template (at the blur of the luma) fits the object's chroma than
+    the template itself -- positive when the chroma is blurrier than the luma, as JPEG 4:2:0 leaves it;
+    ``plain`` and ``sub``: added by ``fit_jpeg``. ``window``: what ``fit`` was given."""
+
+    full: Fit
+    subsampling: float
+    window: tuple
+    plain: Fit | None = None
+    sub: Fit | None = None
+
+
+def _fit_from(rest: float, resid: np.ndarray, dots: np.ndarray, offsets: np.ndarray) -> Fit:
     """The Fit from every search row's residuals ``resid`` and dot products ``dots`` [rows, nb * 16] (both
-    weighted; ``na`` the window's weighted |a|^2, so that sim = 2 dots / (2 dots + resid)); ``offsets``
-    [rows, 2] each row's (dy, dx)."""
+    weighted; ``rest`` the part of the residuals the coverages do not carry, so that sim = 2 dots /
+    (2 dots + resid - rest)); ``offsets`` [rows, 2] each row's (dy, dx)."""
     i = resid.argmin(0)
     cols = np.arange(resid.shape[1])
     r, d = resid[i, cols], dots[i, cols]
-    sim = 2 * d / np.maximum(2 * d + r, 1e-12)
+    sim = 2 * d / np.maximum(2 * d + r - rest, 1e-12)
     shape = (len(TEMPLATE_BLURS), len(TEMPLATE_KEYS))
     return Fit(r.reshape(shape), sim.reshape(shape), offsets[i].reshape(*shape, 2))
 
 
-def fit(
-    dwin: np.ndarray, others: np.ndarray, v: np.ndarray, position: str, res: int, subsampled: bool
-) -> tuple[Fit, Fit | None]:
-    """The template fit (see the module docstring) of the object of full-coverage contrast ``v`` [3] (RGB)
-    in ``position``'s cell: (plain hypothesis, 4:2:0 hypothesis or None unless ``subsampled``). ``dwin``
+def _coverage(dwin: np.ndarray, others: np.ndarray, u: np.ndarray, u2: float) -> np.ndarray:
+    """The coverage ``(dwin . u) / u2`` (rows of ``dwin`` [H, W, 3] projected on ``u`` [3]), other objects'
+    pixels zeroed, clipped to ALPHA_RANGE; zero when ``u2`` is ~0."""
+    if u2 < 1e-6:
+        return np.zeros(dwin.shape[:2], np.float32)
+    a = np.clip(dwin @ (np.asarray(u, np.float32) / np.float32(u2)), *ALPHA_RANGE)
+    a[others] = 0.0
+    return a
+
+
+def fit(dwin: np.ndarray, others: np.ndarray, v: np.ndarray, position: str, res: int) -> Fits:
+    """The object of full-coverage contrast ``v`` [3] (RGB) in ``position``'s cell fitted by every
+    template, blur and shift (see the module docstring): ``Fits.full`` and ``Fits.subsampling``. ``dwin``
     [h + 2p, w + 2p, 3]: image minus background around the cell (p = MAX_SHIFT, zero outside the image);
-    ``others`` (same window, bool): other objects' pixels. Residuals are over the whole window whatever the
-    shift; the similarity is ``1 - residual / (|a|^2 + |T|^2)`` over the whole window too."""
+    ``others`` (same window, bool): other objects' pixels. Residuals are the squared error of the
+    synthesised window -- its part off ``v`` included, so they compare between colours -- over the whole
+    window whatever the shift; the similarity is ``2 <T, a> / (|T|^2 + |a|^2)`` over it too."""
+    r0, r1, c0, c1, bank, tnorm = cell_templates(position, res)
+    h, w = r1 - r0, c1 - c0
+    v = np.asarray(v, np.float32)
+    v2 = float(v @ v)
+    a = _coverage(dwin, others, v, v2)
+    d = dwin[~others]
+    cap = v2 * float(np.vdot(a, a))
+    rest = float(np.vdot(d, d)) - cap
+    views = np.lib.stride_tricks.sliding_window_view(a, (h, w)).reshape(-1, h * w)
+    dots = v2 * (views @ bank.reshape(-1, h * w).T)  # [shifts, nb * 16]
+    full = _fit_from(rest, (cap + rest + v2 * tnorm.reshape(1, -1)) - 2 * dots, dots, shift_offsets()[0])
+    fits = Fits(full, 0.0, (dwin, others, v, position, res))
+    fits.subsampling = _subsampling_evidence(fits)
+    return fits
+
+
+def _subsampling_evidence(fits: Fits) -> float:
+    """``Fits.subsampling``: |c - vc T|^2 - |c - vc S|^2 summed over T's region (the rest of the window is
+    common to both) = |vc|^2 (|T|^2 - |S|^2 - 2 <ac, T - S>), for the window's chroma difference c (chroma
+    coverage ac), the chroma contrast vc, ``fits.full``'s least-residual template and shift, T that
+    template at the blur its luma fits best (the luma says how blurred the object is) and S what 4:2:0
+    leaves of T. For an object whose contrast is mostly chroma, T and S each at the blur fitting the chroma
+    best."""
+    dwin, others, v, position, res = fits.window
+    u = _YCC @ v
+    vc = u[1:]
+    vc2 = float(vc @ vc)
+    if vc2 < 1e-6:
+        return 0.0
+    b, k = fits.full.best()
+    dy, dx = (int(x) for x in fits.full.shift[b, k])
     r0, r1, c0, c1, bank, tnorm = cell_templates(position, res)
     h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
-    ay, ac, vy2, vc2 = coverages(dwin, others, v)
+    rows, cols = slice(p + dy, p + dy + h), slice(p + dx, p + dx + w)
+    vy2 = float(u[0] * u[0])
+    ac = _coverage(dwin[rows, cols], others[rows, cols], _YCC[1:].T @ vc, vc2).reshape(-1)
+    tc, tcnorm = chroma_templates(position, res)
+    tc, tcnorm = tc[dy % 2, dx % 2, :, k], tcnorm[dy % 2, dx % 2, :, k]  # [nb, h*w], [nb]
+    if vy2 < CHROMA_WEIGHT * vc2:
+        # contrast mostly chroma: no luma to say how blurred; each hypothesis at its own best blur
+        return vc2 * float((tnorm[:, k] - 2 * (bank[:, k] @ ac)).min() - (tcnorm - 2 * (tc @ ac)).min())
+    ay = _coverage(dwin[rows, cols], others[rows, cols], _YCC[0] * u[0], vy2).reshape(-1)
+    b = int(np.argmin(tnorm[:, k] - 2 * (bank[:, k] @ ay)))
+    return vc2 * float(tnorm[b, k] - tcnorm[b] - 2 * ac @ (bank[b, k] - tc[b]))
+
+
+def fit_jpeg(fits: Fits, subsampled: bool) -> None:
+    """Add ``fits.plain`` (YCbCr, chroma's squared error weighted CHROMA_WEIGHT: luma survives blur and
+    JPEG best) and, if ``subsampled``, ``fits.sub`` (``plain`` with the chroma matched against what 4:2:0
+    leaves of the templates, at the 2x2 block phase of each shift): the fits for images JPEG left with
+    chroma blurrier than luma (``sub`` for objects whose contrast is mostly chroma)."""
+    dwin, others, v, position, res = fits.window
+    r0, r1, c0, c1, bank, tnorm = cell_templates(position, res)
+    h, w, p = r1 - r0, c1 - c0, MAX_SHIFT
+    u = _YCC @ v
+    vy, vc = float(u[0]), u[1:]
+    vy2, vc2 = vy * vy, float(vc @ vc)
+    ay = _coverage(dwin, others, _YCC[0] * vy, vy2)
+    ac = _coverage(dwin, others, _YCC[1:].T @ vc, vc2)
+    d = dwin[~others] @ _YCC.T  # [n, 3]
+    cy, cc = vy2 * float(np.vdot(ay, ay)), vc2 * float(np.vdot(ac, ac))
+    rest = float(d[:, 0] @ d[:, 0]) - cy + CHROMA_WEIGHT * (float((d[:, 1:] * d[:, 1:]).sum()) - cc)
     wy, wc = vy2, CHROMA_WEIGHT * vc2
-    na = wy * float(np.vdot(ay, ay)) + wc * float(np.vdot(ac, ac))
+    e = cy + CHROMA_WEIGHT * cc + rest  # the window's weighted |d|^2
     t = bank.reshape(-1, h * w)
     mix = np.lib.stride_tricks.sliding_window_view(wy * ay + wc * ac, (h, w)).reshape(-1, h * w)
-    dots = mix @ t.T  # [shifts, nb * 16]
-    plain_offsets, parity_offsets = shift_offsets()
-    plain = _fit_from(na, (na + (wy + wc) * tnorm.reshape(1, -1)) - 2 * dots, dots, plain_offsets)
+    dots = mix @ t.T
+    fits.plain = _fit_from(rest, (e + (wy + wc) * tnorm.reshape(1, -1)) - 2 * dots, dots, shift_offsets()[0])
     if not subsampled:
-        return plain, None
+        return
     tc, tcnorm = chroma_templates(position, res)
     viewy = np.lib.stride_tricks.sliding_window_view(ay, (h, w))
     viewc = np.lib.stride_tricks.sliding_window_view(ac, (h, w))
@@ -204,5 +272,5 @@ def fit(
             y2, c2 = viewy[sl].reshape(-1, h * w), viewc[sl].reshape(-1, h * w)
             d2 = wy * (y2 @ t.T) + wc * (c2 @ tc[py, px].reshape(-1, h * w).T)
             dots.append(d2)
-            resid.append((na + (wy * tnorm + wc * tcnorm[py, px]).reshape(1, -1)) - 2 * d2)
-    return plain, _fit_from(na, np.concatenate(resid), np.concatenate(dots), parity_offsets)
+            resid.append((e + (wy * tnorm + wc * tcnorm[py, px]).reshape(1, -1)) - 2 * d2)
+    fits.sub = _fit_from(rest, np.concatenate(resid), np.concatenate(dots), shift_offsets()[1])
