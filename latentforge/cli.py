@@ -135,9 +135,14 @@ def _info(args) -> int:
 def _generate(args) -> int:
     import torch
 
-    from latentforge.pipeline import Pipeline, infotext, save_png
+    from latentforge.pipeline import DecodeFailed, Pipeline, infotext, save_png
 
-    check.utf8("the prompt", args.prompt)
+    if args.decode is not None:
+        check.in_file("--decode", args.decode, "latents saved by latentforge (.safetensors)")
+    elif args.prompt is None:
+        raise ValueError("give a prompt (or --decode LATENTS.safetensors to decode saved latents)")
+    else:
+        check.utf8("the prompt", args.prompt)
     check.utf8("--negative", args.negative)
     _check_generation(args)
     if args.vae is not None:
@@ -150,22 +155,20 @@ def _generate(args) -> int:
     )
     if args.device:
         pipe.to(args.device)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        sampler=args.sampler,
-        scheduler=args.scheduler,
-        cfg=args.cfg,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
+    if args.decode is not None:  # latents saved by a run whose decode failed: its parameters are in the file
+        from latentforge.checkpoint_io import read_metadata
+
+        images = pipe.decode_file(args.decode)
+        texts = json.loads(read_metadata(args.decode).get("latentforge.infotexts", "[]"))
+        seeds = json.loads(read_metadata(args.decode).get("latentforge.seeds", "[]"))
+        for k, image in enumerate(images):
+            seed = seeds[k] if k < len(seeds) else k
+            _say(save_png(image, args.out, texts[k] if k < len(texts) else "", seed))
+        return 0
     model_hash = _short_hash(args.model)
-    for k, image in enumerate(images):
-        text = infotext(
+
+    def text(k: int, width, height) -> str:
+        return infotext(
             args.prompt,
             args.negative,
             {
@@ -174,20 +177,50 @@ def _generate(args) -> int:
                 "Schedule type": args.scheduler,
                 "CFG scale": args.cfg,
                 "Seed": args.seed + k,
-                "Size": f"{image.width}x{image.height}",
+                "Size": f"{width}x{height}",
                 "Model hash": model_hash,
                 "Model": os.path.splitext(os.path.basename(args.model))[0],
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )
-        _say(save_png(image, args.out, text, args.seed + k))
+
+    dw, dh = getattr(pipe, "default_size", (args.width, args.height))
+    texts = [text(k, args.width or dw, args.height or dh) for k in range(args.batch_size)]
+    seeds = [args.seed + k for k in range(args.batch_size)]
+    latents_path = os.path.join(args.out, f"latents-{args.seed}-{os.getpid()}.safetensors")
+    try:
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative,
+            steps=args.steps,
+            sampler=args.sampler,
+            scheduler=args.scheduler,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            latents_path=latents_path,
+            latents_metadata={
+                "latentforge.infotexts": json.dumps(texts),
+                "latentforge.seeds": json.dumps(seeds),
+            },
+        )
+    except DecodeFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for k, image in enumerate(images):
+        _say(save_png(image, args.out, text(k, image.width, image.height), seeds[k]))
     return 0
 
 
-def parse_overrides(rest: list[str]) -> dict[str, str]:
+def parse_overrides(rest: list[str]) -> dict[str, str | list[str]]:
     """["--max-steps", "200", "--objective.prediction=v", "--compile"] -> {"max_steps": "200",
-    "objective.prediction": "v", "compile": "true"}: any config field as a flag (typed by the config)."""
-    out: dict[str, str] = {}
+    "objective.prediction": "v", "compile": "true"}: any config field as a flag (typed by the config). A flag
+    given more than once collects a list (`--sample-prompts "a red cube" --sample-prompts "a blue ball"`): how
+    list fields take several values besides a JSON list; one value is one element, never split on commas."""
+    out: dict[str, str | list[str]] = {}
     i = 0
     while i < len(rest):
         arg = check.utf8("an option", rest[i])
@@ -202,7 +235,12 @@ def parse_overrides(rest: list[str]) -> dict[str, str]:
                 i += 1
             else:
                 value = "true"
-        out[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in out:
+            prev = out[key]
+            out[key] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        else:
+            out[key] = value
         i += 1
     return out
 
@@ -219,7 +257,13 @@ def _trainer(what: str):
 
 
 def _train_config(args, overrides: dict):
-    from latentforge.training.config import DenoiserTrainConfig, VAETrainConfig, apply_overrides, from_dict
+    from latentforge.training.config import (
+        DenoiserTrainConfig,
+        VAETrainConfig,
+        apply_overrides,
+        from_dict,
+        run_kind,
+    )
     from latentforge.training.config import resolve as resolve_config
 
     cls = DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
@@ -237,6 +281,12 @@ def _train_config(args, overrides: dict):
             raise ValueError(f"{saved!r} is not a readable config ({check.message(e)})") from None
         if not isinstance(fields, dict):
             raise ValueError(f"{saved!r} is not a readable config (not a JSON object)")
+        kind = run_kind(fields)
+        if kind is not None and kind != args.what:
+            raise ValueError(
+                f"--resume {args.resume!r} is a {kind} run, not a {args.what} run; continue it with "
+                f"`latentforge train {kind} --resume {args.resume}`"
+            )
         check.config_shapes(cls, fields, repr(saved))
         return apply_overrides(from_dict(cls, fields), overrides)
     return resolve_config(args.what, args.preset, args.config, overrides)
@@ -248,6 +298,16 @@ def _train(args, rest: list[str]) -> int:
         overrides["data"] = check.utf8("--data", args.data)
     if args.resume is not None:
         check.in_dir("--resume", args.resume, "the folder of a training run")
+        from latentforge.training.loop import missing_for_resume
+
+        missing = missing_for_resume(args.resume)
+        if missing:
+            raise ValueError(f"--resume {args.resume!r}: {missing}")
+        if args.out is not None and os.path.realpath(args.out) != os.path.realpath(args.resume):
+            raise ValueError(
+                f"--out {args.out!r} with --resume {args.resume!r}: a resumed run stays in its own folder; "
+                "drop --out (or start a new run with --out alone)"
+            )
     out = args.resume or args.out
     if out is None and not args.dry_run:
         raise ValueError("give --out DIR for a new run (or --resume DIR to continue one)")
@@ -256,7 +316,9 @@ def _train(args, rest: list[str]) -> int:
     cfg = _train_config(args, overrides)
     check.train_config(cfg)
     run = _trainer(args.what)
-    summary = run(cfg, out, resume=args.resume is not None, dry_run=args.dry_run, progress=not args.quiet)
+    resume = args.resume is not None
+    kw = {"strict": True} if args.strict else {}
+    summary = run(cfg, out, resume=resume, dry_run=args.dry_run, progress=not args.quiet, **kw)
     if not args.dry_run and summary:
         _say(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return 0
@@ -294,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_shapes)
 
     g = sub.add_parser("generate", help="text to image from a single-file checkpoint")
-    g.add_argument("prompt", help="the prompt, UTF-8 (a class index such as 207 for DiT)")
+    g.add_argument(
+        "prompt", nargs="?", default=None, help="the prompt, UTF-8 (a class index such as 207 for DiT)"
+    )
     g.add_argument("--model", required=True, help="single-file checkpoint (.safetensors, .ckpt, .pt)")
     g.add_argument("--negative", default="", help="negative prompt (default: empty)")
     _generation_flags(g, sampler="euler", scheduler="normal", cfg=7.0)
@@ -305,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--decode",
+        default=None,
+        metavar="LATENTS",
+        help="decode latents saved by a run whose decode failed (LATENTS.safetensors) instead of sampling",
+    )
     g.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="score prompt adherence")
@@ -326,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train a VAE or a denoiser (every config field is a flag too: --lr 3e-4, --objective.shift 3)",
+        epilog="Every config field is a flag too (--lr 3e-4, --objective.shift 3). List fields take the flag "
+        'repeated (--sample-prompts "a red cube" --sample-prompts "a blue ball") or a JSON list '
+        '(--unet.channel_mult "[1, 2]"); one value is one element, never split on commas. In a TOML file a '
+        "list field is a TOML list; a string there is an error. --overwrite: a new run into a non-empty "
+        "folder moves its contents aside into .old-<time>/ there. Folder images with a side below "
+        "--min-image-size (default 32) are skipped.",
     )
     t.add_argument("what", choices=["denoiser", "vae"])
     t.add_argument(
@@ -341,7 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(--resolution {check.TRAIN_RES_MIN}..{check.TRAIN_RES_MAX}); numbers such as --lr must be finite",
     )
     t.add_argument("--out", default=None, help="the run's folder")
-    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR exactly (a broken newest state: the newest intact one, with a warning)",
+    )
+    t.add_argument(
+        "--strict", action="store_true", help="with --resume: a broken newest training state is an error"
+    )
     t.add_argument("--dry-run", action="store_true", help="print config, parameters, FLOPs and time per step")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train, takes_rest=True)

@@ -25,7 +25,7 @@ USER_ERRORS = (
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEVICES = "cpu, cuda, cuda:N or mps"
-# Image sides a folder-data training run accepts (shapes data: shapes.render.check_resolution's range).
+# For --help only (the config checks the range: training.config.FOLDER_RES_MIN/MAX, equal in the tests).
 TRAIN_RES_MIN, TRAIN_RES_MAX = 32, 4096
 
 
@@ -220,39 +220,11 @@ def config_shapes(cls, fields: dict, source: str) -> None:
         check(cls, str(key), value, "")
 
 
-def finite_floats(cfg, where: str = "") -> None:
-    """Every float field of a (nested) config dataclass is finite: `--lr inf` is refused, not trained."""
-    import dataclasses
-
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            finite_floats(value, f"{where}{f.name}.")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{where}{f.name}={value!r} is not a finite number")
-        elif isinstance(value, tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
-            raise ValueError(f"{where}{f.name}={value!r} holds a number that is not finite")
-
-
 def train_config(cfg) -> None:
-    """The run's checks the training config does not make yet (see the report: they belong in
-    training/config.py): finite numbers, a resolution the data can be made at, existing input paths."""
-    from latentforge.shapes.render import MAX_RES, MIN_RES
-
-    finite_floats(cfg)
-    res = cfg.resolution
-    if cfg.data == "shapes":
-        if not MIN_RES <= res <= MAX_RES:
-            raise ValueError(
-                f"resolution {res} is out of range for the shapes data; expected an integer in "
-                f"[{MIN_RES}, {MAX_RES}]"
-            )
-    else:
+    """What only the command line checks of a run's config: that its input paths exist. The config checks
+    its own values when it is built (training/config.py: finite numbers, the resolution's range)."""
+    if cfg.data != "shapes":
         in_dir("--data", cfg.data, "'shapes' or a folder of images with captions")
-        if not TRAIN_RES_MIN <= res <= TRAIN_RES_MAX:
-            raise ValueError(
-                f"resolution {res} is out of range; expected an integer in [{TRAIN_RES_MIN}, {TRAIN_RES_MAX}]"
-            )
     for name in ("init_from", "vae", "text_encoder"):
         value = getattr(cfg, name, None)
         if isinstance(value, str):

@@ -31,6 +31,7 @@ def paths(tmp_path):
         "topshape": "channel_mult = 2\n",
         "lrinf": "lr = inf\n",
         "listlr": "lr = [1, 2]\n",
+        "strlist": 'sample_prompts = "a red cube, on a blue floor"\n',
     }
     for name, body in toml.items():
         if isinstance(body, bytes):
@@ -55,10 +56,15 @@ def paths(tmp_path):
     folder("nontextmeta", metadata='{"file_name": "000000.png", "text": "a red circle"}\n[1, 2]\n')
     folder("latin1caps", captions="a red caf\xe9".encode("latin-1"))
     folder("foreign", captions=b"a photo of a dog")
+    run = tmp_path / "denoiser-run"  # what a denoiser run at step 22 holds, as far as the checks look
+    (run / "state" / "step-00000022").mkdir(parents=True)
+    (run / "state" / "step-00000022" / "state.json").write_text('{"step": 22}')
+    (run / "config.json").write_text(json.dumps({"family": "sd15", "net": "unet", "max_steps": 22}))
     names = ("file", "dir", "empty", "nocaps", "badmeta", "nontextmeta", "latin1caps", "foreign")
     return {k: str(tmp_path / k) for k in names} | {
         "tmp": str(tmp_path),
         "model": str(tmp_path / "m.safetensors"),
+        "run": str(run),
     }
 
 
@@ -89,6 +95,11 @@ CASES = [
      ["--model", "is a directory", "expected a checkpoint file (.safetensors"]),
     ("model-missing", ["generate", "a cat", "--model", "{tmp}/no.ckpt"], ["--model", "does not exist"]),
     ("vae-is-dir", [*GEN, "--vae", "{dir}"], ["--vae", "is a directory"]),
+    ("no-prompt", ["generate", "--model", "{model}"], ["give a prompt", "--decode LATENTS.safetensors"]),
+    ("decode-missing", ["generate", "--model", "{model}", "--decode", "{tmp}/no.safetensors"],
+     ["--decode", "does not exist", "latents saved by latentforge"]),
+    ("decode-is-dir", ["generate", "--model", "{model}", "--decode", "{dir}"],
+     ["--decode", "is a directory"]),
     ("steps-0", [*GEN, "--steps", "0"], ["--steps 0", "[1, 10000]"]),
     ("cfg-nan", [*GEN, "--cfg", "nan"], ["--cfg nan", "[0, 100]"]),
     ("width-negative", [*GEN, "--width", "-64"], ["--width -64", "[1, 16384]"]),
@@ -109,7 +120,7 @@ CASES = [
      ["--data", "does not exist", "'shapes' or a folder of images"]),
     ("data-is-file", [*TRAIN, "--data", "{file}"], ["--data", "is a file, not a directory"]),
     ("lr-inf", [*TRAIN, "--lr", "inf"], ["lr=inf", "not a finite number"]),
-    ("lr-nan", [*TRAIN, "--lr", "nan"], ["lr must be > 0, got nan"]),
+    ("lr-nan", [*TRAIN, "--lr", "nan"], ["lr=nan is not a finite number"]),
     ("resolution-shapes", [*TRAIN, "--resolution", "100000"],
      ["resolution 100000", "shapes data", "[32, 512]"]),
     ("resolution-folder", [*TRAIN, "--data", "{dir}", "--resolution", "100000"],
@@ -117,7 +128,21 @@ CASES = [
     ("train-no-out", ["train", "denoiser", "--preset", "shapes-tiny"], ["give --out DIR"]),
     ("train-out-under-file", ["train", "denoiser", "--out", "{file}/run"], ["--out", "is a file"]),
     ("resume-missing", ["train", "denoiser", "--resume", "{tmp}/norun"], ["--resume", "does not exist"]),
-    ("resume-not-a-run", ["train", "denoiser", "--resume", "{dir}"], ["--resume", "no config.json there"]),
+    ("resume-not-a-run", ["train", "denoiser", "--resume", "{dir}"],
+     ["--resume", "no config.json, no state/", "not a training run"]),
+    ("resume-with-preset-not-a-run", ["train", "denoiser", "--preset", "shapes-tiny", "--resume", "{empty}"],
+     ["--resume", "no config.json, no state/"]),
+    ("resume-half-run", ["train", "denoiser", "--resume", "{nocaps}"], ["--resume", "no config.json"]),
+    ("resume-with-other-out", ["train", "denoiser", "--resume", "{run}", "--out", "{tmp}/other"],
+     ["--out", "a resumed run stays in its own folder"]),
+    ("vae-resume-of-denoiser-run", ["train", "vae", "--resume", "{run}"],
+     ["is a denoiser run, not a vae run", "train denoiser --resume"]),
+    ("config-string-for-list", [*TRAIN, "--config", "{tmp}/strlist.toml"],
+     ["sample_prompts is a list field", "TOML list"]),
+    ("min-image-size-0", [*TRAIN, "--min-image-size", "0"], ["min_image_size must be an integer >= 1"]),
+    ("resolution-folder-vae", ["train", "vae", "--dry-run", "--data", "{dir}", "--resolution", "8"],
+     ["resolution 8 is out of range", "[32, 4096]"]),
+    ("lr-list-of-numbers", [*TRAIN, "--lr", "1", "--lr", "2"], ["lr must be a single float"]),
     ("train-option-not-utf8", [*TRAIN, "--sample-prompts", NOT_UTF8], ["not valid UTF-8"]),
     ("eval-json-under-file", [*EVAL, "{nocaps}", "--json", "{file}/r.json"],
      ["--json '{file}/r.json'", "'{file}' is a file"]),
@@ -271,3 +296,31 @@ def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: the prompt") and "120 tokens" in err[0]
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("case", ["sampling", "decode"])
+def test_generate_too_large_is_refused_before_work(monkeypatch, tmp_path, capsys, case):
+    # A real (tiny) model and a size the memory available cannot hold: one error line naming the size and
+    # the estimate, exit 2, the denoiser never called, nothing written.
+    from latentforge import pipeline as pl
+    from tests.test_pipeline import _save, tiny
+
+    pipe = tiny("sd15")
+    path, _ = _save(pipe, "sd15", tmp_path)
+    est = pipe.estimate_memory(64, 48, cfg=7.0)
+    avail = est.denoiser // 2 if case == "sampling" else min(est.decode, est.decode_tiled) - 1
+    if case == "decode":
+        assert avail >= est.denoiser
+    monkeypatch.setattr(pl, "available_memory", lambda device: avail)
+    from latentforge.models.unet import UNet
+
+    monkeypatch.setattr(UNet, "forward", lambda *a, **k: pytest.fail("sampling started"))
+    out = tmp_path / "out"
+    assert (
+        main(["generate", "a cat", "--model", path, "--width", "64", "--height", "48", "--out", str(out)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 64x48 needs about "), err
+    assert "available; use a smaller size" in err[0]
+    assert not out.exists() or not list(out.iterdir())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ from latentforge.training.objectives import ObjectiveConfig
 FAMILIES_TRAINABLE = families.trainable()
 NETS = ("unet", "dit", "mmdit")
 PRECISIONS = ("no", "bf16", "fp16")
+# Image sides a run accepts: shapes data as shapes.render renders them, a folder of images up to 4096.
+SHAPES_RES_MIN, SHAPES_RES_MAX = 32, 512  # = shapes.render.MIN_RES, MAX_RES (checked in the tests)
+FOLDER_RES_MIN, FOLDER_RES_MAX = 32, 4096
+MIN_IMAGE_SIZE = 32  # folder images whose shorter side is below this are skipped (not upscaled)
 
 
 @dataclass
@@ -62,6 +68,7 @@ class DenoiserTrainConfig:
     cache_dir: str | None = None  # where; None: <out>/cache. Reused across runs while inputs are unchanged
     caption_dropout: float = 0.1  # P(caption -> ""): trains the unconditional branch for CFG
     num_workers: int = 1
+    min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
     # -- optimisation -----------------------------------------------------------------------------------
     batch_size: int = 32  # per rank and micro-step
     grad_accum: int = 1
@@ -92,6 +99,7 @@ class DenoiserTrainConfig:
     sample_scheduler: str = "normal"
     sample_cfg: float = 3.0
     eval_n: int = 64  # shapes only: held-out prompts scored by the evaluator at every sample step
+    overwrite: bool = False  # a new run into a non-empty folder: move its contents aside (<out>/.old-<time>/)
 
     def __post_init__(self):
         _choice("net", self.net, NETS)
@@ -110,6 +118,9 @@ class DenoiserTrainConfig:
             _int_at_least(name, getattr(self, name), 1)
         for name in ("warmup_steps", "keep_last", "sample_every", "eval_n", "num_workers", "seed"):
             _int_at_least(name, getattr(self, name), 0)
+        _int_at_least("min_image_size", self.min_image_size, 1)
+        finite_floats(self)
+        check_resolution(self.data, self.resolution)
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0 <= self.ema_decay <= 1:
@@ -140,6 +151,7 @@ class VAETrainConfig:
     center_crop: bool = True
     random_flip: bool = False
     num_workers: int = 1
+    min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
     recon: str = "l1"  # "l1" | "l2"
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
@@ -168,6 +180,7 @@ class VAETrainConfig:
     keep_last: int = 2
     sample_every: int = 0
     eval_n: int = 64  # held-out images for PSNR / SSIM
+    overwrite: bool = False  # a new run into a non-empty folder: move its contents aside (<out>/.old-<time>/)
 
     def __post_init__(self):
         _choice("recon", self.recon, ("l1", "l2"))
@@ -177,6 +190,9 @@ class VAETrainConfig:
             _int_at_least(name, getattr(self, name), 1)
         for name in ("warmup_steps", "keep_last", "sample_every", "eval_n", "num_workers", "seed"):
             _int_at_least(name, getattr(self, name), 0)
+        _int_at_least("min_image_size", self.min_image_size, 1)
+        finite_floats(self)
+        check_resolution(self.data, self.resolution)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.data == "shapes" and self.random_flip:
@@ -193,6 +209,29 @@ def _choice(name: str, value, options) -> None:
 def _int_at_least(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def finite_floats(cfg, where: str = "") -> None:
+    """Every float field of a (nested) config dataclass is finite: `lr = inf` is refused, not trained."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            finite_floats(value, f"{where}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}{f.name}={value!r} is not a finite number")
+        elif isinstance(value, tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{where}{f.name}={value!r} holds a number that is not finite")
+
+
+def check_resolution(data: str, res) -> None:
+    """The image side a run's data can be made at: shapes [32, 512] (shapes.render), folders [32, 4096]."""
+    lo, hi, what = (
+        (SHAPES_RES_MIN, SHAPES_RES_MAX, " for the shapes data")
+        if data == "shapes"
+        else (FOLDER_RES_MIN, FOLDER_RES_MAX, "")
+    )
+    if isinstance(res, bool) or not isinstance(res, int) or not lo <= res <= hi:
+        raise ValueError(f"resolution {res!r} is out of range{what}; expected an integer in [{lo}, {hi}]")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -222,7 +261,7 @@ SHAPES_TINY = dict(
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=32,
+        max_position_embeddings=48,  # shapes captions reach 39 tokens, 41 with BOS/EOS
     ),  # fmt: skip
     objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal"),
     batch_size=32,
@@ -363,7 +402,17 @@ def _coerce(path: str, tp, value):
     origin = typing.get_origin(base)
     if origin is tuple:
         if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            # a command-line value: a JSON list, or else one element (never split on commas; repeat the
+            # flag for more). A TOML string for a list field is refused before this (`check_toml_fields`).
+            if value.strip().startswith("["):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} must be a JSON list, got {value!r} ({e})") from None
+            else:
+                value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list (e.g. [1, 2]), got {value!r}")
         args = typing.get_args(base)
         item = args[0] if args else str
         return tuple(_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value))
@@ -396,13 +445,19 @@ def from_dict(cls, d: dict[str, Any]):
 def apply_overrides(cfg, overrides: dict[str, Any]):
     """A new config with ``{"lr": "3e-4", "objective.prediction": "v", "unet.model_channels": 32}`` applied.
     A nested key on a None sub-config starts from that type's defaults."""
-    d = dataclasses.asdict(cfg)
-    hints = _hints(type(cfg))
+    return build(type(cfg), _override_dict(type(cfg), dataclasses.asdict(cfg), overrides))
+
+
+def _override_dict(cls, d: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`d` (a config's fields, sub-configs as dicts) with the dotted `overrides` set; nothing is built, so
+    the checks of the whole config run once, on the result."""
+    d = dict(d)
+    hints = _hints(cls)
     for key, value in overrides.items():
         top, _, rest = key.replace("-", "_").partition(".")
         if top not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(cfg))
-            raise ValueError(f"unknown option {key!r}; {type(cfg).__name__} has: {known}")
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"unknown option {key!r}; {cls.__name__} has: {known}")
         if not rest:
             d[top] = value
             continue
@@ -412,22 +467,76 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
         sub = d.get(top)
         if sub is None:
             sub = dataclasses.asdict(sub_tp())
+        elif dataclasses.is_dataclass(sub):
+            sub = dataclasses.asdict(sub)
+        elif not isinstance(sub, dict):
+            raise ValueError(f"{top} must be a table of {sub_tp.__name__} fields, got {sub!r}")
+        else:
+            sub = dict(sub)
         if rest not in {f.name for f in dataclasses.fields(sub_tp)}:
             known = ", ".join(f.name for f in dataclasses.fields(sub_tp))
             raise ValueError(f"unknown option {key!r}; [{top}] has: {known}")
         sub[rest] = value
         d[top] = sub
-    return build(type(cfg), d)
+    return d
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    """The TOML file's tables; every error names the file (missing, a folder, unreadable, not UTF-8, not
+    TOML)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"config file {path!r} is a directory, not a TOML file")
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"config file {path!r} cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"config file {path!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "a TOML file is UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
+def check_toml_fields(cls, fields: dict[str, Any], source: str) -> None:
+    """A TOML string where `cls` declares a list (`sample_prompts = "a red cube, on a blue floor"`) is an
+    error, never split on commas: TOML has lists. `fields`: dotted keys as `_flatten_tables` makes them."""
+    hints = _hints(cls)
+    for key, value in fields.items():
+        top, _, rest = key.replace("-", "_").partition(".")
+        tp = hints.get(top)
+        if tp is None:
+            continue
+        base, _ = _unwrap_optional(tp)
+        if rest and dataclasses.is_dataclass(base):
+            sub = _hints(base).get(rest)
+            if sub is None:
+                continue
+            base, _ = _unwrap_optional(sub)
+        if typing.get_origin(base) is tuple and isinstance(value, str):
+            raise ValueError(
+                f"{source}: {key} is a list field; give a TOML list such as [{json.dumps(value)}], "
+                f"not a string"
+            )
+
+
+def run_kind(fields: dict[str, Any]) -> str | None:
+    """ "denoiser" or "vae" for a saved config.json's fields (by fields only one kind has), else None."""
+    if not isinstance(fields, dict):
+        return None
+    if {"net", "family"} & set(fields):
+        return "denoiser"
+    if {"disc_weight", "recon", "kl_weight"} & set(fields):
+        return "vae"
+    return None
 
 
 def resolve(kind: str, preset: str | None = None, toml: str | None = None, overrides=None):
@@ -441,12 +550,16 @@ def resolve(kind: str, preset: str | None = None, toml: str | None = None, overr
         if preset not in presets:
             raise ValueError(f"unknown {kind} preset {preset!r}; known: {', '.join(presets)}")
         base = {k: v for k, v in presets[preset].items()}
-    cfg = build(cls, base)
+    # preset, file and flags merged first, the config built (and checked) once: a preset's resolution may
+    # only be valid with the --data the flags give
+    d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in base.items()}
     if toml is not None:
-        cfg = apply_overrides(cfg, _flatten_tables(load_toml(toml)))
+        fields = _flatten_tables(load_toml(toml))
+        check_toml_fields(cls, fields, f"config file {toml!r}")
+        d = _override_dict(cls, d, fields)
     if overrides:
-        cfg = apply_overrides(cfg, dict(overrides))
-    return cfg
+        d = _override_dict(cls, d, dict(overrides))
+    return build(cls, d)
 
 
 def _flatten_tables(d: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ Layouts (both as written by `latentforge.shapes.export`):
   their ``.txt``.
 
 Every image is opened and fully decoded once when the dataset is built, so an unreadable file is skipped
-and counted (`ImageFolder.skipped`, with the reason) instead of crashing a run mid-epoch.
+and counted (`ImageFolder.skipped`, with the reason) instead of crashing a run mid-epoch; so is an image with
+a side below `min_size` (training: the config's min_image_size, 32), which would otherwise be upscaled.
 
 Aspect-ratio buckets follow kohya sd-scripts (`make_bucket_resolutions`, NovelAI's scheme): (w, h) pairs
 that are multiples of `bucket_step`, with w*h <= `max_area`; each image goes to the bucket whose aspect
@@ -206,6 +207,7 @@ class ImageFolder(torch.utils.data.Dataset):
         caption_column: str = "text",
         interpolation: str = "lanczos",
         subfolders: bool = True,
+        min_size: int = 1,
     ):
         super().__init__()
         self.root = Path(root)
@@ -223,6 +225,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.caption_ext = caption_ext
         self.caption_column = caption_column
         self.interpolation = interpolation
+        self.min_size = int(min_size)  # images with a side below this are skipped, never upscaled
         rh, rw = self.resolution
         if self.use_buckets:
             area = int(max_area) if max_area is not None else rh * rw
@@ -281,6 +284,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 size = _probe(path)
             except Exception as e:  # any decoder error: UnidentifiedImageError, OSError, SyntaxError, ...
                 self.skipped.append((path, f"{type(e).__name__}: {e}"))
+                continue
+            if min(size) < self.min_size:
+                h, w = size
+                self.skipped.append((path, f"too small: {w}x{h}, below min_image_size={self.min_size}"))
                 continue
             caption = meta.get(os.path.normpath(rel)) if meta is not None else None
             if caption is None:

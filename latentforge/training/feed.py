@@ -88,10 +88,12 @@ def dataset_for(cfg, world: dist.World):
         buckets=getattr(cfg, "buckets", False),
         bucket_step=getattr(cfg, "bucket_step", 64),
         seed=cfg.seed,
+        min_size=getattr(cfg, "min_image_size", 1),
     )
     if world.main:
         print(
-            f"data {cfg.data}: {len(folder)} images, {len(folder.skipped)} skipped (unreadable), "
+            f"data {cfg.data}: {len(folder)} images, {len(folder.skipped)} skipped "
+            "(unreadable or too small), "
             f"{len(folder.missing_captions)} without a caption (trained with an empty one)",
             flush=True,
         )

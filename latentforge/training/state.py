@@ -25,6 +25,7 @@ import platform
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+# what an interrupted save or prune leaves under the state folder: a step folder being written, one moved
+# aside to be replaced, one renamed to be deleted, and the `last` pointer's temporary file
+_LEFTOVER = re.compile(r"^\.(step-\d{8,}\.(tmp|old|trash)|last\.tmp)-\d+$")
+
+
+class CorruptState(ValueError):
+    """A step folder whose files cannot be read back (truncated, missing, not JSON); the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,8 +297,43 @@ def save_training_state(
     if keep_last:
         for _, path in step_dirs(dir)[:-keep_last]:
             if os.path.abspath(path) != os.path.abspath(final):
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_step_dir(path)
     return final
+
+
+def _remove_step_dir(path: str) -> None:
+    """Crash-safe removal: renamed to a hidden trash name first (one atomic step: the folder is either a
+    whole step folder or garbage `clean_leftovers` removes), then deleted."""
+    folder, name = os.path.split(os.path.abspath(path))
+    trash = os.path.join(folder, f".{name}.trash-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_leftovers(dir: str) -> list[str]:
+    """Remove what a killed process left under the state folder `dir`: temporary, moved-aside and trash
+    step folders, the `last` pointer's temporary file, and step folders without their state.json (a
+    half-written or half-deleted one). Only call it while no other process writes there (the run's lock).
+    Returns the names removed."""
+    if not os.path.isdir(dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(dir)):
+        path = os.path.join(dir, name)
+        incomplete = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "state.json"))
+        stale = _LEFTOVER.match(name) or (_STEP_DIR.match(name) and incomplete)
+        if not stale:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(name)
+    return removed
 
 
 def resolve_step_dir(path: str) -> str:
@@ -348,14 +391,42 @@ def load_training_state(
     rng: bool = True,
     expected_config: Mapping[str, Any] | None = None,
     config_keys: Sequence[str] | None = None,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     """Restore a `save_training_state` folder (or the latest under a root) into the given objects, and every
     RNG when `rng`. With `expected_config`, refuse (ValueError naming each differing field) when the saved
     config differs in those fields (only under `config_keys` when given: the fields that define the model).
-    Returns {"step", "data_position", "config", "path"}."""
-    step_dir = resolve_step_dir(path)
-    with open(os.path.join(step_dir, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    A step folder that cannot be read back raises `CorruptState` naming it and the file; with `fallback`
+    (and `path` a root), the newest intact step folder is loaded instead, with a warning naming each broken
+    newer one. Returns {"step", "data_position", "config", "path", "broken": [messages]}."""
+    if not fallback or os.path.isfile(os.path.join(path, "state.json")):
+        info = _load_step(resolve_step_dir(path), model, ema, optimizer, scaler, rng, expected_config,
+                          config_keys)  # fmt: skip
+        return {**info, "broken": []}
+    candidates = [p for _, p in reversed(step_dirs(path))]
+    if not candidates:
+        raise FileNotFoundError(f"no training state under {path!r} (no state.json, no step-* folder)")
+    broken: list[str] = []
+    for i, step_dir in enumerate(candidates):
+        try:
+            info = _load_step(step_dir, model, ema, optimizer, scaler, rng, expected_config, config_keys)
+        except CorruptState as e:
+            broken.append(str(e))
+            if i + 1 < len(candidates):
+                warnings.warn(f"{e}; falling back to {candidates[i + 1]}", stacklevel=2)
+            continue
+        return {**info, "broken": broken}
+    raise CorruptState(f"no intact training state under {path!r}: " + "; ".join(broken))
+
+
+def _load_step(step_dir, model, ema, optimizer, scaler, rng, expected_config, config_keys) -> dict[str, Any]:
+    try:
+        with open(os.path.join(step_dir, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("not an object with an integer step")
+    except (OSError, ValueError) as e:
+        raise CorruptState(f"training state {step_dir} is broken: state.json is unreadable ({e})") from None
     if expected_config is not None:
         diffs = config_differences(state.get("config", {}), expected_config, config_keys)
         if diffs:
@@ -366,22 +437,35 @@ def load_training_state(
     def need(name: str) -> str:
         p = os.path.join(step_dir, name)
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{step_dir} has no {name}")
+            raise CorruptState(f"training state {step_dir} is broken: {name} is missing")
         return p
 
-    sd = read_state_dict(need("model.safetensors"))
-    model.load_state_dict(sd, strict=True)
+    def restore(name: str, apply) -> None:
+        p = need(name)
+        try:
+            apply(p)
+        except CorruptState:
+            raise
+        except Exception as e:  # a truncated or garbled file: safetensors, JSON, shape and key errors
+            msg = " ".join(str(e).split())[:300]
+            raise CorruptState(
+                f"training state {step_dir} is broken: {name} is unreadable ({type(e).__name__}: {msg})"
+            ) from None
+
+    restore("model.safetensors", lambda p: model.load_state_dict(read_state_dict(p), strict=True))
     if ema is not None:
-        ema.load_state_dict(read_state_dict(need("ema.safetensors")), state.get("ema"))
+        restore("ema.safetensors", lambda p: ema.load_state_dict(read_state_dict(p), state.get("ema")))
     if optimizer is not None:
-        p = need("optimizer.safetensors")
-        meta = json.loads(_metadata(p)["latentforge.optimizer"])
-        optimizer_from_flat(optimizer, read_state_dict(p), meta)
+
+        def load_optimizer(p: str) -> None:
+            meta = json.loads(_metadata(p)["latentforge.optimizer"])
+            optimizer_from_flat(optimizer, read_state_dict(p), meta)
+
+        restore("optimizer.safetensors", load_optimizer)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if rng:
-        p = need("rng.safetensors")
-        set_rng_state(read_state_dict(p), _metadata(p))
+        restore("rng.safetensors", lambda p: set_rng_state(read_state_dict(p), _metadata(p)))
     return {
         "step": state["step"],
         "data_position": state.get("data_position", {}),

@@ -205,12 +205,14 @@ def train_denoiser(
     progress: bool = True,
     device: str | None = None,
     stop_after: int | None = None,
+    strict: bool = False,
 ) -> dict:
     """Run (or continue, with `resume`) a denoiser training run into folder `out`; returns a summary.
     `stop_after`: return after this many steps of this call (tests; the run stays resumable)."""
     world = dist.init(device)
     try:
-        return loop.run(DenoiserTask(cfg, world, out), out, resume, dry_run, progress, stop_after)
+        with loop.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
+            return loop.run(DenoiserTask(cfg, world, out), out, resume, dry_run, progress, stop_after, strict)
     finally:
         dist.shutdown()
 

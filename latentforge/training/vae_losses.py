@@ -150,16 +150,22 @@ class NLayerDiscriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # The initialisation of taming-transformers' discriminator (itself from DCGAN, Radford et al. 2016,
         # §4): every conv weight is drawn from a normal with mean 0 and standard deviation 0.02 (conv biases
         # keep PyTorch's default); every BatchNorm scale from a normal with mean 1 and standard deviation
         # 0.02, and its shift set to 0.
+        # With `generator` every value is drawn from it (the conv biases from PyTorch's default U(±1/√fan_in)
+        # too), so a run's initial discriminator does not depend on the global RNG.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.normal_(m.weight, 0.0, 0.02, generator=generator)
+                if m.bias is not None and generator is not None:
+                    fan_in = m.weight[0].numel()
+                    bound = 1 / math.sqrt(fan_in)
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.normal_(m.weight, 1.0, 0.02, generator=generator)
                 nn.init.zeros_(m.bias)
 
     def output_size(self, size: int) -> int:
@@ -247,8 +253,15 @@ class VAELossConfig:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
-def build_discriminator(cfg: VAELossConfig, in_channels: int = 3) -> NLayerDiscriminator:
-    return NLayerDiscriminator(in_channels=in_channels, ndf=cfg.disc_channels, n_layers=cfg.disc_layers)
+def build_discriminator(
+    cfg: VAELossConfig, in_channels: int = 3, generator: torch.Generator | None = None
+) -> NLayerDiscriminator:
+    """The patch-GAN of `cfg`; with `generator` its initial weights are drawn from that alone."""
+    disc = NLayerDiscriminator(in_channels=in_channels, ndf=cfg.disc_channels, n_layers=cfg.disc_layers)
+    if generator is not None:
+        with torch.no_grad():
+            disc.reset_parameters(generator)
+    return disc
 
 
 def gan_active(cfg: VAELossConfig, step: int, disc: nn.Module | None = None) -> bool:

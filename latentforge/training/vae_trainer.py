@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from latentforge.checkpoints import configs_to_json, load_vae_file, save_state_dict
+from latentforge.models.init import init_weights
 from latentforge.models.vae import AutoencoderKL, LatentFormat
 from latentforge.training import dist, loop
 from latentforge.training.config import VAETrainConfig
@@ -77,7 +78,9 @@ def heldout_images(cfg: VAETrainConfig, n: int) -> torch.Tensor:
         )
     from latentforge.training.data import ImageFolder
 
-    folder = ImageFolder(cfg.data, cfg.resolution, center_crop=True, seed=cfg.seed)
+    folder = ImageFolder(
+        cfg.data, cfg.resolution, center_crop=True, seed=cfg.seed, min_size=cfg.min_image_size
+    )
     return torch.stack([folder[i]["image"] for i in range(min(n, len(folder)))])
 
 
@@ -109,11 +112,13 @@ def train_vae(
     progress: bool = True,
     device: str | None = None,
     stop_after: int | None = None,
+    strict: bool = False,
 ) -> dict:
     """Run (or continue, with `resume`) a VAE training run into folder `out`; returns a summary (loop.run)."""
     world = dist.init(device)
     try:
-        return loop.run(VAETask(cfg, world), out, resume, dry_run, progress, stop_after)
+        with loop.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
+            return loop.run(VAETask(cfg, world), out, resume, dry_run, progress, stop_after, strict)
     finally:
         dist.shutdown()
 
@@ -127,12 +132,14 @@ class VAETask(loop.Task):
     progress_keys = ("rec",)
 
     def __init__(self, cfg: VAETrainConfig, world: dist.World):
-        torch.manual_seed(cfg.seed)
-        vae = load_vae_file(cfg.init_from)[0] if cfg.init_from else AutoencoderKL(cfg.vae)
+        init_rng = torch.Generator().manual_seed(cfg.seed)  # initial weights: from this, not the global RNG
         if cfg.init_from:
+            vae = load_vae_file(cfg.init_from)[0]
             cfg.vae = vae.config
+        else:
+            vae = init_weights(AutoencoderKL(cfg.vae), init_rng)
         self.lcfg = loss_config(cfg)
-        disc = build_discriminator(self.lcfg) if cfg.disc_weight > 0 else None
+        disc = build_discriminator(self.lcfg, generator=init_rng) if cfg.disc_weight > 0 else None
         if disc is not None and world.distributed:
             disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
         model = VAEAndDisc(vae.train().requires_grad_(True), disc).to(world.device)
