@@ -6,6 +6,14 @@ are scored by the sliced Wasserstein-1 distance between their samples and fresh 
 mixture (`sliced_w1`; `sw_floor` is the same distance between two independent mixture samples of that
 size, the noise floor) and by the Fréchet distance between the samples' mean/covariance and the
 mixture's exact ones (`frechet`, with its own floor). NFE is counted as model calls.
+
+Every sampler also gets a measured convergence order (`order`): the slope of −log(max error) against
+log(steps) over Karras schedules of ORDER_STEPS steps ending in 0, on a single Gaussian whose exact
+answer is closed form (the probability-flow ODE to the last positive σ, then the exact denoise; for
+LMS the ODE to 0 and for ComfyUI's dpm_fast the ODE to the last positive σ, which is what they
+compute, see FINAL), run in its deterministic form (eta = 0; ER-SDE with φ(v) = v, i.e. no noise).
+Samplers without one (lcm) or without a step count (dpm_adaptive*) have none. It covers ComfyUI's
+names and our `_exact` variants alike, so the two can be compared (see latentforge.samplers).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from latentforge.files import atomic_path
 from latentforge.gmm import GaussianMixture
 from latentforge.noise import BrownianTreeNoiseSampler
 from latentforge.plot import draw_curves, figure, save_figure
-from latentforge.samplers import SAMPLER_NAMES, SAMPLERS
+from latentforge.samplers import ALL_SAMPLER_NAMES, SAMPLERS
 from latentforge.schedules import get_sigmas_karras
 from latentforge.stats import frechet_distance
 
@@ -33,8 +41,11 @@ NFE_TARGETS = (5, 10, 20, 50)
 DETERMINISTIC = {
     "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2m",
     "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
-    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2",
+    "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2", "dpm_fast_exact",
+    "dpm_adaptive_exact", "ipndm_v_exact", "res_multistep_exact", "res_multistep_cfg_pp_exact",
 }  # fmt: skip
+ADAPTIVE = ("dpm_adaptive", "dpm_adaptive_exact")
+ORDER_STEPS = (20, 40, 80, 160)
 
 
 class _Counter:
@@ -84,10 +95,10 @@ def _run(name, D, x, sigmas, seed, rtol=None):
     return out, model.calls
 
 
-def _adaptive_rtol_for_nfe(D, target, x, sigmas):
+def _adaptive_rtol_for_nfe(name, D, target, x, sigmas):
     """The loosest rtol whose NFE is at least `target` (dpm_adaptive's NFE depends on the data)."""
     for rtol in ADAPTIVE_RTOLS:
-        if _run("dpm_adaptive", D, x[:256], sigmas, 0, rtol)[1] >= target:
+        if _run(name, D, x[:256], sigmas, 0, rtol)[1] >= target:
             return rtol
     return ADAPTIVE_RTOLS[-1]
 
@@ -106,11 +117,56 @@ def _steps_for_nfe(name, D, target, dim):
     return best
 
 
+# What each sampler's result converges to on a schedule ending in 0, when that is not "the ODE to the
+# last positive σ, then the exact denoise": LMS integrates the last interval too (→ the ODE at σ = 0);
+# ComfyUI's dpm_fast stops at the last positive σ.
+FINAL = {"lms": "ode_to_0", "dpm_fast": "at_sigma_min"}
+
+
+def _ode_form(name):
+    """Options that make `name` deterministic (its ODE limit), or None if it has no such form."""
+    if name == "lcm" or name in ADAPTIVE:
+        return None
+    if name in DETERMINISTIC:
+        return {}
+    if name.startswith("er_sde"):  # ER-SDE: φ(v) = v gives zero noise
+        return {"noise_scaler": lambda v: v}
+    return {"eta": 0.0}
+
+
+def measured_order(name, steps=ORDER_STEPS, n_points: int = 256) -> dict | None:
+    """The convergence order of `name` in its deterministic form on a single Gaussian (exact answer)."""
+    import numpy as np
+
+    kw = _ode_form(name)
+    if kw is None:
+        return None
+    g = GaussianMixture.single(4)
+    noise = torch.randn(n_points, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    final = FINAL.get(name, "denoise")
+    errs = []
+    for n in steps:
+        sig = get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX).double()
+        x = noise * sig[0]
+        if final == "ode_to_0":
+            exact = g.ode_solution_ve(x, float(sig[0]), 0.0)
+        else:
+            exact = g.ode_solution_ve(x, float(sig[0]), float(sig[-2]))
+            if final == "denoise":
+                exact = g.denoise_ve(exact, sig[-2])
+        out = SAMPLERS[name](g.denoiser(), x, sig, disable=True, **kw)
+        errs.append(float((out - exact).abs().max()))
+    slope = -np.polyfit(np.log(steps), np.log(np.maximum(errs, 1e-300)), 1)[0]
+    form = ", ".join("noise_scaler=identity" if k == "noise_scaler" else f"{k}={v}" for k, v in kw.items())
+    return {"value": round(float(slope), 2), "steps": list(steps), "max_error": errs, "form": form,
+            "reference": final}  # fmt: skip
+
+
 def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=None, quiet=False) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     gmm = GaussianMixture.random(k=4, dim=8, seed=0)
     D = gmm.denoiser()
-    names = list(names or SAMPLER_NAMES)
+    names = list(names or ALL_SAMPLER_NAMES)
     g = torch.Generator().manual_seed(1234)
     noise_det = torch.randn(n_det, gmm.dim, generator=g, dtype=torch.float64)
     noise_sto = torch.randn(n_stoch, gmm.dim, generator=g, dtype=torch.float64)
@@ -128,9 +184,9 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
         rows = []
         for target in NFE_TARGETS:
             rtol = None
-            if name == "dpm_adaptive":  # a schedule only gives its ends; the tolerance sets the NFE
+            if name in ADAPTIVE:  # a schedule only gives its ends; the tolerance sets the NFE
                 steps, sig = 0, get_sigmas_karras(2, SIGMA_MIN, SIGMA_MAX).double()
-                rtol = _adaptive_rtol_for_nfe(D, target, noise_det * sig[0], sig)
+                rtol = _adaptive_rtol_for_nfe(name, D, target, noise_det * sig[0], sig)
             else:
                 steps = _steps_for_nfe(name, D, target, gmm.dim)
                 sig = get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
@@ -148,7 +204,11 @@ def bench_samplers(out_dir: str, n_det: int = 1024, n_stoch: int = 4096, names=N
                 rows.append(row)
             rows[-1]["seconds"] = round(time.perf_counter() - t0, 4)
             bar.update(1)
-        results[name] = {"kind": "deterministic" if name in DETERMINISTIC else "stochastic", "runs": rows}
+        results[name] = {
+            "kind": "deterministic" if name in DETERMINISTIC else "stochastic",
+            "runs": rows,
+            "order": measured_order(name),
+        }
     bar.close()
 
     report = {
@@ -207,7 +267,8 @@ def save_plot(report: dict, path: str) -> None:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'sampler':32s} {'kind':5s} " + " ".join(f"{'NFE~' + str(t):>16s}" for t in NFE_TARGETS)
+    head = f"{'sampler':36s} {'kind':5s} " + " ".join(f"{'NFE~' + str(t):>16s}" for t in NFE_TARGETS)
+    head += f" {'order':>6s}"
     lines = [head, "-" * len(head)]
     for name, r in report["samplers"].items():
         cells = []
@@ -215,10 +276,15 @@ def format_table(report: dict) -> str:
             v = row.get("rmse", row.get("sliced_w1"))
             cells.append(f"{v:10.3e} ({row['nfe']:>3d})")
         kind = "ODE" if r["kind"] == "deterministic" else "SDE"
-        lines.append(f"{name:32s} {kind:5s} " + " ".join(f"{c:>16s}" for c in cells))
+        order = r.get("order")
+        o = "-" if order is None else f"{order['value']:.2f}"
+        lines.append(f"{name:36s} {kind:5s} " + " ".join(f"{c:>16s}" for c in cells) + f" {o:>6s}")
+    steps = "..".join(str(n) for n in (ORDER_STEPS[0], ORDER_STEPS[-1]))
     lines.append(
         f"ODE: RMSE against the exact probability-flow solution; SDE: sliced W1 to mixture samples "
         f"(noise floor {report['sw_floor']:.3e}; Fréchet distances to the exact moments are in the JSON). "
-        f"(n) = measured NFE. {report['seconds']:.1f} s."
+        f"(n) = measured NFE. order: measured convergence order of the deterministic form (eta = 0) over "
+        f"{steps} Karras steps on a single Gaussian, against the exact ODE solution then denoise. "
+        f"{report['seconds']:.1f} s."
     )
     return "\n".join(lines)

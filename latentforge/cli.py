@@ -125,10 +125,13 @@ def _eval(args) -> int:
 
 
 def _info(args) -> int:
-    from latentforge.samplers import SAMPLER_NAMES
+    from latentforge.samplers import EXACT_VARIANT_OF, SAMPLER_NAMES
     from latentforge.schedules import SCHEDULERS
 
-    _say(json.dumps({"samplers": SAMPLER_NAMES, "schedulers": list(SCHEDULERS)}, indent=1))
+    # samplers: ComfyUI's names, each computing what ComfyUI computes; exact_samplers: our more accurate
+    # variants, each with the ComfyUI name it departs from (see latentforge.samplers)
+    info = {"samplers": SAMPLER_NAMES, "exact_samplers": EXACT_VARIANT_OF, "schedulers": list(SCHEDULERS)}
+    _say(json.dumps(info, indent=1))
     return 0
 
 

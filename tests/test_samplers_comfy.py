@@ -692,3 +692,37 @@ def test_heunpp2_and_ipndm_are_comfyuis(name, flow):
     ref = {"heunpp2": _comfy_heunpp2_reference, "ipndm": _comfy_ipndm_reference}[name]
     for sig in (s, s[:-2]):  # ending in 0, or stopping above it
         assert rel(SAMPLERS[name](model, x.clone(), sig), ref(model, x.clone(), sig)) < 1e-13
+
+
+# --- the names in `latentforge info` and the sampler benchmark -------------------------------------------
+
+
+def test_info_lists_the_exact_variants(capsys):
+    import json
+
+    from latentforge.cli import main
+
+    assert main(["info"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samplers"] == SAMPLER_NAMES and out["exact_samplers"] == EXACT_VARIANT_OF
+
+
+def test_bench_measures_the_order_of_both_forms():
+    """bench.measured_order over 20..160 steps (measured: dpmpp_3m_sde 2.06 / _exact 2.72, ipndm_v 1.1 /
+    _exact 3.7); the table prints it."""
+    from latentforge.bench import format_table, measured_order
+
+    orders = {n: measured_order(n)["value"] for n in ("dpmpp_3m_sde", "dpmpp_3m_sde_exact", "ipndm_v_exact")}
+    assert abs(orders["dpmpp_3m_sde"] - 2) < 0.3 and orders["dpmpp_3m_sde_exact"] > 2.5
+    assert orders["ipndm_v_exact"] > 3.3
+    assert measured_order("lcm") is None and measured_order("dpm_adaptive_exact") is None
+    run = {"nfe": 10, "rmse": 1e-3}
+    report = {"sw_floor": 0.01, "seconds": 1.0, "samplers": {
+        "dpmpp_3m_sde_exact": {"kind": "stochastic", "runs": [{"nfe": 10, "sliced_w1": 0.02}] * 4,
+                               "order": {"value": 2.72}},
+        "lcm": {"kind": "stochastic", "runs": [{"nfe": 10, "sliced_w1": 0.02}] * 4, "order": None},
+        "euler": {"kind": "deterministic", "runs": [run] * 4, "order": {"value": 1.0}},
+    }}  # fmt: skip
+    table = format_table(report)
+    assert "order" in table.splitlines()[0]
+    assert table.splitlines()[2].rstrip().endswith("2.72") and table.splitlines()[3].rstrip().endswith("-")
