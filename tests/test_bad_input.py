@@ -302,7 +302,7 @@ def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
 def test_generate_too_large_is_refused_before_work(monkeypatch, tmp_path, capsys, case):
     # A real (tiny) model and a size the memory available cannot hold: one error line naming the size and
     # the estimate, exit 2, the denoiser never called, nothing written.
-    from latentforge import pipeline as pl
+    from latentforge import memory
     from tests.test_pipeline import _save, tiny
 
     pipe = tiny("sd15")
@@ -311,7 +311,7 @@ def test_generate_too_large_is_refused_before_work(monkeypatch, tmp_path, capsys
     avail = est.denoiser // 2 if case == "sampling" else min(est.decode, est.decode_tiled) - 1
     if case == "decode":
         assert avail >= est.denoiser
-    monkeypatch.setattr(pl, "available_memory", lambda device: avail)
+    monkeypatch.setattr(memory, "available_memory", lambda device: avail)
     from latentforge.models.unet import UNet
 
     monkeypatch.setattr(UNet, "forward", lambda *a, **k: pytest.fail("sampling started"))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentforge import pipeline as pl
+from latentforge import memory
 from latentforge.cli import main
-from latentforge.pipeline import DecodeFailed, NotEnoughMemory, Pipeline
+from latentforge.memory import NotEnoughMemory
+from latentforge.pipeline import DecodeFailed, Pipeline
 from tests.test_pipeline import SIZE, _save, pixels, tiny
 
 ARGS = dict(steps=2, cfg=4.0, progress=False, seed=3)
@@ -25,7 +26,7 @@ def count_calls(monkeypatch, pipe):
 
 
 def avail(monkeypatch, n):
-    monkeypatch.setattr(pl, "available_memory", lambda device: n)
+    monkeypatch.setattr(memory, "available_memory", lambda device: n)
 
 
 def test_estimate_unet_by_formula():
@@ -67,7 +68,7 @@ def test_estimate_sd15_at_2048_is_the_attention_free_activation_bound(monkeypatc
 def test_unfused_attention_adds_the_scores(monkeypatch):
     pipe = tiny("sd15")
     fused = pipe.estimate_memory(64, 48, cfg=1)
-    monkeypatch.setattr(pl, "_fused_attention", lambda device: False)
+    monkeypatch.setattr(memory, "_fused_attention", lambda device: False)
     plain = pipe.estimate_memory(64, 48, cfg=1)
     # attention at ds=2 only (attention_resolutions=(2,)): 12x16 tokens, 64 channels / 16 = 4 heads
     n = 12 * 16
@@ -198,8 +199,8 @@ def test_cli_saves_latents_and_decodes_them_again(monkeypatch, tmp_path, capsys)
 
 
 def test_available_memory_readers(monkeypatch):
-    n = pl.available_memory(torch.device("cpu"))
+    n = memory.available_memory(torch.device("cpu"))
     if os.path.exists("/proc/meminfo"):
         assert isinstance(n, int) and n > 0
-    assert pl.available_memory(torch.device("meta")) is None
-    assert math.isfinite(pl.MemoryEstimate(1, "the UNet", 2, 3, (1, 1)).decode)
+    assert memory.available_memory(torch.device("meta")) is None
+    assert math.isfinite(memory.MemoryEstimate(1, "the UNet", 2, 3, (1, 1)).decode)
