@@ -258,7 +258,7 @@ def test_folder_data_skips_unreadable_images_and_counts_missing_captions(tmp_pat
     out = str(tmp_path / "run")
     train_denoiser(micro(data=str(data), max_steps=2, eval_n=0), out, progress=False)
     text = capsys.readouterr().out
-    assert "5 images, 1 skipped (unreadable), 1 without a caption" in text
+    assert "5 images, 1 skipped (unreadable or too small), 1 without a caption" in text
     assert len([r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]) == 2
 
 
