@@ -5,10 +5,11 @@ generator's output meets them -- Gaussian blur (sigma px), additive Gaussian noi
 JPEG at a quality with 4:2:0 chroma subsampling (``shapes_degrade.soften``) -- and judged against their true
 captions. Printed:
 
-- the robustness table: condition x resolution -> all-correct % (``score(...)["correct"]``, what
-  ``evaluate`` reports as ``all_correct``) with its Wilson 95% interval, the exact-scene rate (every
-  attribute of every object and the background, stated or not) and the share of objects whose shape the
-  evaluator reports ambiguous;
+- the robustness table, per resolution: condition -> all-correct % (``score(...)["correct"]``, what
+  ``evaluate`` reports as ``all_correct``: ambiguous shapes scored by their best fit) with its Wilson 95%
+  interval, the exact-scene rate (every attribute of every object and the background, stated or not), the
+  share of images decided (no prompted shape ambiguous), the all-correct rate among those (what
+  ``evaluate`` reports as ``all_correct_decided``) and the share of objects whose shape is ambiguous;
 - per resolution, the shape confusion tables of small and of large objects over all degraded conditions
   (true shape -> detected shape at the same cell; "miss": no object there, "amb": reported ambiguous, not
   counted as the best guess);
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 from latentforge.shapes import SHAPES, SIZES, render, sample_scene, satisfies  # noqa: E402
 from latentforge.shapes.captions import describe  # noqa: E402
 from latentforge.shapes.detection import analyze  # noqa: E402
-from latentforge.shapes.scoring import wilson  # noqa: E402
+from latentforge.shapes.scoring import score, wilson  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from shapes_degrade import soften  # noqa: E402  (test helpers, not the package)
@@ -57,36 +58,38 @@ CONDITIONS: dict[str, tuple[float, float, int | None]] = {
 
 
 def _pct(k: int, n: int) -> str:
+    if not n:
+        return "     -"
     lo, hi = wilson(k, n)
     return f"{100 * k / n:6.2f} [{100 * lo:5.1f},{100 * hi:5.1f}]"
 
 
-def _ambiguous(det) -> tuple[bool, ...]:
-    return getattr(det, "shape_ambiguous", (False,) * len(det.scene.objects))
-
-
-def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None], seed: int):
-    """(caption-correct, exact-scene correct, objects, ambiguous objects, confusion counts) of one
-    condition; confusion: (size, true shape, detected shape | "miss" | "amb") -> count."""
+def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None], seed: int) -> dict:
+    """One condition at one resolution: counts ``ok`` (all correct against the caption), ``exact`` (the
+    whole scene), ``decided`` (images with no ambiguous prompted shape), ``ok_decided`` (all correct among
+    those), ``objects``, ``ambiguous`` (objects whose shape is ambiguous), and ``confusion``: (size, true
+    shape, detected shape | "amb" | "miss") -> count, objects matched by cell."""
     blur, noise, quality = cond
     rng = np.random.default_rng(seed)
-    ok = exact = n_obj = n_amb = 0
+    out = dict.fromkeys(("ok", "exact", "decided", "ok_decided", "objects", "ambiguous"), 0)
     conf: dict[tuple[str, str, str], int] = {}
     for scene, spec in zip(scenes, specs, strict=True):
-        img = soften(render(scene, res), rng, blur, noise, quality)
-        det = analyze(img)
-        amb = _ambiguous(det)
-        ok += satisfies(det.scene, spec)
-        exact += satisfies(det.scene, scene)
-        found = {o.position: (o, a) for o, a in zip(det.scene.objects, amb, strict=True)}
+        det = analyze(soften(render(scene, res), rng, blur, noise, quality))
+        s = score(det.scene, spec, det.shape_ambiguous)
+        out["ok"] += s["correct"]
+        out["exact"] += satisfies(det.scene, scene)
+        out["decided"] += s["decided"]
+        out["ok_decided"] += s["decided"] and s["correct"]
+        found = dict(zip((o.position for o in det.scene.objects), det.scene.objects, strict=True))
+        amb = dict(zip((o.position for o in det.scene.objects), det.shape_ambiguous, strict=True))
         for o in scene.objects:
-            n_obj += 1
+            out["objects"] += 1
             got = found.get(o.position)
-            label = "miss" if got is None else "amb" if got[1] else got[0].shape
-            n_amb += got is not None and got[1]
-            key = (o.size, o.shape, label)
-            conf[key] = conf.get(key, 0) + 1
-    return ok, exact, n_obj, n_amb, conf
+            label = "miss" if got is None else "amb" if amb[o.position] else got.shape
+            out["ambiguous"] += label == "amb"
+            conf[(o.size, o.shape, label)] = conf.get((o.size, o.shape, label), 0) + 1
+    out["confusion"] = conf
+    return out
 
 
 def confusion_table(conf: dict, size: str) -> str:
@@ -124,22 +127,28 @@ def main() -> None:
         rate = f"{args.speed / wall:.0f} images/s ({args.speed / cpu:.0f} per CPU second)"
         print(f"analyze, clean 64x64, one process: {rate}\n")
 
-    head = f"{'condition':<24}" + "".join(
-        f"| {f'{r}x{r} all-correct % [95% CI]':<27}{'exact%':>7}{'amb%':>6} " for r in args.res
-    )
-    print(head)
-    print("-" * len(head))
+    n = len(scenes)
     totals = {r: {} for r in args.res}
-    for ci, name in enumerate(args.conditions):
-        cells = []
-        for r in args.res:
-            ok, exact, n_obj, n_amb, conf = run_condition(scenes, specs, r, CONDITIONS[name], 1000 + ci)
-            n = len(scenes)
-            cells.append(f"| {_pct(ok, n):<27}{100 * exact / n:7.2f}{100 * n_amb / n_obj:6.2f} ")
+    for r in args.res:
+        print(f"{r}x{r}, {n} held-out scenes per condition (decided: no prompted shape ambiguous)")
+        head = (
+            f"  {'condition':<24}{'all-correct % [95% CI]':<24}{'exact %':>8}{'decided %':>11}"
+            f"   {'all-correct|decided [95% CI]':<30}{'amb. objects %':>15}"
+        )
+        print(head)
+        print("  " + "-" * (len(head) - 2))
+        for name in args.conditions:
+            seed = 1000 + list(CONDITIONS).index(name)
+            c = run_condition(scenes, specs, r, CONDITIONS[name], seed)
+            print(
+                f"  {name:<24}{_pct(c['ok'], n):<24}{100 * c['exact'] / n:8.2f}{100 * c['decided'] / n:11.2f}"
+                f"   {_pct(c['ok_decided'], c['decided']):<30}{100 * c['ambiguous'] / c['objects']:15.2f}",
+                flush=True,
+            )
             if name != "clean":
-                for k, v in conf.items():
+                for k, v in c["confusion"].items():
                     totals[r][k] = totals[r].get(k, 0) + v
-        print(f"{name:<24}" + "".join(cells), flush=True)
+        print()
     if args.no_confusion:
         return
     degraded = [c for c in args.conditions if c != "clean"]

@@ -36,3 +36,46 @@ def test_wilson_interval():
     c = (p + z * z / (2 * n)) / (1 + z * z / n)
     h = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     assert wilson(k, n) == pytest.approx((c - h, c + h))
+
+
+def test_ambiguous_shapes_are_counted_apart():
+    # A flagged shape keeps its best-fit verdict in the existing keys and is counted apart in the new ones.
+    det = Scene(
+        (Obj("star", "red", "small", "top_left"), Obj("circle", "blue", "small", "bottom_right")), "white"
+    )
+    spec = parse("a red star and a blue circle")
+    plain = score(det, spec)
+    assert plain["decided"] and not any(o["shape_ambiguous"] for o in plain["objects"])
+    flagged = score(det, spec, (False, True))
+    assert flagged["correct"] == plain["correct"] is True  # unchanged meaning: the best fit is scored
+    assert [o["shape_ambiguous"] for o in flagged["objects"]] == [False, True]
+    assert not flagged["decided"]
+    # the flag follows the assigned detected object, whatever the prompt's order
+    swapped = score(det, parse("a blue circle and a red star"), (False, True))
+    assert [o["shape_ambiguous"] for o in swapped["objects"]] == [True, False]
+    # a missing object is not ambiguous; an unprompted ambiguous detection leaves the verdict decided
+    one = score(det, parse("a red star"), (False, True))
+    assert one["decided"] and [o["shape_ambiguous"] for o in one["objects"]] == [False]
+    with pytest.raises(ValueError, match="ambiguity flags"):
+        score(det, spec, (True,))
+
+
+def test_report_counts_ambiguous_shapes_apart():
+    from latentforge.shapes.report import Tally, format_report
+
+    circle = Obj("circle", "blue", "small", "center")
+    det = Scene((Obj("star", "red", "small", "top_left"), circle), "white")
+    wrong = Scene((Obj("heart", "red", "small", "top_left"), circle), "white")
+    spec = parse("a red star and a blue circle")
+    tally = Tally()
+    tally.add(spec, det, score(det, spec, (False, False)))  # decided, correct
+    tally.add(spec, det, score(det, spec, (True, False)))  # right guess on an ambiguous shape: undecided
+    tally.add(spec, wrong, score(wrong, spec, (True, False)))  # wrong guess on an ambiguous shape: undecided
+    tally.add(spec, wrong, score(wrong, spec, (False, False)))  # decided, wrong
+    r = tally.report([])
+    assert r["all_correct"] == 0.5 and r["attributes"]["shape"]["k"] == 6  # best fits scored, as before
+    assert (r["shape_ambiguous"]["k"], r["shape_ambiguous"]["n"]) == (2, 8)
+    assert (r["shape_decided"]["k"], r["shape_decided"]["n"]) == (5, 6)  # ambiguous objects left out
+    assert (r["decided"]["k"], r["decided"]["n"]) == (2, 4)
+    assert (r["all_correct_decided"]["k"], r["all_correct_decided"]["n"]) == (1, 2)
+    assert "all correct (decided)" in format_report({**r, "all_correct_ci95": [0.0, 1.0]})

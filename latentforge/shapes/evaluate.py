@@ -48,7 +48,7 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
             unparsed.append({"file": name, "prompt": text})
             continue
         d = analyze(img)
-        s = score(d.scene, spec)
+        s = score(d.scene, spec, d.shape_ambiguous)
         n_wrong = tally.add(spec, d.scene, s)
         feats.append(d.features)
         specs_ok.append(spec)
@@ -59,6 +59,7 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
                     "prompt": text,
                     "wanted": spec.to_dict(),
                     "detected": d.scene.to_dict(),
+                    "shape_ambiguous": list(d.shape_ambiguous),
                     "errors": n_wrong,
                     "extra": s["extra"],
                     "_image": img,
@@ -160,8 +161,10 @@ def evaluate_folder(
     The report: ``all_correct`` (rate in [0, 1]) with ``all_correct_ci95`` (Wilson), ``n`` (images scored),
     ``by_objects`` ("1", "2", "3" prompted objects), ``attributes`` (present, shape, color, size, position,
     relation, background: rate, k, n, ci95), ``counting``, ``counting_prompts``, ``no_extra_objects``,
-    ``confusion`` (attribute -> prompted -> detected -> count; "missing" when no object was found),
-    ``fsd``, ``unparsed``, ``unreadable``, ``missing_prompt``, ``resized``, and ``failures`` (worst first).
+    ``shape_ambiguous``, ``shape_decided``, ``decided``, ``all_correct_decided`` (ambiguous shapes counted
+    apart, never as a guess: see ``report.py``), ``confusion`` (attribute -> prompted -> detected -> count;
+    "missing" when no object was found), ``fsd``, ``unparsed``, ``unreadable``, ``missing_prompt``,
+    ``resized``, and ``failures`` (worst first).
     With ``json_path`` the report is written there, and a PNG grid of the worst ``max_failures`` failures
     (in ``failures`` order) to ``grid_path`` (default: beside the JSON, ``<stem>_failures.png``); both
     atomically.

@@ -2,6 +2,12 @@
 confusion between prompted and detected attributes, the failures worst first), its terminal table, the
 failure grid image, and FSD.
 
+Ambiguous shapes (``scoring`` module docstring) are counted apart, never as a guess: ``shape_ambiguous`` is
+the share of found prompted objects whose shape the detector could not tell; ``shape_decided`` the
+shape-correct rate of the others (ambiguous objects out of its denominator); ``decided`` the share of images
+with no ambiguous prompted object, and ``all_correct_decided`` the all-correct rate among those images.
+``all_correct`` and ``attributes`` keep scoring the best-fitting shape, ambiguous or not, as before.
+
 FSD (Frechet Shapes Distance): the Frechet distance between Gaussians fitted to evaluator features of two
 image sets (``detection.features``). ``evaluate`` compares the generated images with renders of random
 scenes satisfying the same prompts (``complete_spec``). With a few hundred images per set the estimate's own
@@ -31,6 +37,9 @@ class Tally:
         self.attr = {a: [0, 0] for a in ("present", *ATTRIBUTES, "relation", "background")}
         self.count_prompts = [0, 0]  # prompts naming one (shape, colour) more than once
         self.confusion = {a: {} for a in CONFUSION_ATTRIBUTES}  # attribute -> prompted -> detected -> count
+        self.ambiguous = [0, 0]  # found prompted objects: [shape ambiguous, n]
+        self.shape_decided = [0, 0]  # found prompted objects, shape not ambiguous: [shape correct, n]
+        self.decided = [0, 0]  # images with no ambiguous prompted object: [all correct, n]
 
     def _confuse(self, attr: str, want: str, got: str) -> None:
         row = self.confusion[attr].setdefault(want, {})
@@ -50,9 +59,19 @@ class Tally:
         if len({(o.shape, o.color) for o in spec.objects}) < n_obj:  # a counting prompt
             self.count_prompts[0] += s["count"]
             self.count_prompts[1] += 1
+        decided = s.get("decided", True)
+        self.decided[0] += decided and s["correct"]
+        self.decided[1] += decided
         n_wrong = 0
         for w, o in zip(spec.objects, s["objects"], strict=True):
             found = o["found"]
+            if found is not None:
+                amb = bool(o.get("shape_ambiguous", False))
+                self.ambiguous[0] += amb
+                self.ambiguous[1] += 1
+                if not amb:
+                    self.shape_decided[0] += bool(o["shape"])
+                    self.shape_decided[1] += 1
             for a in ("present", *ATTRIBUTES):
                 if o[a] is None:
                     continue
@@ -84,6 +103,10 @@ class Tally:
             "counting": rate(self.counts["count"], n),
             "counting_prompts": rate(*self.count_prompts),
             "no_extra_objects": rate(self.counts["no_extra"], n),
+            "shape_ambiguous": rate(*self.ambiguous),
+            "shape_decided": rate(*self.shape_decided),
+            "decided": rate(self.decided[1], n),
+            "all_correct_decided": rate(*self.decided),
             "confusion": self.confusion,
             "unparsed": {"count": len(unparsed), "items": unparsed},
         }
@@ -109,6 +132,11 @@ def format_report(report: dict) -> str:
     lines.append(row("counting", report["counting"]))
     lines.append(row("counting prompts", report["counting_prompts"]))
     lines.append(row("no extra objects", report["no_extra_objects"]))
+    if "shape_ambiguous" in report:
+        lines.append(row("shape ambiguous", report["shape_ambiguous"]))
+        lines.append(row("shape (decided)", report["shape_decided"]))
+        lines.append(row("decided images", report["decided"]))
+        lines.append(row("all correct (decided)", report["all_correct_decided"]))
     if "fsd" in report:
         lines.append(f"  {'FSD':<22} {report['fsd']:8.4f}")
     lines += _notes(report)

@@ -5,6 +5,13 @@ Wilson intervals its rates are reported with.
 on the most stated attributes and relations); ``correct`` is exactly ``satisfies(detected, spec)``: right
 number of objects, every stated attribute, relation and background. Detected objects left unassigned are
 *extra* objects.
+
+Ambiguous shapes: the detector may flag a detected object's shape ambiguous (another shape fits about as
+well: a small object blurred, noisy or JPEG-compressed past recognition; ``detection.shape_margin``). It
+still names the best fit, and ``correct`` and the per-object ``shape`` still score that best fit (their
+meaning is unchanged); ``shape_ambiguous`` marks each prompted object whose found object is flagged, and
+``decided`` is False when any is -- the verdict then rests on a guess, and reports count such images apart
+(``report.Tally``) instead of as right or wrong.
 """
 
 from __future__ import annotations
@@ -56,17 +63,23 @@ def _assign(detected: Scene, spec: Scene) -> tuple[tuple[int | None, ...], int]:
     return best, best_score
 
 
-def score(detected: Scene, spec: Scene) -> dict:
-    """Judge a detected (complete) scene against a prompt's partial spec.
+def score(detected: Scene, spec: Scene, ambiguous=None) -> dict:
+    """Judge a detected (complete) scene against a prompt's partial spec; ``ambiguous``: per detected object,
+    whether the detector found its shape ambiguous (``Detection.shape_ambiguous``; None: none is).
 
-    Returns ``{"correct", "count", "extra", "background", "objects", "relations"}``: ``correct`` =
-    ``satisfies(detected, spec)``; ``count``: as many objects found as prompted; ``extra``: detected objects
-    no prompted object is assigned to; ``background``: None if unstated; ``objects``: per prompted object
-    ``{"present", "shape", "color", "size", "position", "found"}`` (size/position None when unstated,
-    ``found`` the assigned detected object's dict or None); ``relations``: one bool per stated relation.
+    Returns ``{"correct", "count", "extra", "background", "objects", "relations", "decided"}``: ``correct``
+    = ``satisfies(detected, spec)``; ``count``: as many objects found as prompted; ``extra``: detected
+    objects no prompted object is assigned to; ``background``: None if unstated; ``objects``: per prompted
+    object ``{"present", "shape", "color", "size", "position", "found", "shape_ambiguous"}`` (size/position
+    None when unstated, ``found`` the assigned detected object's dict or None, ``shape_ambiguous`` whether
+    that object's shape is ambiguous); ``relations``: one bool per stated relation; ``decided``: no prompted
+    object's shape is ambiguous (see the module docstring).
     """
     perm, _ = _assign(detected, spec)
     det = detected.objects
+    amb = [False] * len(det) if ambiguous is None or len(ambiguous) == 0 else [bool(a) for a in ambiguous]
+    if len(amb) != len(det):
+        raise ValueError(f"{len(amb)} ambiguity flags for {len(det)} detected objects")
     objs = []
     for k, w in enumerate(spec.objects):
         j = perm[k]
@@ -79,6 +92,7 @@ def score(detected: Scene, spec: Scene) -> dict:
                 "size": None if w.size is None else (o is not None and o.size == w.size),
                 "position": None if w.position is None else (o is not None and o.position == w.position),
                 "found": None if o is None else o.to_dict(),
+                "shape_ambiguous": j is not None and amb[j],
             }
         )
     rels = [
@@ -93,6 +107,7 @@ def score(detected: Scene, spec: Scene) -> dict:
         "background": None if spec.background is None else detected.background == spec.background,
         "objects": objs,
         "relations": rels,
+        "decided": not any(o["shape_ambiguous"] for o in objs),
     }
 
 
