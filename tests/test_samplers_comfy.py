@@ -832,3 +832,26 @@ def test_dpmpp_exact_variants_are_more_accurate():
     assert e["dpmpp_2s_ancestral_cfg_pp_exact"] < 0.9 * e["dpmpp_2s_ancestral_cfg_pp"], e
     s = karras(20)
     assert rel(SAMPLERS["dpmpp_2m_cfg_pp"](model, x * s[0], s), limit) < 0.2
+
+
+@pytest.mark.parametrize(
+    "name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "seeds_2", "sa_solver"]
+)
+def test_flow_start_at_one_is_offset_like_comfyui(name):
+    """ComfyUI's offset_first_sigma_for_snr: a flow schedule's σ = 1 becomes the model's σ at sampling
+    fraction 10⁻⁴, time_snr_shift(shift, 1 − 10⁻⁴): 0.99997 for SD3's shift 3 (0.9999 for shift 1)."""
+    from latentforge.model_sampling import DiscreteFlow
+
+    g = GaussianMixture.single(4)
+    seen = []
+
+    class Shift3:
+        model_sampling = DiscreteFlow(shift=3.0)
+
+        def __call__(self, x, sigma, **kw):
+            seen.append(float(sigma[0]))
+            return g.denoiser(flow=True)(x, sigma)
+
+    s = torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=torch.float64)
+    SAMPLERS[name](Shift3(), torch.randn(4, 4, dtype=torch.float64), s, seed=0)
+    assert seen[0] == pytest.approx(3 * 0.9999 / (1 + 2 * 0.9999), rel=1e-12)

@@ -67,11 +67,17 @@ def sigma_from_half_log_snr(lam: torch.Tensor, flow: bool) -> torch.Tensor:
     return torch.sigmoid(-lam) if flow else torch.exp(-lam)
 
 
-def first_sigma_for_log_snr(sigmas: torch.Tensor, flow: bool) -> torch.Tensor:
-    """σ = 1 has λ = −∞ for flow models; start a hair below it (as ComfyUI does) so h stays finite."""
+def first_sigma_for_log_snr(sigmas: torch.Tensor, flow: bool, model=None) -> torch.Tensor:
+    """σ = 1 has λ = −∞ for flow models; start a hair below it, as ComfyUI does (its
+    offset_first_sigma_for_snr): at the model's σ of sampling fraction 10⁻⁴, σ(t = (1 − 10⁻⁴)·T), which
+    is 0.9999 for shift 1 (and 0.99997 for SD3's shift 3); 0.9999 without a model_sampling."""
     if flow and float(sigmas[0]) >= 1.0:
         sigmas = sigmas.clone()
-        sigmas[0] = 0.9999
+        ms = model_sampling_of(model)
+        if ms is not None and hasattr(ms, "multiplier"):
+            sigmas[0] = float(ms.sigma(torch.tensor((1 - 1e-4) * ms.multiplier, dtype=torch.float64)))
+        else:
+            sigmas[0] = 0.9999
     return sigmas
 
 

@@ -162,7 +162,7 @@ def sample_dpm_fast_exact(model, x, sigmas, extra_args=None, callback=None, disa
     """
     extra_args = extra_args or {}
     f = ScalarForm(model)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     ends0 = float(sigmas[-1]) == 0
     s_min_t = sigmas[-2] if ends0 else sigmas[-1]
     nfe = len(sigmas) - 2 if ends0 else len(sigmas) - 1
@@ -220,7 +220,7 @@ def _dpm_adaptive(model, x, sigmas, extra_args, callback, disable, comfy, order,
     extra_args = extra_args or {}
     f = ScalarForm(model, ve=comfy)
     if not comfy:
-        sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+        sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=False, cpu=True)
     pos = sigmas[sigmas > 0]
     s_min_t = pos[-1]

@@ -70,7 +70,7 @@ def _dpmpp_2s_ancestral(
     """Shared body of dpmpp_2s_ancestral and its CFG++ form (see their docstrings)."""
     extra_args = extra_args or {}
     f = ScalarForm(model)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=False, cpu=True)
     for i in trange(len(sigmas) - 1, disable):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
@@ -265,7 +265,7 @@ def sample_dpmpp_sde(
     """
     extra_args = extra_args or {}
     f = ScalarForm(model)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=True, cpu=brownian_cpu)
     fac = 1 / (2 * r)
     for i in trange(len(sigmas) - 1, disable):
@@ -296,7 +296,7 @@ def _dpmpp_2m(model, x, sigmas, extra_args, callback, disable, cfg_pp, comfy):
     """DPM-Solver++(2M); `comfy`: the VE form on the model's own σ (ComfyUI's dpmpp_2m(_cfg_pp))."""
     extra_args = extra_args or {}
     f = ScalarForm(model, ve=comfy)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     D_prev, h_prev = None, None
     for i in trange(len(sigmas) - 1, disable):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
@@ -489,7 +489,7 @@ def _multistep_sde(
 ):
     extra_args = extra_args or {}
     f = ScalarForm(model)
-    sigmas = first_sigma_for_log_snr(sigmas, f.flow)
+    sigmas = first_sigma_for_log_snr(sigmas, f.flow, model)
     noise = LazyNoise(x, sigmas, noise_sampler, seed, brownian=True, cpu=brownian_cpu)
     c = 1.0 + eta
     hist: list[tuple[torch.Tensor, float]] = []  # (D_j, λ_j), newest last

@@ -283,7 +283,7 @@ def _res_multistep(
     multistep combination (ComfyUI's res_multistep*); else the model's own α, λ and the guided ones."""
     extra_args = extra_args or {}
     flow = not comfy and is_flow(model)
-    sigmas = first_sigma_for_log_snr(sigmas, flow)
+    sigmas = first_sigma_for_log_snr(sigmas, flow, model)
     if eta:
         noise_sampler = make_noise_sampler(x, sigmas, noise_sampler, seed)
     old = None  # (h_{i−1}, D_{i−1}): the previous deterministic step's λ-length and model output
@@ -500,7 +500,7 @@ def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order,
     _check_order(max_order, 3)
     extra_args = extra_args or {}
     flow = is_flow(model)
-    sigmas = first_sigma_for_log_snr(sigmas, flow)
+    sigmas = first_sigma_for_log_snr(sigmas, flow, model)
     s64 = sigmas.double().cpu()
     lam64, a64 = half_log_snr(s64, flow), alpha(s64, flow)
     n = len(sigmas) - 1

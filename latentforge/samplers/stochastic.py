@@ -50,7 +50,7 @@ class _Schedule:
 
     def __init__(self, model, sigmas: torch.Tensor):
         self.flow = is_flow(model)
-        self.sigmas = first_sigma_for_log_snr(sigmas, self.flow)  # the σ the model sees
+        self.sigmas = first_sigma_for_log_snr(sigmas, self.flow, model)  # the σ the model sees
         s = self.sigmas.detach().to("cpu", torch.float64)
         self.sig = [float(v) for v in s]
         self.lam = [
