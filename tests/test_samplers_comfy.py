@@ -855,3 +855,62 @@ def test_flow_start_at_one_is_offset_like_comfyui(name):
     s = torch.tensor([1.0, 0.6, 0.3, 0.0], dtype=torch.float64)
     SAMPLERS[name](Shift3(), torch.randn(4, 4, dtype=torch.float64), s, seed=0)
     assert seen[0] == pytest.approx(3 * 0.9999 / (1 + 2 * 0.9999), rel=1e-12)
+
+
+# --- euler_ancestral_cfg_pp, ddpm ---------------------------------------------------------------------------
+# ComfyUI's sample_euler_ancestral_cfg_pp (all models): α = σ·e^{λ} (1, or 1 − σ for flow), d = (x −
+# α_s·U)/σ, the DDIM split of σ_s/α_s → σ_t/α_t, σ_down ← α_t·σ_down, x = α_t·D + σ_down·d + α_t·σ_up·z;
+# x = D on the step to 0. Its sample_ddpm: DDPMSampler_step on x/√(1 + σ²) with ᾱ = 1/(1 + σ²), ε = (x − D)/σ,
+# μ = (x_VP − (1 − a)ε/√(1 − ᾱ))/√a (a = ᾱ/ᾱ_next) plus √((1 − a)(1 − ᾱ_next)/(1 − ᾱ))·z, rescaled by
+# √(1 + σ_next²) — on every model's own σ.
+
+
+def _comfy_euler_ancestral_cfg_pp_reference(model, x, s, flow, noise, eta=1.0):
+    for i in range(len(s) - 1):
+        si, sn = float(s[i]), float(s[i + 1])
+        d_out, u = model.with_uncond(x, torch.full((x.shape[0],), si, dtype=torch.float64))
+        if sn == 0:
+            x = d_out
+            continue
+        a_s, a_t = (1 - si, 1 - sn) if flow else (1.0, 1.0)
+        d = (x - a_s * u) / si
+        vs, vt = si / a_s, sn / a_t
+        su = min(vt, eta * np.sqrt(vt**2 * (vs**2 - vt**2) / vs**2))
+        sd = a_t * np.sqrt(vt**2 - su**2)
+        x = a_t * d_out + sd * d + a_t * noise(None, None) * su
+    return x
+
+
+def _comfy_ddpm_reference(model, x, s, noise):
+    for i in range(len(s) - 1):
+        si, sn = float(s[i]), float(s[i + 1])
+        den = model(x, torch.full((x.shape[0],), si, dtype=torch.float64))
+        eps = (x - den) / si
+        ac, ac_next = 1 / (si**2 + 1), 1 / (sn**2 + 1)
+        a = ac / ac_next
+        mu = np.sqrt(1 / a) * (x / np.sqrt(1 + si**2) - (1 - a) * eps / np.sqrt(1 - ac))
+        if sn > 0:
+            mu = mu + np.sqrt((1 - a) * (1 - ac_next) / (1 - ac)) * noise(None, None)
+        x = mu * np.sqrt(1 + sn**2) if sn != 0 else mu
+    return x
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", ["euler_ancestral_cfg_pp", "ddpm"])
+def test_euler_ancestral_cfg_pp_and_ddpm_are_comfyuis(name, flow):
+    model = Guided(3.0, flow)
+    s = (
+        torch.cat([torch.linspace(0.98, 0.03, 12, dtype=torch.float64), torch.zeros(1)])
+        if flow
+        else karras(12)
+    )
+    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x * (1 - s[0]) if flow else x * s[0]
+    if name == "ddpm":
+        ref = _comfy_ddpm_reference(model, x.clone(), s, shared_noise())
+    else:
+        ref = _comfy_euler_ancestral_cfg_pp_reference(model, x.clone(), s, flow, shared_noise())
+    assert rel(SAMPLERS[name](model, x.clone(), s, noise_sampler=shared_noise()), ref) < 1e-11
+    if name == "ddpm":  # ddpm_exact: the same on VE models, the flow's α on flow models
+        exact = SAMPLERS["ddpm_exact"](model, x.clone(), s, noise_sampler=shared_noise())
+        assert (rel(exact, ref) > 1e-3) == flow

@@ -16,6 +16,7 @@ from latentforge.samplers import karras as K
 from latentforge.schedules import get_sigmas_karras
 
 SMIN, SMAX = 0.0291675, 14.614642
+RAW = {**K.SAMPLERS, **K.EXACT_SAMPLERS}  # ComfyUI's names and our `_exact` variants
 NS = (10, 20, 40, 80)
 NEW = [
     "heun",
@@ -64,9 +65,9 @@ def order_and_errors(name, final="denoise", flow=False, ns=NS, **kw):
             ref = g.denoise_ve(g.ode_solution_ve(x, float(s[0]), float(s[-2])), s[-2])
         if flow:  # same SNR levels; x_flow = (1 − σ_f)·x_ve; at σ = 0 both coordinates agree
             sf = to_flow(s)
-            out = K.SAMPLERS[name](model, (1 - sf[0]) * x, sf, **kw)
+            out = RAW[name](model, (1 - sf[0]) * x, sf, **kw)
         else:
-            out = K.SAMPLERS[name](model, x, s, **kw)
+            out = RAW[name](model, x, s, **kw)
         errs.append(float((out - ref).abs().max()))
     slope = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
     return slope, errs
@@ -140,14 +141,16 @@ def test_ddpm_equals_euler_ancestral_ve(eta):
 
 def test_ddpm_flow_equals_ve():
     # The posterior q(x_s | x_t, x₀) is the same distribution in both coordinates (x_flow = α·x_ve), so
-    # with shared noise the flow run reproduces the VE run: checks the general-α derivation.
+    # with shared noise the flow run reproduces the VE run: checks the general-α derivation of
+    # ddpm_exact (ComfyUI's ddpm takes the VE form on a flow model's σ: test_samplers_comfy.py).
     g = GaussianMixture.random(k=2, dim=2, seed=0)
     s = get_sigmas_karras(12, SMIN, SMAX).double()
     sf = to_flow(s)
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * s[0]
-    ve = K.sample_ddpm(g.denoiser(), x, s, noise_sampler=ListNoise((64, 2), 5))
-    fl = K.sample_ddpm(FlowModel(g), (1 - sf[0]) * x, sf, noise_sampler=ListNoise((64, 2), 5))
+    ve = K.sample_ddpm_exact(g.denoiser(), x, s, noise_sampler=ListNoise((64, 2), 5))
+    fl = K.sample_ddpm_exact(FlowModel(g), (1 - sf[0]) * x, sf, noise_sampler=ListNoise((64, 2), 5))
     assert (ve - fl).abs().max() < 1e-10
+    assert (K.sample_ddpm(g.denoiser(), x, s, noise_sampler=ListNoise((64, 2), 5)) - ve).abs().max() < 1e-10
 
 
 def test_lcm_flow_equals_ve():
@@ -246,7 +249,7 @@ def _moment_check(name, flow, steps=100, n=4000, **kw):
         model, x = FlowModel(g), (1 - s[0]) * x0 + s[0] * z
     else:
         model, x = g.denoiser(), x0 + s[0] * z
-    out = K.SAMPLERS[name](model, x, s, noise_sampler=ListNoise((n, 2), 12), **kw)
+    out = RAW[name](model, x, s, noise_sampler=ListNoise((n, 2), 12), **kw)
     m, C = out.mean(0), torch.cov(out.T)
     xc = out - m
     se_m = (torch.diag(C) / n).sqrt()
@@ -259,7 +262,14 @@ def _moment_check(name, flow, steps=100, n=4000, **kw):
 
 @pytest.mark.parametrize(
     "name,flow",
-    [("euler_ancestral", False), ("dpm_2_ancestral", False), ("dpm_2_ancestral", True), ("ddpm", False)],
+    [
+        ("euler_ancestral", False),
+        ("dpm_2_ancestral", False),
+        ("dpm_2_ancestral", True),
+        ("ddpm", False),
+        ("ddpm_exact", True),
+        ("euler_ancestral_cfg_pp", True),
+    ],  # fmt: skip
 )
 def test_stochastic_moments(name, flow):
     _moment_check(name, flow)
@@ -295,10 +305,10 @@ def test_churn_is_deterministic_for_a_seed(name):
     s = get_sigmas_karras(8, SMIN, SMAX).double()
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * s[0]
     kw = dict(s_churn=2.0, s_tmin=0.05, s_tmax=10.0)
-    a = K.SAMPLERS[name](g.denoiser(), x, s, seed=123, **kw)
-    b = K.SAMPLERS[name](g.denoiser(), x, s, seed=123, **kw)
-    c = K.SAMPLERS[name](g.denoiser(), x, s, seed=124, **kw)
-    plain = K.SAMPLERS[name](g.denoiser(), x, s)
+    a = RAW[name](g.denoiser(), x, s, seed=123, **kw)
+    b = RAW[name](g.denoiser(), x, s, seed=123, **kw)
+    c = RAW[name](g.denoiser(), x, s, seed=124, **kw)
+    plain = RAW[name](g.denoiser(), x, s)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-6 and (a - plain).abs().max() > 1e-6
 
@@ -308,9 +318,9 @@ def test_stochastic_seeded(name):
     g = GaussianMixture.single(4)
     s = get_sigmas_karras(6, SMIN, SMAX).double()
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * s[0]
-    a = K.SAMPLERS[name](g.denoiser(), x, s, seed=7)
-    assert torch.equal(a, K.SAMPLERS[name](g.denoiser(), x, s, seed=7))
-    assert not torch.equal(a, K.SAMPLERS[name](g.denoiser(), x, s, seed=8))
+    a = RAW[name](g.denoiser(), x, s, seed=7)
+    assert torch.equal(a, RAW[name](g.denoiser(), x, s, seed=7))
+    assert not torch.equal(a, RAW[name](g.denoiser(), x, s, seed=8))
 
 
 @pytest.mark.parametrize("flow", [False, True])
@@ -328,7 +338,7 @@ def test_dtypes_batch_short_schedules(name, dtype, flow):
         s = to_flow(s) if flow else s
         x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(dtype) * s[0]
         calls: list[int] = []
-        out = K.SAMPLERS[name](model, x, s, callback=lambda info, c=calls: c.append(info["i"]))
+        out = RAW[name](model, x, s, callback=lambda info, c=calls: c.append(info["i"]))
         assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
         assert calls == list(range(len(s) - 1))
 
@@ -337,7 +347,7 @@ def test_registry():
     from latentforge.samplers import SAMPLERS
 
     for name in NEW:
-        assert K.SAMPLERS[name].__name__ == f"sample_{name}"
+        assert RAW[name].__name__ == f"sample_{name}"
         assert name in SAMPLERS
     g = GaussianMixture.single(4)
     s = get_sigmas_karras(10, SMIN, SMAX)

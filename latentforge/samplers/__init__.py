@@ -33,6 +33,7 @@ SAMPLER_NAMES = [
 ]  # fmt: skip
 
 _RAW_EXACT = {
+    **karras.EXACT_SAMPLERS,
     **dpm_solver.EXACT_SAMPLERS,
     **dpmpp.EXACT_SAMPLERS,
     **multistep.EXACT_SAMPLERS,
