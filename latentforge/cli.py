@@ -301,7 +301,7 @@ def _train(args, rest: list[str]) -> int:
         overrides["data"] = check.utf8("--data", args.data)
     if args.resume is not None:
         check.in_dir("--resume", args.resume, "the folder of a training run")
-        from latentforge.training.loop import missing_for_resume
+        from latentforge.training.run_folder import missing_for_resume
 
         missing = missing_for_resume(args.resume)
         if missing:

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from latentforge.cli import main as cli
-from latentforge.training import dist, loop
+from latentforge.training import dist, loop, run_folder
 from latentforge.training import state as st
 from latentforge.training.config import (
     DenoiserTrainConfig,
@@ -217,7 +217,7 @@ def test_leftovers_of_a_killed_run_are_removed_at_its_next_start(tmp_path):
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / ".last.safetensors.tmp-4242").write_bytes(b"half")
     (out / ".metrics.jsonl.tmp-4242").write_text("")
-    with loop.claim(str(out), micro(), True, dist.World()):
+    with run_folder.claim(str(out), micro(), True, dist.World()):
         pass
     assert sorted(os.listdir(root)) == ["last", "step-00000001"]
     assert os.listdir(out / "checkpoints") == []
@@ -348,7 +348,7 @@ def test_vae_and_discriminator_init_from_the_seed_not_the_global_rng():
 
 
 def test_shapes_tiny_text_tower_holds_the_longest_caption():
-    from latentforge.training.config import SHAPES_TINY
+    from latentforge.training.presets import SHAPES_TINY
 
     assert SHAPES_TINY["text"].max_position_embeddings == 48  # shapes captions: up to 39 tokens + BOS/EOS
 

@@ -5,7 +5,7 @@ preset → TOML file → flags: `resolve(kind, preset=..., toml=..., overrides=[
 dataclass fields by name; nested configs are tables (``[objective]``, ``[unet]``, ``[text]``). A flag
 ``--name value`` sets a top-level field (dashes read as underscores) and ``--table.field value`` a nested one;
 values are parsed by the field's declared type, so a typo or a wrong type is an error that names the field
-and what it accepts. No registries built from strings: the presets are the dicts at the bottom.
+and what it accepts. No registries built from strings: the presets are the dicts of presets.py.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from latentforge.models import (
     UNetConfig,
 )
 from latentforge.training.objectives import ObjectiveConfig
+from latentforge.training.presets import DENOISER_PRESETS, VAE_PRESETS
 
 FAMILIES_TRAINABLE = families.trainable()
 NETS = ("unet", "dit", "mmdit")
@@ -232,110 +233,6 @@ def check_resolution(data: str, res) -> None:
     )
     if isinstance(res, bool) or not isinstance(res, int) or not lo <= res <= hi:
         raise ValueError(f"resolution {res!r} is out of range{what}; expected an integer in [{lo}, {hi}]")
-
-
-# --------------------------------------------------------------------------------------------------------
-# presets
-
-# A 32×32 pixel-space text-to-image UNet with a jointly trained 2-layer CLIP text tower, in the SD1 layout
-# (model.diffusion_model. / cond_stage_model.): rectified flow with logit-normal t (Esser et al. 2024, §3.1).
-SHAPES_TINY = dict(
-    family="sd15",
-    net="unet",
-    pixel_space=True,
-    resolution=32,
-    unet=UNetConfig(
-        in_channels=3,
-        out_channels=3,
-        model_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2, 2),
-        attention_resolutions=(2, 4),
-        num_head_channels=32,
-        transformer_depth=1,
-        context_dim=64,
-        use_linear_in_transformer=True,
-    ),  # fmt: skip
-    text=CLIPTextConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=48,  # shapes captions reach 39 tokens, 41 with BOS/EOS
-    ),  # fmt: skip
-    objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal"),
-    batch_size=32,
-    max_steps=2000,
-    lr=1e-3,
-    warmup_steps=20,
-    lr_schedule="constant",
-    weight_decay=0.0,
-    ema_decay=0.995,
-    checkpoint_every=100,
-    sample_every=0,
-    sample_steps=20,
-    sample_cfg=3.0,
-    eval_n=64,
-)
-
-# The same data and text tower with a DiT (adaLN-Zero, cross-attention to the text; Peebles & Xie 2023,
-# PixArt-α) on 32×32 pixels in 4×4 patches.
-SHAPES_TINY_DIT = {
-    **SHAPES_TINY,
-    "family": "dit-text",
-    "net": "dit",
-    "unet": None,
-    "dit": DiTConfig(
-        input_size=32,
-        patch_size=4,
-        in_channels=3,
-        hidden_size=192,
-        depth=6,
-        num_heads=6,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.0,
-        num_classes=0,
-        learn_sigma=False,
-        context_dim=64,
-        pooled_dim=64,
-    ),  # fmt: skip
-}
-
-DENOISER_PRESETS: dict[str, dict[str, Any]] = {
-    "shapes-tiny": SHAPES_TINY,
-    "shapes-tiny-dit": SHAPES_TINY_DIT,
-    # fine-tuning: the networks come from `init_from`; text encoders frozen, the checkpoint's VAE
-    "sd15": dict(family="sd15", net="unet", train_text_encoder=False, resolution=512, lr=1e-5, batch_size=1),
-    "sdxl-base": dict(
-        family="sdxl-base", net="unet", train_text_encoder=False, resolution=1024, lr=1e-5, batch_size=1
-    ),
-    "sd3-medium": dict(
-        family="sd3-medium",
-        net="mmdit",
-        train_text_encoder=False,
-        resolution=1024,
-        lr=1e-5,
-        batch_size=1,
-        objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal", shift=3.0),
-    ),  # fmt: skip
-}
-
-VAE_PRESETS: dict[str, dict[str, Any]] = {
-    # a small f=4 autoencoder for the shapes scenes: 64×64×3 -> 16×16×4 (12× fewer values)
-    "shapes-vae": dict(
-        vae=AutoencoderKLConfig(
-            ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=64
-        ),
-        resolution=64,
-        batch_size=16,
-        lr=2e-4,
-        kl_weight=1e-6,
-        disc_start=2001,
-        max_steps=2000,
-        checkpoint_every=500,
-    ),
-    "sd": dict(vae=AutoencoderKLConfig(), resolution=256, batch_size=2),
-}
 
 
 # --------------------------------------------------------------------------------------------------------

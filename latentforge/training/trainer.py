@@ -43,7 +43,7 @@ from latentforge.checkpoints import (
 )
 from latentforge.models.init import init_weights
 from latentforge.models.vae import LatentFormat
-from latentforge.training import dist, loop
+from latentforge.training import dist, loop, run_folder
 from latentforge.training.config import MODEL_FIELDS, DenoiserTrainConfig
 from latentforge.training.ema import weights_swapped
 from latentforge.training.feed import dataset_for, micro_generator
@@ -211,7 +211,7 @@ def train_denoiser(
     `stop_after`: return after this many steps of this call (tests; the run stays resumable)."""
     world = dist.init(device)
     try:
-        with loop.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
+        with run_folder.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
             return loop.run(DenoiserTask(cfg, world, out), out, resume, dry_run, progress, stop_after, strict)
     finally:
         dist.shutdown()

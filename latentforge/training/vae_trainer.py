@@ -27,7 +27,7 @@ from torch import nn
 from latentforge.checkpoints import configs_to_json, load_vae_file, save_state_dict
 from latentforge.models.init import init_weights
 from latentforge.models.vae import AutoencoderKL, LatentFormat
-from latentforge.training import dist, loop
+from latentforge.training import dist, loop, run_folder
 from latentforge.training.config import VAETrainConfig
 from latentforge.training.ema import weights_swapped
 from latentforge.training.feed import dataset_for, micro_generator
@@ -117,7 +117,7 @@ def train_vae(
     """Run (or continue, with `resume`) a VAE training run into folder `out`; returns a summary (loop.run)."""
     world = dist.init(device)
     try:
-        with loop.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
+        with run_folder.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
             return loop.run(VAETask(cfg, world), out, resume, dry_run, progress, stop_after, strict)
     finally:
         dist.shutdown()
