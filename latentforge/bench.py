@@ -285,7 +285,8 @@ def format_table(report: dict) -> str:
         f"ODE: RMSE against the exact probability-flow solution; SDE: sliced W1 to mixture samples "
         f"(noise floor {report['sw_floor']:.3e}; Fréchet distances to the exact moments are in the JSON). "
         f"(n) = measured NFE. order: measured convergence order of the deterministic form (eta = 0) over "
-        f"{steps} Karras steps on a single Gaussian, against the exact ODE solution then denoise. "
+        f"{steps} Karras steps on a single Gaussian, against the exact ODE solution then denoise "
+        f"(lms: the ODE to 0; dpm_fast: the ODE to the last positive σ, what they compute). "
         f"{report['seconds']:.1f} s."
     )
     return "\n".join(lines)
