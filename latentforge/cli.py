@@ -75,7 +75,7 @@ def _eval_generate(args) -> str:
 
     import numpy as np
 
-    from latentforge.files import write_text
+    from latentforge.files import atomic_path, write_text
     from latentforge.pipeline import Pipeline
     from latentforge.shapes import caption, sample_scene
 
@@ -90,9 +90,8 @@ def _eval_generate(args) -> str:
         (img,) = pipe(prompt, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
                       seed=args.seed + k, width=args.width, height=args.height, progress=False)  # fmt: skip
         name = f"{k:06d}.png"
-        tmp = os.path.join(out, f".{name}.tmp.png")
-        img.save(tmp)
-        os.replace(tmp, os.path.join(out, name))
+        with atomic_path(os.path.join(out, name)) as tmp:
+            img.save(tmp, format="PNG")
         lines.append(json.dumps({"file_name": name, "text": prompt}))
     write_text(os.path.join(out, "metadata.jsonl"), "\n".join(lines) + "\n")
     return out
