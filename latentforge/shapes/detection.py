@@ -28,6 +28,9 @@ Analytic, no training.
 5. JPEG re-ranking: when the best two shapes are nearly tied and the contrast is mostly chroma, simulated
    JPEG round trips of the candidates (sharp and blurred like the image) decide (``jpeg.suspect``,
    ``jpeg.rerank``).
+6. Ambiguity: an object whose best other shape fits within SHAPE_AMBIGUITY_Z noise standard deviations
+   (``shape_margin``) has its shape reported ambiguous (``Detection.shape_ambiguous``): the scene still
+   names the best fit, and scoring counts such shapes apart (``scoring``, ``report``).
 
 Features (``features``, for FSD): per grid cell (row-major) 15 numbers -- foreground present (0/1),
 foreground area as a fraction of the cell, measured colour minus background (RGB / 255, 3), best template
@@ -78,7 +81,8 @@ N_FEATURES = 9 * FEATURES_PER_CELL + 4
 @dataclass(frozen=True)
 class Detection:
     """What ``analyze`` finds in one image: the complete scene, per-object confidence (best template
-    similarity, 1 = perfect) and the feature vector used by FSD."""
+    similarity, 1 = perfect), the feature vector used by FSD, the image's blur and, per object, whether its
+    shape is ambiguous and by what margin (step 6)."""
 
     scene: Scene
     confidence: tuple[float, ...]
