@@ -315,7 +315,8 @@ def test_flow_match_euler(n):
 
 FLOW_MULTISTEP_CASES = [
     # (our name, diffusers class, config, stochastic)
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++"), False),
+    # ComfyUI's dpmpp_2m steps in the VE λ on a flow model; the flow-coordinate form is dpmpp_2m_exact
+    ("dpmpp_2m_exact", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++"), False),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), True),
     ("uni_pc_bh2", "UniPCMultistepScheduler", dict(solver_type="bh2"), False),
 ]

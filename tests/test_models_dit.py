@@ -240,11 +240,16 @@ def test_odd_shapes(input_size, patch_size):
 
 
 def test_batch_independence_and_dtype_follows_input():
+    torch.manual_seed(0)  # the weights and inputs must not depend on which tests ran before
     model = randomize(DiT(TINY)).eval()
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([5.0, 50.0, 500.0]), torch.tensor([1, 2, 3])
     full = model(x, t, y)
     one = model(x[1:2], t[1:2], y[1:2])
-    torch.testing.assert_close(full[1:2], one, atol=1e-5, rtol=1e-5)
+    # Batched and single GEMMs/SDPA block their float32 sums differently: each is ~1e-6·max|out| from the
+    # float64 result (measured 1.9e-5 at max|out| = 18.5), so they may differ by that much; cross-talk
+    # between batch entries would show at the scale of the output itself.
+    scale = float(full.abs().max())
+    torch.testing.assert_close(full[1:2], one, atol=2e-6 * scale, rtol=1e-5)
     assert model(x.double(), t, y).dtype == torch.float64  # float32 weights, float64 caller
 
 
