@@ -18,18 +18,31 @@ Every function has the signature the `Family` entries (families.py) call:
 `(encoders, prompts, width, height, negative, net) -> kwargs`, with `net` the denoising network's config.
 The unconditional branch is the encoded empty prompt (`CompVis txt2img.py`, A1111, ComfyUI, sd3_infer), not
 sgm's zeroed embeddings or diffusers' `force_zeros_for_empty_prompt`.
+
+Prompts go through `latentforge.prompts` (A1111's emphasis syntax and BREAK): every CLIP tower encodes each
+prompt in chunks of max_position_embeddings - 2 tokens, each chunk with its own BOS/EOS/padding, and
+concatenates the chunks' hidden states along the sequence ([B, n·77, D] for n chunks; nothing is cut);
+the pooled output is the first chunk's (A1111 `sd_hijack_clip`, ComfyUI `encode_token_weights`). The
+prompts of one call are padded with empty chunks to the longest; `pad_chunks(n)` pads them to at least n
+(so the prompt and the negative prompt batch together: `families.encode_pair`). `weighting` applies the
+weights as A1111 ("a1111": scale, restore the mean) or ComfyUI ("comfy": from the empty prompt), or reads
+the text literally ("none"). A prompt without syntax that fits one chunk gives exactly the tensors of a
+plain `tokenize` + encoder call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from latentforge.models.text import CLIPTextModel
+from latentforge import prompts as prompt_syntax
+from latentforge import tokenizer
+from latentforge.models.text import CLIPTextModel, CLIPTextOutput
 from latentforge.models.unet import sdxl_refiner_vector, sdxl_vector
-from latentforge.tokenizer import tokenize
 
 # sgm's refiner conditioner: aesthetic_score 6.0 for the prompt, 2.5 for the negative
 # (generative-models `sampling.py` / A1111 `sdxl_refiner_low_aesthetic_score`).
@@ -48,57 +61,142 @@ def _encoder(encoders: dict, name: str, family: str) -> CLIPTextModel:
     return enc
 
 
-def _ids(enc: CLIPTextModel, prompts: list[str], pad: str) -> torch.Tensor:
+_MIN_CHUNKS: contextvars.ContextVar[int] = contextvars.ContextVar("latentforge_min_chunks", default=1)
+
+
+@contextlib.contextmanager
+def pad_chunks(n: int):
+    """Within this block every CLIP encoding has at least `n` chunks (empty ones appended), so the prompt's
+    and the negative prompt's contexts have the same length (A1111 pads the shorter with empty chunks)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the chunk count must be an int >= 1, got {n!r}")
+    token = _MIN_CHUNKS.set(n)
+    try:
+        yield
+    finally:
+        _MIN_CHUNKS.reset(token)
+
+
+def _prompt_chunks(enc: CLIPTextModel, prompts: list[str], weighting: str) -> list[list[prompt_syntax.Chunk]]:
+    chunk_len = enc.config.max_position_embeddings - 2  # 75 for CLIP's 77 positions
+    emphasis = prompt_syntax.check_weighting(weighting) != "none"
+    return [prompt_syntax.chunks(p, tokenizer.encode, chunk_len, emphasis=emphasis) for p in prompts]
+
+
+def chunk_count(encoders: dict, prompts: list[str], weighting: str = "a1111") -> int:
+    """The most chunks any of `prompts` needs in any of the CLIP `encoders` (1 without encoders)."""
+    counts = [
+        len(c)
+        for enc in encoders.values()
+        if isinstance(enc, CLIPTextModel)
+        for c in _prompt_chunks(enc, prompts, weighting)
+    ]
+    return max(counts, default=1)
+
+
+def _encode(
+    enc: CLIPTextModel,
+    prompts: list[str],
+    pad: str,
+    layer: str,
+    final_norm: bool,
+    pooled: bool,
+    weighting: str,
+    n: int | None = None,
+) -> CLIPTextOutput:
+    """Chunked, weighted encoding: hidden [B, n·L, D] (L = max_position_embeddings), pooled / projected
+    from each prompt's first chunk. n: the chunk count (default: the most any prompt needs, at least
+    the `pad_chunks` count)."""
     device = next(enc.parameters()).device
-    return tokenize(prompts, enc.config.max_position_embeddings, pad=pad).to(device)
+    L = enc.config.max_position_embeddings
+    per_prompt = _prompt_chunks(enc, prompts, weighting)
+    n = max(n or 1, _MIN_CHUNKS.get(), *(len(c) for c in per_prompt))
+    pad_id = tokenizer.EOS if pad == "eos" else 0
+    rows = [prompt_syntax.chunk_ids(c, n, L, tokenizer.BOS, tokenizer.EOS, pad_id) for c in per_prompt]
+    ids = torch.cat([r[0] for r in rows]).to(device)  # [B·n, L], prompt-major
+    weights = torch.cat([r[1] for r in rows])  # [B·n, L]
+    out = enc(ids, layer=layer, final_norm=final_norm, pooled=pooled)
+    hidden = out.hidden
+    if weighting != "none" and not bool((weights == 1).all()):
+        z_empty = None
+        if weighting == "comfy":  # the empty prompt at the same layer (ComfyUI's gen_empty_tokens)
+            empty = tokenizer.tokenize([""], L, pad=pad).to(device)
+            z_empty = enc(empty, layer=layer, final_norm=final_norm, pooled=False).hidden[0]  # [L, D]
+        hidden = prompt_syntax.apply_weights(hidden, weights, weighting, z_empty)
+    B = len(prompts)
+    hidden = hidden.reshape(B, n * L, hidden.shape[-1])
+    if not pooled:
+        return CLIPTextOutput(hidden, None, None)
+    first = torch.arange(B, device=hidden.device) * n  # each prompt's first chunk
+    projected = out.projected[first] if out.projected is not None else None
+    return CLIPTextOutput(hidden, out.pooled[first], projected)
 
 
-def sd15(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
+def _chunks_for(encoders: dict, names: tuple[str, ...], prompts: list[str], weighting: str) -> int:
+    """One chunk count for towers that are concatenated on channels (SDXL, SD3: L ‖ G)."""
+    return chunk_count({k: encoders[k] for k in names if k in encoders}, prompts, weighting)
+
+
+def sd15(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
     """SD1: HF CLIPTextModel `last_hidden_state` (after final_layer_norm), EOS padding
     (ldm FrozenCLIPEmbedder)."""
     enc = _encoder(encoders, "clip_l", "sd15")
-    out = enc(_ids(enc, prompts, "eos"), layer="last", final_norm=True, pooled=False)
-    return {"context": out.hidden}  # [B, 77, 768]
+    out = _encode(enc, prompts, "eos", "last", True, False, weighting)
+    return {"context": out.hidden}  # [B, n·77, 768]
 
 
-def sd21(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
+def sd21(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
     """SD2: OpenCLIP ViT-H, resblocks 0..22 then ln_final (FrozenOpenCLIPEmbedder layer="penultimate"),
     open_clip's zero padding."""
     enc = _encoder(encoders, "clip_h", "sd21")
-    out = enc(_ids(enc, prompts, "zero"), layer="penultimate", final_norm=True, pooled=False)
-    return {"context": out.hidden}  # [B, 77, 1024]
+    out = _encode(enc, prompts, "zero", "penultimate", True, False, weighting)
+    return {"context": out.hidden}  # [B, n·77, 1024]
 
 
-def _bigg(encoders: dict, prompts: list[str], family: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """bigG penultimate without ln_final [B, 77, 1280] and the projected pooled EOS state [B, 1280]
+def _bigg(
+    encoders: dict, prompts: list[str], family: str, weighting: str, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bigG penultimate without ln_final [B, n·77, 1280] and the projected pooled EOS state [B, 1280]
     (FrozenOpenCLIPEmbedder2 layer="penultimate", always_return_pooled=True, legacy=False)."""
     enc = _encoder(encoders, "clip_g", family)
-    out = enc(_ids(enc, prompts, "zero"), layer="penultimate", final_norm=False, pooled=True)
+    out = _encode(enc, prompts, "zero", "penultimate", False, True, weighting, n)
     return out.hidden, out.projected
 
 
-def _clip_l_penultimate(encoders: dict, prompts: list[str], family: str):
-    """CLIP-L hidden_states[11] (the penultimate, no final LN) [B, 77, 768] and the final-LN pooled
+def _clip_l_penultimate(
+    encoders: dict, prompts: list[str], family: str, weighting: str, n: int | None = None
+):
+    """CLIP-L hidden_states[11] (the penultimate, no final LN) [B, n·77, 768] and the final-LN pooled
     EOS state [B, 768], EOS padding (sgm FrozenCLIPEmbedder layer="hidden", layer_idx=11; SD3 ClipL)."""
     enc = _encoder(encoders, "clip_l", family)
-    out = enc(_ids(enc, prompts, "eos"), layer="penultimate", final_norm=False, pooled=True)
+    out = _encode(enc, prompts, "eos", "penultimate", False, True, weighting, n)
     return out.hidden, out.pooled
 
 
-def sdxl_base(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
-    """SDXL base: context = L ‖ G on channels [B, 77, 2048]; y = sdxl_vector(G pooled, (H, W), (0, 0), (H, W))
-    [B, 2816]: no crop, original size = target size, as A1111 and ComfyUI default to."""
-    l_hidden, _ = _clip_l_penultimate(encoders, prompts, "sdxl-base")
-    g_hidden, g_pooled = _bigg(encoders, prompts, "sdxl-base")
+def sdxl_base(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
+    """SDXL base: context = L ‖ G on channels [B, n·77, 2048]; y = sdxl_vector(G pooled, (H, W), (0, 0),
+    (H, W)) [B, 2816]: no crop, original size = target size, as A1111 and ComfyUI default to. Each tower
+    weights its own output; both have the same chunk count."""
+    n = _chunks_for(encoders, ("clip_l", "clip_g"), prompts, weighting)
+    l_hidden, _ = _clip_l_penultimate(encoders, prompts, "sdxl-base", weighting, n)
+    g_hidden, g_pooled = _bigg(encoders, prompts, "sdxl-base", weighting, n)
     context = torch.cat([l_hidden, g_hidden.to(l_hidden.dtype)], dim=-1)
     y = sdxl_vector(g_pooled, original_size=(height, width), crop_coords=(0, 0), target_size=(height, width))
     return {"context": context, "y": y}
 
 
-def sdxl_refiner(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
-    """SDXL refiner: bigG only, context [B, 77, 1280]; y = sdxl_refiner_vector [B, 2560] with the aesthetic
-    score 6.0 for the prompt and 2.5 for the negative."""
-    g_hidden, g_pooled = _bigg(encoders, prompts, "sdxl-refiner")
+def sdxl_refiner(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
+    """SDXL refiner: bigG only, context [B, n·77, 1280]; y = sdxl_refiner_vector [B, 2560] with the
+    aesthetic score 6.0 for the prompt and 2.5 for the negative."""
+    g_hidden, g_pooled = _bigg(encoders, prompts, "sdxl-refiner", weighting)
     score = REFINER_AESTHETIC_NEGATIVE if negative else REFINER_AESTHETIC_POSITIVE
     y = sdxl_refiner_vector(
         g_pooled, original_size=(height, width), crop_coords=(0, 0), aesthetic_score=score
@@ -106,31 +204,36 @@ def sdxl_refiner(encoders: dict, prompts: list[str], width: int, height: int, ne
     return {"context": g_hidden, "y": y}
 
 
-def sd3(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
-    """SD3/SD3.5 (`sd3_infer.py` get_cond): lg = L ‖ G penultimate (no final LN) [B, 77, 2048], zero-padded on
-    channels to context_dim (4096), then T5's tokens along the sequence (zeros: no T5 encoder here)
-    -> context [B, 154, 4096]; y = L pooled (unprojected: the reference's identity text_projection) ‖ G
-    projected pooled -> [B, 2048]."""
+def sd3(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
+    """SD3/SD3.5 (`sd3_infer.py` get_cond): lg = L ‖ G penultimate (no final LN) [B, n·77, 2048], zero-padded
+    on channels to context_dim (4096), then T5's tokens along the sequence (zeros: no T5 encoder here)
+    -> context [B, n·77 + 77, 4096]; y = L pooled (unprojected: the reference's identity text_projection) ‖
+    G projected pooled -> [B, 2048]. The CLIPs are chunked and weighted; the T5 part is untouched."""
     family, context_dim = "sd3", net.context_dim
-    l_hidden, l_pooled = _clip_l_penultimate(encoders, prompts, family)
-    g_hidden, g_pooled = _bigg(encoders, prompts, family)
-    lg = torch.cat([l_hidden, g_hidden.to(l_hidden.dtype)], dim=-1)  # [B, 77, 2048]
+    n = _chunks_for(encoders, ("clip_l", "clip_g"), prompts, weighting)
+    l_hidden, l_pooled = _clip_l_penultimate(encoders, prompts, family, weighting, n)
+    g_hidden, g_pooled = _bigg(encoders, prompts, family, weighting, n)
+    lg = torch.cat([l_hidden, g_hidden.to(l_hidden.dtype)], dim=-1)  # [B, n·77, 2048]
     if lg.shape[-1] > context_dim:
         raise ValueError(f"CLIP-L ‖ CLIP-G is {lg.shape[-1]} wide, more than the context width {context_dim}")
-    lg = F.pad(lg, (0, context_dim - lg.shape[-1]))  # [B, 77, 4096]
+    lg = F.pad(lg, (0, context_dim - lg.shape[-1]))  # [B, n·77, 4096]
     if encoders.get("t5xxl") is not None:
         warnings.warn("the T5-XXL encoder is not supported yet; its tokens are zeros", stacklevel=3)
     t5 = lg.new_zeros(lg.shape[0], T5_ZERO_TOKENS, context_dim)  # [B, 77, 4096]
-    context = torch.cat([lg, t5], dim=1)  # [B, 154, 4096]
+    context = torch.cat([lg, t5], dim=1)  # [B, n·77 + 77, 4096]
     y = torch.cat([l_pooled, g_pooled.to(l_pooled.dtype)], dim=-1)  # [B, 768 + 1280]
     return {"context": context, "y": y}
 
 
-def dit_text(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
-    """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, L, D] (as SD1), y = the
-    pooled EOS state [B, D] (the DiT adds it to the timestep embedding when its pooled_dim > 0)."""
+def dit_text(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
+    """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, n·L, D] (as SD1), y = the
+    first chunk's pooled EOS state [B, D] (the DiT adds it to the timestep embedding if pooled_dim > 0)."""
     enc = _encoder(encoders, "clip_l", "dit-text")
-    out = enc(_ids(enc, prompts, "eos"), layer="last", final_norm=True, pooled=True)
+    out = _encode(enc, prompts, "eos", "last", True, True, weighting)
     return {"context": out.hidden, "y": out.pooled}
 
 
@@ -149,9 +252,12 @@ def parse_class_label(prompt: str, num_classes: int) -> int:
     return label
 
 
-def dit(encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net) -> dict:
+def dit(
+    encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
+) -> dict:
     """DiT: y = class labels [B] (long); the unconditional branch is the null class `num_classes`
-    (the extra row of LabelEmbedder's table, DiT models.py L67-94)."""
+    (the extra row of LabelEmbedder's table, DiT models.py L67-94). `weighting` does not apply."""
+    prompt_syntax.check_weighting(weighting)
     num_classes = net.num_classes
     labels = [num_classes if negative else parse_class_label(p, num_classes) for p in prompts]
     return {"y": torch.tensor(labels, dtype=torch.long)}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from latentforge import conditioning
+from latentforge import prompts as prompt_syntax
 from latentforge.model_sampling import DiscreteFlow, DiscreteVP, ModelSampling
 from latentforge.models.dit import PRESETS as DIT_PRESETS
 from latentforge.models.mmdit import PRESETS as MMDIT_PRESETS
@@ -231,19 +232,57 @@ def encode(
     height: int,
     negative: bool = False,
     net_config: Any = None,
+    weighting: str = "a1111",
 ) -> dict:
     """The network's conditioning kwargs for `prompts` (one per image) under `family`.
 
     encoders: component name -> CLIPTextModel (clip_l, clip_h, clip_g). width, height: the image size in
     pixels (SDXL's size conditioning). negative: this is the unconditional branch (refiner aesthetic score,
     DiT null class). net_config: the denoising network's config (SD3's context width, DiT's class count);
-    None takes the released model's.
+    None takes the released model's. weighting: how A1111's emphasis syntax weighs the CLIP outputs,
+    "a1111" | "comfy" | "none" (literal text) (latentforge.prompts). Long prompts are encoded in chunks
+    (context [B, n·77, D]); the prompts of one call are padded to the same chunk count.
     """
     fam = get(family)
+    prompts = _check_prompts(prompts)
+    prompt_syntax.check_weighting(weighting)
+    net_config = net_config if net_config is not None else fam.configs()[fam.net]
+    return fam.condition(encoders, prompts, width, height, negative, net_config, weighting=weighting)
+
+
+def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    net_config = net_config if net_config is not None else fam.configs()[fam.net]
-    return fam.condition(encoders, prompts, width, height, negative, net_config)
+    return prompts
+
+
+def chunk_count(family: str, encoders: dict, prompts: list[str], weighting: str = "a1111") -> int:
+    """How many CLIP chunks the longest of `prompts` needs under `family` (1 for DiT's class labels)."""
+    if get(family).class_labels:
+        return 1
+    return conditioning.chunk_count(encoders, _check_prompts(prompts), weighting)
+
+
+def encode_pair(
+    family: str,
+    encoders: dict,
+    prompts: list[str],
+    negatives: list[str],
+    width: int,
+    height: int,
+    net_config: Any = None,
+    weighting: str = "a1111",
+) -> tuple[dict, dict]:
+    """(cond, uncond) for the prompts and the negative prompts, padded with empty chunks to the same
+    chunk count so that classifier-free guidance can batch them (A1111 pads the shorter one with the
+    empty prompt's chunks)."""
+    n = max(
+        chunk_count(family, encoders, prompts, weighting), chunk_count(family, encoders, negatives, weighting)
+    )
+    with conditioning.pad_chunks(n):
+        cond = encode(family, encoders, prompts, width, height, False, net_config, weighting)
+        uncond = encode(family, encoders, negatives, width, height, True, net_config, weighting)
+    return cond, uncond

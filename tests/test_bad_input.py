@@ -253,30 +253,8 @@ def test_long_prompt_warns_once(monkeypatch):
     assert len(record) == 1 and "121 tokens" in str(record[0].message)
 
 
-def test_long_prompt_warns_through_conditioning(monkeypatch):
-    from latentforge import conditioning
-    from latentforge.models import CLIPTextConfig
-    from latentforge.models.text import CLIPTextModel
-
-    monkeypatch.setattr(tokenizer, "_cut_warned", set())
-    enc = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-        )  # fmt: skip
-    )
-    with pytest.warns(tokenizer.PromptTruncatedWarning, match="limit of 14 "):
-        conditioning.sd15(
-            {"clip_l": enc},
-            ["a red circle above a blue square and a green star left of a heart"],
-            64,
-            64,
-            False,
-            None,
-        )
+# A long prompt through the conditioning is chunked, not cut: tests/test_prompts.py
+# (test_long_prompt_through_sd15_is_not_cut).
 
 
 def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
