@@ -63,10 +63,35 @@ def _check_generation(args) -> None:
     check.int_in("--height", args.height, 1, MAX_SIZE)
     batch = check.int_in("--batch-size", getattr(args, "batch_size", 1), 1, MAX_BATCH)
     check.int_in("--seed", args.seed, 0, 2**63 - 1 - batch - getattr(args, "n", 0))
-    get_sampler(args.sampler)
-    if args.scheduler not in SCHEDULERS:
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise unknown_name_error("scheduler", args.scheduler, list(SCHEDULERS))
-    check.checkpoint("--model", args.model)
+    _check_model(args.model)
+
+
+def _check_model(name: str) -> str:
+    """`--model`: "default" (the shipped model) or a checkpoint file."""
+    from latentforge.pipeline import DEFAULT_MODEL
+
+    if name == "default":
+        if not os.path.isfile(DEFAULT_MODEL):
+            raise FileNotFoundError(
+                f"the default model {DEFAULT_MODEL} is missing from this install; reinstall latentforge "
+                "or give --model PATH"
+            )
+        return DEFAULT_MODEL
+    return check.checkpoint("--model", name)
+
+
+def _fill_defaults(args, pipe) -> None:
+    """Generation flags left unset take the model's own settings (Pipeline.defaults)."""
+    for name in ("steps", "sampler", "scheduler", "cfg"):
+        if getattr(args, name) is None:
+            setattr(args, name, pipe.defaults[name])
+
+
+EVAL_BATCH = 32  # prompts per sampling batch in `eval shapes --model`
 
 
 def _eval_generate(args) -> str:
@@ -80,19 +105,23 @@ def _eval_generate(args) -> str:
     from latentforge.shapes import caption, sample_scene
 
     pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
+    _fill_defaults(args, pipe)
     out = args.out or tempfile.mkdtemp(prefix="latentforge-eval-")
     os.makedirs(out, exist_ok=True)
     _say(f"loaded {args.model}: {pipe.detection}")
     rng = np.random.default_rng(args.seed)
-    prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(args.n)]
+    prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
     lines = []
-    for k, prompt in enumerate(prompts):
-        (img,) = pipe(prompt, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
-                      seed=args.seed + k, width=args.width, height=args.height, progress=False)  # fmt: skip
-        name = f"{k:06d}.png"
-        with atomic_path(os.path.join(out, name)) as tmp:
-            img.save(tmp, format="PNG")
-        lines.append(json.dumps({"file_name": name, "text": prompt}))
+    for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
+        chunk = prompts[start : start + EVAL_BATCH]
+        images = pipe(chunk, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
+                      seed=args.seed + start, width=args.width, height=args.height, batch_size=len(chunk),
+                      progress=False)  # fmt: skip
+        for k, (prompt, img) in enumerate(zip(chunk, images, strict=True), start):
+            name = f"{k:06d}.png"
+            with atomic_path(os.path.join(out, name)) as tmp:
+                img.save(tmp, format="PNG")
+            lines.append(json.dumps({"file_name": name, "text": prompt}))
     write_text(os.path.join(out, "metadata.jsonl"), "\n".join(lines) + "\n")
     return out
 
@@ -120,6 +149,66 @@ def _eval(args) -> int:
     _say(format_report(report))
     if args.json:
         _say(f"wrote {args.json}")
+    return 0
+
+
+# The demo's grid: a dozen prompts in the shapes grammar (what the default model knows: MODEL_CARD.md).
+DEMO_PROMPTS = (
+    "a big red circle in the upper left corner on a black background",
+    "a small yellow star in the center on a blue background",
+    "a green square left of a red triangle",
+    "a large white heart on a purple background",
+    "a blue diamond above an orange circle",
+    "a big cyan cross in the bottom right",
+    "a large orange hexagon on a white background",
+    "a tiny black star in the top right on a yellow background",
+    "a white plus sign below a red star on a green background",
+    "a big blue heart in the center",
+    "a red square, a green circle and a blue triangle on a white background",
+    "a purple background with a pink disk in the middle left and a little grey hexagon in the top middle",
+)
+
+
+def _demo(args) -> int:
+    """The main job (`./run.sh`): a grid from DEMO_PROMPTS and the adherence table on held-out prompts."""
+    import time
+
+    from latentforge.pipeline import Pipeline
+    from latentforge.shapes.evaluate import evaluate_folder
+    from latentforge.shapes.report import format_report
+    from latentforge.training.samples import save_grid
+
+    check.int_in("--n", args.n, 0)
+    check.int_in("--seed", args.seed, 0, 2**62)
+    _check_model(args.model)
+    check.out_dir("--out", args.out)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_single_file(args.model)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    images = pipe(list(DEMO_PROMPTS), seed=args.seed, batch_size=len(DEMO_PROMPTS), progress=False)
+    t_grid = time.perf_counter() - t0
+    grid = os.path.join(args.out, "grid.png")
+    save_grid(images, grid, cols=4, scale=2)
+    text = "\n".join(f"{k}: {p}" for k, p in enumerate(DEMO_PROMPTS)) + "\n"
+    from latentforge.files import write_text
+
+    write_text(os.path.join(args.out, "grid.txt"), text)
+    d = pipe.defaults
+    _say(
+        f"loaded {args.model} in {t_load:.2f} s; {len(images)} images ({d['steps']} steps, {d['sampler']}, "
+        f"cfg {d['cfg']:g}) in {t_grid:.1f} s\nwrote {grid} (prompts in grid.txt, row by row)"
+    )
+    if args.n:
+        t0 = time.perf_counter()
+        ev = argparse.Namespace(model=args.model, out=os.path.join(args.out, "heldout"), n=args.n,
+                                seed=args.seed, split="heldout", steps=None, sampler=None, scheduler=None,
+                                cfg=None, width=None, height=None)  # fmt: skip
+        folder = _eval_generate(ev)
+        report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"))
+        _say(f"\nheld-out prompts (compositions never trained on), {args.n} images:")
+        _say(format_report(report))
+        _say(f"({time.perf_counter() - t0:.0f} s; images and report in {args.out})")
     return 0
 
 
@@ -155,6 +244,7 @@ def _generate(args) -> int:
     pipe = Pipeline.from_single_file(
         args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
     )
+    _fill_defaults(args, pipe)
     if args.device:
         pipe.to(args.device)
     if args.decode is not None:  # latents saved by a run whose decode failed: its parameters are in the file
@@ -167,7 +257,8 @@ def _generate(args) -> int:
             seed = seeds[k] if k < len(seeds) else k
             _say(save_png(image, args.out, texts[k] if k < len(texts) else "", seed))
         return 0
-    model_hash = _short_hash(args.model)
+    model_file = _check_model(args.model)
+    model_hash = _short_hash(model_file)
 
     def text(k: int, width, height) -> str:
         return infotext(
@@ -181,7 +272,8 @@ def _generate(args) -> int:
                 "Seed": args.seed + k,
                 "Size": f"{width}x{height}",
                 "Model hash": model_hash,
-                "Model": os.path.splitext(os.path.basename(args.model))[0],
+                "Model": os.path.splitext(os.path.basename(model_file))[0],
+                "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )
@@ -202,6 +294,7 @@ def _generate(args) -> int:
             width=args.width,
             height=args.height,
             batch_size=args.batch_size,
+            weighting=args.weighting,
             progress=not args.quiet,
             latents_path=latents_path,
             latents_metadata={
@@ -361,9 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "prompt", nargs="?", default=None, help="the prompt, UTF-8 (a class index such as 207 for DiT)"
     )
-    g.add_argument("--model", required=True, help="single-file checkpoint (.safetensors, .ckpt, .pt)")
+    g.add_argument(
+        "--model",
+        default="default",
+        help="single-file checkpoint (.safetensors, .ckpt, .pt), or 'default': latentforge's shapes model",
+    )
     g.add_argument("--negative", default="", help="negative prompt (default: empty)")
-    _generation_flags(g, sampler="euler", scheduler="normal", cfg=7.0)
+    g.add_argument(
+        "--weighting",
+        choices=["a1111", "comfy", "none"],
+        default="a1111",
+        help="how (word:1.3) emphasis applies: A1111 (scale, restore the mean), ComfyUI (from the empty "
+        "prompt), none (literal text)",
+    )
+    _generation_flags(g)
     g.add_argument("--batch-size", type=int, default=1, help="images, 1..256")
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
@@ -385,9 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
         "shapes", help="the shapes benchmark: score a folder, or generate from a model and score"
     )
     es.add_argument("--images", help="folder of images with .txt captions or metadata.jsonl")
-    es.add_argument("--model", help="a checkpoint file: generate from held-out prompts, then score")
+    es.add_argument(
+        "--model",
+        help="a checkpoint file or 'default' (the shipped model): generate from held-out prompts, then score",
+    )
     es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model), >= 1")
-    _generation_flags(es, sampler="dpmpp_2m", scheduler="karras", cfg=5.0)
+    es.add_argument(
+        "--split",
+        default="heldout",
+        choices=["validation", "heldout"],
+        help="prompts (with --model): unseen scenes of trained kinds, or compositions never trained on",
+    )
+    _generation_flags(es)
     es.add_argument(
         "--out", default=None, help="where generated images go (with --model; default: a temp folder)"
     )
@@ -409,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--preset",
         default=None,
-        help="denoiser: shapes-tiny, shapes-tiny-dit, sd15, sdxl-base, sd3-medium; vae: shapes-vae, sd",
+        help="denoiser: shapes64, shapes-tiny, shapes-tiny-dit, sd15, sdxl-base, sd3-medium; "
+        "vae: shapes64-vae, shapes-vae, sd",
     )
     t.add_argument("--config", default=None, help="a TOML file of config fields (applied after the preset)")
     t.add_argument(
@@ -432,16 +546,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train, takes_rest=True)
 
+    dm = sub.add_parser(
+        "demo",
+        help="the main job: a grid of images from the default model and its adherence on held-out prompts",
+    )
+    dm.add_argument("--model", default="default", help="'default' (the shipped model) or a checkpoint file")
+    dm.add_argument("--out", default="out/demo", help="folder for grid.png and the evaluated images")
+    dm.add_argument("--n", type=int, default=100, help="held-out prompts to generate and score (0: none)")
+    dm.add_argument("--seed", type=int, default=0, help="seed of the first image, >= 0")
+    dm.set_defaults(func=_demo)
+
     i = sub.add_parser("info", help="list samplers and schedulers")
     i.set_defaults(func=_info)
     return p
 
 
-def _generation_flags(p: argparse.ArgumentParser, sampler: str, scheduler: str, cfg: float) -> None:
-    p.add_argument("--steps", type=int, default=20, help="sampling steps, 1..10000")
-    p.add_argument("--sampler", default=sampler, help="sampler name as in ComfyUI (see `latentforge info`)")
-    p.add_argument("--scheduler", default=scheduler, help="scheduler name as in ComfyUI")
-    p.add_argument("--cfg", type=float, default=cfg, help="classifier-free guidance scale, 0..100 (1 = none)")
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    # unset: the model's own settings (its file's latentforge.defaults; else 20 steps, euler, normal, cfg 7)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..10000 (default: the model's)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler name as in ComfyUI (see `latentforge info`; default: the model's)",
+    )
+    p.add_argument("--scheduler", default=None, help="scheduler name as in ComfyUI (default: the model's)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale, 0..100, 1 = none (default: the model's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed >= 0 of the first image; image k: seed + k")
     p.add_argument("--width", type=int, default=None, help="pixels, 1..16384 (default: the model's size)")
     p.add_argument("--height", type=int, default=None, help="pixels, 1..16384 (default: the model's)")

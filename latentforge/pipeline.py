@@ -23,7 +23,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
-from latentforge import families, memory, model_sampling
+from latentforge import conditioning, families, memory, model_sampling
 from latentforge.checkpoints import build_component
 from latentforge.families import PIXEL_FORMAT
 from latentforge.files import atomic_path
@@ -35,6 +35,17 @@ from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
 
 MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
+
+# latentforge's own text-to-image model (MODEL_CARD.md), shipped in the package: what "default" names
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64.safetensors")
+
+
+GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
+
+
+def model_file(name: str) -> str:
+    """A `--model` value as a file: "default" is the shipped model, anything else a path."""
+    return DEFAULT_MODEL if name == "default" else name
 
 
 class FirstChannels(nn.Module):
@@ -52,8 +63,11 @@ def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
     """Pipeline options a file written by our trainer carries in its safetensors metadata:
     "latentforge.model_sampling" (model_sampling.to_json: the model sampling it was trained with; older
     files name the training objective instead, "latentforge.objective"), "latentforge.space" ("pixel" or
-    "latent") and "latentforge.resolution" (the training size, pixels)."""
+    "latent"), "latentforge.resolution" (the training size, pixels) and "latentforge.defaults" (the
+    generation settings the model was tuned for: steps, sampler, scheduler, cfg)."""
     out: dict = {}
+    if "latentforge.defaults" in meta:
+        out["defaults"] = json.loads(meta["latentforge.defaults"])
     if "latentforge.model_sampling" in meta:
         out["model_sampling"] = model_sampling.from_json(meta["latentforge.model_sampling"])
     elif "latentforge.objective" in meta:
@@ -111,7 +125,9 @@ class Pipeline:
     prediction: override the VP prediction ("eps" | "v"), e.g. for the SD2 512 base; shift: SD3 flow shift.
     model_sampling: use this one instead (models trained here carry theirs in the file's metadata).
     pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height);
-    latent_format: the VAE latent scale/shift when not the family's (a VAE trained here)."""
+    latent_format: the VAE latent scale/shift when not the family's (a VAE trained here); defaults: the
+    generation settings used where a caller gives none ({"steps", "sampler", "scheduler", "cfg"} or a
+    subset; unset ones: 20 steps, euler, normal, cfg 7)."""
 
     def __init__(
         self,
@@ -123,6 +139,7 @@ class Pipeline:
         pixel_space: bool = False,
         size: tuple[int, int] | None = None,
         latent_format: LatentFormat | None = None,
+        defaults: dict | None = None,
     ):
         spec = families.get(family)
         needed = set(spec.configs()) - spec.optional - ({"vae"} if pixel_space else set())
@@ -149,6 +166,12 @@ class Pipeline:
         # each network keeps its config: what save_checkpoint stores
         self.configs = {k: m.config for k, m in self.components.items()}
         self.detection = None  # set by from_single_file: what decided the family
+        unknown = set(defaults or {}) - set(GENERATION_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"defaults: unknown settings {sorted(unknown)}; known: {list(GENERATION_DEFAULTS)}"
+            )
+        self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -160,13 +183,20 @@ class Pipeline:
         return cls(name, components, **kw)
 
     @classmethod
+    def default(cls, dtype: torch.dtype = torch.float32) -> Pipeline:
+        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download."""
+        return cls.from_single_file(DEFAULT_MODEL, dtype=dtype)
+
+    @classmethod
     def from_single_file(
         cls, path: str, dtype: torch.dtype = torch.float32, vae: str | None = None, text_encoders=None, **kw
     ):
         """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own;
-        `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders."""
+        `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders; "default" as the
+        path is the shipped model."""
         from latentforge.checkpoints import load_checkpoint
 
+        path = model_file(path)
         ckpt = load_checkpoint(path, dtype=dtype, vae=vae, text_encoders=text_encoders)
         kw = {**metadata_options(ckpt.metadata, has_vae="vae" in ckpt.components), **kw}
         pipe = cls(ckpt.family, dict(ckpt.components), **kw)
@@ -238,13 +268,28 @@ class Pipeline:
                 )
         return width, height
 
-    def encode_prompt(self, prompts: Sequence[str], width: int, height: int, negative: bool = False) -> dict:
+    def _text_encoders(self) -> dict[str, nn.Module]:
         enc = {k: m for k, m in self.components.items() if k in self.spec.prefixes and k != self.spec.net}
         enc.pop("vae", None)
+        return enc
+
+    def encode_prompt(
+        self,
+        prompts: Sequence[str],
+        width: int,
+        height: int,
+        negative: bool = False,
+        weighting: str = "a1111",
+        chunks: int = 1,
+    ) -> dict:
+        """The conditioning of `prompts` (A1111 emphasis syntax and BREAK, prompts.py; `weighting` a1111 |
+        comfy | none), with at least `chunks` CLIP chunks (long prompts take more: never cut)."""
+        enc = self._text_encoders()
         # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
         unique = list(dict.fromkeys(prompts))
         net_config = self.net.config
-        cond = families.encode(self.family, enc, unique, width, height, negative, net_config)
+        with conditioning.pad_chunks(chunks):
+            cond = families.encode(self.family, enc, unique, width, height, negative, net_config, weighting)
         index = torch.tensor([unique.index(p) for p in prompts])
         return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}
 
@@ -313,18 +358,24 @@ class Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
-        steps: int = 20,
-        sampler: str = "euler",
-        scheduler: str = "normal",
-        cfg: float = 7.0,
+        steps: int | None = None,
+        sampler: str | None = None,
+        scheduler: str | None = None,
+        cfg: float | None = None,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
         batch_size: int = 1,
         callback: Callable | None = None,
         progress: bool = True,
+        weighting: str = "a1111",
     ) -> torch.Tensor:
         """The denoised latents [B, C, h, w] (see `__call__` for the arguments)."""
+        d = self.defaults
+        steps = d["steps"] if steps is None else steps
+        sampler = d["sampler"] if sampler is None else sampler
+        scheduler = d["scheduler"] if scheduler is None else scheduler
+        cfg = d["cfg"] if cfg is None else cfg
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
         prompts = self._prompts("prompt", prompt, batch_size)
         negatives = self._prompts("negative_prompt", negative_prompt, batch_size)
@@ -341,8 +392,13 @@ class Pipeline:
         width, height = self.check_size(dw if width is None else width, dh if height is None else height)
         self.check_memory(width, height, batch_size, cfg)  # before any work: refuse a job that cannot fit
 
-        cond = self.encode_prompt(prompts, width, height)
-        uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, negative=True)
+        # the prompt and the negative prompt padded to the same chunk count, so CFG can batch them (A1111)
+        enc = self._text_encoders()
+        n = families.chunk_count(self.family, enc, prompts, weighting)
+        if cfg != 1:
+            n = max(n, families.chunk_count(self.family, enc, negatives, weighting))
+        cond = self.encode_prompt(prompts, width, height, weighting=weighting, chunks=n)
+        uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, True, weighting, n)
         model = CFGDenoiser(self.denoiser(), scale=float(cfg))
 
         f, c = self.downscale, self.latent_channels
@@ -367,7 +423,13 @@ class Pipeline:
 
         prompt: text (a class index such as "207" for DiT), or one per image. negative_prompt: the
         unconditional prompt ("" by default). steps >= 1; sampler and scheduler under ComfyUI's names;
-        cfg in [0, 100] (1 skips the unconditional pass); width/height in pixels (family default if None).
+        cfg in [0, 100] (1 skips the unconditional pass); steps, sampler, scheduler, cfg left None take
+        the model's `defaults` (20, euler, normal, 7 unless its file says otherwise); width/height in
+        pixels (family default if None).
+        Prompts take A1111's emphasis syntax ("(word:1.3)", "[word]", BREAK; latentforge.prompts), applied as
+        `weighting` says: "a1111" (scale the embeddings, restore their mean), "comfy" (interpolate from the
+        empty prompt's) or "none" (literal text); prompts longer than the text tower's context are encoded
+        in chunks and concatenated, never cut.
         callback(dict(x, i, sigma, sigma_hat, denoised)) is called after each step; progress shows a bar.
         Memory: a job that cannot fit is refused before any work (NotEnoughMemory), decoding is tiled when
         the untiled decode would not fit (`check_memory`); if decoding fails anyway the latents are saved

@@ -262,6 +262,8 @@ def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
     from latentforge import pipeline
 
     class FakePipe:
+        defaults = dict(pipeline.GENERATION_DEFAULTS)
+
         def __call__(self, prompt, **kw):
             tokenizer.tokenize(prompt)
             return [Image.new("RGB", (8, 8))]

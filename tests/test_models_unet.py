@@ -47,6 +47,8 @@ SD2_LIKE = UNetConfig(  # linear projections, num_head_channels rule, depth 2, n
     context_dim=40,
     use_linear_in_transformer=True,
 )
+# 8 GroupNorm groups (diffusers: norm_num_groups=8), as the default model's UNet (presets.SHAPES64)
+SD2_LIKE_G8 = dataclasses.replace(SD2_LIKE, norm_groups=8)
 POOLED = 16
 SDXL_LIKE = UNetConfig(  # per-level depth incl. 0 (unused level 0, as in SDXL), middle = last, label_emb
     model_channels=32,
@@ -137,6 +139,7 @@ def to_diffusers(model: UNet, text_time: bool = False):
     config = create_unet_diffusers_config_from_ldm(original, ckpt, image_size=64)
     if text_time:  # what diffusers infers for the real SDXL context widths (2048 / 1280)
         config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
+    config["norm_num_groups"] = model.config.norm_groups  # not read from the ldm config by diffusers
     ref = UNet2DConditionModel(**config)
     ref.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
     return ref.to(next(model.parameters()).dtype).eval()
@@ -150,7 +153,9 @@ def inputs(cfg: UNetConfig, b=2, h=8, w=8, dtype=torch.float64, seed=1):
     return x, t, context
 
 
-@pytest.mark.parametrize("cfg", [SD1_LIKE, SD2_LIKE], ids=["sd1-like", "sd2-like"])
+@pytest.mark.parametrize(
+    "cfg", [SD1_LIKE, SD2_LIKE, SD2_LIKE_G8], ids=["sd1-like", "sd2-like", "sd2-like-8-groups"]
+)
 @pytest.mark.parametrize("hw", [(8, 8), (9, 7)], ids=["8x8", "9x7"])
 def test_matches_diffusers(cfg, hw):
     # float64 on both sides: differences are only summation order (~1e-13); the float32 timestep
@@ -259,3 +264,11 @@ def test_missing_y_is_an_error():
     x, t, context = inputs(SDXL_LIKE, dtype=torch.float32)
     with pytest.raises(ValueError, match="needs y"):
         model(x, t, context)
+
+
+def test_norm_groups_change_no_key_and_must_divide_the_channels():
+    a, b = UNet(SD2_LIKE), UNet(SD2_LIKE_G8)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert {m.num_groups for m in b.modules() if isinstance(m, nn.GroupNorm)} == {8}
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(dataclasses.replace(SD2_LIKE, norm_groups=5))

@@ -135,7 +135,7 @@ def diffusers_twin(model: AutoencoderKL, prefix: str):
         block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
         layers_per_block=cfg.num_res_blocks,
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_groups,
         sample_size=cfg.resolution,
         use_quant_conv=cfg.use_quant_conv,
         use_post_quant_conv=cfg.use_quant_conv,
@@ -151,15 +151,16 @@ def diffusers_twin(model: AutoencoderKL, prefix: str):
 # difference is pure rounding: measured ≤ 6e-15. float32: measured ≤ 2.8e-6 on outputs of magnitude up to
 # ~1.9 (a few ulps accumulated through ~15 layers); 1e-5 leaves headroom for other BLAS/SDPA kernels.
 @pytest.mark.parametrize(
-    "dtype, tol, quant, z, prefix",
+    "dtype, tol, quant, z, prefix, groups",
     [
-        (torch.float64, 1e-12, True, 4, "first_stage_model."),
-        (torch.float64, 1e-12, False, 16, ""),
-        (torch.float32, 1e-5, True, 4, ""),
+        (torch.float64, 1e-12, True, 4, "first_stage_model.", 32),
+        (torch.float64, 1e-12, False, 16, "", 32),
+        (torch.float32, 1e-5, True, 4, "", 32),
+        (torch.float64, 1e-12, True, 4, "", 8),  # the default model's VAE has 8 groups (shapes64-vae)
     ],
 )
-def test_matches_diffusers(dtype, tol, quant, z, prefix):
-    ours = tiny(z=z, quant=quant, dtype=dtype)
+def test_matches_diffusers(dtype, tol, quant, z, prefix, groups):
+    ours = tiny(z=z, quant=quant, dtype=dtype, norm_groups=groups)
     theirs = diffusers_twin(ours, prefix)
     torch.manual_seed(1)
     # odd sizes: 23×37 exercises the asymmetric downsample padding (floor(23/2) = 11)
@@ -175,6 +176,14 @@ def test_matches_diffusers(dtype, tol, quant, z, prefix):
             a, b = ours.decode(z_in), theirs.decode(z_in).sample
         assert a.shape == (z_in.shape[0], 3, 2 * z_in.shape[2], 2 * z_in.shape[3])
         assert (a - b).abs().max() <= tol
+
+
+def test_norm_groups_change_no_key_and_must_divide_the_channels():
+    a, b = tiny(), tiny(norm_groups=8)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert {m.num_groups for m in b.modules() if isinstance(m, nn.GroupNorm)} == {8}
+    with pytest.raises(ValueError, match="norm_groups=5 must divide"):
+        tiny(norm_groups=5)
 
 
 def test_diagonal_gaussian():

@@ -38,6 +38,9 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # proj_in/proj_out as Linear (SD2, SDXL) or 1x1 conv (SD1)
     num_classes: str | None = None  # "sequential": `label_emb` MLP on the vector y (SDXL)
     adm_in_channels: int | None = None  # width of y for num_classes="sequential"
+    # GroupNorm groups (ldm: 32, fixed; not in the state dict). A narrow UNet wants fewer: 32 groups on 32
+    # channels is instance norm, which erases each channel's spatial mean (a flat background's level).
+    norm_groups: int = 32
 
     def depths(self) -> list[int]:
         d = self.transformer_depth
@@ -145,12 +148,14 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 class ResBlock(nn.Module):
     """h = conv(SiLU(GN(x))) + Linear(SiLU(emb)); h = conv(Dropout(SiLU(GN(h)))); return skip(x) + h."""
 
-    def __init__(self, ch: int, emb_ch: int, out_ch: int):
+    def __init__(self, ch: int, emb_ch: int, out_ch: int, groups: int = 32):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+            GroupNorm32(groups, out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
         self.initialize_weights()
@@ -247,11 +252,20 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """(B, C, H, W) → GN → proj_in → (B, HW, inner) → depth × block → proj_out → + x."""
 
-    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, context_dims: list[int], linear: bool):
+    def __init__(
+        self,
+        ch: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dims: list[int],
+        linear: bool,
+        groups: int = 32,
+    ):
         super().__init__()
         inner = heads * dim_head
         self.linear = linear
-        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         proj = nn.Linear if linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(ch, inner)
         self.transformer_blocks = nn.ModuleList(
@@ -340,12 +354,13 @@ class UNet(nn.Module):
         depths = cfg.depths()
         depth_mid = depths[-1] if cfg.transformer_depth_middle is None else cfg.transformer_depth_middle
         emb_ch = 4 * mc  # time_embed_dim
+        g = cfg.norm_groups
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads(ch)
             cd = cfg.context_dim
             dims = [cd] * depth if isinstance(cd, int) else list(cd)
-            return SpatialTransformer(ch, heads, dim_head, depth, dims, cfg.use_linear_in_transformer)
+            return SpatialTransformer(ch, heads, dim_head, depth, dims, cfg.use_linear_in_transformer, g)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.num_classes == "sequential":  # SDXL: label_emb.0.{0,2}
@@ -360,7 +375,7 @@ class UNet(nn.Module):
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch, depths[level]))
@@ -372,14 +387,14 @@ class UNet(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch), transformer(ch, depth_mid), ResBlock(ch, emb_ch, ch)
+            ResBlock(ch, emb_ch, ch, g), transformer(ch, depth_mid), ResBlock(ch, emb_ch, ch, g)
         )
 
         # Decoder: per level (reversed) num_res_blocks + 1 × (Res on [h | skip] [+ ST]), then Upsample.
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc)]
+                layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch, depths[level]))
@@ -388,9 +403,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
-        )
+        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.initialize_weights()
 
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:

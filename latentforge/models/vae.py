@@ -43,8 +43,17 @@ class AutoencoderKLConfig:
     attn_resolutions: tuple[int, ...] = ()  # levels (by feature-map size) that get an AttnBlock per block
     embed_dim: int = 4  # latent channels after quant_conv
     use_quant_conv: bool = True  # SD1/2/XL: quant_conv/post_quant_conv; SD3 (16 ch): none
+    # GroupNorm groups (LDM: 32, fixed). Not in the state dict (the norms' parameters are per channel). A
+    # narrow VAE wants fewer: with 32 channels, 32 groups is instance norm, which erases each channel's mean
+    # over the image, so the decoder's last norm cannot carry a flat background's colour (docs/MODEL_CARD.md).
+    norm_groups: int = 32
 
     def __post_init__(self):
+        for c in {self.ch * m for m in self.ch_mult}:
+            if c % self.norm_groups:
+                raise ValueError(
+                    f"norm_groups={self.norm_groups} must divide every level's channels, got {c}"
+                )
         if not self.use_quant_conv and self.embed_dim != self.z_channels:
             raise ValueError(
                 "without quant convs the latent has z_channels channels: set embed_dim = z_channels"
@@ -149,17 +158,17 @@ class GroupNorm(GroupNorm32):
         return torch.addcmul(b, h.reshape(x.shape), w).to(x.dtype)
 
 
-def Normalize(channels: int) -> GroupNorm:
-    return GroupNorm(32, channels, eps=1e-6)
+def Normalize(channels: int, groups: int = 32) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     # x + conv2(swish(norm2(conv1(swish(norm1(x)))))); the VAE has no timestep input and dropout 0.
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # 1×1 projection of the skip path on a channel change
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -187,9 +196,9 @@ class AttnBlock(nn.Module):
     holds at most [ATTN_CHUNK, H·W] of them: memory linear in the pixels. Each query row's result does not
     depend on the other rows, so chunking changes nothing but the order of work."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -253,11 +262,11 @@ class Level(nn.Module):
 
 class Mid(nn.Module):
     # block_1 -> attn_1 -> block_2 at the lowest resolution (keys `mid.block_1`, `mid.attn_1`, `mid.block_2`)
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -266,22 +275,22 @@ class Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
-        n = len(cfg.ch_mult)
+        n, g = len(cfg.ch_mult), cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         res, c_in = cfg.resolution, cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
             c_out = cfg.ch * mult
-            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
-            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             level = Level(blocks, attns)
             if i != n - 1:
                 level.downsample = Downsample(c_out)
                 res //= 2
             self.down.append(level)
             c_in = c_out
-        self.mid = Mid(c_in)
-        self.norm_out = Normalize(c_in)
+        self.mid = Mid(c_in, g)
+        self.norm_out = Normalize(c_in, g)
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f]
@@ -297,17 +306,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
-        n = len(cfg.ch_mult)
+        n, g = len(cfg.ch_mult), cfg.norm_groups
         c_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // 2 ** (n - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
-        self.mid = Mid(c_in)
+        self.mid = Mid(c_in, g)
         # Built from the lowest resolution up, but stored so that up[i] is level i (up[0] = full resolution).
         levels: list[Level] = []
         for i in reversed(range(n)):
             c_out = cfg.ch * cfg.ch_mult[i]
-            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
-            attns = [AttnBlock(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             level = Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(c_out)
@@ -315,7 +324,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
             c_in = c_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(c_in)
+        self.norm_out = Normalize(c_in, g)
         self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, h·f, w·f]

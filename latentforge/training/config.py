@@ -153,7 +153,9 @@ class VAETrainConfig:
     random_flip: bool = False
     num_workers: int = 1
     min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
+    crop: int = 0  # shapes data: train on random crop×crop windows of the scenes (0: whole scenes)
     recon: str = "l1"  # "l1" | "l2"
+    logvar_init: float | None = None  # q(z|x)'s log-variance bias at the start (vae_trainer.narrow_posterior)
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 50001  # the patch-GAN switches on at this step (after the warm-up)

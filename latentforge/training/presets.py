@@ -1,8 +1,9 @@
 """Named training presets: plain dicts of config fields (training/config.py), applied before TOML and flags.
 
-Denoisers: `shapes-tiny` (a 32×32 pixel-space UNet in the SD1 layout with a 2-layer CLIP text tower trained
-jointly), `shapes-tiny-dit` (the same with a text DiT), and fine-tuning presets `sd15`, `sdxl-base`,
-`sd3-medium` (with `init_from`). VAEs: `shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
+Denoisers: `shapes64` (the default model's latent UNet, MODEL_CARD.md), `shapes-tiny` (a 32×32 pixel-space
+UNet in the SD1 layout with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a
+text DiT), and fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
+`shapes64-vae` (the default model's), `shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,56 @@ SHAPES_TINY_DIT = {
     ),  # fmt: skip
 }
 
+# The default model's denoiser (MODEL_CARD.md): a latent UNet in the SD1 layout on the 16×16×4 latents of
+# `shapes64-vae`, with a jointly trained 3-layer CLIP text tower, on scenes rendered on the fly (`--vae VAE`;
+# an exported folder with `--cache_latents true` saves the VAE encoding, about a third of a step, after the
+# first epoch). 8 GroupNorm groups: 32 groups on 32 channels is instance norm, which erases a channel's
+# spatial mean, and the last norm before `out` then cannot carry a flat background's level.
+SHAPES64 = dict(
+    family="sd15",
+    net="unet",
+    pixel_space=False,
+    resolution=64,
+    unet=UNetConfig(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(2, 4),
+        num_head_channels=32,
+        transformer_depth=1,
+        context_dim=128,
+        use_linear_in_transformer=True,
+        norm_groups=8,
+    ),  # fmt: skip
+    text=CLIPTextConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=48,
+    ),  # fmt: skip
+    objective=ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal"),
+    batch_size=64,
+    max_steps=1800,
+    lr=8e-4,
+    warmup_steps=50,
+    lr_schedule="cosine",
+    min_lr_ratio=0.1,
+    weight_decay=0.0,
+    ema_decay=0.998,
+    caption_dropout=0.1,
+    checkpoint_every=100,
+    keep_last=2,
+    sample_every=0,
+    sample_steps=20,
+    sample_cfg=4.0,
+    eval_n=64,
+)
+
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
+    "shapes64": SHAPES64,
     "shapes-tiny": SHAPES_TINY,
     "shapes-tiny-dit": SHAPES_TINY_DIT,
     # fine-tuning: the networks come from `init_from`; text encoders frozen, the checkpoint's VAE
@@ -108,6 +158,31 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         disc_start=2001,
         max_steps=2000,
         checkpoint_every=500,
+    ),
+    # the default model's VAE (MODEL_CARD.md, "Recipe": three stages, the later two with --init_from and the
+    # flags written there): shapes-vae with 8 GroupNorm groups (4 channels per group, SD's ratio; 32 groups on
+    # 32 channels is instance norm and cannot carry a flat background's colour). These values are the first
+    # stage's (L1, whole 64² scenes).
+    "shapes64-vae": dict(
+        vae=AutoencoderKLConfig(
+            ch=32,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            z_channels=4,
+            embed_dim=4,
+            resolution=64,
+            norm_groups=8,
+        ),
+        resolution=64,
+        batch_size=16,
+        lr=4e-4,
+        warmup_steps=20,
+        kl_weight=1e-6,
+        disc_start=100_000,
+        max_steps=1000,
+        ema_decay=0.995,
+        checkpoint_every=100,
+        sample_every=250,
     ),
     "sd": dict(vae=AutoencoderKLConfig(), resolution=256, batch_size=2),
 }

@@ -69,12 +69,15 @@ class TextToImage(nn.Module):
         return {**self.frozen, **{k: m for k, m in self.parts.items() if k != self.net_name}}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], size: tuple[int, int], cond=None):
-        """`cond`: precomputed conditioning (cached frozen encoders) instead of encoding `prompts`."""
+        """`cond`: precomputed conditioning (cached frozen encoders) instead of encoding `prompts`. Captions
+        are read literally (weighting "none", as kohya does by default): brackets in them are text."""
         net = self.parts[self.net_name]
         if cond is None:
             h, w = size
             net_config = net.config
-            cond = families.encode(self.family, self.encoders(), prompts, w, h, False, net_config)
+            cond = families.encode(
+                self.family, self.encoders(), prompts, w, h, False, net_config, weighting="none"
+            )
         return net(x, t, **cond)
 
 
