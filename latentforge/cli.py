@@ -223,6 +223,38 @@ def _info(args) -> int:
     return 0
 
 
+IMAGE_FILES = "an image file Pillow reads (PNG, JPEG, WebP, BMP, TIFF, ...)"
+
+
+def _open_image(flag: str, path: str):
+    """The image at `path` (fully read), or an error naming the path and what is accepted."""
+    from PIL import Image, UnidentifiedImageError
+
+    check.in_file(flag, path, IMAGE_FILES)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some broken PNG chunks
+        raise ValueError(f"{flag} {path!r} is not a readable image ({e}); expected {IMAGE_FILES}") from None
+
+
+def _check_img2img(args) -> None:
+    """--init-image and the flags that need it (or --mask), checked before the model loads."""
+    from latentforge.img2img import MAX_MASK_BLUR
+
+    if args.init_image is None:
+        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --init-image PATH (the picture to start from)")
+    if args.mask is None:
+        for flag, value in (("--mask-blur", args.mask_blur), ("--masked-content", args.masked_content)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --mask PATH (white = repaint, black = keep)")
+    check.float_in("--strength", args.strength, 0.0, 1.0)
+    check.int_in("--mask-blur", args.mask_blur, 0, MAX_MASK_BLUR)
+
+
 def _generate(args) -> int:
     import torch
 
@@ -236,6 +268,9 @@ def _generate(args) -> int:
         check.utf8("the prompt", args.prompt)
     check.utf8("--negative", args.negative)
     _check_generation(args)
+    _check_img2img(args)
+    init = None if args.init_image is None else _open_image("--init-image", args.init_image)
+    mask = None if args.mask is None else _open_image("--mask", args.mask)
     if args.vae is not None:
         check.checkpoint("--vae", args.vae)
     check.device("--device", args.device)
@@ -273,12 +308,22 @@ def _generate(args) -> int:
                 "Size": f"{width}x{height}",
                 "Model hash": model_hash,
                 "Model": os.path.splitext(os.path.basename(model_file))[0],
+                "Denoising strength": None if init is None else strength,
+                "Mask blur": None if mask is None else mask_blur,
                 "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )
 
-    dw, dh = getattr(pipe, "default_size", (args.width, args.height))
+    strength = 0.75 if args.strength is None else args.strength
+    mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    start = {}  # img2img/inpainting arguments of Pipeline.__call__
+    if init is not None:  # the init image's size unless --width/--height say otherwise (Pipeline)
+        start = {"init_image": init, "strength": strength, "strict_size": args.strict_size}
+        if mask is not None:
+            masked = args.masked_content or "original"
+            start |= {"mask": mask, "mask_blur": mask_blur, "masked_content": masked}
+    dw, dh = init.size if init is not None else getattr(pipe, "default_size", (args.width, args.height))
     texts = [text(k, args.width or dw, args.height or dh) for k in range(args.batch_size)]
     seeds = [args.seed + k for k in range(args.batch_size)]
     latents_path = os.path.join(args.out, f"latents-{args.seed}-{os.getpid()}.safetensors")
@@ -296,6 +341,7 @@ def _generate(args) -> int:
             batch_size=args.batch_size,
             weighting=args.weighting,
             progress=not args.quiet,
+            **start,
             latents_path=latents_path,
             latents_metadata={
                 "latentforge.infotexts": json.dumps(texts),
@@ -469,6 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _generation_flags(g)
     g.add_argument("--batch-size", type=int, default=1, help="images, 1..256")
+    g.add_argument("--init-image", default=None, metavar="PATH", help="img2img: the image to start from")
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img denoising strength, 0..1: the last ceil(steps*S) steps run (default 0.75)",
+    )
+    g.add_argument("--mask", default=None, metavar="PATH", help="inpaint: white = repaint, black = keep")
+    g.add_argument("--mask-blur", type=int, default=None, help="mask blur in pixels, 0..256 (default 4)")
+    g.add_argument(
+        "--masked-content",
+        choices=["original", "latent_noise", "fill"],
+        default=None,
+        help="what the masked area starts from: the image, noise, or the mean colour (default: original)",
+    )
+    g.add_argument(
+        "--strict-size",
+        action="store_true",
+        help="refuse an init image or mask of another size instead of resizing it",
+    )
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
-from latentforge import conditioning, families, memory, model_sampling
+from latentforge import conditioning, families, img2img, memory, model_sampling
 from latentforge.checkpoints import build_component
 from latentforge.families import PIXEL_FORMAT
 from latentforge.files import atomic_path
@@ -299,6 +299,19 @@ class Pipeline:
             net = FirstChannels(net, net.config.in_channels)
         return Denoiser(net, self.model_sampling)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> denoiser latents [B, C, H/f, W/f]: the VAE posterior's mean
+        (its mode, as A1111 and ComfyUI encode for img2img), then LatentFormat.process_in."""
+        x = images.to(self.device).float()
+        if self.pixel_space:
+            return self.latent_format.process_in(x)
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        # one image at a time in one memory layout: the latent of an image never depends on its batch
+        z = torch.cat([vae.encode(x[k : k + 1].to(dtype).contiguous()).mean.float() for k in range(len(x))])
+        return self.latent_format.process_in(z)
+
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Denoiser latents [B, C, h, w] -> images [B, 3, h·f, w·f] in [-1, 1] (not clamped).
         tiled: use the VAE's tiled decode; None: when the untiled one would not fit (`check_memory`)."""
@@ -354,7 +367,13 @@ class Pipeline:
     # -- generation --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        """The denoised latents [B, C, h, w] (see `__call__` for the arguments); with a mask, the known
+        region is the encoded init image (before the pixel composite `__call__` does)."""
+        return self._sample(*args, **kwargs)[0]
+
+    @torch.no_grad()
+    def _sample(
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
@@ -369,8 +388,14 @@ class Pipeline:
         callback: Callable | None = None,
         progress: bool = True,
         weighting: str = "a1111",
-    ) -> torch.Tensor:
-        """The denoised latents [B, C, h, w] (see `__call__` for the arguments)."""
+        init_image=None,
+        strength: float = 0.75,
+        mask=None,
+        mask_blur: float = 4,
+        masked_content: str = "original",
+        strict_size: bool = False,
+    ) -> tuple[torch.Tensor, img2img.Job | None]:
+        """(latents [B, C, h, w], the img2img job or None)."""
         d = self.defaults
         steps = d["steps"] if steps is None else steps
         sampler = d["sampler"] if sampler is None else sampler
@@ -389,6 +414,14 @@ class Pipeline:
             raise ValueError(f"cfg must be a number in [0, {MAX_CFG:g}], got {cfg!r}")
         seed = _int("seed", seed, 0, 2**63 - 1 - batch_size)
         dw, dh = self.default_size
+        if init_image is not None:  # img2img: the init image's size unless one is given
+            strength = img2img.check_strength(strength)
+            dw, dh = img2img.image_size(init_image)
+            if mask is not None:
+                mask_blur = img2img.check_mask_blur(mask_blur)
+                masked_content = img2img.check_masked_content(masked_content)
+        elif mask is not None:
+            raise ValueError("a mask needs an init_image: the picture to inpaint")
         width, height = self.check_size(dw if width is None else width, dh if height is None else height)
         self.check_memory(width, height, batch_size, cfg)  # before any work: refuse a job that cannot fit
 
@@ -404,11 +437,20 @@ class Pipeline:
         f, c = self.downscale, self.latent_channels
         seeds = [seed + k for k in range(batch_size)]
         # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch
-        noise = randn_seeded((batch_size, c, height // f, width // f), seeds)
+        noise = randn_seeded((batch_size, c, height // f, width // f), seeds).to(self.device)
         sigmas = sigmas_for(sampler, scheduler, self.model_sampling, steps).to(self.device)
-        x = noise.to(self.device) * sigmas[0]
+        x, job = noise * sigmas[0], None
+        if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
+            job = img2img.prepare(
+                self, init_image, strength, mask, mask_blur, masked_content, seeds, width, height, strict_size
+            )
+            sigmas, x = img2img.start(job, self.model_sampling, sigmas, noise)
+            if len(sigmas) < 2:  # strength 0: no step at all, the encoded input
+                return img2img.finish(job, job.latent), job
+            if job.mask is not None:
+                model = img2img.InpaintDenoiser(model, job.mask, job.latent, noise)
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
-        return sample_fn(
+        latents = sample_fn(
             model,
             x,
             sigmas,
@@ -417,6 +459,7 @@ class Pipeline:
             disable=not progress,
             **options,
         )
+        return img2img.finish(job, latents), job
 
     def __call__(self, *args, **kwargs) -> list[Image.Image]:
         """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch.
@@ -435,13 +478,22 @@ class Pipeline:
         the untiled decode would not fit (`check_memory`); if decoding fails anyway the latents are saved
         to `latents_path` (default: a file in the temp folder; `latents_metadata` goes into its header) and
         DecodeFailed names it; `decode_file` decodes it again.
+
+        Image to image (img2img.py): init_image (a PIL image, one per image, or a [B, 3, H, W] tensor in
+        [-1, 1]; width/height default to its size, another size is resized with a warning, or refused with
+        strict_size=True) is encoded by the VAE, noised to the start of the last ⌈steps·strength⌉ steps of
+        the schedule and sampled from there: strength 0 returns its VAE round trip, 1 equals text-to-image.
+        Inpainting: mask (PIL grey/RGB or a [B, 1, H, W] tensor in [0, 1]; white = repaint) blurred by
+        mask_blur pixels (Gaussian σ); masked_content "original" (the image), "latent_noise" (noise in the
+        masked latent) or "fill" (the mean colour of the rest); the known region is re-noised and blended
+        at every step, and the original pixels are pasted back outside the blurred mask.
         """
         latents_path = kwargs.pop("latents_path", None)
         latents_metadata = kwargs.pop("latents_metadata", None)
-        latents = self.sample(*args, **kwargs)
+        latents, job = self._sample(*args, **kwargs)
         try:
             with torch.no_grad():
-                return to_pil(self.decode(latents))
+                return to_pil(img2img.composite(job, self.decode(latents)))
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             path = latents_path or os.path.join(
                 tempfile.gettempdir(), f"latentforge-latents-{os.getpid()}-{time.time_ns()}.safetensors"
