@@ -1,0 +1,115 @@
+"""The shipped default model (latentforge/data/shapes64.safetensors, MODEL_CARD.md): it loads strictly, in
+the original layouts, and generates from every entry point without a --model; the slow test reproduces the
+model card's 1-object validation cell."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from latentforge.cli import main
+from latentforge.pipeline import DEFAULT_MODEL, Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.default()
+
+
+def test_the_file_ships_in_the_original_layouts_within_40_mb():
+    assert os.path.getsize(DEFAULT_MODEL) <= 40 * 2**20
+    with safe_open(DEFAULT_MODEL, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}  # SD1 single-file layout
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.decoder.conv_out.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    assert json.loads(meta["latentforge.defaults"])["steps"] == 20
+
+
+def test_loads_strictly_and_generates_64px_images(pipe):
+    assert pipe.family == "sd15" and set(pipe.components) == {"unet", "vae", "clip_l"}
+    assert pipe.default_size == (64, 64) and not pipe.pixel_space
+    assert all(p.dtype == torch.float32 for p in pipe.net.parameters())  # loaded as float32 by default
+    images = pipe(["a big red circle in the center", "a small blue star"], batch_size=2, steps=4)
+    assert [im.size for im in images] == [(64, 64)] * 2
+    a = np.asarray(images[0]).astype(float)
+    assert a.std() > 5  # not a flat image: a shape on a background
+    # image k depends on seed + k only, not on the batch
+    (alone,) = pipe("a small blue star", seed=1, steps=4)
+    assert np.abs(np.asarray(alone).astype(int) - np.asarray(images[1]).astype(int)).max() <= 1
+
+
+def test_generate_without_model_uses_the_default(tmp_path):
+    out = tmp_path / "out"
+    assert (
+        main(["generate", "a small yellow star in the center", "--steps", "3", "--out", str(out), "--quiet"])
+        == 0
+    )
+    (png,) = out.glob("*.png")
+    im = Image.open(png)
+    assert im.size == (64, 64)
+    text = im.info["parameters"]
+    assert "Model: shapes64" in text and "Steps: 3" in text and "CFG scale" in text
+
+
+def test_a_prompt_outside_the_grammar_still_generates_and_eval_counts_it_unparsed(tmp_path, pipe):
+    from latentforge.shapes.evaluate import evaluate_folder
+
+    (im,) = pipe("a photograph of a cat on a sofa", steps=3)
+    assert im.size == (64, 64)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    im.save(folder / "0.png")
+    (folder / "0.txt").write_text("a photograph of a cat on a sofa")
+    (ok,) = pipe("a big red circle in the center", steps=3)
+    ok.save(folder / "1.png")
+    (folder / "1.txt").write_text("a big red circle in the center")
+    report = evaluate_folder(str(folder))
+    assert report["unparsed"]["count"] == 1 and report["n"] == 1  # scored: the shapes prompt only
+
+
+def test_eval_and_demo_take_the_default_model(tmp_path, capsys):
+    assert (
+        main(
+            ["eval", "shapes", "--model", "default", "--n", "3", "--steps", "2", "--out", str(tmp_path / "e")]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "e").glob("*.png"))) == 3
+    assert main(["demo", "--n", "0", "--out", str(tmp_path / "d")]) == 0
+    grid = Image.open(tmp_path / "d" / "grid.png")
+    assert grid.size == (4 * 64 * 2, 3 * 64 * 2)
+    assert "grid.png" in capsys.readouterr().out
+
+
+def test_defaults_come_from_the_file_and_unknown_ones_are_refused(pipe):
+    meta_defaults = json.loads(safe_open(DEFAULT_MODEL, "pt").metadata()["latentforge.defaults"])
+    assert pipe.defaults == meta_defaults
+    with pytest.raises(ValueError, match="unknown settings"):
+        Pipeline(pipe.family, pipe.components, defaults={"guidance": 3})
+
+
+@pytest.mark.slow
+def test_reproduces_the_model_cards_one_object_validation_cell(tmp_path):
+    """MODEL_CARD.md: the 1-object validation cell at 20 steps, on a fresh sample of 300 prompts (about 100
+    with one object). The card's interval is a Wilson 95% interval on its own sample; the fresh rate lands
+    within 0.1 of it unless the model changed (a 100-prompt binomial sd is at most 0.05)."""
+    from latentforge.shapes.evaluate import evaluate_folder
+
+    card = json.loads(open(os.path.join(os.path.dirname(DEFAULT_MODEL), "shapes64.json")).read())
+    lo, hi = card["validation"]["20"]["by_objects"]["1"]["ci95"]
+    out = tmp_path / "v"
+    args = ["eval", "shapes", "--model", "default", "--split", "validation", "--n", "300", "--seed", "12345"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = evaluate_folder(str(out))
+    one = report["by_objects"]["1"]
+    assert one["n"] >= 60
+    assert lo - 0.1 <= one["rate"] <= hi + 0.1
