@@ -77,10 +77,35 @@ def pad_chunks(n: int):
         _MIN_CHUNKS.reset(token)
 
 
+_ONE_CHUNK: contextvars.ContextVar[bool] = contextvars.ContextVar("latentforge_one_chunk", default=False)
+
+
+@contextlib.contextmanager
+def first_chunk_only():
+    """Within this block every prompt is encoded as its first chunk only (the rest is cut, with a
+    PromptTruncatedWarning): what training does (kohya's default), so that every caption's context has the
+    same length whatever the batch holds, and a rank's share of a batch encodes as it does in the whole."""
+    token = _ONE_CHUNK.set(True)
+    try:
+        yield
+    finally:
+        _ONE_CHUNK.reset(token)
+
+
 def _prompt_chunks(enc: CLIPTextModel, prompts: list[str], weighting: str) -> list[list[prompt_syntax.Chunk]]:
     chunk_len = enc.config.max_position_embeddings - 2  # 75 for CLIP's 77 positions
     emphasis = prompt_syntax.check_weighting(weighting) != "none"
-    return [prompt_syntax.chunks(p, tokenizer.encode, chunk_len, emphasis=emphasis) for p in prompts]
+    out = [prompt_syntax.chunks(p, tokenizer.encode, chunk_len, emphasis=emphasis) for p in prompts]
+    if _ONE_CHUNK.get():
+        for p, c in zip(prompts, out, strict=True):
+            if len(c) > 1:
+                warnings.warn(
+                    f"a caption of {len(c)} chunks is cut to its first {chunk_len} tokens: {p[:80]!r}",
+                    tokenizer.PromptTruncatedWarning,
+                    stacklevel=3,
+                )
+        out = [c[:1] for c in out]
+    return out
 
 
 def chunk_count(encoders: dict, prompts: list[str], weighting: str = "a1111") -> int:
@@ -110,7 +135,7 @@ def _encode(
     device = next(enc.parameters()).device
     L = enc.config.max_position_embeddings
     per_prompt = _prompt_chunks(enc, prompts, weighting)
-    n = max(n or 1, _MIN_CHUNKS.get(), *(len(c) for c in per_prompt))
+    n = 1 if _ONE_CHUNK.get() else max(n or 1, _MIN_CHUNKS.get(), *(len(c) for c in per_prompt))
     pad_id = tokenizer.EOS if pad == "eos" else 0
     rows = [prompt_syntax.chunk_ids(c, n, L, tokenizer.BOS, tokenizer.EOS, pad_id) for c in per_prompt]
     ids = torch.cat([r[0] for r in rows]).to(device)  # [B·n, L], prompt-major

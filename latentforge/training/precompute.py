@@ -19,7 +19,7 @@ import json
 import torch
 from torch import nn
 
-from latentforge import families
+from latentforge import conditioning, families
 from latentforge.training import dist
 from latentforge.training.cache import LatentCache
 
@@ -109,7 +109,8 @@ def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) 
             enc = {**frozen}
             for cap, (h, w) in missing:
                 net_config = setup.model.parts[cfg.net].config
-                cond = families.encode(cfg.family, enc, [cap], w, h, False, net_config, weighting="none")
+                with conditioning.first_chunk_only():  # as the trainer encodes (one context length)
+                    cond = families.encode(cfg.family, enc, [cap], w, h, False, net_config, weighting="none")
                 cache.put(text_key(cap, (h, w), text_fp), {k: v[0].float().cpu() for k, v in cond.items()})
             n_text = len(missing)
         cache.flush()

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from latentforge import families, model_sampling
+from latentforge import conditioning, families, model_sampling
 from latentforge.checkpoints import (
     build_component,
     component_file,
@@ -75,9 +75,10 @@ class TextToImage(nn.Module):
         if cond is None:
             h, w = size
             net_config = net.config
-            cond = families.encode(
-                self.family, self.encoders(), prompts, w, h, False, net_config, weighting="none"
-            )
+            with conditioning.first_chunk_only():  # one context length for every caption and batch
+                cond = families.encode(
+                    self.family, self.encoders(), prompts, w, h, False, net_config, weighting="none"
+                )
         return net(x, t, **cond)
 
 
