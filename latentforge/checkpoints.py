@@ -25,7 +25,7 @@ __all__ = [
     "SUFFIXES", "Detection", "Loaded", "build_component", "component_file", "configs_from_json",
     "configs_to_json", "detect_family", "join_components", "load_checkpoint", "load_component",
     "load_vae_file", "read_metadata", "read_state_dict", "save_checkpoint", "save_state_dict",
-    "split_components", "state_dict_layout", "strip_stray",
+    "split_components", "state_dict_layout", "strip_stray", "unet_inputs",
 ]  # fmt: skip
 
 # Keys that are training state, not weights: LitEma copies (`model_ema.*`, dots stripped), the DDPM
@@ -327,6 +327,9 @@ def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
         meta.pop("latentforge.latent_format", None)  # the main file's scale belonged to its own VAE
         if "latentforge.latent_format" in vmeta:
             meta["latentforge.latent_format"] = vmeta["latentforge.latent_format"]
+    if parts.get("unet"):  # 9-channel inpainting UNets: the released architecture, a wider input conv
+        configs["unet"], why = unet_inputs(configs["unet"], parts["unet"])
+        detection = Detection(family, f"{detection.reason}; {why}") if why else detection
     for name, file in text_encoders.items():
         if name not in configs or not name.startswith("clip_"):
             known = [c for c in configs if c.startswith("clip_")]
@@ -345,6 +348,22 @@ def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
     return Loaded(
         family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped, meta
     )
+
+
+def unet_inputs(config, sd: Mapping[str, torch.Tensor]) -> tuple[Any, str]:
+    """(the UNet config with `in_channels` read from the weights, a note for the detection or ""): SD1.5-,
+    SD2- and SDXL-inpainting have their family's UNet with 2C + 1 input channels (x, the mask, the masked
+    image's latents; img2img.ConcatInputs). Other widths (instruct-pix2pix's 2C) are refused by name."""
+    w = sd.get("input_blocks.0.0.weight")
+    if w is None or w.ndim != 4 or w.shape[1] == config.in_channels:
+        return config, ""
+    n, c = int(w.shape[1]), config.out_channels
+    if n != 2 * c + 1:
+        raise ValueError(
+            f"the UNet takes {n} input channels (input_blocks.0.0.weight {tuple(w.shape)}); supported: "
+            f"{c} (ordinary checkpoints) and {2 * c + 1} (inpainting checkpoints)"
+        )
+    return dataclasses.replace(config, in_channels=n), f"{n}-channel UNet input: an inpainting model"
 
 
 def load_vae_file(path: str):

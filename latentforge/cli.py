@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from latentforge import cli_checks as check
+from latentforge import cli_generate
 
 
 def _say(text: str) -> None:
@@ -218,141 +219,11 @@ def _info(args) -> int:
 
     # samplers: ComfyUI's names, each computing what ComfyUI computes; exact_samplers: our more accurate
     # variants, each with the ComfyUI name it departs from (see latentforge.samplers)
+    if args.image is not None:
+        _say(json.dumps(cli_generate.info_image(args.image), indent=1, ensure_ascii=False))
+        return 0
     info = {"samplers": SAMPLER_NAMES, "exact_samplers": EXACT_VARIANT_OF, "schedulers": list(SCHEDULERS)}
     _say(json.dumps(info, indent=1))
-    return 0
-
-
-IMAGE_FILES = "an image file Pillow reads (PNG, JPEG, WebP, BMP, TIFF, ...)"
-
-
-def _open_image(flag: str, path: str):
-    """The image at `path` (fully read), or an error naming the path and what is accepted."""
-    from PIL import Image, UnidentifiedImageError
-
-    check.in_file(flag, path, IMAGE_FILES)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some broken PNG chunks
-        raise ValueError(f"{flag} {path!r} is not a readable image ({e}); expected {IMAGE_FILES}") from None
-
-
-def _check_img2img(args) -> None:
-    """--init-image and the flags that need it (or --mask), checked before the model loads."""
-    from latentforge.img2img import MAX_MASK_BLUR
-
-    if args.init_image is None:
-        for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
-            if value is not None:
-                raise ValueError(f"{flag} needs --init-image PATH (the picture to start from)")
-    if args.mask is None:
-        for flag, value in (("--mask-blur", args.mask_blur), ("--masked-content", args.masked_content)):
-            if value is not None:
-                raise ValueError(f"{flag} needs --mask PATH (white = repaint, black = keep)")
-    check.float_in("--strength", args.strength, 0.0, 1.0)
-    check.int_in("--mask-blur", args.mask_blur, 0, MAX_MASK_BLUR)
-
-
-def _generate(args) -> int:
-    import torch
-
-    from latentforge.pipeline import DecodeFailed, Pipeline, infotext, save_png
-
-    if args.decode is not None:
-        check.in_file("--decode", args.decode, "latents saved by latentforge (.safetensors)")
-    elif args.prompt is None:
-        raise ValueError("give a prompt (or --decode LATENTS.safetensors to decode saved latents)")
-    else:
-        check.utf8("the prompt", args.prompt)
-    check.utf8("--negative", args.negative)
-    _check_generation(args)
-    _check_img2img(args)
-    init = None if args.init_image is None else _open_image("--init-image", args.init_image)
-    mask = None if args.mask is None else _open_image("--mask", args.mask)
-    if args.vae is not None:
-        check.checkpoint("--vae", args.vae)
-    check.device("--device", args.device)
-    check.out_dir("--out", args.out)
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    pipe = Pipeline.from_single_file(
-        args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
-    )
-    _fill_defaults(args, pipe)
-    if args.device:
-        pipe.to(args.device)
-    if args.decode is not None:  # latents saved by a run whose decode failed: its parameters are in the file
-        from latentforge.checkpoint_io import read_metadata
-
-        images = pipe.decode_file(args.decode)
-        texts = json.loads(read_metadata(args.decode).get("latentforge.infotexts", "[]"))
-        seeds = json.loads(read_metadata(args.decode).get("latentforge.seeds", "[]"))
-        for k, image in enumerate(images):
-            seed = seeds[k] if k < len(seeds) else k
-            _say(save_png(image, args.out, texts[k] if k < len(texts) else "", seed))
-        return 0
-    model_file = _check_model(args.model)
-    model_hash = _short_hash(model_file)
-
-    def text(k: int, width, height) -> str:
-        return infotext(
-            args.prompt,
-            args.negative,
-            {
-                "Steps": args.steps,
-                "Sampler": args.sampler,
-                "Schedule type": args.scheduler,
-                "CFG scale": args.cfg,
-                "Seed": args.seed + k,
-                "Size": f"{width}x{height}",
-                "Model hash": model_hash,
-                "Model": os.path.splitext(os.path.basename(model_file))[0],
-                "Denoising strength": None if init is None else strength,
-                "Mask blur": None if mask is None else mask_blur,
-                "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
-                "Version": f"latentforge {__import__('latentforge').__version__}",
-            },
-        )
-
-    strength = 0.75 if args.strength is None else args.strength
-    mask_blur = 4 if args.mask_blur is None else args.mask_blur
-    start = {}  # img2img/inpainting arguments of Pipeline.__call__
-    if init is not None:  # the init image's size unless --width/--height say otherwise (Pipeline)
-        start = {"init_image": init, "strength": strength, "strict_size": args.strict_size}
-        if mask is not None:
-            masked = args.masked_content or "original"
-            start |= {"mask": mask, "mask_blur": mask_blur, "masked_content": masked}
-    dw, dh = init.size if init is not None else getattr(pipe, "default_size", (args.width, args.height))
-    texts = [text(k, args.width or dw, args.height or dh) for k in range(args.batch_size)]
-    seeds = [args.seed + k for k in range(args.batch_size)]
-    latents_path = os.path.join(args.out, f"latents-{args.seed}-{os.getpid()}.safetensors")
-    try:
-        images = pipe(
-            args.prompt,
-            negative_prompt=args.negative,
-            steps=args.steps,
-            sampler=args.sampler,
-            scheduler=args.scheduler,
-            cfg=args.cfg,
-            seed=args.seed,
-            width=args.width,
-            height=args.height,
-            batch_size=args.batch_size,
-            weighting=args.weighting,
-            progress=not args.quiet,
-            **start,
-            latents_path=latents_path,
-            latents_metadata={
-                "latentforge.infotexts": json.dumps(texts),
-                "latentforge.seeds": json.dumps(seeds),
-            },
-        )
-    except DecodeFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for k, image in enumerate(images):
-        _say(save_png(image, args.out, text(k, image.width, image.height), seeds[k]))
     return 0
 
 
@@ -505,16 +376,67 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="single-file checkpoint (.safetensors, .ckpt, .pt), or 'default': latentforge's shapes model",
     )
-    g.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     g.add_argument(
         "--weighting",
         choices=["a1111", "comfy", "none"],
-        default="a1111",
+        default=None,
         help="how (word:1.3) emphasis applies: A1111 (scale, restore the mean), ComfyUI (from the empty "
         "prompt), none (literal text)",
     )
     _generation_flags(g)
-    g.add_argument("--batch-size", type=int, default=1, help="images, 1..256")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch, 1..256 (default 1)")
+    g.add_argument(
+        "--batch-count", type=int, default=1, help="batches, run one after another; image i: seed + i"
+    )
+    g.add_argument("--subseed", type=int, default=None, help="A1111's variation seed (image i: subseed + i)")
+    g.add_argument(
+        "--subseed-strength",
+        type=float,
+        default=None,
+        help="0..1: the noise slerped from the seed's (0) to the variation seed's (1)",
+    )
+    g.add_argument(
+        "--seed-resize-from",
+        default=None,
+        metavar="WxH",
+        help="draw the noise at this size and centre it (A1111's 'resize seed from')",
+    )
+    g.add_argument(
+        "--hires-scale", type=float, default=None, help="hires fix: upscale the first pass by this, 1..8"
+    )
+    g.add_argument(
+        "--hires-size", default=None, metavar="WxH", help="hires fix: upscale to this size instead"
+    )
+    g.add_argument(
+        "--hires-denoise",
+        type=float,
+        default=None,
+        help="hires fix: the second pass's strength (default 0.7)",
+    )
+    g.add_argument(
+        "--hires-steps", type=int, default=None, help="hires fix: second-pass steps (default 0: --steps)"
+    )
+    g.add_argument(
+        "--hires-upscaler",
+        default=None,
+        help="hires fix: Latent (default), 'Latent (nearest)', 'Latent (bicubic)', ..., Lanczos, Nearest",
+    )
+    g.add_argument(
+        "--hires-sampler", default=None, help="hires fix: the second pass's sampler (default: --sampler)"
+    )
+    g.add_argument(
+        "--from-image",
+        default=None,
+        metavar="IMG",
+        help="replay the settings stored in IMG (latentforge's or A1111's metadata); flags given win",
+    )
+    g.add_argument(
+        "--name",
+        default="{counter:05}-{seed}",
+        help="file name pattern: {counter:05}, {seed}, {prompt:40} (its first 40 characters), {steps}, "
+        "{sampler}, {cfg}, {width}, {height}, {model}, {date}, {time}, ... (never overwrites: adds -1, -2)",
+    )
     g.add_argument("--init-image", default=None, metavar="PATH", help="img2img: the image to start from")
     g.add_argument(
         "--strength",
@@ -535,6 +457,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse an init image or mask of another size instead of resizing it",
     )
+    g.add_argument(
+        "--outpaint",
+        default=None,
+        metavar="L,R,T,B",
+        help="outpaint: pixels added left,right,top,bottom (one number: every side); the new border is "
+        "inpainted, padding grown to the model's size step (with a warning)",
+    )
+    g.add_argument(
+        "--inpaint-full-res",
+        action="store_true",
+        help="inpaint only the masked area: the box around the mask is inpainted at --width x --height "
+        "(default: the model's size) and pasted back; the output keeps the init image's size",
+    )
+    g.add_argument(
+        "--inpaint-full-res-padding",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="pixels of context around the mask for --inpaint-full-res (default 32)",
+    )
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")
@@ -542,12 +484,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument(
+        "--preview-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a live preview after every N-th step, 0..10000 (0: off)",
+    )
+    g.add_argument(
+        "--preview-dir",
+        default=None,
+        metavar="DIR",
+        help="where previews go, as preview-{image}-{step:03d}.png (default: OUT/previews)",
+    )
+    g.add_argument(
+        "--preview-method",
+        choices=["linear", "taesd"],
+        default=None,
+        help="linear (default): a fast latent->RGB projection; taesd: the tiny TAESD decoder (needs --taesd)",
+    )
+    g.add_argument(
+        "--taesd", default=None, metavar="PATH", help="a TAESD decoder (taesd_decoder.safetensors layout)"
+    )
+    g.add_argument(
         "--decode",
         default=None,
         metavar="LATENTS",
         help="decode latents saved by a run whose decode failed (LATENTS.safetensors) instead of sampling",
     )
-    g.set_defaults(func=_generate)
+    g.set_defaults(
+        func=cli_generate.generate, seed=None, batch_size=None
+    )  # None: 0, or the --from-image's seed
 
     ev = sub.add_parser("eval", help="score prompt adherence")
     evs = ev.add_subparsers(dest="eval_command", required=True)
@@ -622,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0, help="seed of the first image, >= 0")
     dm.set_defaults(func=_demo)
 
-    i = sub.add_parser("info", help="list samplers and schedulers")
+    i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
+    i.add_argument("image", nargs="?", default=None, help="an image: its stored settings, as JSON")
     i.set_defaults(func=_info)
     return p
 

@@ -70,6 +70,20 @@ def float_in(flag: str, value: float | None, lo: float, hi: float) -> float | No
     return value
 
 
+def outpaint(flag: str, text: str, hi: int) -> tuple[int, int, int, int]:
+    """Pixels added by --outpaint, "L,R,T,B" (left, right, top, bottom) or one number for every side."""
+    parts = [p.strip() for p in text.split(",")]
+    accepted = f"one whole number of pixels or four, left,right,top,bottom, each in [0, {hi}]"
+    if len(parts) not in (1, 4) or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"{flag} {text!r} is not {accepted} (e.g. 64 or 64,64,0,0)")
+    pad = tuple(int(p) for p in parts) * (4 if len(parts) == 1 else 1)
+    if any(v > hi for v in pad):
+        raise ValueError(f"{flag} {text!r} is out of range; expected {accepted}")
+    if not any(pad):
+        raise ValueError(f"{flag} {text!r} adds no pixel; give at least one side > 0")
+    return pad  # type: ignore[return-value]
+
+
 def _nearest_existing(path: str) -> str:
     """`path` or its nearest existing ancestor (absolute)."""
     p = os.path.abspath(path)

@@ -52,6 +52,9 @@ class Family:
     optional: frozenset[str] = frozenset()  # components that may be absent (SD3's T5-XXL: zeros instead)
     trainable: bool = False  # `latentforge train denoiser --family` accepts it
     class_labels: bool = False  # prompts are class indices and the unconditional branch is the null class
+    # the prediction of its 9-channel inpainting release when it differs from the family's default (SD2's
+    # 512-inpainting-ema is an ε model, v2-inpainting-inference.yaml, unlike the 768-v release)
+    inpaint_prediction: str | None = None
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
@@ -143,7 +146,7 @@ def _entries() -> dict[str, Family]:
         Family(
             "sd21", net="unet", prefixes={**_LDM, "clip_h": "cond_stage_model."},
             configs=_unet("sd21", clip_h="openclip-h"), sampling=_vp("v"), latent_format=sd2,
-            condition=conditioning.sd21, size=768, trainable=True,
+            condition=conditioning.sd21, size=768, trainable=True, inpaint_prediction="eps",
         ),
         Family(
             "sdxl-base", net="unet",

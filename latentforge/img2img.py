@@ -11,6 +11,13 @@ image noised to the current σ at every step and blends it in with the mask (the
 Song et al. 2021, App. I.2 / RePaint, Lugmayr et al. 2022, Eq. 8 without resampling; A1111 and ComfyUI do
 the same), then pastes the original pixels back outside the blurred mask after decoding (A1111's "mask
 blur" overlay). Masks are white = repaint, [B, 1, H, W] in [0, 1] here.
+
+A 9-channel inpainting checkpoint (SD1.5/SD2/SDXL-inpainting) is given the mask and the masked image's
+latents beside x at every call (`ConcatInputs`, as diffusers' StableDiffusionInpaintPipeline does) and
+repaints from pure noise by default (strength 1, diffusers' default); its known region is not blended:
+the network was trained to keep it (diffusers does the same; A1111 and ComfyUI blend for every model).
+The pixel overlay is still applied. Outpainting and "inpaint only the masked area" change the canvas
+around this (canvas.py).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+
+from latentforge import canvas
 
 MASKED_CONTENT = ("original", "latent_noise", "fill")  # A1111's "Masked content" options
 MAX_MASK_BLUR = 256
@@ -177,6 +187,21 @@ class Job:
     strength: float
     pixel_mask: torch.Tensor | None = None  # [B, 1, H, W] in [0, 1], blurred; 1 = repaint
     mask: torch.Tensor | None = None  # [B, 1, h, w] in {0, 1}: the latent mask
+    concat: torch.Tensor | None = None  # [B, 1 + C, h, w]: a 9-channel UNet's mask and masked-image latents
+    # "inpaint only the masked area": (full images [B, 3, H', W'], their blurred mask, the region worked on)
+    full: tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]] | None = None
+
+
+def outpaint(init_image, mask, pad, step: int, batch: int, width=None, height=None, strict: bool = False):
+    """The outpainting canvas (canvas.py): (images [B, 3, H', W'], mask [B, 1, H', W']) with the new border
+    white. The init image (and mask) are first taken at width×height when given (resized with a warning),
+    else at the image's size; the padding is grown where needed so that H' and W' are multiples of `step`."""
+    w0, h0 = image_size(init_image)
+    w, h = width or w0, height or h0
+    images = to_images(init_image, batch, w, h, strict)
+    m = None if mask is None else to_mask(mask, batch, w, h, strict)
+    pad = canvas.round_padding((w, h), canvas.check_outpaint(pad), step)
+    return canvas.pad_canvas(images, m, pad)
 
 
 def prepare(
@@ -190,22 +215,39 @@ def prepare(
     width: int,
     height: int,
     strict_size: bool = False,
+    full_res_padding: int | None = None,
+    inpaint_model: bool = False,
 ) -> Job:
-    """Check and encode the inputs; pipe: a Pipeline (its `encode`, `device`, `latent_channels`)."""
+    """Check and encode the inputs; pipe: a Pipeline (its `encode`, `device`, `downscale`).
+    full_res_padding: "inpaint only the masked area" with that padding (canvas.py): the init image and mask
+    are taken at the image's own size and the crop around the mask is worked on at width×height.
+    inpaint_model: the network is a 9-channel inpainting UNet (`Job.concat` is made for it)."""
     from latentforge.noise import randn_seeded
 
-    b = len(seeds)
-    images = to_images(init_image, b, width, height, strict_size).to(pipe.device)
+    b, f = len(seeds), pipe.downscale
     if mask is None:
-        return Job(images, pipe.encode(images), strength)
-    pixel_mask = blur(to_mask(mask, b, width, height, strict_size).to(pipe.device), mask_blur)
-    f = pipe.downscale
+        images = to_images(init_image, b, width, height, strict_size).to(pipe.device)
+        concat = inpaint_conditioning(pipe, images, None) if inpaint_model else None
+        return Job(images, pipe.encode(images), strength, concat=concat)
+    full = None
+    if full_res_padding is None:
+        images = to_images(init_image, b, width, height, strict_size).to(pipe.device)
+        pixel_mask = blur(to_mask(mask, b, width, height, strict_size).to(pipe.device), mask_blur)
+    else:  # A1111: blur at full size, crop, scale to the working size (no second blur)
+        w0, h0 = image_size(init_image)
+        images0 = to_images(init_image, b, w0, h0, strict_size).to(pipe.device)
+        mask0 = blur(to_mask(mask, b, w0, h0, strict_size).to(pipe.device), mask_blur)
+        region = canvas.full_res_region(mask0, full_res_padding, width, height)
+        images = canvas.crop_resize(images0, region, width, height).clamp(-1, 1)
+        pixel_mask = canvas.crop_resize(mask0, region, width, height, "bilinear").clamp(0, 1)
+        full = (images0, mask0, region)
     m = latent_mask(pixel_mask, height // f, width // f)
     latent = pipe.encode(fill(images, pixel_mask) if masked_content == "fill" else images)
     if masked_content == "latent_noise":  # A1111: the masked latent replaced by fresh unit noise
         other = randn_seeded(latent.shape, [s + LATENT_NOISE_OFFSET for s in seeds]).to(latent)
         latent = m * other + (1 - m) * latent
-    return Job(images, latent, strength, pixel_mask, m)
+    concat = inpaint_conditioning(pipe, images, pixel_mask) if inpaint_model else None
+    return Job(images, latent, strength, pixel_mask, m, concat, full)
 
 
 def start(job: Job, model_sampling, sigmas: torch.Tensor, noise: torch.Tensor):
@@ -220,16 +262,20 @@ def start(job: Job, model_sampling, sigmas: torch.Tensor, noise: torch.Tensor):
 
 
 def finish(job: Job | None, latents: torch.Tensor) -> torch.Tensor:
-    """After sampling (σ = 0): the known region is the encoded image itself."""
-    if job is None or job.mask is None:
+    """After sampling (σ = 0): the known region is the encoded image itself (not for a 9-channel inpainting
+    UNet, whose own prediction there is kept, as diffusers keeps it)."""
+    if job is None or job.mask is None or job.concat is not None:
         return latents
     return job.mask * latents + (1 - job.mask) * job.latent
 
 
 def composite(job: Job | None, decoded: torch.Tensor) -> torch.Tensor:
-    """A1111's overlay: the original pixels pasted back outside the blurred mask ([B, 3, H, W] in [-1, 1])."""
+    """A1111's overlay: the original pixels pasted back outside the blurred mask ([B, 3, H, W] in [-1, 1]);
+    "inpaint only the masked area": the crop scaled back into the full picture through its blurred mask."""
     if job is None or job.pixel_mask is None:
         return decoded
+    if job.full is not None:
+        return canvas.paste(decoded, *job.full)
     m = job.pixel_mask
     return m * decoded + (1 - m) * job.images
 
@@ -267,3 +313,43 @@ class InpaintDenoiser:
 
     def __call__(self, x, sigma, **kw):
         return self.with_uncond(x, sigma, **kw)[0]
+
+
+# -- 9-channel inpainting checkpoints ----------------------------------------------------------------------
+
+
+def is_inpaint_unet(in_channels: int, latent_channels: int) -> bool:
+    """SD1.5/SD2/SDXL-inpainting: the UNet takes x, the mask and the masked image's latents, C + 1 + C."""
+    return in_channels == 2 * latent_channels + 1
+
+
+def inpaint_conditioning(pipe, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1 + C, h, w]: what a 9-channel inpainting UNet takes beside x, as diffusers'
+    StableDiffusionInpaintPipeline (`prepare_mask_latents`) and A1111 (`inpainting_image_conditioning`)
+    make it:
+    the mask binarised at 0.5 (white = repaint), the image with the repainted pixels set to 0 (mid grey)
+    encoded like any init image (the VAE posterior's mean, scaled: Pipeline.encode), and the binary mask
+    brought to the latent grid by nearest-neighbour interpolation. No mask (text-to-image or plain img2img
+    on such a model): everything is repainted, so the masked image is all 0, as A1111 does."""
+    if pixel_mask is None:
+        pixel_mask = torch.ones_like(images[:, :1])
+    binary = (pixel_mask >= 0.5).to(images.dtype)  # diffusers' VaeImageProcessor(do_binarize=True)
+    masked = pipe.encode(images * (binary < 0.5))
+    return torch.cat([F.interpolate(binary, size=masked.shape[-2:], mode="nearest").to(masked), masked], 1)
+
+
+class ConcatInputs(nn.Module):
+    """A 9-channel inpainting UNet seen as a C-channel network: net(cat([x_in, mask, masked-image latents]),
+    t, **cond). The samplers, CFG and the model sampling's c_in see C channels only; the conditioning is
+    repeated over CFG's doubled batch (the same for the conditional and unconditional halves, as in
+    diffusers and A1111) and enters unscaled, as diffusers concatenates it after `scale_model_input`."""
+
+    def __init__(self, net: nn.Module, concat: torch.Tensor):
+        super().__init__()
+        self.net, self.concat = net, concat
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        c = self.concat.to(device=x.device, dtype=x.dtype)
+        if c.shape[0] != x.shape[0]:
+            c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
+        return self.net(torch.cat([x, c], dim=1), t, **cond)

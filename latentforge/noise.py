@@ -137,3 +137,58 @@ def default_noise_sampler(
         lo = float(pos.min()) if float(pos.min()) < hi else hi / 2  # one positive σ: any lower end works
         return BrownianTreeNoiseSampler(x, lo, hi, seeds, cpu=cpu)
     return SeededNoiseSampler(x, seeds)
+
+
+# -- A1111's variation seeds ------------------------------------------------------------------------------
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985) from a (t = 0) to b (t = 1), for each image [C, H, W].
+
+    The angle is taken per (channel, column) along H, as A1111 does (`processing.slerp` normalises over
+    dim 1 of a [C, H, W] noise), so a variation seed gives the noise A1111 gives with its CPU generator.
+    Where the two are nearly parallel (cos > 0.9995 on average) it falls back to the straight line."""
+    a64, b64 = a.double(), b.double()
+    dot = ((a64 / a64.norm(dim=-2, keepdim=True)) * (b64 / b64.norm(dim=-2, keepdim=True))).sum(-2)
+    if float(dot.mean()) > 0.9995:
+        return ((1 - t) * a64 + t * b64).to(a.dtype)
+    omega = torch.acos(dot.clamp(-1, 1))  # [..., C, W]
+    so = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / so).unsqueeze(-2) * a64 + (torch.sin(t * omega) / so).unsqueeze(
+        -2
+    ) * b64
+    return out.to(a.dtype)
+
+
+def variation_noise(
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    subseeds: Sequence[int] | None = None,
+    subseed_strength: float = 0.0,
+    resize_from: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The initial noise [B, C, h, w] of A1111's "Variation seed" and "Resize seed from" (its
+    `create_random_tensors`, with the CPU generator that `randn_seeded` is):
+
+    - image k's noise is drawn from seeds[k]; with subseed_strength s > 0 it is slerp(s, noise(seeds[k]),
+      noise(subseeds[k])): s = 0 is the seed's image, s = 1 the variation seed's;
+    - resize_from (h', w') in latent pixels: both are drawn at [C, h', w'] instead, and that noise is placed
+      centred into a [C, h, w] draw of seeds[k] (cropped centred where it is larger), so an image keeps its
+      composition when its size changes.
+    """
+    b, c, h, w = shape
+    src = (c, *resize_from) if resize_from is not None else (c, h, w)
+    noise = randn_seeded((b, *src), seeds)
+    if subseed_strength > 0:
+        if subseeds is None or len(subseeds) != b:
+            raise ValueError(f"variation noise needs one subseed per image ({b}), got {subseeds!r}")
+        noise = slerp(float(subseed_strength), noise, randn_seeded((b, *src), subseeds))
+    if tuple(src[1:]) == (h, w):
+        return noise
+    out = randn_seeded((b, c, h, w), seeds)
+    dy, dx = (h - src[1]) // 2, (w - src[2]) // 2  # where the source's top-left lands (negative: cropped)
+    # a larger source is cut by the same margin on both sides (A1111: an odd excess loses one more row)
+    hh, ww = (src[1] if dy >= 0 else src[1] + 2 * dy), (src[2] if dx >= 0 else src[2] + 2 * dx)
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    out[:, :, ty : ty + hh, tx : tx + ww] = noise[:, :, sy : sy + hh, sx : sx + ww]
+    return out

@@ -13,24 +13,24 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from torch import nn
 
-from latentforge import conditioning, families, img2img, memory, model_sampling
+from latentforge import canvas, conditioning, families, hires, img2img, memory, model_sampling, previews
 from latentforge.checkpoints import build_component
 from latentforge.families import PIXEL_FORMAT
-from latentforge.files import atomic_path
 from latentforge.guidance import CFGDenoiser
+from latentforge.infotext import build as infotext  # noqa: F401  (re-exported: A1111's parameters text)
 from latentforge.model_sampling import Denoiser
 from latentforge.models.vae import AutoencoderKL, LatentFormat
-from latentforge.noise import randn_seeded
+from latentforge.noise import variation_noise
+from latentforge.outputs import save_png  # noqa: F401  (re-exported)
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
 
@@ -41,6 +41,10 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
+MAX_BATCH_COUNT = 10_000
+# the hires fix's arguments (hires.py) and A1111's defaults for them (0 steps: the first pass's count)
+HIRES_ARGS = ("hires_scale", "hires_size", "hires_denoise", "hires_steps", "hires_upscaler", "hires_sampler")
+HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "hires_upscaler": "Latent"}
 
 
 def model_file(name: str) -> str:
@@ -64,7 +68,8 @@ def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
     "latentforge.model_sampling" (model_sampling.to_json: the model sampling it was trained with; older
     files name the training objective instead, "latentforge.objective"), "latentforge.space" ("pixel" or
     "latent"), "latentforge.resolution" (the training size, pixels) and "latentforge.defaults" (the
-    generation settings the model was tuned for: steps, sampler, scheduler, cfg)."""
+    generation settings the model was tuned for: steps, sampler, scheduler, cfg) and "latentforge.latent_rgb"
+    (the linear preview's factors, previews.LatentRGB.to_json)."""
     out: dict = {}
     if "latentforge.defaults" in meta:
         out["defaults"] = json.loads(meta["latentforge.defaults"])
@@ -86,6 +91,8 @@ def metadata_options(meta: dict[str, str], has_vae: bool = True) -> dict:
         out["size"] = (r, r)
     if "latentforge.latent_format" in meta and has_vae:  # the scale/shift measured on our own VAE
         out["latent_format"] = LatentFormat.from_json(meta["latentforge.latent_format"])
+    if "latentforge.latent_rgb" in meta and has_vae:  # the linear preview's factors, fit on our VAE
+        out["latent_rgb"] = previews.LatentRGB.from_json(meta["latentforge.latent_rgb"])
     return out
 
 
@@ -93,6 +100,23 @@ def _int(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
+
+
+def _check_variation(subseed, strength, resize_from, batch_size: int):
+    """(subseed, subseed_strength, resize_from) checked: A1111's variation seed and "resize seed from"."""
+    if subseed is not None:
+        subseed = _int("subseed", subseed, 0, 2**63 - 1 - batch_size)
+    ok = isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 <= strength <= 1
+    if not ok:
+        raise ValueError(f"subseed_strength must be a number in [0, 1], got {strength!r}")
+    if strength > 0 and subseed is None:
+        raise ValueError(f"subseed_strength {strength} needs a subseed (the variation seed)")
+    if resize_from is not None:
+        if not isinstance(resize_from, Sequence) or len(resize_from) != 2:
+            raise ValueError(f"seed_resize_from must be (width, height) in pixels, got {resize_from!r}")
+        resize_from = (_int("seed_resize_from width", resize_from[0], 1, MAX_SIZE),
+                       _int("seed_resize_from height", resize_from[1], 1, MAX_SIZE))  # fmt: skip
+    return subseed, float(strength), resize_from
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -127,7 +151,8 @@ class Pipeline:
     pixel_space: the network denoises RGB pixels directly (no VAE); size: default (width, height);
     latent_format: the VAE latent scale/shift when not the family's (a VAE trained here); defaults: the
     generation settings used where a caller gives none ({"steps", "sampler", "scheduler", "cfg"} or a
-    subset; unset ones: 20 steps, euler, normal, cfg 7)."""
+    subset; unset ones: 20 steps, euler, normal, cfg 7); latent_rgb: the linear preview's latent->RGB
+    factors (previews.LatentRGB; None: published or fit when first needed, previews.latent_rgb)."""
 
     def __init__(
         self,
@@ -140,6 +165,7 @@ class Pipeline:
         size: tuple[int, int] | None = None,
         latent_format: LatentFormat | None = None,
         defaults: dict | None = None,
+        latent_rgb: previews.LatentRGB | None = None,
     ):
         spec = families.get(family)
         needed = set(spec.configs()) - spec.optional - ({"vae"} if pixel_space else set())
@@ -157,6 +183,10 @@ class Pipeline:
         self.components = {k: m.eval().requires_grad_(False) for k, m in components.items() if m is not None}
         if model_sampling is not None and (prediction is not None or shift is not None):
             raise ValueError("give either model_sampling or prediction/shift, not both")
+        net_cfg = self.components[spec.net].config
+        if prediction is None and model_sampling is None and spec.inpaint_prediction is not None:
+            if img2img.is_inpaint_unet(net_cfg.in_channels, net_cfg.out_channels):  # SD2-inpainting: ε
+                prediction = spec.inpaint_prediction
         self.model_sampling = model_sampling or spec.sampling(prediction, shift)
         self.pixel_space = bool(pixel_space)
         if pixel_space and latent_format is not None:
@@ -172,6 +202,7 @@ class Pipeline:
                 f"defaults: unknown settings {sorted(unknown)}; known: {list(GENERATION_DEFAULTS)}"
             )
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
+        self.latent_rgb = latent_rgb  # the linear preview's factors; None: found when first needed
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -244,6 +275,24 @@ class Pipeline:
             return self.size
         return self.spec.size, self.spec.size
 
+    @property
+    def inpaint_model(self) -> bool:
+        """A 9-channel inpainting UNet (SD1.5/SD2/SDXL-inpainting), fed by img2img.ConcatInputs."""
+        if self.spec.net != "unet" or self.pixel_space:
+            return False
+        return img2img.is_inpaint_unet(self.net.config.in_channels, self.latent_channels)
+
+    @property
+    def default_strength(self) -> float:
+        """img2img's strength when none is given: 0.75 (A1111), 1 for an inpainting model (diffusers)."""
+        return 1.0 if self.inpaint_model else 0.75
+
+    @property
+    def size_step(self) -> int:
+        """Widths and heights are multiples of this (check_size; a DiT takes one size only)."""
+        f = self.downscale
+        return f * self.components["mmdit"].config.patch_size if "mmdit" in self.components else f
+
     def check_size(self, width: int, height: int) -> tuple[int, int]:
         f = self.downscale
         if "dit" in self.components:  # a fixed position table: one size only
@@ -293,10 +342,14 @@ class Pipeline:
         index = torch.tensor([unique.index(p) for p in prompts])
         return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}
 
-    def denoiser(self) -> Denoiser:
+    def denoiser(self, concat: torch.Tensor | None = None) -> Denoiser:
+        """D(x, σ, **cond); concat: a 9-channel inpainting UNet's mask and masked-image latents
+        [B, 1 + C, h, w] (img2img.ConcatInputs)."""
         net = self.net
         if "dit" in self.components and net.config.learn_sigma:
             net = FirstChannels(net, net.config.in_channels)
+        if concat is not None:
+            net = img2img.ConcatInputs(net, concat)
         return Denoiser(net, self.model_sampling)
 
     @torch.no_grad()
@@ -368,9 +421,72 @@ class Pipeline:
 
     @torch.no_grad()
     def sample(self, *args, **kwargs) -> torch.Tensor:
-        """The denoised latents [B, C, h, w] (see `__call__` for the arguments); with a mask, the known
-        region is the encoded init image (before the pixel composite `__call__` does)."""
-        return self._sample(*args, **kwargs)[0]
+        """The denoised latents [B, C, h, w] (see `__call__` for the arguments; one batch, hires fix
+        included); with a mask, the known region is the encoded init image (before the pixel composite
+        `__call__` does)."""
+        kw, hr, count = self._plan(args, kwargs)
+        if count != 1:
+            raise ValueError(f"sample makes one batch; batch_count {count} is for __call__")
+        return self._run(kw, hr)[0]
+
+    def _plan(self, args: tuple, kwargs: dict) -> tuple[dict, dict | None, int]:
+        """The arguments of one batch's `_sample` (model defaults filled in), the hires fix's options (None:
+        off) and batch_count."""
+        kwargs = dict(kwargs)
+        count = _int("batch_count", kwargs.pop("batch_count", 1), 1, MAX_BATCH_COUNT)
+        h = {k: kwargs.pop(k) for k in HIRES_ARGS if k in kwargs}
+        try:
+            bound = inspect.signature(self._sample).bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"Pipeline: {e}") from None
+        bound.apply_defaults()
+        kw = dict(bound.arguments)
+        for k, v in self.defaults.items():
+            kw[k] = v if kw.get(k) is None else kw[k]
+        if kw.get("strength") is None:  # img2img: 0.75, 1 for an inpainting model
+            kw["strength"] = self.default_strength
+        if h.get("hires_scale", 1) == 1 and h.get("hires_size") is None:
+            extra = sorted(k for k in h if k not in ("hires_scale", "hires_size") and h[k] is not None)
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} need hires_scale > 1 or hires_size (the hires fix is off)"
+                )
+            return kw, None, count
+        if kw["init_image"] is not None or kw["init_latent"] is not None:
+            raise ValueError("the hires fix is a text-to-image option (A1111's txt2img); drop init_image")
+        d = HIRES_DEFAULTS | {k: v for k, v in h.items() if v is not None}
+        scale, denoise, steps, upscaler = hires.check(
+            d["hires_scale"], d["hires_denoise"], d["hires_steps"], d["hires_upscaler"]
+        )
+        size = d.get("hires_size")
+        if size is not None:
+            size = (_int("hires width", size[0], 1, MAX_SIZE), _int("hires height", size[1], 1, MAX_SIZE))
+        sampler = d.get("hires_sampler") or kw["sampler"]
+        get_sampler(sampler)  # an unknown name fails before the first pass
+        return kw, {"scale": scale, "size": size, "denoise": denoise, "steps": steps, "upscaler": upscaler,
+                    "sampler": sampler}, count  # fmt: skip
+
+    @torch.no_grad()
+    def _run(self, kw: dict, hr: dict | None) -> tuple[torch.Tensor, img2img.Job | None]:
+        """One batch: `_sample`, then the hires fix's upscale and second pass (hires.py)."""
+        latents, job = self._sample(**kw)
+        if hr is None:
+            return latents, job
+        f = self.downscale
+        w, h = hires.target_size(
+            latents.shape[-1] * f, latents.shape[-2] * f, hr["scale"], self.size_step, hr["size"]
+        )
+        up = hires.upscale(self, latents, hr["upscaler"], w, h)
+        second = {"init_latent": up, "strength": hr["denoise"], "width": w, "height": h}
+        second |= {"steps": hr["steps"] or kw["steps"], "sampler": hr["sampler"]}
+        return self._sample(**{**kw, **second})
+
+    def _job_steps(self, kw: dict, hr: dict | None) -> int:
+        """Sampler steps one batch takes (the progress bar's share of it)."""
+        n = kw["steps"] if kw["init_image"] is None else img2img.steps_kept(kw["steps"], kw["strength"])
+        if hr is not None:
+            n += img2img.steps_kept(hr["steps"] or kw["steps"], hr["denoise"])
+        return n
 
     @torch.no_grad()
     def _sample(
@@ -389,13 +505,24 @@ class Pipeline:
         progress: bool = True,
         weighting: str = "a1111",
         init_image=None,
-        strength: float = 0.75,
+        strength: float | None = None,
         mask=None,
         mask_blur: float = 4,
         masked_content: str = "original",
         strict_size: bool = False,
+        outpaint=None,
+        inpaint_full_res: bool = False,
+        inpaint_full_res_padding: int = 32,
+        subseed: int | None = None,
+        subseed_strength: float = 0.0,
+        seed_resize_from: tuple[int, int] | None = None,
+        init_latent: torch.Tensor | None = None,
+        preview_every: int = 0,
+        preview: str | previews.Previewer = "linear",
+        on_preview: Callable | None = None,
     ) -> tuple[torch.Tensor, img2img.Job | None]:
-        """(latents [B, C, h, w], the img2img job or None)."""
+        """(latents [B, C, h, w], the img2img job or None). init_latent: img2img from these denoiser latents
+        [B, C, h, w] at `strength` (the hires fix's second pass) instead of an encoded init_image."""
         d = self.defaults
         steps = d["steps"] if steps is None else steps
         sampler = d["sampler"] if sampler is None else sampler
@@ -413,17 +540,36 @@ class Pipeline:
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
             raise ValueError(f"cfg must be a number in [0, {MAX_CFG:g}], got {cfg!r}")
         seed = _int("seed", seed, 0, 2**63 - 1 - batch_size)
+        subseed, subseed_strength, resize = _check_variation(
+            subseed, subseed_strength, seed_resize_from, batch_size
+        )
         dw, dh = self.default_size
+        padding = None  # "inpaint only the masked area": its padding (canvas.py)
         if init_image is not None:  # img2img: the init image's size unless one is given
-            strength = img2img.check_strength(strength)
+            strength = img2img.check_strength(self.default_strength if strength is None else strength)
+            if outpaint is not None:  # a bigger canvas whose new border is the mask (canvas.py)
+                init_image, mask = img2img.outpaint(
+                    init_image, mask, outpaint, self.size_step, batch_size, width, height, strict_size
+                )
+                width = height = None
             dw, dh = img2img.image_size(init_image)
             if mask is not None:
                 mask_blur = img2img.check_mask_blur(mask_blur)
                 masked_content = img2img.check_masked_content(masked_content)
-        elif mask is not None:
-            raise ValueError("a mask needs an init_image: the picture to inpaint")
+                if inpaint_full_res:  # the output keeps the picture's size; width×height is the working size
+                    padding = canvas.check_padding(inpaint_full_res_padding)
+                    dw, dh = self.default_size
+        elif mask is not None or outpaint is not None:
+            what = "a mask" if outpaint is None else "outpaint"
+            raise ValueError(f"{what} needs an init_image: the picture to inpaint")
+        if inpaint_full_res and padding is None:
+            raise ValueError("inpaint_full_res (inpaint only the masked area) needs an init_image and a mask")
+        if init_latent is not None:
+            strength = img2img.check_strength(strength)
+            dw, dh = init_latent.shape[-1] * self.downscale, init_latent.shape[-2] * self.downscale
         width, height = self.check_size(dw if width is None else width, dh if height is None else height)
         self.check_memory(width, height, batch_size, cfg)  # before any work: refuse a job that cannot fit
+        preview_hook = previews.hook(self, preview, preview_every, on_preview)  # checked before any work
 
         # the prompt and the negative prompt padded to the same chunk count, so CFG can batch them (A1111)
         enc = self._text_encoders()
@@ -436,30 +582,51 @@ class Pipeline:
 
         f, c = self.downscale, self.latent_channels
         seeds = [seed + k for k in range(batch_size)]
-        # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch
-        noise = randn_seeded((batch_size, c, height // f, width // f), seeds).to(self.device)
+        subseeds = None if subseed is None else [subseed + k for k in range(batch_size)]
+        # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch;
+        # A1111's variation seed and "resize seed from" (noise.variation_noise)
+        from_latent = None if resize is None else (resize[1] // f, resize[0] // f)
+        shape = (batch_size, c, height // f, width // f)
+        noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent).to(self.device)
         sigmas = sigmas_for(sampler, scheduler, self.model_sampling, steps).to(self.device)
         x, job = noise * sigmas[0], None
         if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
             job = img2img.prepare(
-                self, init_image, strength, mask, mask_blur, masked_content, seeds, width, height, strict_size
-            )
+                self, init_image, strength, mask, mask_blur, masked_content, seeds, width, height,
+                strict_size, padding, self.inpaint_model,
+            )  # fmt: skip
             sigmas, x = img2img.start(job, self.model_sampling, sigmas, noise)
             if len(sigmas) < 2:  # strength 0: no step at all, the encoded input
                 return img2img.finish(job, job.latent), job
-            if job.mask is not None:
+            if job.mask is not None and job.concat is None:  # a 9-channel UNet is not blended (img2img.py)
                 model = img2img.InpaintDenoiser(model, job.mask, job.latent, noise)
+        elif init_latent is not None:
+            job = img2img.Job(None, init_latent.to(self.device, torch.float32), strength)
+            sigmas, x = img2img.start(job, self.model_sampling, sigmas, noise)
+            if len(sigmas) < 2:
+                return job.latent, job
+        if self.inpaint_model:  # the mask and the masked image's latents beside x (none: all repainted)
+            concat = None if job is None else job.concat
+            if concat is None:
+                blank = torch.zeros(batch_size, 3, height, width, device=self.device)
+                concat = img2img.inpaint_conditioning(self, blank, None)
+            model = CFGDenoiser(self.denoiser(concat), scale=float(cfg))
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
         latents = sample_fn(
             model,
             x,
             sigmas,
             extra_args={"cond": cond, "uncond": uncond},
-            callback=callback,
+            callback=previews.chain(callback, preview_hook),
             disable=not progress,
             **options,
         )
         return img2img.finish(job, latents), job
+
+    def stream(self, *args, **kwargs) -> Iterator[previews.Event]:
+        """`__call__` on a worker thread, yielding Event("preview", step, images) every preview_every steps
+        (default 1) while it samples, then Event("images", steps, images) (previews.stream)."""
+        return previews.stream(self, *args, **kwargs)
 
     def __call__(self, *args, **kwargs) -> list[Image.Image]:
         """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch.
@@ -474,6 +641,10 @@ class Pipeline:
         empty prompt's) or "none" (literal text); prompts longer than the text tower's context are encoded
         in chunks and concatenated, never cut.
         callback(dict(x, i, sigma, sigma_hat, denoised)) is called after each step; progress shows a bar.
+        Live previews (previews.py): with preview_every=N, on_preview(step, images) gets a picture of the
+        current x̂₀ after every N-th step (step counted from 1 in each sampling pass) made by `preview`:
+        "linear" (a latent->RGB projection, the default) or a previews.Previewer (e.g. "taesd" with its
+        decoder file); `stream` yields them instead.
         Memory: a job that cannot fit is refused before any work (NotEnoughMemory), decoding is tiled when
         the untiled decode would not fit (`check_memory`); if decoding fails anyway the latents are saved
         to `latents_path` (default: a file in the temp folder; `latents_metadata` goes into its header) and
@@ -486,11 +657,60 @@ class Pipeline:
         Inpainting: mask (PIL grey/RGB or a [B, 1, H, W] tensor in [0, 1]; white = repaint) blurred by
         mask_blur pixels (Gaussian σ); masked_content "original" (the image), "latent_noise" (noise in the
         masked latent) or "fill" (the mean colour of the rest); the known region is re-noised and blended
-        at every step, and the original pixels are pasted back outside the blurred mask.
+        at every step, and the original pixels are pasted back outside the blurred mask. strength left None:
+        0.75, or 1 for a 9-channel inpainting checkpoint, which gets the mask and the masked image's latents
+        beside x instead of the blending (as diffusers' StableDiffusionInpaintPipeline; `inpaint_model`).
+        outpaint: pixels added as (left, right, top, bottom), or one number for all sides: the canvas (the
+        init image at width×height if given, else its own size) grows by them, the new border is the mask
+        (with any mask given) and starts as the image's edge pixels extended (masked_content "fill" and
+        "latent_noise" replace it as usual); padding that would leave the size off the model's size step
+        is grown to it, with a warning. inpaint_full_res: A1111's "inpaint only the masked area": the box
+        around the mask plus inpaint_full_res_padding pixels (grown to the working size's aspect ratio) is
+        inpainted at width×height (default: the model's size) and pasted back through the blurred mask;
+        the output keeps the init image's size.
+
+        Batches and seeds (A1111): batch_count batches of batch_size; image k of batch j takes seed
+        seed + j·batch_size + k. subseed / subseed_strength: A1111's variation seed, the initial noise
+        slerped from seed's towards subseed's (noise.variation_noise); seed_resize_from (width, height):
+        the noise drawn at that size and centred, so a seed keeps its composition at another size. Noise
+        is drawn on the CPU, so a seed gives the same image on any device.
+        Hires fix (hires.py, text-to-image only): hires_scale > 1 (or hires_size (w, h)) generates at the
+        base size, upscales with hires_upscaler (A1111's names: hires.UPSCALERS)
+        and runs img2img at the target size with strength hires_denoise (0.7) over hires_steps (0: steps),
+        with hires_sampler (default: sampler). progress: one bar over the whole job, with it/s and ETA.
         """
         latents_path = kwargs.pop("latents_path", None)
         latents_metadata = kwargs.pop("latents_metadata", None)
-        latents, job = self._sample(*args, **kwargs)
+        kw, hr, count = self._plan(args, kwargs)
+        bar, user_callback = None, kw["callback"]
+        if kw["progress"]:  # one bar over the whole job (all batches, both hires passes): it/s and ETA
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=count * self._job_steps(kw, hr), unit="step", desc="generating")
+
+            def tick(info: dict) -> None:
+                bar.update(1)
+                if user_callback is not None:
+                    user_callback(info)
+
+            kw = {**kw, "callback": tick, "progress": False}
+        images: list[Image.Image] = []
+        b = kw["batch_size"]
+        try:
+            for j in range(count):  # A1111's batch count: batch j takes seeds seed + j·batch_size + k
+                sub = None if kw["subseed"] is None else kw["subseed"] + j * b
+                latents, job = self._run({**kw, "seed": kw["seed"] + j * b, "subseed": sub}, hr)
+                path = latents_path
+                if count > 1 and path is not None:  # one file per batch
+                    root, ext = os.path.splitext(path)
+                    path = f"{root}-{j}{ext}"
+                images += self._decode_images(latents, job, path, latents_metadata)
+        finally:
+            if bar is not None:
+                bar.close()
+        return images
+
+    def _decode_images(self, latents, job, latents_path, latents_metadata) -> list[Image.Image]:
         try:
             with torch.no_grad():
                 return to_pil(img2img.composite(job, self.decode(latents)))
@@ -517,38 +737,3 @@ class Pipeline:
         if len(values) != batch_size:
             raise ValueError(f"{name} has {len(values)} entries for a batch of {batch_size}")
         return values
-
-
-# -- output files ------------------------------------------------------------------------------------------
-
-
-def _quote(value) -> str:
-    """A1111 `infotext_utils.quote`: a value holding ',', ':' or a newline is written as a JSON string."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
-    """A1111's `parameters` text (`create_infotext`): the prompt, "Negative prompt: ..." when there is one,
-    then one line of `Key: value` pairs (None values dropped), which A1111, sd.cpp and civitai parse."""
-    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{line}".strip()
-
-
-def save_png(image: Image.Image, folder: str, parameters: str, seed: int) -> str:
-    """Write `NNNNN-seed.png` (the next free number in `folder`) with a `parameters` text chunk (tEXt, or
-    iTXt for non-Latin-1 text, as Pillow decides), under a temporary name renamed into place."""
-    os.makedirs(folder, exist_ok=True)
-    numbers = [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"(\d{5,})-", n))]
-    counter = max(numbers, default=-1) + 1
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    while True:
-        path = os.path.join(folder, f"{counter:05d}-{seed}.png")
-        if not os.path.exists(path):
-            break
-        counter += 1
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path

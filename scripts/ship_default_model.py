@@ -5,8 +5,9 @@
 
 Copies every tensor (cast to --dtype: float16 halves the file; MODEL_CARD.md reports the evaluator's numbers
 for both) and the trainer's metadata, adds `latentforge.defaults` (the generation settings `generate`,
-`demo` and `Pipeline.default()` use where the caller gives none) and writes
-latentforge/data/shapes64.safetensors atomically (or --out).
+`demo` and `Pipeline.default()` use where the caller gives none) and `latentforge.latent_rgb` (the linear
+preview's latent->RGB factors, fit by least squares on the shipped VAE: previews.fit_linear on 64 rendered
+training scenes) and writes latentforge/data/shapes64.safetensors atomically (or --out).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from latentforge.checkpoint_io import read_metadata, read_state_dict, save_state_dict  # noqa: E402
 from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
+from latentforge.previews import fit_linear, shapes_images  # noqa: E402
 from latentforge.samplers import get_sampler  # noqa: E402
 from latentforge.schedules import SCHEDULERS  # noqa: E402
 
@@ -46,9 +48,15 @@ def main() -> int:
     meta["latentforge.defaults"] = json.dumps(defaults)
     meta["latentforge.name"] = "shapes64"
     save_state_dict(sd, args.out, metadata=meta)
+    # the preview factors are fit on the VAE as shipped (cast to --dtype, loaded as Pipeline.default() loads
+    # it), on 64 deterministic training scenes, then written into the same file's metadata
+    rgb = fit_linear(Pipeline.from_single_file(args.out).vae, shapes_images(64, seed=0, split="train"))
+    meta["latentforge.latent_rgb"] = rgb.to_json()
+    save_state_dict(sd, args.out, metadata=meta)
     Pipeline.from_single_file(args.out)  # loads strictly, or this raises
     print(
-        f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, {args.dtype}, defaults {defaults})"
+        f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, {args.dtype}, defaults {defaults}, "
+        f"latent_rgb {meta['latentforge.latent_rgb']})"
     )
     return 0
 

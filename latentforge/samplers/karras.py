@@ -128,7 +128,11 @@ def sample_euler_ancestral_cfg_pp(
             x = denoised
             continue
         a_s, a_t = alpha(sigma, flow), alpha(sigma_next, flow)
-        v_down, v_up, _ = get_ancestral_step(sigma / a_s, sigma_next / a_t, eta, False)
+        # the DDIM split of v_s → v_t, written with (v_t/v_s)² = (v_t·α_s/σ)² so that it stays finite at
+        # v_s = ∞ (flow's σ = 1, α = 0: pure noise), where it is v_up = min(v_t, η·v_t), the limit
+        v_t = sigma_next / a_t
+        v_up = torch.minimum(v_t, eta * v_t * (1 - (v_t * a_s / sigma) ** 2).clamp_min(0).sqrt())
+        v_down = (v_t**2 - v_up**2).clamp_min(0).sqrt()
         x = a_t * (denoised + v_down * (x - a_s * uncond) / sigma)
         if eta > 0 and s_noise > 0 and float(v_up) > 0:
             x = x + noise_sampler(sigma, sigma_next) * (a_t * v_up * s_noise)

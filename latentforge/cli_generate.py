@@ -1,0 +1,401 @@
+"""`latentforge generate` and `latentforge info IMAGE`: the command-line face of `Pipeline.__call__`, with
+A1111's batches, seeds, hires fix, output naming, and metadata that replays (`--from-image`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+
+from latentforge import cli_checks as check
+
+IMAGE_FILES = "an image file Pillow reads (PNG, JPEG, WebP, BMP, TIFF, ...)"
+
+
+def open_image(flag: str, path: str):
+    """The image at `path` (fully read), or an error naming the path and what is accepted."""
+    from PIL import Image, UnidentifiedImageError
+
+    check.in_file(flag, path, IMAGE_FILES)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some broken PNG chunks
+        raise ValueError(f"{flag} {path!r} is not a readable image ({e}); expected {IMAGE_FILES}") from None
+
+
+def check_img2img(args) -> None:
+    """--init-image and the flags that need it (or --mask), checked before the model loads."""
+    from latentforge.canvas import MAX_PAD
+    from latentforge.img2img import MAX_MASK_BLUR
+
+    if args.init_image is None:
+        needs_init = (("--strength", args.strength), ("--mask", args.mask), ("--outpaint", args.outpaint))
+        for flag, value in needs_init:
+            if value is not None:
+                raise ValueError(f"{flag} needs --init-image PATH (the picture to start from)")
+    if args.mask is None and args.outpaint is None:
+        for flag, value in (
+            ("--mask-blur", args.mask_blur),
+            ("--masked-content", args.masked_content),
+            ("--inpaint-full-res", args.inpaint_full_res or None),
+        ):
+            if value is not None:
+                raise ValueError(f"{flag} needs --mask PATH (white = repaint, black = keep) or --outpaint")
+    if args.inpaint_full_res_padding is not None and not args.inpaint_full_res:
+        raise ValueError("--inpaint-full-res-padding needs --inpaint-full-res (inpaint only the masked area)")
+    check.float_in("--strength", args.strength, 0.0, 1.0)
+    check.int_in("--mask-blur", args.mask_blur, 0, MAX_MASK_BLUR)
+    check.int_in("--inpaint-full-res-padding", args.inpaint_full_res_padding, 0, MAX_PAD)
+    if args.outpaint is not None:
+        args.outpaint = check.outpaint("--outpaint", args.outpaint, MAX_PAD)
+
+
+def preview_options(args) -> dict:
+    """Pipeline arguments for --preview-every/--preview-dir/--preview-method/--taesd, checked (and the TAESD
+    file read) before the model loads; {} when previews are off."""
+    from latentforge import previews
+
+    every = check.int_in("--preview-every", args.preview_every, 0, previews.MAX_EVERY) or 0
+    if every == 0:
+        given = (
+            ("--preview-dir", args.preview_dir),
+            ("--preview-method", args.preview_method),
+            ("--taesd", args.taesd),
+        )
+        for flag, value in given:
+            if value is not None:
+                raise ValueError(f"{flag} needs --preview-every N (a preview after every N-th step, N >= 1)")
+        return {}
+    method = args.preview_method or "linear"
+    if method == "taesd" and args.taesd is None:
+        raise ValueError("--preview-method taesd needs --taesd PATH (a taesd_decoder.safetensors-style file)")
+    if args.taesd is not None:
+        if method != "taesd":
+            raise ValueError(f"--taesd {args.taesd!r} is only used with --preview-method taesd")
+        check.in_file("--taesd", args.taesd, "a TAESD decoder file (.safetensors)")
+    folder = check.out_dir("--preview-dir", args.preview_dir or os.path.join(args.out, "previews"))
+    previewer = previews.Previewer(method, every, taesd=args.taesd)
+    return {"preview": previewer, "preview_every": every,
+            "on_preview": lambda step, images: previews.save(folder, step, images)}  # fmt: skip
+
+
+# flags --from-image fills when they are not given: Pipeline argument -> argparse dest
+REPLAYED = {
+    "prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "sampler": "sampler",
+    "scheduler": "scheduler", "cfg": "cfg", "seed": "seed", "width": "width", "height": "height",
+    "weighting": "weighting", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "seed_resize_from": "seed_resize_from", "hires_scale": "hires_scale", "hires_size": "hires_size",
+    "hires_denoise": "hires_denoise", "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler",
+    "hires_sampler": "hires_sampler", "strength": "strength", "mask_blur": "mask_blur",
+    "masked_content": "masked_content", "outpaint": "outpaint",
+    "inpaint_full_res_padding": "inpaint_full_res_padding",
+}  # fmt: skip
+IMG2IMG_ONLY = ("strength", "mask_blur", "masked_content", "outpaint", "inpaint_full_res_padding")
+
+
+def image_parameters(path: str) -> tuple[dict, str, list[str]]:
+    """The generation arguments stored in an image: (arguments, where from, A1111 keys not used). The
+    `latentforge` JSON chunk is exact and wins; else A1111's `parameters` text (PNG chunk or EXIF)."""
+    from latentforge import infotext
+
+    check.in_file("--from-image", path, IMAGE_FILES)
+    try:
+        meta = infotext.read_png(path)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(
+            f"--from-image {path!r} is not a readable image ({e}); expected {IMAGE_FILES}"
+        ) from None
+    if meta["latentforge"] is not None:
+        exact = {
+            k: v
+            for k, v in meta["latentforge"].items()
+            if k in REPLAYED or k in ("model", "model_hash", "batch_size", "batch_index")
+        }
+        for k in ("seed_resize_from", "hires_size", "outpaint"):
+            if isinstance(exact.get(k), list):
+                exact[k] = tuple(exact[k])
+        return exact, "its latentforge chunk", []
+    if meta["parameters"] is None:
+        raise ValueError(
+            f"--from-image {path!r} has no generation parameters (no A1111 'parameters' text chunk or EXIF "
+            "comment, no 'latentforge' chunk): it was not saved with its settings"
+        )
+    fields = infotext.parse(meta["parameters"])
+    gen, ignored = infotext.generation(fields)
+    if "Model hash" in fields:
+        gen["model_hash"] = fields["Model hash"]
+    if "Model" in fields:
+        gen["model"] = fields["Model"]
+    return gen, "its A1111 parameters", ignored
+
+
+def apply_image_parameters(args) -> None:
+    """--from-image: every replayable flag not given on the command line (None) takes the image's value."""
+    gen, source, ignored = image_parameters(args.from_image)
+    if ignored:
+        warnings.warn(f"--from-image: these settings are not replayed: {', '.join(ignored)}", stacklevel=2)
+    if args.init_image is None:
+        dropped = [k for k in IMG2IMG_ONLY if gen.get(k) is not None]
+        if dropped:
+            warnings.warn(
+                f"--from-image: the image was made from an init image ({', '.join(dropped)}); give "
+                "--init-image (and --mask) to replay that, generating from text instead",
+                stacklevel=2,
+            )
+            for k in dropped:
+                gen.pop(k)
+    seed_given, subseed_given = args.seed is not None, args.subseed is not None
+    for key, dest in REPLAYED.items():
+        if key in gen and getattr(args, dest, None) is None:
+            setattr(args, dest, gen[key])
+    # an image made as image k of a batch of B: sampled again in its batch (a batch's numerics differ from
+    # a single image's in the last bits), and only image k written
+    b, k = gen.get("batch_size"), gen.get("batch_index")
+    if isinstance(b, int) and isinstance(k, int) and 0 <= k < b and b > 1 and args.batch_size is None:
+        if not seed_given and isinstance(args.seed, int) and args.seed >= k:
+            args.batch_size, args.seed, args.replay_index = b, args.seed - k, k
+            if args.subseed is not None and not subseed_given:
+                args.subseed -= k
+    args.replayed_from = (args.from_image, source, gen.get("model"), gen.get("model_hash"))
+
+
+def _size_flag(flag: str, value) -> tuple[int, int] | None:
+    if value is None or isinstance(value, tuple):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
+    if m is None:
+        raise ValueError(f"{flag} must be WIDTHxHEIGHT in pixels such as 512x768, got {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def generate(args) -> int:
+    import torch
+
+    from latentforge import hires, infotext, outputs
+    from latentforge.cli import _check_generation, _check_model, _fill_defaults, _say, _short_hash
+    from latentforge.pipeline import MAX_BATCH_COUNT, DecodeFailed, Pipeline
+
+    if args.from_image is not None:
+        apply_image_parameters(args)
+    args.negative = "" if args.negative is None else args.negative
+    args.batch_size = 1 if args.batch_size is None else args.batch_size
+    args.seed = 0 if args.seed is None else args.seed
+    args.weighting = args.weighting or "a1111"
+    if args.decode is not None:
+        check.in_file("--decode", args.decode, "latents saved by latentforge (.safetensors)")
+    elif args.prompt is None:
+        raise ValueError("give a prompt (or --from-image IMG.png, or --decode LATENTS.safetensors)")
+    else:
+        check.utf8("the prompt", args.prompt)
+    check.utf8("--negative", args.negative)
+    _check_generation(args)
+    check_img2img(args)
+    count = check.int_in("--batch-count", args.batch_count, 1, MAX_BATCH_COUNT)
+    check.int_in("--subseed", args.subseed, 0, 2**63 - 1 - args.batch_size * count)
+    check.float_in("--subseed-strength", args.subseed_strength, 0.0, 1.0)
+    if args.subseed_strength and args.subseed is None:
+        raise ValueError("--subseed-strength needs --subseed (the variation seed)")
+    resize_from = _size_flag("--seed-resize-from", args.seed_resize_from)
+    hires_size = _size_flag("--hires-size", args.hires_size)
+    hr = {"hires_scale": args.hires_scale, "hires_size": hires_size, "hires_denoise": args.hires_denoise,
+          "hires_steps": args.hires_steps, "hires_upscaler": args.hires_upscaler,
+          "hires_sampler": args.hires_sampler}  # fmt: skip
+    hires_on = hr["hires_scale"] is not None or hires_size is not None
+    if hires_on:
+        if args.init_image is not None:
+            raise ValueError("--hires-scale/--hires-size is a text-to-image option; drop --init-image")
+        d = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "hires_upscaler": "Latent"}
+        hires.check(*[hr[k] if hr[k] is not None else d[k] for k in d])
+    else:
+        extra = [f"--{k.replace('_', '-')}" for k, v in hr.items() if v is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} need --hires-scale X or --hires-size WxH (the hires fix)")
+    name = outputs.check_name(args.name)
+    init = None if args.init_image is None else open_image("--init-image", args.init_image)
+    mask = None if args.mask is None else open_image("--mask", args.mask)
+    if args.vae is not None:
+        check.checkpoint("--vae", args.vae)
+    check.device("--device", args.device)
+    check.out_dir("--out", args.out)
+    preview = preview_options(args)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    pipe = Pipeline.from_single_file(
+        args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
+    )
+    _fill_defaults(args, pipe)
+    if args.device:
+        pipe.to(args.device)
+    if args.decode is not None:  # latents saved by a run whose decode failed: its parameters are in the file
+        from latentforge.checkpoint_io import read_metadata
+
+        images = pipe.decode_file(args.decode)
+        meta = read_metadata(args.decode)
+        texts = json.loads(meta.get("latentforge.infotexts", "[]"))
+        seeds = json.loads(meta.get("latentforge.seeds", "[]"))
+        exact = json.loads(meta.get("latentforge.exact", "[]"))
+        for k, image in enumerate(images):
+            seed = seeds[k] if k < len(seeds) else k
+            text = texts[k] if k < len(texts) else ""
+            _say(
+                outputs.save_png(
+                    image, args.out, text, seed, name, exact=exact[k] if k < len(exact) else None
+                )
+            )
+        return 0
+    model_file = _check_model(args.model)
+    model_hash = _short_hash(model_file)
+    model_name = os.path.splitext(os.path.basename(model_file))[0]
+    replayed = getattr(args, "replayed_from", None)
+    if replayed is not None and replayed[3] and replayed[3] not in (model_hash, model_hash[:8]):
+        warnings.warn(
+            f"{replayed[0]} was made with model {replayed[2] or '?'} (hash {replayed[3]}); replaying it with "
+            f"{model_name} (hash {model_hash}) gives other pixels",
+            stacklevel=2,
+        )
+
+    strength = pipe.default_strength if args.strength is None else args.strength  # 1: inpainting models
+    mask_blur = 4 if args.mask_blur is None else args.mask_blur
+    padding = 32 if args.inpaint_full_res_padding is None else args.inpaint_full_res_padding
+    start = {}  # img2img/inpainting arguments of Pipeline.__call__
+    if init is not None:  # the init image's size unless --width/--height say otherwise (Pipeline)
+        start = {"init_image": init, "strength": strength, "strict_size": args.strict_size}
+        if mask is not None or args.outpaint is not None:
+            masked = args.masked_content or "original"
+            start |= {"mask": mask, "mask_blur": mask_blur, "masked_content": masked}
+        if args.outpaint is not None:
+            start["outpaint"] = args.outpaint
+        if args.inpaint_full_res:
+            start |= {"inpaint_full_res": True, "inpaint_full_res_padding": padding}
+    variation = {"subseed": args.subseed, "subseed_strength": args.subseed_strength or 0.0,
+                 "seed_resize_from": resize_from}  # fmt: skip
+    hires_kw = {k: v for k, v in hr.items() if v is not None} | (
+        {"hires_size": hires_size} if hires_size else {}
+    )
+    dw, dh = init.size if init is not None else pipe.default_size
+    width, height = args.width or dw, args.height or dh
+    n = args.batch_size * count
+
+    def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
+        hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None
+        return infotext.build(
+            args.prompt,
+            args.negative,
+            {
+                "Steps": args.steps,
+                "Sampler": infotext.sampler_label(args.sampler),
+                "Schedule type": infotext.schedule_label(args.scheduler),
+                "CFG scale": args.cfg,
+                "Seed": args.seed + i,
+                "Size": f"{width}x{height}",
+                "Model hash": model_hash,
+                "Model": model_name,
+                "Variation seed": None if not args.subseed_strength else args.subseed + i,
+                "Variation seed strength": args.subseed_strength or None,
+                "Seed resize from": None if resize_from is None else "{}x{}".format(*resize_from),
+                "Denoising strength": hires_kw.get("hires_denoise", 0.7) if hires_on else (
+                    None if init is None else strength),
+                "Hires upscale": hr_scale,
+                "Hires resize": None if hires_size is None else "{}x{}".format(*hires_size),
+                "Hires steps": hires_kw.get("hires_steps") or None,
+                "Hires upscaler": hires_kw.get("hires_upscaler", "Latent") if hires_on else None,
+                "Hires sampler": infotext.sampler_label(args.hires_sampler) if args.hires_sampler else None,
+                "Mask blur": None if mask is None and args.outpaint is None else mask_blur,
+                "Inpaint area": "Only masked" if args.inpaint_full_res else None,  # A1111's names
+                "Masked area padding": padding if args.inpaint_full_res else None,
+                "Outpaint": None if args.outpaint is None else ",".join(map(str, args.outpaint)),
+                "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
+                "Version": f"latentforge {__import__('latentforge').__version__}",
+            },
+        )  # fmt: skip
+
+    def exact(i: int) -> dict:  # the Pipeline arguments that make image i alone (batch of one)
+        out = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps,
+               "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed + i,
+               "width": args.width, "height": args.height, "weighting": args.weighting,
+               "batch_size": args.batch_size, "batch_index": i % args.batch_size,
+               "model": model_name, "model_hash": model_hash,
+               "version": __import__("latentforge").__version__}  # fmt: skip
+        if args.subseed is not None:
+            out |= {"subseed": args.subseed + i, "subseed_strength": args.subseed_strength or 0.0}
+        if resize_from is not None:
+            out["seed_resize_from"] = list(resize_from)
+        out |= {k: list(v) if isinstance(v, tuple) else v for k, v in hires_kw.items()}
+        if init is not None:
+            out["strength"] = strength
+            if mask is not None or args.outpaint is not None:
+                out |= {"mask_blur": mask_blur, "masked_content": args.masked_content or "original"}
+            if args.outpaint is not None:
+                out["outpaint"] = list(args.outpaint)
+            if args.inpaint_full_res:
+                out["inpaint_full_res_padding"] = padding
+        return out
+
+    def fields(i: int) -> dict:
+        return {"seed": args.seed + i, "subseed": None if args.subseed is None else args.subseed + i,
+                "prompt": args.prompt, "negative": args.negative, "steps": args.steps,
+                "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "width": width,
+                "height": height,
+                "model": model_name, "model_hash": model_hash, "batch": i // args.batch_size,
+                "index": i % args.batch_size}  # fmt: skip
+
+    latents_path = os.path.join(args.out, f"latents-{args.seed}-{os.getpid()}.safetensors")
+    try:
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative,
+            steps=args.steps,
+            sampler=args.sampler,
+            scheduler=args.scheduler,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            batch_size=args.batch_size,
+            batch_count=count,
+            weighting=args.weighting,
+            progress=not args.quiet,
+            **variation,
+            **hires_kw,
+            **start,
+            **preview,
+            latents_path=latents_path,
+            latents_metadata={
+                "latentforge.infotexts": json.dumps([a1111(i) for i in range(n)]),
+                "latentforge.seeds": json.dumps([args.seed + i for i in range(n)]),
+                "latentforge.exact": json.dumps([exact(i) for i in range(n)]),
+            },
+        )
+    except DecodeFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    keep = getattr(args, "replay_index", None)  # --from-image of image k of a batch: only that one
+    for i, image in enumerate(images):
+        if keep is not None and i != keep:
+            continue
+        _say(outputs.save_png(image, args.out, a1111(i), args.seed + i, name, fields(i), exact(i)))
+    return 0
+
+
+def info_image(path: str) -> dict:
+    """`latentforge info IMG`: the image's stored texts and the arguments `--from-image` would replay."""
+    from latentforge import infotext
+
+    check.in_file("the image", path, IMAGE_FILES)
+    meta = infotext.read_png(path)
+    out: dict = {"file": path, "parameters": meta["parameters"], "latentforge": meta["latentforge"]}
+    if meta["parameters"] is None and meta["latentforge"] is None:
+        raise ValueError(
+            f"{path!r} has no generation parameters (no 'parameters' or 'latentforge' text chunk)"
+        )
+    if meta["parameters"] is not None:
+        fields = infotext.parse(meta["parameters"])
+        out["a1111"] = fields
+        try:
+            out["replay"], out["not_replayed"] = infotext.generation(fields)
+        except ValueError as e:
+            out["replay_error"] = str(e)
+    return out
