@@ -426,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hires-sampler", default=None, help="hires fix: the second pass's sampler (default: --sampler)"
     )
     g.add_argument(
+        "--rng",
+        choices=["cpu", "device"],
+        default=None,
+        help="where the noise is drawn: cpu (default; a seed gives the same image on any device) or device",
+    )
+    g.add_argument(
         "--from-image",
         default=None,
         metavar="IMG",

@@ -92,7 +92,7 @@ REPLAYED = {
     "hires_denoise": "hires_denoise", "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler",
     "hires_sampler": "hires_sampler", "strength": "strength", "mask_blur": "mask_blur",
     "masked_content": "masked_content", "outpaint": "outpaint",
-    "inpaint_full_res_padding": "inpaint_full_res_padding",
+    "inpaint_full_res_padding": "inpaint_full_res_padding", "rng": "rng",
 }  # fmt: skip
 IMG2IMG_ONLY = ("strength", "mask_blur", "masked_content", "outpaint", "inpaint_full_res_padding")
 
@@ -185,6 +185,9 @@ def generate(args) -> int:
     args.batch_size = 1 if args.batch_size is None else args.batch_size
     args.seed = 0 if args.seed is None else args.seed
     args.weighting = args.weighting or "a1111"
+    args.rng = args.rng or "cpu"
+    if args.rng not in ("cpu", "device"):
+        raise ValueError(f"--rng must be cpu or device, got {args.rng!r}")
     if args.decode is not None:
         check.in_file("--decode", args.decode, "latents saved by latentforge (.safetensors)")
     elif args.prompt is None:
@@ -307,6 +310,7 @@ def generate(args) -> int:
                 "Inpaint area": "Only masked" if args.inpaint_full_res else None,  # A1111's names
                 "Masked area padding": padding if args.inpaint_full_res else None,
                 "Outpaint": None if args.outpaint is None else ",".join(map(str, args.outpaint)),
+                "RNG": "CPU" if args.rng == "cpu" or pipe.device.type == "cpu" else "GPU",
                 "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
@@ -316,7 +320,7 @@ def generate(args) -> int:
         out = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps,
                "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed + i,
                "width": args.width, "height": args.height, "weighting": args.weighting,
-               "batch_size": args.batch_size, "batch_index": i % args.batch_size,
+               "batch_size": args.batch_size, "batch_index": i % args.batch_size, "rng": args.rng,
                "model": model_name, "model_hash": model_hash,
                "version": __import__("latentforge").__version__}  # fmt: skip
         if args.subseed is not None:
@@ -356,6 +360,7 @@ def generate(args) -> int:
             height=args.height,
             batch_size=args.batch_size,
             batch_count=count,
+            rng=args.rng,
             weighting=args.weighting,
             progress=not args.quiet,
             **variation,

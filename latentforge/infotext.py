@@ -223,6 +223,15 @@ def generation(fields: dict[str, str]) -> tuple[dict, list[str]]:
         used |= {"Hires upscale", "Hires steps", "Hires upscaler", "Hires sampler"}
     elif "Denoising strength" in fields:
         out["strength"] = _number(fields, "Denoising strength", float)
+    # A1111's RNG source: "CPU", "GPU" (a missing key means GPU), "NV" (NVIDIA's generator emulated)
+    rng = fields.get("RNG", "GPU").strip()
+    if rng not in ("CPU", "GPU"):
+        raise ValueError(
+            f"the infotext's RNG {rng!r} is not one latentforge has; known: CPU, GPU (A1111's NV source "
+            "emulates NVIDIA's generator and is not implemented)"
+        )
+    out["rng"] = "cpu" if rng == "CPU" else "device"
+    used.add("RNG")
     if "Mask blur" in fields:
         out["mask_blur"] = _number(fields, "Mask blur", float)
     if "Emphasis" in fields:

@@ -166,26 +166,29 @@ def variation_noise(
     subseeds: Sequence[int] | None = None,
     subseed_strength: float = 0.0,
     resize_from: tuple[int, int] | None = None,
+    generator_device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """The initial noise [B, C, h, w] of A1111's "Variation seed" and "Resize seed from" (its
     `create_random_tensors`, with the CPU generator that `randn_seeded` is):
 
     - image k's noise is drawn from seeds[k]; with subseed_strength s > 0 it is slerp(s, noise(seeds[k]),
       noise(subseeds[k])): s = 0 is the seed's image, s = 1 the variation seed's;
+    - generator_device: where the generators run ("cpu": the same noise on any device);
     - resize_from (h', w') in latent pixels: both are drawn at [C, h', w'] instead, and that noise is placed
       centred into a [C, h, w] draw of seeds[k] (cropped centred where it is larger), so an image keeps its
       composition when its size changes.
     """
     b, c, h, w = shape
     src = (c, *resize_from) if resize_from is not None else (c, h, w)
-    noise = randn_seeded((b, *src), seeds)
+    gd = {"generator_device": generator_device, "device": generator_device}
+    noise = randn_seeded((b, *src), seeds, **gd)
     if subseed_strength > 0:
         if subseeds is None or len(subseeds) != b:
             raise ValueError(f"variation noise needs one subseed per image ({b}), got {subseeds!r}")
-        noise = slerp(float(subseed_strength), noise, randn_seeded((b, *src), subseeds))
+        noise = slerp(float(subseed_strength), noise, randn_seeded((b, *src), subseeds, **gd))
     if tuple(src[1:]) == (h, w):
         return noise
-    out = randn_seeded((b, c, h, w), seeds)
+    out = randn_seeded((b, c, h, w), seeds, **gd)
     dy, dx = (h - src[1]) // 2, (w - src[2]) // 2  # where the source's top-left lands (negative: cropped)
     # a larger source is cut by the same margin on both sides (A1111: an odd excess loses one more row)
     hh, ww = (src[1] if dy >= 0 else src[1] + 2 * dy), (src[2] if dx >= 0 else src[2] + 2 * dx)

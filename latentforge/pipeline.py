@@ -42,6 +42,9 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
 MAX_BATCH_COUNT = 10_000
+# where the initial noise is drawn: "cpu" (the default: a seed gives the same image on any device; A1111's
+# "CPU" RNG source) or "device" (the generators on the pipeline's device: A1111's "GPU" on CUDA)
+RNG_SOURCES = ("cpu", "device")
 # the hires fix's arguments (hires.py) and A1111's defaults for them (0 steps: the first pass's count)
 HIRES_ARGS = ("hires_scale", "hires_size", "hires_denoise", "hires_steps", "hires_upscaler", "hires_sampler")
 HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "hires_upscaler": "Latent"}
@@ -520,6 +523,7 @@ class Pipeline:
         preview_every: int = 0,
         preview: str | previews.Previewer = "linear",
         on_preview: Callable | None = None,
+        rng: str = "cpu",
     ) -> tuple[torch.Tensor, img2img.Job | None]:
         """(latents [B, C, h, w], the img2img job or None). init_latent: img2img from these denoiser latents
         [B, C, h, w] at `strength` (the hires fix's second pass) instead of an encoded init_image."""
@@ -587,7 +591,11 @@ class Pipeline:
         # A1111's variation seed and "resize seed from" (noise.variation_noise)
         from_latent = None if resize is None else (resize[1] // f, resize[0] // f)
         shape = (batch_size, c, height // f, width // f)
-        noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent).to(self.device)
+        if rng not in RNG_SOURCES:
+            raise ValueError(f"rng must be one of {', '.join(RNG_SOURCES)}, got {rng!r}")
+        gen_device = "cpu" if rng == "cpu" else self.device
+        noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent, gen_device)
+        noise = noise.to(self.device)
         sigmas = sigmas_for(sampler, scheduler, self.model_sampling, steps).to(self.device)
         x, job = noise * sigmas[0], None
         if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
@@ -673,7 +681,8 @@ class Pipeline:
         seed + j·batch_size + k. subseed / subseed_strength: A1111's variation seed, the initial noise
         slerped from seed's towards subseed's (noise.variation_noise); seed_resize_from (width, height):
         the noise drawn at that size and centred, so a seed keeps its composition at another size. Noise
-        is drawn on the CPU, so a seed gives the same image on any device.
+        is drawn on the CPU, so a seed gives the same image on any device (rng="cpu"; rng="device" draws it
+        on the pipeline's device, as A1111's "GPU" source).
         Hires fix (hires.py, text-to-image only): hires_scale > 1 (or hires_size (w, h)) generates at the
         base size, upscales with hires_upscaler (A1111's names: hires.UPSCALERS)
         and runs img2img at the target size with strength hires_denoise (0.7) over hires_steps (0: steps),

@@ -136,6 +136,7 @@ def test_replay_our_png_is_pixel_identical_and_flags_win(tmp_path, capsys):
     assert np.array_equal(_pixels(out / made[1]), _pixels(again / "00000-21.png"))  # image 1 of its batch
     text = Image.open(again / "00000-21.png").text["parameters"]
     assert "Seed: 21," in text and "Variation seed: 10, Variation seed strength: 0.4" in text
+    assert "RNG: CPU" in text  # latentforge draws on the CPU by default (A1111 writes nothing for GPU)
     assert (
         main(["generate", "--from-image", str(out / made[0]), "--steps", "2", "--out", str(other), "--quiet"])
         == 0
@@ -186,3 +187,12 @@ def test_output_names(tmp_path):
     for bad, msg in [("{foo}", "unknown field {foo}"), ("a/{seed}", "names a folder"), ("", "non-empty")]:
         with pytest.raises(ValueError, match=msg):
             outputs.check_name(bad)
+
+
+def test_rng_source():
+    """A1111 writes "RNG: CPU" for its CPU source and nothing for the GPU default; "NV" is not ours."""
+    base = "p\nSteps: 20, Sampler: Euler, Seed: 1"
+    assert infotext.generation(infotext.parse(base + ", RNG: CPU"))[0]["rng"] == "cpu"
+    assert infotext.generation(infotext.parse(base))[0]["rng"] == "device"
+    with pytest.raises(ValueError, match="RNG 'NV' is not one latentforge has"):
+        infotext.generation(infotext.parse(base + ", RNG: NV"))
