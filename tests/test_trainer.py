@@ -447,6 +447,11 @@ def test_cached_latents_and_text_equal_uncached_and_are_reused(tmp_path, capsys)
     base = {**MICRO, "data": data, "pixel_space": "false", "vae": vae, "text_encoder": clip,
             "train_text_encoder": "false", "unet.in_channels": 4, "unet.out_channels": 4, "max_steps": 3,
             "eval_n": 0, "caption_dropout": 0.5, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    # a dry run writes nothing, the cache included (it used to encode every image before reporting)
+    dry = resolve("denoiser", "shapes-tiny", overrides={**base, "cache_latents": "true"})
+    train_denoiser(dry, str(tmp_path / "dry"), dry_run=True, progress=False)
+    assert "latents are not cached" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "dry")
     runs = {}
     for name, cached in (("plain", False), ("cached", True), ("reused", True)):
         cfg = resolve("denoiser", "shapes-tiny", overrides={**base, "cache_latents": str(cached)})

@@ -216,7 +216,8 @@ def train_denoiser(
     world = dist.init(device)
     try:
         with run_folder.claim(out, cfg, resume, world, dry_run):  # the folder's lock, checks and leftovers
-            return loop.run(DenoiserTask(cfg, world, out), out, resume, dry_run, progress, stop_after, strict)
+            task = DenoiserTask(cfg, world, out, dry_run)
+            return loop.run(task, out, resume, dry_run, progress, stop_after, strict)
     finally:
         dist.shutdown()
 
@@ -227,7 +228,7 @@ class DenoiserTask(loop.Task):
 
     config_keys = MODEL_FIELDS
 
-    def __init__(self, cfg: DenoiserTrainConfig, world: dist.World, out: str):
+    def __init__(self, cfg: DenoiserTrainConfig, world: dist.World, out: str, dry_run: bool = False):
         self.setup = setup = build_models(cfg, world.device)
         self.ms = model_sampling_for(cfg.objective)
         self.sharded = loop.is_sharded(cfg, world)
@@ -239,6 +240,12 @@ class DenoiserTask(loop.Task):
                 raise ValueError(
                     "cache_latents applies to folder data; the shapes stream is rendered on the fly"
                 )
+        if cfg.cache_latents and dry_run:  # a dry run writes nothing: the cache is not filled
+            if world.main:
+                print(
+                    "dry run: latents are not cached; the time per step includes the VAE encode", flush=True
+                )
+        elif cfg.cache_latents:
             from latentforge.training import precompute
 
             setup.pre = precompute.build(
