@@ -260,7 +260,9 @@ def generate(args) -> int:
             stacklevel=2,
         )
 
-    strength = pipe.default_strength if args.strength is None else args.strength  # 1: inpainting models
+    strength = args.strength
+    if init is not None and strength is None:
+        strength = pipe.default_strength  # 0.75; 1 for inpainting models
     mask_blur = 4 if args.mask_blur is None else args.mask_blur
     padding = 32 if args.inpaint_full_res_padding is None else args.inpaint_full_res_padding
     start = {}  # img2img/inpainting arguments of Pipeline.__call__

@@ -695,9 +695,12 @@ class Pipeline:
         if kw["progress"]:  # one bar over the whole job (all batches, both hires passes): it/s and ETA
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=count * self._job_steps(kw, hr), unit="step", desc="generating")
+            total = count * self._job_steps(kw, hr)
 
             def tick(info: dict) -> None:
+                nonlocal bar
+                if bar is None:  # made at the first step: a job refused before any work shows no bar
+                    bar = tqdm(total=total, unit="step", desc="generating")
                 bar.update(1)
                 if user_callback is not None:
                     user_callback(info)

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentforge import cli, tokenizer
@@ -263,6 +264,8 @@ def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
 
     class FakePipe:
         defaults = dict(pipeline.GENERATION_DEFAULTS)
+        default_size = (8, 8)
+        device = torch.device("cpu")
 
         def __call__(self, prompt, **kw):
             tokenizer.tokenize(prompt)
