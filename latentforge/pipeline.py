@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -377,7 +378,14 @@ class Pipeline:
         if tiled is None:  # tiles when the untiled decode would not fit in the memory available
             f, (h, w) = self.downscale, latents.shape[-2:]
             avail = memory.available_memory(self.device)
-            tiled = avail is not None and self.estimate_memory(w * f, h * f, latents.shape[0]).decode > avail
+            need = self.estimate_memory(w * f, h * f, latents.shape[0]).decode
+            tiled = avail is not None and need > avail
+            if tiled:
+                warnings.warn(
+                    f"decoding {w * f}x{h * f} in tiles: the whole-image decode needs about "
+                    f"{memory._gb(need)}, {memory._gb(avail)} is available",
+                    stacklevel=2,
+                )
         vae = self.vae
         dtype = next(vae.parameters()).dtype
         run = vae.decode_tiled if tiled else vae.decode

@@ -122,7 +122,8 @@ def test_tiled_decode_when_untiled_does_not_fit(monkeypatch):
         monkeypatch.setattr(vae, name, lambda z, _o=original, _n=name, **k: (used.append(_n), _o(z, **k))[1])
     avail(monkeypatch, (est.decode_tiled + est.decode) // 2)
     assert pipe.check_memory(W, H, cfg=1.0) is True
-    tiled = pixels(pipe("a cat", **args))
+    with pytest.warns(UserWarning, match=f"decoding {W}x{H} in tiles: the whole-image decode needs about"):
+        tiled = pixels(pipe("a cat", **args))  # and it says so
     assert used == ["decode_tiled"]
     avail(monkeypatch, None)  # unknown: no check, untiled
     used.clear()
