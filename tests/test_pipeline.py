@@ -378,3 +378,30 @@ def test_bad_size_names_the_nearest_valid_one():
         ValueError, match="multiple of 4 for sd3-medium, got 21; the nearest valid size is 20"
     ):
         tiny("sd3-medium").check_size(32, 21)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hires_fix_variation_seeds_and_batch_count_on_every_family(family):
+    """The job features run through the one sampling loop of every family: batch j of batch_count takes
+    seeds seed + j·batch_size + k, subseed_strength 1 is the subseed's noise, and the hires fix returns the
+    upscaled size (a DiT, with its one size, refuses it by name)."""
+    pipe = tiny(family)
+    w, h = SIZE[family]
+    job = run(pipe, family, batch_size=1, batch_count=1, seed=7)
+    torch.testing.assert_close(
+        job, run(pipe, family, seed=3, subseed=7, subseed_strength=1.0), atol=1e-4, rtol=0
+    )
+    images = pipe(PROMPT[family], steps=2, width=w, height=h, batch_count=2, seed=6, cfg=4.0, progress=False)
+    assert (pixels(images[1:]) == pixels(pipe(PROMPT[family], steps=2, width=w, height=h, seed=7, cfg=4.0,
+                                                progress=False))).all()  # fmt: skip
+    if family.startswith("dit"):
+        with pytest.raises(ValueError, match="this DiT generates 16x16 images only"):
+            run(pipe, family, hires_scale=2)
+        return
+    f = pipe.downscale
+    if "mmdit" in pipe.components:  # the tiny MMDiT's position table ends at 32 pixels: grow the height
+        up = run(pipe, family, hires_size=(w, 2 * h), hires_denoise=0.5)
+        assert up.shape[-2:] == (2 * h // f, w // f)
+        return
+    up = run(pipe, family, hires_scale=2, hires_denoise=0.5)
+    assert up.shape[-2:] == (2 * h // f, 2 * w // f)
