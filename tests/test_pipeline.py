@@ -328,7 +328,9 @@ def test_cli_generate_writes_pngs_with_parameters(tmp_path, capsys):
     assert lines[0] == "a red cube, on blue: floor" and lines[1] == "Negative prompt: blurry"
     # A1111 labels, so A1111 reads the sampler back (infotext.SAMPLERS)
     assert lines[2].startswith("Steps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: 5.0, Seed: 42, ")
-    assert "Size: 32x24, Model hash: " in lines[2] and "Model: sd15, Version: latentforge" in lines[2]
+    assert (
+        "Size: 32x24, Model hash: " in lines[2] and "Model: sd15, RNG: CPU, Version: latentforge" in lines[2]
+    )
     expected = pixels(tiny("sd15")("a red cube, on blue: floor", negative_prompt="blurry", steps=2, cfg=5.0,
                                    seed=42, width=32, height=24, progress=False))  # fmt: skip
     assert np.abs(pixels([im.convert("RGB")]) - expected).max() <= 1
