@@ -594,10 +594,46 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0, help="seed of the first image, >= 0")
     dm.set_defaults(func=_demo)
 
+    sv = sub.add_parser(
+        "serve", help="the A1111-compatible HTTP API, latentforge's job queue API and the web page"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    sv.add_argument("--models-dir", default=None, help="folder whose .safetensors files clients may name")
+    sv.add_argument(
+        "--model", default=None, help="the model loaded first, by name (default: the shipped one)"
+    )
+    sv.add_argument("--outputs", default=None, help="folder for images clients ask to save (save_images)")
+    sv.add_argument(
+        "--api-key", default=None, help="required on every route when set (or $LATENTFORGE_API_KEY)"
+    )
+    sv.add_argument("--cors-origin", action="append", default=None, help="an origin allowed by CORS (repeat)")
+    sv.add_argument("--max-queue", type=int, default=32, help="jobs that may wait; beyond: HTTP 429")
+    sv.add_argument("--max-body", type=int, default=16 * 2**20, help="bytes of a request body; beyond: 413")
+    sv.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width × height × batch of one job")
+    sv.add_argument("--max-steps", type=int, default=150, help="sampling steps of one job")
+    sv.set_defaults(func=_serve)
+
     i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
     i.add_argument("image", nargs="?", default=None, help="an image: its stored settings, as JSON")
     i.set_defaults(func=_info)
     return p
+
+
+def _serve(args) -> int:
+    from latentforge.server import Settings, serve
+
+    for name in ("port", "max_queue", "max_body", "max_pixels", "max_steps"):
+        value = getattr(args, name)
+        if value < 1 or (name == "port" and value > 65535):
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be a positive number (port <= 65535), got {value}"
+            )
+    key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
+    names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
+             "max_steps", "model")  # fmt: skip
+    serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
+    return 0
 
 
 def _generation_flags(p: argparse.ArgumentParser) -> None:

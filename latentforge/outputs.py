@@ -10,6 +10,7 @@ is never replaced: the name gets "-1", "-2", ...
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import re
@@ -70,6 +71,22 @@ def file_name(pattern: str, fields: dict) -> str:
     return name[:MAX_NAME] or "image"
 
 
+def png_info(parameters: str, exact: dict | None = None) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks: A1111's `parameters` and, given `exact`, latentforge's JSON."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    if exact is not None:
+        info.add_text(JSON_KEY, json.dumps(exact, ensure_ascii=False, sort_keys=True))
+    return info
+
+
+def png_bytes(image: Image.Image, parameters: str, exact: dict | None = None) -> bytes:
+    """`image` as PNG file bytes with the text chunks of `png_info` (what the server sends)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_info(parameters, exact))
+    return buf.getvalue()
+
+
 def save_png(
     image: Image.Image,
     folder: str,
@@ -87,10 +104,7 @@ def save_png(
     if "{counter" in name:
         numbers = [int(m.group(1)) for n in os.listdir(folder) if (m := re.match(r"(\d{5,})-", n))]
         fields["counter"] = max(numbers, default=-1) + 1
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    if exact is not None:
-        info.add_text(JSON_KEY, json.dumps(exact, ensure_ascii=False, sort_keys=True))
+    info = png_info(parameters, exact)
     base = file_name(name, fields)
     path, k = os.path.join(folder, f"{base}.png"), 0
     while os.path.exists(path):  # never overwrite: a numbered suffix (or the next counter)

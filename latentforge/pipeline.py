@@ -131,6 +131,23 @@ def _accepts(fn: Callable, name: str) -> bool:
 # -- memory ------------------------------------------------------------------------------------------------
 
 
+class _Stopped(Exception):
+    def __init__(self, denoised: torch.Tensor):
+        self.denoised = denoised
+
+
+def _stopper(stop: Callable[[], bool] | None) -> Callable | None:
+    """The sampler callback that ends sampling after the current step when stop() says so."""
+    if stop is None:
+        return None
+
+    def callback(d: dict) -> None:
+        if stop():
+            raise _Stopped(d["denoised"])
+
+    return callback
+
+
 class DecodeFailed(RuntimeError):
     """Decoding failed after sampling; `path` holds the sampled latents (see Pipeline.decode_file)."""
 
@@ -206,6 +223,7 @@ class Pipeline:
                 f"defaults: unknown settings {sorted(unknown)}; known: {list(GENERATION_DEFAULTS)}"
             )
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
+        self.model_defaults = dict(defaults or {})  # only those the model (its file) states
         self.latent_rgb = latent_rgb  # the linear preview's factors; None: found when first needed
 
     # -- construction ------------------------------------------------------------------------------------
@@ -481,7 +499,7 @@ class Pipeline:
     def _run(self, kw: dict, hr: dict | None) -> tuple[torch.Tensor, img2img.Job | None]:
         """One batch: `_sample`, then the hires fix's upscale and second pass (hires.py)."""
         latents, job = self._sample(**kw)
-        if hr is None:
+        if hr is None or (kw["stop"] is not None and kw["stop"]()):  # stopped: no second pass
             return latents, job
         f = self.downscale
         w, h = hires.target_size(
@@ -491,6 +509,11 @@ class Pipeline:
         second = {"init_latent": up, "strength": hr["denoise"], "width": w, "height": h}
         second |= {"steps": hr["steps"] or kw["steps"], "sampler": hr["sampler"]}
         return self._sample(**{**kw, **second})
+
+    def job_steps(self, *args, **kwargs) -> int:
+        """Sampler steps a `__call__` with these arguments takes (all batches, both hires passes)."""
+        kw, hr, count = self._plan(args, kwargs)
+        return count * self._job_steps(kw, hr)
 
     def _job_steps(self, kw: dict, hr: dict | None) -> int:
         """Sampler steps one batch takes (the progress bar's share of it)."""
@@ -532,6 +555,7 @@ class Pipeline:
         preview: str | previews.Previewer = "linear",
         on_preview: Callable | None = None,
         rng: str = "cpu",
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, img2img.Job | None]:
         """(latents [B, C, h, w], the img2img job or None). init_latent: img2img from these denoiser latents
         [B, C, h, w] at `strength` (the hires fix's second pass) instead of an encoded init_image."""
@@ -628,15 +652,23 @@ class Pipeline:
                 concat = img2img.inpaint_conditioning(self, blank, None)
             model = CFGDenoiser(self.denoiser(concat), scale=float(cfg))
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
-        latents = sample_fn(
-            model,
-            x,
-            sigmas,
-            extra_args={"cond": cond, "uncond": uncond},
-            callback=previews.chain(callback, preview_hook),
-            disable=not progress,
-            **options,
-        )
+        try:
+            latents = sample_fn(
+                model,
+                x,
+                sigmas,
+                extra_args={"cond": cond, "uncond": uncond},
+                callback=previews.chain(callback, preview_hook, _stopper(stop)),
+                disable=not progress,
+                **options,
+            )
+        except _Stopped as e:  # A1111's interrupt/skip: the last step's x̂₀ is the result
+            latents = e.denoised
+        if not torch.isfinite(latents).all():  # A1111's NaN check: a black image would hide the failure
+            raise FloatingPointError(
+                f"sampling produced NaN or infinite latents ({sampler}, {steps} steps, cfg {cfg:g}): "
+                "the model's output is not finite (in float16, try float32)"
+            )
         return img2img.finish(job, latents), job
 
     def stream(self, *args, **kwargs) -> Iterator[previews.Event]:
@@ -695,6 +727,9 @@ class Pipeline:
         base size, upscales with hires_upscaler (A1111's names: hires.UPSCALERS)
         and runs img2img at the target size with strength hires_denoise (0.7) over hires_steps (0: steps),
         with hires_sampler (default: sampler). progress: one bar over the whole job, with it/s and ETA.
+        stop: a function checked after every step; when it returns True, the current pass ends there and
+        its x̂₀ is the batch's result (A1111's interrupt), the hires fix's second pass and later batches are
+        not run. Latents that are not finite raise FloatingPointError (A1111's NaN check).
         """
         latents_path = kwargs.pop("latents_path", None)
         latents_metadata = kwargs.pop("latents_metadata", None)
@@ -718,6 +753,8 @@ class Pipeline:
         b = kw["batch_size"]
         try:
             for j in range(count):  # A1111's batch count: batch j takes seeds seed + j·batch_size + k
+                if j and kw["stop"] is not None and kw["stop"]():
+                    break
                 sub = None if kw["subseed"] is None else kw["subseed"] + j * b
                 latents, job = self._run({**kw, "seed": kw["seed"] + j * b, "subseed": sub}, hr)
                 path = latents_path

@@ -1,0 +1,560 @@
+"""`latentforge serve`: A1111's `/sdapi/v1` HTTP API, latentforge's job API and the web page, in one process.
+
+Every generation, from either API, goes through one JobQueue (jobs.py): a job id at once from
+`POST /latentforge/v1/jobs`, its state from `GET .../jobs/{id}`, step progress and previews as server-sent
+events from `GET .../jobs/{id}/events`, `DELETE` to cancel; the A1111 routes wait for their job's end.
+Models are taken only by name, from `--models-dir` (top-level `.safetensors` files) or the shipped model;
+outputs are written only under `--outputs`, with generated names. Limits: `--max-queue` (HTTP 429 with
+Retry-After beyond it), `--max-body` (413), `--max-pixels` and `--max-steps` (422 naming the field).
+`--api-key` is required on every route when set (Bearer, X-API-Key, or HTTP Basic with the key as password,
+which browsers and webuiapi's set_auth send), compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
+
+import latentforge
+from latentforge import a1111, hires, outputs
+from latentforge.jobs import Job, JobQueue, QueueFull
+from latentforge.pipeline import DEFAULT_MODEL
+
+WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    models_dir: str | None = None
+    outputs: str | None = None
+    api_key: str | None = None
+    cors_origin: list[str] | None = None
+    max_queue: int = 32
+    max_body: int = 16 * 2**20  # bytes of one request body
+    max_pixels: int = 2048 * 2048  # width × height × batch_size of one job
+    max_steps: int = 150
+    keep_jobs: int = 64  # finished jobs remembered for GET
+    model: str | None = None  # the model loaded first (default: the shipped one)
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Models:
+    """The models a client may name: the shipped one and the top-level `.safetensors` files of models_dir,
+    listed under A1111's titles ("name.safetensors [hash]"); one pipeline kept loaded."""
+
+    def __init__(self, models_dir: str | None):
+        if models_dir is not None and not os.path.isdir(models_dir):
+            raise ValueError(f"--models-dir {models_dir!r} is not a folder")
+        self.models_dir = models_dir
+        self._hashes: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, object] | None = None
+        self.entries: list[dict] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        files = [DEFAULT_MODEL]
+        if self.models_dir is not None:
+            names = sorted(n for n in os.listdir(self.models_dir) if n.endswith(".safetensors"))
+            files += [os.path.join(self.models_dir, n) for n in names]
+        entries = []
+        for path in files:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = _sha256(path)
+            sha = self._hashes[key]
+            name = os.path.basename(path)
+            entries.append({"title": f"{name} [{sha[:10]}]", "model_name": os.path.splitext(name)[0],
+                            "hash": sha[:10], "sha256": sha, "filename": path, "config": None})  # fmt: skip
+        self.entries = entries
+
+    @property
+    def default_title(self) -> str:
+        return self.entries[0]["title"]
+
+    def find(self, name: str, field: str = "sd_model_checkpoint") -> dict:
+        """The entry for a title, file name or model name ("default": the shipped model); names with a path
+        in them are refused."""
+        if not isinstance(name, str) or not name.strip():
+            raise a1111.RequestError(field, f"a model name is needed, got {name!r}")
+        if "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
+            raise a1111.RequestError(field, f"{name!r}: models are named, not given as paths")
+        if name == "default":
+            return self.entries[0]
+        for e in self.entries:
+            if name in (e["title"], e["model_name"], os.path.basename(e["filename"])):
+                return e
+        titles = [e["title"] for e in self.entries]
+        raise a1111.RequestError(field, f"no model {name!r}; the server has {titles} (refresh-checkpoints "
+                                        "after adding files)")  # fmt: skip
+
+    def pipeline(self, title: str):
+        """The loaded pipeline of this model (loading it, and dropping the one before, if needed)."""
+        from latentforge.pipeline import Pipeline
+
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != title:
+                entry = self.find(title)
+                self._loaded = None  # the old model is freed before the new one is read
+                self._loaded = (title, Pipeline.from_single_file(entry["filename"]))
+            return self._loaded[1]
+
+
+# -- middleware ---------------------------------------------------------------------------------------
+
+
+class Guard:
+    """ASGI middleware: the API key on every route, and request bodies over max_body refused with 413
+    before the app sees them (the body is read here, up to the limit, and handed on)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        key = self.api_key.encode()
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        elif auth[:6].lower() == b"basic ":
+            try:
+                given = base64.b64decode(auth[6:].strip()).partition(b":")[2]
+            except ValueError:
+                given = None
+        return given is not None and hmac.compare_digest(given, key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["method"] != "OPTIONS" and not self._authorised(headers):
+            r = JSONResponse({"detail": "an API key is required (Authorization: Bearer KEY, X-API-Key, "
+                                        "or HTTP Basic with the key as password)"}, 401,
+                             headers={"WWW-Authenticate": 'Basic realm="latentforge"'})  # fmt: skip
+            return await r(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await self._too_large(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await self._too_large(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        r = JSONResponse({"detail": f"the request body is over the server's --max-body {self.max_body} "
+                                    "bytes"}, 413)  # fmt: skip
+        await r(scope, receive, send)
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+
+def _error(e: a1111.RequestError, status: int = 422) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.message, "type": "value_error"}]},
+                        status)  # fmt: skip
+
+
+class Server:
+    """The state behind the routes: settings, models, options, the queue."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models = Models(settings.models_dir)
+        first = self.models.find(settings.model, "--model") if settings.model else self.models.entries[0]
+        self.options = {"sd_model_checkpoint": first["title"], "sd_checkpoint_hash": first["sha256"],
+                        "live_previews_enable": True, "show_progress_every_n_steps": 1,
+                        "samples_format": "png", "outdir_samples": settings.outputs or ""}  # fmt: skip
+        self.queue = JobQueue(self._run, settings.max_queue, settings.keep_jobs)
+
+    # the worker thread
+    def _run(self, job: Job) -> list[Image.Image]:
+        pipe = self.models.pipeline(job.model)
+        if job.kind == "load":
+            return []
+        kw, b = job.kwargs, job.kwargs["batch_size"]
+        job.steps = pipe.job_steps(**kw, batch_count=job.batch_count)
+        every = self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+        preview = {"preview_every": every, "on_preview": job.set_preview} if every > 0 else {}
+        images: list[Image.Image] = []
+        for j in range(job.batch_count):  # A1111's n_iter: batch j takes seeds seed + j·batch_size + k
+            if job.cancelled or job.interrupted:
+                break
+            job.skipped, job.batch = False, j
+            kj = kw | {"seed": kw["seed"] + j * b}
+            if "subseed" in kw:
+                kj["subseed"] = kw["subseed"] + j * b
+            images += pipe(**kj, progress=False, callback=job.tick, stop=job.should_stop, **preview)
+        if not job.cancelled:
+            job.result = self._result(job, images)
+        return images
+
+    def _result(self, job: Job, images: list[Image.Image]) -> dict:
+        entry = self.models.find(job.model)
+        name, short = entry["model_name"], entry["hash"]
+        texts = a1111.infotexts(job.kwargs, len(images), name, short)
+        saved = []
+        if job.request.get("save_images") and self.settings.outputs:
+            for i, im in enumerate(images):
+                seed = job.kwargs["seed"] + i
+                saved.append(outputs.save_png(im, self.settings.outputs, texts[i], seed))
+        encoded = [a1111.encode_png(outputs.png_bytes(im, t)) for im, t in zip(images, texts, strict=True)]
+        req = job.request_model
+        info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted)
+        return {"images": encoded if req.send_images else [], "info": info, "saved": len(saved)}
+
+    # requests -> jobs
+    def make_job(self, kind: str, req: a1111.Txt2Img) -> Job:
+        """Check the request against the model it names and the limits (422 naming the field)."""
+        s = self.settings
+        if req.save_images and not s.outputs:
+            raise a1111.RequestError("save_images", "the server was started without --outputs")
+        over = a1111.overrides(req)
+        title = self.models.find(over["sd_model_checkpoint"])["title"] if over else None
+        title = title or self.options["sd_model_checkpoint"]
+        pipe = self.models.pipeline(title)
+        seed, subseed = secrets.randbelow(2**32), secrets.randbelow(2**32)
+        kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps)
+        try:
+            pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
+        except (ValueError, TypeError) as e:
+            raise a1111.RequestError("request", str(e)) from None
+        echo = req.model_dump()
+        if kind == "img2img":
+            echo |= {"init_images": None, "mask": None}  # A1111 does not echo the images back
+        job = Job(kind, title, kw, count, echo)
+        job.request_model = req
+        return job
+
+    def job_json(self, job: Job, images: bool = True) -> dict:
+        out = {"id": job.id, "kind": job.kind, "model": job.model, "state": job.state,
+               "position": self.queue.position(job), "step": job.step, "steps": job.steps,
+               "batch": job.batch, "batch_count": job.batch_count, "progress": job.progress,
+               "eta": job.eta(), "error": job.error, "created": job.created, "started": job.started,
+               "finished": job.finished}  # fmt: skip
+        if job.result is not None:
+            out["info"] = job.result["info"]
+            if images:
+                out["images"] = job.result["images"]
+        return out
+
+
+async def wait(job: Job) -> None:
+    loop = asyncio.get_running_loop()
+    ev = asyncio.Event()
+    job.add_done_callback(lambda: loop.call_soon_threadsafe(ev.set))
+    await ev.wait()
+
+
+def _png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def build_app(settings: Settings) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    srv = Server(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(srv.queue.close)  # SIGTERM: queued jobs cancelled, the running one stopped
+
+    app = FastAPI(title="latentforge", version=latentforge.__version__, lifespan=lifespan)
+    app.state.server = srv
+
+    @app.exception_handler(a1111.RequestError)
+    async def request_error(request: Request, e: a1111.RequestError):
+        return _error(e)
+
+    async def submit(kind: str, req: a1111.Txt2Img) -> Job:
+        job = await run_in_threadpool(srv.make_job, kind, req)
+        try:
+            return srv.queue.submit(job)
+        except QueueFull as e:
+            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+
+    async def a1111_response(kind: str, req: a1111.Txt2Img):
+        job = await submit(kind, req)
+        await wait(job)
+        if job.state == "failed":
+            return JSONResponse(
+                {"error": "GenerationFailed", "detail": job.error}, 422 if job.invalid else 500
+            )
+        if job.state == "cancelled":
+            return JSONResponse({"error": "Cancelled", "detail": "the job was cancelled"}, 409)
+        r = job.result
+        return {"images": r["images"], "parameters": job.request, "info": a1111.dumps(r["info"])}
+
+    # -- A1111 ----------------------------------------------------------------------------------------
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(req: a1111.Txt2Img):
+        return await a1111_response("txt2img", req)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(req: a1111.Img2Img):
+        return await a1111_response("img2img", req)
+
+    @app.get("/sdapi/v1/progress")
+    async def progress(skip_current_image: bool = False):
+        job = srv.queue.current
+        idle = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "",
+            "job_count": 0,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None,
+                    "textinfo": None, "current_task": None}  # fmt: skip
+        state = idle | {"skipped": job.skipped, "interrupted": job.interrupted,
+                        "job": f"Batch {job.batch + 1} out of {job.batch_count}",
+                        "job_count": job.batch_count, "job_no": job.batch, "sampling_step": job.step,
+                        "sampling_steps": job.steps}  # fmt: skip
+        preview = job.preview
+        image = None if skip_current_image or preview is None else await run_in_threadpool(_png, preview)
+        return {"progress": job.progress, "eta_relative": job.eta(), "state": state, "current_image": image,
+                "textinfo": f"step {job.step} of {job.steps}", "current_task": job.id}  # fmt: skip
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        srv.queue.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():
+        srv.queue.skip()
+        return {}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return a1111.samplers()
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return a1111.schedulers()
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for n, v in hires.UPSCALERS.items() if v[0] == "image"]  # fmt: skip
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_modes():
+        return [{"name": n} for n, v in hires.UPSCALERS.items() if v[0] == "latent"]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return srv.models.entries
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():
+        return []
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh():
+        await run_in_threadpool(srv.models.refresh)
+        return {}
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return srv.options
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise a1111.RequestError("body", "not valid JSON") from None
+        if not isinstance(body, dict):
+            raise a1111.RequestError("body", "expected a JSON object of option: value")
+        unknown = sorted(set(body) - set(srv.options) - {"sd_checkpoint_hash"})
+        if unknown:
+            raise a1111.RequestError(
+                unknown[0], f"not an option this server has; options: {list(srv.options)}"
+            )
+        new = dict(body)
+        if "show_progress_every_n_steps" in new:
+            n = new["show_progress_every_n_steps"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < -1:
+                raise a1111.RequestError("show_progress_every_n_steps", f"an integer >= -1, got {n!r}")
+        for k in ("samples_format", "outdir_samples", "sd_checkpoint_hash"):
+            if k in new and new[k] != srv.options.get(k):
+                raise a1111.RequestError(k, "set by the server's command line; cannot be changed")
+        if "sd_model_checkpoint" in new:
+            entry = srv.models.find(new["sd_model_checkpoint"])
+            job = Job("load", entry["title"], {})
+            try:
+                srv.queue.submit(job)
+            except QueueFull as e:
+                raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+            await wait(job)  # loaded in turn, after the jobs queued before
+            if job.state != "done":
+                return JSONResponse({"error": "LoadFailed", "detail": job.error}, 500)
+            new |= {"sd_model_checkpoint": entry["title"], "sd_checkpoint_hash": entry["sha256"]}
+        srv.options.update(new)
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags():
+        out = asdict(settings) | {"api_key": settings.api_key is not None}
+        return out | {"models": [e["title"] for e in srv.models.entries]}
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(req: a1111.PngInfoRequest):
+        def read() -> str | None:
+            im = a1111.decode_image(req.image, "image", settings.max_pixels)
+            return im.info.get("parameters")
+
+        return a1111.png_info(await run_in_threadpool(read))
+
+    # -- latentforge's job API ------------------------------------------------------------------------
+
+    @app.post("/latentforge/v1/jobs", status_code=202)
+    async def new_job(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise a1111.RequestError("body", "not valid JSON") from None
+        if not isinstance(body, dict):
+            raise a1111.RequestError("body", "expected a JSON object")
+        kind = body.pop("mode", "img2img" if body.get("init_images") else "txt2img")
+        if kind not in ("txt2img", "img2img"):
+            raise a1111.RequestError("mode", f"txt2img or img2img, got {kind!r}")
+        model = a1111.Img2Img if kind == "img2img" else a1111.Txt2Img
+        from pydantic import ValidationError
+
+        try:
+            req = model.model_validate(body)
+        except ValidationError as e:
+            errors = [
+                {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in e.errors()
+            ]
+            return JSONResponse({"detail": errors}, 422)
+        job = await submit(kind, req)
+        return srv.job_json(job)
+
+    def find_job(job_id: str) -> Job:
+        job = srv.queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} (finished jobs are kept for the last "
+                                     f"{settings.keep_jobs})")  # fmt: skip
+        return job
+
+    @app.get("/latentforge/v1/jobs")
+    async def list_jobs():
+        return [srv.job_json(j, images=False) for j in srv.queue.jobs()]
+
+    @app.get("/latentforge/v1/jobs/{job_id}")
+    async def get_job(job_id: str):
+        return srv.job_json(find_job(job_id))
+
+    @app.delete("/latentforge/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str):
+        job = srv.queue.cancel(find_job(job_id))
+        return srv.job_json(job, images=False)
+
+    @app.get("/latentforge/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        job = find_job(job_id)
+
+        async def events():
+            seen, preview_step = -1, 0
+            while True:
+                if job.version != seen:
+                    seen = job.version
+                    if job.done.is_set():
+                        yield f"event: {job.state}\ndata: {json.dumps(srv.job_json(job))}\n\n"
+                        return
+                    yield f"event: progress\ndata: {json.dumps(srv.job_json(job, images=False))}\n\n"
+                    im, step = job.preview, job.preview_step
+                    if im is not None and step != preview_step:
+                        preview_step = step
+                        data = {"step": step, "image": await run_in_threadpool(_png, im)}
+                        yield f"event: preview\ndata: {json.dumps(data)}\n\n"
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+    # -- the page -------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(os.path.join(WEB, "index.html"), media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    if settings.cors_origin:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the server until SIGINT/SIGTERM (uvicorn); the running job stops at its next step on shutdown."""
+    import uvicorn
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"warning: serving on {settings.host} without --api-key: anyone who can reach it can use it")
+    app = build_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
