@@ -1,0 +1,213 @@
+"""`latentforge serve`: A1111's API driven by a client nobody here wrote (the PyPI `webuiapi` package),
+against a real server on a real port; its images compared with the same generation in-process.
+
+The comparison is exact: the server runs the same Pipeline with the same seeds on the same CPU, and a PNG
+round trip of 8-bit images is lossless.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+webuiapi = pytest.importorskip("webuiapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
+from latentforge.server import Settings, build_app  # noqa: E402
+
+PROMPT = "a big red circle in the upper left corner on a black background"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    shutil.copy(DEFAULT_MODEL, models / "other.safetensors")  # a second model to switch to
+    port = _free_port()
+    app = build_app(Settings(port=port, models_dir=str(models), outputs=str(models / "out")))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    yield f"http://127.0.0.1:{port}", port, app
+    srv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.default()
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_webuiapi_txt2img_equals_the_same_generation_in_process(server, pipe):
+    url, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=4)
+    r = api.txt2img(
+        prompt=PROMPT, negative_prompt="", seed=11, cfg_scale=4, width=64, height=64, batch_size=2
+    )
+    assert len(r.images) == 2 and r.images[0].size == (64, 64)
+    assert r.info["all_seeds"] == [11, 12]
+    assert r.info["sampler_name"] == "Euler" and r.info["steps"] == 4
+    assert r.parameters["prompt"] == PROMPT  # the request echoed back
+    text = r.images[1].info["parameters"]  # the PNG's A1111 chunk is the infotext
+    assert text == r.info["infotexts"][1] and "Seed: 12," in text and "Size: 64x64" in text
+    ours = pipe(PROMPT, steps=4, sampler="euler", scheduler="normal", cfg=4, seed=11, batch_size=2)
+    for got, want in zip(r.images, ours, strict=True):
+        assert np.array_equal(_pixels(got), _pixels(want))
+
+
+def test_webuiapi_img2img_equals_the_same_generation_in_process(server, pipe):
+    _, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="DPM++ 2M", scheduler="Karras", steps=6)
+    init = pipe("a small blue square at the center on a white background", steps=4, seed=3)[0]
+    r = api.img2img(images=[init], prompt=PROMPT, denoising_strength=0.5, seed=7, cfg_scale=4, width=64,
+                    height=64)  # fmt: skip
+    assert "Denoising strength: 0.5" in r.info["infotexts"][0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in r.info["infotexts"][0]
+    ours = pipe(PROMPT, init_image=init, strength=0.5, steps=6, sampler="dpmpp_2m", scheduler="karras",
+                cfg=4, seed=7)  # fmt: skip
+    assert np.array_equal(_pixels(r.image), _pixels(ours[0]))
+    assert r.parameters["init_images"] is None  # A1111 does not echo the images
+
+
+def test_webuiapi_inpainting_keeps_the_unmasked_pixels(server):
+    _, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=4)
+    from PIL import Image, ImageDraw
+
+    init = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(init).rectangle([4, 4, 20, 20], fill=(0, 0, 255))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle([32, 32, 63, 63], fill=255)
+    r = api.img2img(images=[init], mask_image=mask, prompt=PROMPT, denoising_strength=1.0, seed=2,
+                    width=64, height=64, mask_blur=0, inpaint_full_res=False)  # fmt: skip
+    got = _pixels(r.image)
+    # outside the mask the original pixels are pasted back (A1111's overlay), exactly
+    assert np.array_equal(got[:28, :28], _pixels(init)[:28, :28])
+    assert "Mask blur: 0" in r.info["infotexts"][0]
+
+
+def test_webuiapi_progress_and_interrupt(server):
+    _, port, app = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=150)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=api.txt2img(prompt=PROMPT, seed=1, width=64, height=64,
+                                                                 batch_size=8)))  # fmt: skip
+    t.start()
+    seen = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
+            seen = p
+            break
+        time.sleep(0.05)
+    assert seen is not None, "no progress with a preview was reported"
+    assert 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 150
+    assert seen["state"]["job_count"] == 1 and seen["eta_relative"] > 0
+    from PIL import Image
+
+    preview = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+    assert preview.size == (64, 64)
+    api.interrupt()
+    t.join(60)
+    r = box["r"]
+    assert r.info["interrupted"] is True and len(r.images) == 8  # the partial batch, as A1111 returns it
+    assert api.get_progress()["state"]["job_count"] == 0  # idle again
+
+
+def test_webuiapi_options_switch_the_model(server):
+    _, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=2)
+    names = api.util_get_model_names()
+    assert any(n.startswith("other.safetensors [") for n in names)
+    assert any(n.startswith("shapes64.safetensors [") for n in names)
+    title = next(n for n in names if n.startswith("other.safetensors"))
+    api.util_set_model(title, find_closest=False)
+    assert api.util_get_current_model() == title
+    r = api.txt2img(prompt=PROMPT, seed=1, width=64, height=64)
+    assert r.info["sd_model_name"] == "other"
+    api.util_set_model(next(n for n in names if n.startswith("shapes64")), find_closest=False)
+    assert api.util_get_current_model().startswith("shapes64")
+
+
+def test_png_info_reads_the_parameters_back(server, pipe):
+    url, port, _ = server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=3)
+    r = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=42, width=64, height=64, cfg_scale=5)
+    info = api.png_info(r.image)
+    assert info.info == r.info["infotexts"][0]  # webuiapi hands back the `info` text as it is
+    raw = httpx.post(f"{url}/sdapi/v1/png-info", json={"image": r.json["images"][0]}).json()
+    p = raw["parameters"]
+    assert (p["Prompt"], p["Negative prompt"], p["Seed"], p["Sampler"]) == (PROMPT, "blurry", "42", "Euler a")
+    assert (p["Steps"], p["CFG scale"], p["Size"]) == ("3", "5.0", "64x64")
+
+
+def test_sampler_and_schedule_names_a1111_and_comfyui(server):
+    url = server[0]
+    names = {s["name"] for s in httpx.get(f"{url}/sdapi/v1/samplers").json()}
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M SDE", "UniPC", "ipndm", "er_sde"} <= names
+    scheds = {s["name"]: s["label"] for s in httpx.get(f"{url}/sdapi/v1/schedulers").json()}
+    assert scheds["automatic"] == "Automatic" and scheds["karras"] == "Karras"
+    base = {"prompt": PROMPT, "steps": 2, "seed": 5, "width": 64, "height": 64}
+    infos = []
+    for sampler, sched in (("DPM++ 2M Karras", None), ("dpmpp_2m", "karras"), ("dpm++ 2m", "Karras")):
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"sampler_name": sampler, "scheduler": sched},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        infos.append(json.loads(r.json()["info"]))
+        images = r.json()["images"]
+    assert all(i["sampler_name"] == "DPM++ 2M" and i["scheduler"] == "karras" for i in infos)
+    assert images
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"scheduler": "nope"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "scheduler"]
+
+
+def test_defaults_follow_the_model_where_a1111_follows_its_settings(server):
+    url = server[0]
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 1}, timeout=60)
+    info = json.loads(r.json()["info"])
+    # the shipped model's file states 64×64, 20 steps, CFG 4 (MODEL_CARD.md); A1111 has no model size
+    assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (64, 64, 20, 4.0)
+
+
+def test_unsupported_a1111_features_are_refused_by_name(server):
+    url = server[0]
+    for field, value in (("restore_faces", True), ("tiling", True), ("styles", ["s"]), ("script_name", "x"),
+                         ("override_settings", {"CLIP_stop_at_last_layers": 2})):  # fmt: skip
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", field: value}, timeout=60)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], (field, r.text)
+
+
+def test_save_images_writes_under_outputs_only(server, tmp_path):
+    url, _, app = server
+    out = app.state.server.settings.outputs
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 9, "steps": 2,
+                                                    "save_images": True}, timeout=60)  # fmt: skip
+    assert r.status_code == 200
+    import os
+
+    files = os.listdir(out)
+    assert any(f.endswith("-9.png") for f in files), files
