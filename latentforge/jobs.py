@@ -49,6 +49,7 @@ class Job:
     request_model: Any = None  # the parsed request (the server's)
     preview: Image.Image | None = None
     preview_step: int = 0
+    previews: int = 0  # previews made so far (steps restart in every pass; this does not)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -84,6 +85,7 @@ class Job:
 
     def set_preview(self, step: int, images: list[Image.Image]) -> None:
         self.preview, self.preview_step = images[0], step
+        self.previews += 1
         self.version += 1
 
     @property
@@ -200,7 +202,8 @@ class JobQueue:
                     return
                 job = self.current = self._pending.popleft()
                 job.state, job.started = "running", time.time()
-                job.version += 1
+                for j in (job, *self._pending):  # every waiting job moved up one place
+                    j.version += 1
             state = "done"
             try:
                 job.images = self._run(job)

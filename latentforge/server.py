@@ -63,6 +63,23 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _file_defaults(path: str) -> dict:
+    """The generation settings a file of ours states in its metadata (steps, sampler, scheduler, cfg, width,
+    height), read from the safetensors header alone; {} for other files (latentforge's extra key in the
+    sd-models entries: a client can fill its form with them)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+        out = json.loads(meta.get("latentforge.defaults", "{}"))
+        if "latentforge.resolution" in meta:
+            out["width"] = out["height"] = int(meta["latentforge.resolution"])
+        return out if isinstance(out, dict) else {}
+    except Exception:  # noqa: BLE001 - an unreadable header: no defaults
+        return {}
+
+
 class Models:
     """The models a client may name: the shipped one and the top-level `.safetensors` files of models_dir,
     listed under A1111's titles ("name.safetensors [hash]"); one pipeline kept loaded."""
@@ -91,7 +108,8 @@ class Models:
             sha = self._hashes[key]
             name = os.path.basename(path)
             entries.append({"title": f"{name} [{sha[:10]}]", "model_name": os.path.splitext(name)[0],
-                            "hash": sha[:10], "sha256": sha, "filename": path, "config": None})  # fmt: skip
+                            "hash": sha[:10], "sha256": sha, "filename": path, "config": None,
+                            "defaults": _file_defaults(path)})  # fmt: skip
         self.entries = entries
 
     @property
@@ -272,6 +290,7 @@ class Server:
         out = {"id": job.id, "kind": job.kind, "model": job.model, "state": job.state,
                "position": self.queue.position(job), "step": job.step, "steps": job.steps,
                "batch": job.batch, "batch_count": job.batch_count, "progress": job.progress,
+               "seed": job.kwargs.get("seed"),
                "eta": job.eta(), "error": job.error, "created": job.created, "started": job.started,
                "finished": job.finished}  # fmt: skip
         if job.result is not None:
@@ -513,7 +532,7 @@ def build_app(settings: Settings) -> FastAPI:
         job = find_job(job_id)
 
         async def events():
-            seen, preview_step = -1, 0
+            seen, shown = -1, 0
             while True:
                 if job.version != seen:
                     seen = job.version
@@ -521,9 +540,9 @@ def build_app(settings: Settings) -> FastAPI:
                         yield f"event: {job.state}\ndata: {json.dumps(srv.job_json(job))}\n\n"
                         return
                     yield f"event: progress\ndata: {json.dumps(srv.job_json(job, images=False))}\n\n"
-                    im, step = job.preview, job.preview_step
-                    if im is not None and step != preview_step:
-                        preview_step = step
+                    im, step, count = job.preview, job.preview_step, job.previews
+                    if im is not None and count != shown:
+                        shown = count
                         data = {"step": step, "image": await run_in_threadpool(_png, im)}
                         yield f"event: preview\ndata: {json.dumps(data)}\n\n"
                 await asyncio.sleep(0.05)
@@ -557,4 +576,16 @@ def serve(settings: Settings) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {settings.host} without --api-key: anyone who can reach it can use it")
     app = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    queue = app.state.server.queue
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # stop the jobs at once (on a thread: the signal may arrive while the queue's lock is held), so
+            # open event streams and waiting A1111 calls end with the jobs' final state before uvicorn waits
+            # for them
+            threading.Thread(target=queue.close, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=30)  # fmt: skip
+    Server(config).run()

@@ -602,6 +602,24 @@ def test_fsdp_two_ranks_match_one_process_and_resume(tmp_path):
     Pipeline.from_single_file(os.path.join(two, "checkpoints", "last.safetensors"))
 
 
+def test_torchrun_ranks_all_stop_when_rank_0_refuses_the_folder(tmp_path):
+    """Rank 0 checks the run folder; when it refuses, every rank exits with its message at once, instead of
+    the other ranks waiting at a barrier for 30 minutes.
+    Here: a new run into a folder holding the user's own file."""
+    (tmp_path / "notes.txt").write_text("mine")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "latentforge", "train", "denoiser", "--quiet", "--preset", "shapes-tiny",
+           "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("notes.txt") >= 2, r.stderr[-3000:]  # rank 0's message, and rank 1's copy of it
+    assert "rank 0: " in r.stderr
+    assert time.perf_counter() - t < 240  # well before the 30-minute collective timeout
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # nothing written
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path):
     """`compile = true` (torch.compile of the trained module, inductor on CPU): the same losses as eager

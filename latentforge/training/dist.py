@@ -57,6 +57,31 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def main_first(world: World, fn) -> None:
+    """Run fn() on rank 0 while the other ranks wait; an error there is raised on every rank (with rank 0's
+    message), so no rank is left waiting at a barrier for one that has given up."""
+    error = None
+    if world.main:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - handed to every rank, raised again below
+            error = e
+    if world.distributed:  # the message as UTF-8 bytes in a tensor (nothing pickled): length, then text
+        text = b"" if error is None else f"{type(error).__name__}\n{error}".encode()
+        n = torch.tensor([len(text)], dtype=torch.int64, device=world.device)
+        dist.broadcast(n, src=0)
+        if n.item():
+            buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=world.device)
+            if world.main:
+                buf.copy_(torch.frombuffer(bytearray(text), dtype=torch.uint8))
+            dist.broadcast(buf, src=0)
+            if error is None:
+                name, _, message = bytes(buf.cpu().tolist()).decode().partition("\n")
+                raise {"ValueError": ValueError}.get(name, RuntimeError)(f"rank 0: {message}")
+    if error is not None:
+        raise error
+
+
 def mean(world: World, value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over ranks (itself for one process)."""
     if not world.distributed:

@@ -58,19 +58,30 @@ def claim(out: str, cfg, resume: bool, world: dist.World, dry_run: bool = False)
         yield
         return
     lock = None
-    if world.main:
+
+    def prepare() -> None:  # rank 0; an error in it is raised on every rank (dist.main_first)
+        nonlocal lock
         if resume:
             missing = missing_for_resume(out)
             if missing:
                 raise ValueError(f"cannot resume {out!r}: {missing}")
         os.makedirs(out, exist_ok=True)
+        had_lock = os.path.exists(os.path.join(out, ".lock"))
         lock = _Lock(out)
-    try:
-        if world.main:
+        try:
             if not resume:
                 _check_new(out, getattr(cfg, "overwrite", False))
             _clean(out)
-        dist.barrier(world)
+        except BaseException:  # refused: the folder is left as it was, without our lock file
+            lock.release()
+            lock = None
+            if not had_lock:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, ".lock"))
+            raise
+
+    try:
+        dist.main_first(world, prepare)
         yield
     finally:
         if lock is not None:

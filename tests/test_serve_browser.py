@@ -1,0 +1,345 @@
+"""The web page of `latentforge serve` (latentforge/web/index.html), driven in a real browser.
+
+A real server (uvicorn in a thread, on a free port) with the default model, and Debian's Chromium driven by
+Playwright: generating with live previews, cancelling, reusing parameters from the gallery and from a
+dropped PNG, img2img with a painted mask, the server's 422 messages, and the page behind --api-key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip(
+        f"the browser tests need Chromium at {CHROMIUM} (apt install chromium)", allow_module_level=True
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser tests need playwright (pip install playwright)"
+)
+uvicorn = pytest.importorskip("uvicorn", reason="the browser tests need uvicorn")
+
+from latentforge.server import Settings, build_app  # noqa: E402
+
+PROMPT = "a big red circle in the upper left corner on a black background"
+WAIT_MS = 60_000  # generous: the machine may be busy; the tests take seconds when it is idle
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve(**settings):
+    """A server (uvicorn in a thread, on a free port) while the block runs; its base URL."""
+    port = _free_port()
+    config = uvicorn.Config(
+        build_app(Settings(port=port, **settings)), host="127.0.0.1", port=port, log_level="warning",
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The server's base URL ("http://127.0.0.1:PORT/")."""
+    with _serve() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page (its own context: an empty localStorage, so an empty gallery), loaded and ready."""
+    with _page(browser, server) as pg:
+        yield pg
+
+
+@contextlib.contextmanager
+def _page(browser, url: str, **context_args):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, **context_args)
+    context.set_default_timeout(WAIT_MS)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(url)
+    pg.wait_for_selector("body[data-ready]")
+    assert pg.locator("#error").text_content() == ""
+    yield pg
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+
+
+def _png(data_url: str) -> Image.Image:
+    assert data_url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(data_url.partition(",")[2])))
+
+
+def _form(page) -> dict:
+    ids = ("prompt", "negative", "steps", "cfg", "width", "height", "seed", "sampler", "scheduler")
+    return {i: page.input_value(f"#{i}") for i in ids}
+
+
+def _wait_job(page, old_job: str | None, state: str = "done") -> None:
+    """Wait until a job other than old_job (body[data-job]: the page's latest) has reached state."""
+    page.wait_for_function(
+        "([old, state]) => document.body.dataset.job !== old && document.body.dataset.state === state",
+        arg=[old_job, state],
+    )
+
+
+def _generate(page, state: str = "done") -> None:
+    """Click Generate and wait for that job to end in state."""
+    old = page.get_attribute("body", "data-job")
+    page.click("#generate")
+    _wait_job(page, old, state)
+
+
+def test_generate_shows_live_previews_then_the_result_in_the_gallery(page):
+    # record every change of the preview and the progress bar, with the job state at that moment
+    page.evaluate("""() => {
+        window.seen = [];
+        const note = () => seen.push({state: document.body.dataset.state,
+            src: (document.querySelector('#preview').getAttribute('src') || '').slice(0, 22),
+            progress: document.querySelector('#progress').value});
+        new MutationObserver(note).observe(document.querySelector('#preview'), {attributeFilter: ['src']});
+        new MutationObserver(note).observe(document.querySelector('#progress'), {attributeFilter: ['value']});
+    }""")
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "50")  # long enough to be watched even on a fast machine
+    _generate(page)
+    seen = page.evaluate("seen")
+    running = [s for s in seen if s["state"] == "running"]
+    assert any(s["src"] == "data:image/png;base64," for s in running), seen  # a live preview while sampling
+    assert any(0 < s["progress"] < 1 for s in running), seen  # the bar moved on the way
+    assert page.evaluate("document.querySelector('#progress').value") == 1
+
+    figures = page.locator("#gallery figure")
+    assert figures.count() == 1
+    seed = int(figures.first.get_attribute("data-seed"))
+    params = figures.first.locator(".params").text_content()
+    assert params.startswith(PROMPT + "\n")
+    assert f"Seed: {seed}," in params and "Steps: 50," in params and "Size: 64x64" in params
+    image = _png(figures.first.locator("img").get_attribute("src"))
+    assert image.size == (64, 64) and image.info["parameters"] == params  # the PNG carries its infotext
+    assert str(seed) in page.text_content("#status")
+    # the final image is shown big, scaled without smoothing
+    assert page.get_attribute("#preview", "src") == figures.first.locator("img").get_attribute("src")
+    assert page.eval_on_selector("#preview", "e => getComputedStyle(e).imageRendering") == "pixelated"
+    assert page.eval_on_selector("#preview", "e => e.getBoundingClientRect().width") >= 256
+
+    # the gallery is kept in this browser
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    assert page.locator("#gallery figure").count() == 1
+    assert page.locator("#gallery figure").first.get_attribute("data-seed") == str(seed)
+
+
+def test_cancel_stops_a_long_job(page, server):
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "150")
+    page.fill("#batch", "8")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.state === 'running' && /^step [1-9]/.test("
+                           "document.querySelector('#status').textContent)")  # fmt: skip
+    page.click("#cancel")
+    page.wait_for_selector("body[data-state=cancelled]")
+    assert page.text_content("#status") == "cancelled"
+    assert page.locator("#gallery figure").count() == 0
+    assert page.is_enabled("#generate") and page.is_disabled("#cancel")
+    assert page.text_content("#error") == ""
+    # the server agrees: the job is cancelled, long before its 150 steps
+    with urllib.request.urlopen(server + "latentforge/v1/jobs") as r:
+        job = json.load(r)[-1]
+    assert job["state"] == "cancelled" and job["steps"] == 150 and job["step"] < 150
+
+
+def test_reuse_parameters_from_a_gallery_result(page):
+    page.fill("#prompt", PROMPT)
+    page.fill("#negative", "blue")
+    page.fill("#batch", "2")
+    page.select_option("#sampler", "DPM++ 2M")
+    page.select_option("#scheduler", "karras")
+    page.fill("#steps", "12")
+    page.fill("#cfg", "3.5")
+    _generate(page)
+    figures = page.locator("#gallery figure")
+    assert figures.count() == 2
+    first, second = (int(figures.nth(i).get_attribute("data-seed")) for i in range(2))
+    assert second == first + 1  # image i of a batch: seed + i
+
+    # change everything, then take the second image's parameters back
+    page.fill("#prompt", "something else")
+    page.fill("#negative", "")
+    page.click("#dice")
+    page.fill("#steps", "3")
+    page.fill("#cfg", "9")
+    page.select_option("#sampler", "Euler")
+    page.select_option("#scheduler", "automatic")
+    assert page.input_value("#seed") == "-1"
+    figures.nth(1).locator("button.reuse").click()
+    page.wait_for_function(f"document.querySelector('#seed').value === '{second}'")
+    params = figures.nth(1).locator(".params").text_content()
+    assert f"Seed: {second}," in params
+    want = {"prompt": PROMPT, "negative": "blue", "steps": "12", "cfg": "3.5", "width": "64", "height": "64",
+            "seed": str(second), "sampler": "DPM++ 2M", "scheduler": "karras"}  # fmt: skip
+    assert _form(page) == want
+    assert page.text_content("#error") == ""
+    # generating again with them gives that image back (alone rather than second in a batch of 2: the batched
+    # float arithmetic may round a few values one level differently)
+    page.fill("#batch", "1")
+    _generate(page)
+    again = page.locator("#gallery figure").first
+    assert again.get_attribute("data-seed") == str(second)
+    want = _png(figures.nth(2).locator("img").get_attribute("src"))  # the old second image, now third
+    got = _png(again.locator("img").get_attribute("src"))
+    diff = [abs(a - b) for a, b in zip(got.tobytes(), want.tobytes(), strict=True)]
+    assert max(diff) <= 2 and sum(d > 0 for d in diff) < len(diff) / 100
+
+
+def test_a_dropped_or_chosen_png_gives_its_parameters(page, server, tmp_path):
+    made = _post(server + "sdapi/v1/txt2img", {"prompt": "a small blue square in the center", "seed": 4242,
+                                               "negative_prompt": "green", "steps": 5, "cfg_scale": 2.5,
+                                               "sampler_name": "Euler a", "scheduler": "simple"})  # fmt: skip
+    png = base64.b64decode(made["images"][0])
+    want = {"prompt": "a small blue square in the center", "negative": "green", "steps": "5", "cfg": "2.5",
+            "width": "64", "height": "64", "seed": "4242", "sampler": "Euler a",
+            "scheduler": "simple"}  # fmt: skip
+    path = tmp_path / "made.png"
+    path.write_bytes(png)
+
+    page.set_input_files("#png-file", str(path))  # what clicking the drop zone opens
+    page.wait_for_function("document.querySelector('#seed').value === '4242'")
+    assert _form(page) == want
+
+    page.fill("#prompt", "")
+    page.fill("#seed", "-1")
+    page.fill("#steps", "")
+    page.evaluate("""async ([b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'made.png', {type: 'image/png'}));
+        const drop = new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true});
+        document.querySelector('#dropzone').dispatchEvent(drop);
+    }""", [made["images"][0]])  # fmt: skip
+    page.wait_for_function("document.querySelector('#seed').value === '4242'")
+    assert _form(page) == want
+
+    # a PNG without parameters is reported, not silently ignored
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    (tmp_path / "plain.png").write_bytes(buf.getvalue())
+    page.set_input_files("#png-file", str(tmp_path / "plain.png"))
+    page.wait_for_function("document.querySelector('#error').textContent !== ''")
+    assert "no generation parameters" in page.text_content("#error")
+
+
+def test_inpaint_sends_the_painted_mask(page, server):
+    made = _post(server + "sdapi/v1/txt2img", {"prompt": PROMPT, "seed": 7, "steps": 5})
+    page.set_input_files("#init-file", {"name": "init.png", "mimeType": "image/png",
+                                        "buffer": base64.b64decode(made["images"][0])})  # fmt: skip
+    page.wait_for_selector("#paint:not([hidden])")
+    assert page.text_content("#mode") == "(img2img: whole image)"
+    # paint a stroke across the lower half of the image
+    page.locator("#mask").scroll_into_view_if_needed()
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.75)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.75, steps=8)
+    page.mouse.up()
+    assert page.text_content("#mode") == "(inpaint: masked area)"
+    page.fill("#prompt", "a big blue square in the lower right corner on a black background")
+    page.fill("#steps", "10")
+    page.fill("#denoise", "0.9")
+    with page.expect_request(lambda r: r.url.endswith("/latentforge/v1/jobs") and r.method == "POST") as sent:
+        page.click("#generate")
+    _wait_job(page, None)
+    body = sent.value.post_data_json
+    assert body["mode"] == "img2img" and body["denoising_strength"] == 0.9
+    assert body["mask_blur"] == 4 and body["inpainting_fill"] == 1 and body["inpaint_full_res"] is False
+    mask = _png(body["mask"]).convert("L")
+    assert mask.size == (64, 64)
+    assert mask.getpixel((32, 48)) == 255 and mask.getpixel((32, 8)) == 0  # painted below, not above
+    assert (
+        _png(body["init_images"][0]).tobytes() == _png("data:image/png;base64," + made["images"][0]).tobytes()
+    )
+    params = page.locator("#gallery figure .params").first.text_content()
+    assert "Denoising strength: 0.9" in params and "Mask blur: 4" in params and "Steps: 10," in params
+
+    page.click("#clear-mask")
+    assert page.text_content("#mode") == "(img2img: whole image)"
+
+
+def test_the_servers_422_messages_are_shown_on_the_fields(page):
+    page.fill("#steps", "151")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent !== ''")
+    error = page.text_content("#error")
+    assert re.search(r"^steps: .*--max-steps 150", error, re.M), error
+    assert page.get_attribute("#steps", "class") == "invalid"
+    assert page.locator("body[data-state=idle]").count() == 1 and page.is_enabled("#generate")
+    page.fill("#steps", "")
+    page.fill("#width", "63")
+    page.click("#generate")
+    page.wait_for_function("/multiple of/.test(document.querySelector('#error').textContent)")
+    assert page.text_content("#error").startswith("width: ")
+    assert page.get_attribute("#width", "class") == "invalid" and page.get_attribute("#steps", "class") in (
+        "",
+        None,
+    )
+
+
+def test_the_page_works_behind_an_api_key(browser):
+    """With --api-key the browser asks for it (HTTP Basic, the key as password) once; the page's requests
+    and its event stream then carry it."""
+    with _serve(api_key="sesame") as url:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url)
+        assert e.value.code == 401 and e.value.headers["WWW-Authenticate"].startswith("Basic")
+        with _page(browser, url, http_credentials={"username": "me", "password": "sesame"}) as page:
+            assert page.locator("#model option").count() >= 1  # the lists came through the key
+            page.fill("#prompt", PROMPT)
+            page.fill("#steps", "4")
+            _generate(page)
+            assert page.locator("#gallery figure").count() == 1
+            assert "Steps: 4," in page.locator("#gallery figure .params").first.text_content()
