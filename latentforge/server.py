@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -21,7 +22,8 @@ import json
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -567,6 +569,42 @@ def build_app(settings: Settings) -> FastAPI:
                            allow_headers=["*"])  # fmt: skip
     app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body)
     return app
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(settings: Settings, start_timeout: float = 60.0):
+    """The server on a background thread while the block runs (scripts, notebooks, tests); yields its base
+    URL ("http://HOST:PORT/") and app. Port 0: a free one. It is stopped (jobs cancelled) at the end."""
+    import uvicorn
+
+    if settings.port == 0:
+        settings = replace(settings, port=_free_port(settings.host))
+    app = build_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="latentforge-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {settings.host}:{settings.port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{settings.host}:{settings.port}/", app
+    finally:
+        app.state.server.queue.close(timeout=5)
+        server.should_exit = True
+        thread.join(15)
 
 
 def serve(settings: Settings) -> None:

@@ -12,14 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
-import threading
-import time
 
-import uvicorn
 from playwright.sync_api import sync_playwright
 
-from latentforge.server import Settings, build_app
+from latentforge.server import Settings, running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT_MS = 120_000
@@ -28,23 +24,8 @@ WAIT_MS = 120_000
 @contextlib.contextmanager
 def serve():
     """The server's base URL while the block runs (uvicorn in a thread)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(build_app(Settings(port=port)), host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with running(Settings(port=0)) as (url, _):
+        yield url
 
 
 def generate(page, prompt: str, seed: int, batch: int) -> None:

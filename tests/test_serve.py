@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -23,33 +22,18 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
-from latentforge.server import Settings, build_app  # noqa: E402
+from latentforge.server import Settings, running  # noqa: E402
 
 PROMPT = "a big red circle in the upper left corner on a black background"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     shutil.copy(DEFAULT_MODEL, models / "other.safetensors")  # a second model to switch to
-    port = _free_port()
-    app = build_app(Settings(port=port, models_dir=str(models), outputs=str(models / "out")))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}", port, app
-    srv.should_exit = True
-    thread.join(30)
+    settings = Settings(port=0, models_dir=str(models), outputs=str(models / "out"))
+    with running(settings) as (url, app):
+        yield url.rstrip("/"), int(url.rstrip("/").rsplit(":", 1)[1]), app
 
 
 @pytest.fixture(scope="module")

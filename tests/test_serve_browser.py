@@ -13,9 +13,6 @@ import io
 import json
 import os
 import re
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -32,39 +29,17 @@ sync_api = pytest.importorskip(
 )
 uvicorn = pytest.importorskip("uvicorn", reason="the browser tests need uvicorn")
 
-from latentforge.server import Settings, build_app  # noqa: E402
+from latentforge.server import Settings, running  # noqa: E402
 
 PROMPT = "a big red circle in the upper left corner on a black background"
 WAIT_MS = 60_000  # generous: the machine may be busy; the tests take seconds when it is idle
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _serve(**settings):
     """A server (uvicorn in a thread, on a free port) while the block runs; its base URL."""
-    port = _free_port()
-    config = uvicorn.Config(
-        build_app(Settings(port=port, **settings)), host="127.0.0.1", port=port, log_level="warning",
-        timeout_graceful_shutdown=5,
-    )  # fmt: skip
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        srv.should_exit = True
-        thread.join(15)
+    with running(Settings(port=0, **settings)) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
