@@ -18,10 +18,11 @@ import binascii
 import datetime
 import io
 import json
+import math
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import latentforge
 from latentforge import hires, infotext, pipeline
@@ -32,6 +33,7 @@ from latentforge.schedules import SCHEDULERS
 A1111_STEPS = 50  # A1111's default when neither the request nor the model says
 INPAINTING_FILL = ("fill", "original", "latent_noise")  # A1111's 0, 1, 2 ("latent nothing", 3, is refused)
 OVERRIDES = ("sd_model_checkpoint",)  # override_settings keys honoured
+MAX_PROMPT = 20_000  # characters (~60 chunks of 75 tokens); a longer one would hold the worker for minutes
 
 
 class RequestError(ValueError):
@@ -42,11 +44,36 @@ class RequestError(ValueError):
         self.field, self.message = field, message
 
 
+def check_json(value: Any, field: str) -> None:
+    """Refuse what JSON lets through but a JSON response cannot carry back: NaN and Infinity (and numbers such
+    as 1e999, which parse to infinity) and lone surrogates ("\\ud800"), anywhere in a value."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RequestError(field, f"{v} is not a finite number")
+        if isinstance(v, str) and not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(field, "the text holds a lone surrogate (not valid Unicode)") from None
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list | tuple):
+            stack += v
+
+
 class Txt2Img(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_safe(cls, value: Any, info: ValidationInfo) -> Any:
+        check_json(value, info.field_name)  # the request is echoed back: it must be valid JSON text
+        return value
+
+    prompt: str = Field("", max_length=MAX_PROMPT)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
     styles: list[str] = []
     seed: int = -1
     subseed: int = -1
@@ -231,8 +258,9 @@ def overrides(req: Txt2Img) -> dict:
 
 
 def pipeline_args(
-    req: Txt2Img, pipe, random_seed: int, random_subseed: int, max_pixels: int, max_steps: int
-) -> tuple[dict, int]:
+    req: Txt2Img, pipe, random_seed: int, random_subseed: int, max_pixels: int, max_steps: int,
+    max_batch_count: int = 100,
+) -> tuple[dict, int]:  # fmt: skip
     """(the Pipeline arguments of one batch, the batch count) for an A1111 request, every field checked
     against the loaded model and the server's limits."""
     _refuse(req)
@@ -254,7 +282,15 @@ def pipeline_args(
     steps = req.steps or pipe.model_defaults.get("steps", A1111_STEPS)
     if steps > max_steps:
         raise RequestError("steps", f"{steps} steps is over the server's --max-steps {max_steps}")
+    if req.n_iter > max_batch_count:
+        raise RequestError("n_iter", f"{req.n_iter} batches is over the server's --max-batch-count "
+                                     f"{max_batch_count}")  # fmt: skip
     seed = random_seed if req.seed is None or req.seed < 0 else req.seed
+    top = 2**63 - 2 - req.batch_size * req.n_iter  # image k of batch j takes seed + j·batch_size + k
+    for name, value in (("seed", seed), ("subseed", req.subseed)):
+        if value > top:
+            raise RequestError(name, f"{value} is too large: seeds go up to {top} for "
+                                     f"{req.batch_size * req.n_iter} images")  # fmt: skip
     kw: dict = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": steps,
                 "sampler": sampler_, "scheduler": scheduler, "seed": seed,
                 "cfg": pipe.defaults["cfg"] if req.cfg_scale is None else req.cfg_scale,

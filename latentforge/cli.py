@@ -612,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body", type=int, default=16 * 2**20, help="bytes of a request body; beyond: 413")
     sv.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width × height × batch of one job")
     sv.add_argument("--max-steps", type=int, default=150, help="sampling steps of one job")
+    sv.add_argument("--max-batch-count", type=int, default=100, help="batches (A1111's n_iter) of one job")
     sv.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
@@ -623,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args) -> int:
     from latentforge.server import Settings, serve
 
-    for name in ("port", "max_queue", "max_body", "max_pixels", "max_steps"):
+    for name in ("port", "max_queue", "max_body", "max_pixels", "max_steps", "max_batch_count"):
         value = getattr(args, name)
         if value < 1 or (name == "port" and value > 65535):
             raise ValueError(
@@ -631,7 +632,7 @@ def _serve(args) -> int:
             )
     key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
     names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
-             "max_steps", "model")  # fmt: skip
+             "max_steps", "max_batch_count", "model")  # fmt: skip
     serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
     return 0
 

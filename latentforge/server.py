@@ -21,12 +21,14 @@ import io
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 
@@ -50,6 +52,7 @@ class Settings:
     max_body: int = 16 * 2**20  # bytes of one request body
     max_pixels: int = 2048 * 2048  # width × height × batch_size of one job
     max_steps: int = 150
+    max_batch_count: int = 100  # A1111's n_iter of one job
     keep_jobs: int = 64  # finished jobs remembered for GET
     model: str | None = None  # the model loaded first (default: the shipped one)
 
@@ -276,7 +279,8 @@ class Server:
         title = title or self.options["sd_model_checkpoint"]
         pipe = self.models.pipeline(title)
         seed, subseed = secrets.randbelow(2**32), secrets.randbelow(2**32)
-        kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps)
+        kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps,
+                                        s.max_batch_count)  # fmt: skip
         try:
             pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
         except (ValueError, TypeError) as e:
@@ -331,6 +335,13 @@ def build_app(settings: Settings) -> FastAPI:
     @app.exception_handler(a1111.RequestError)
     async def request_error(request: Request, e: a1111.RequestError):
         return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        # FastAPI's 422 less its `input` echo: a NaN or a lone surrogate there cannot be written as JSON
+        # (the 422 would become a 500)
+        errors = [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors()]
+        return JSONResponse({"detail": errors}, 422)
 
     async def submit(kind: str, req: a1111.Txt2Img) -> Job:
         job = await run_in_threadpool(srv.make_job, kind, req)
@@ -439,10 +450,13 @@ def build_app(settings: Settings) -> FastAPI:
     async def set_options(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise a1111.RequestError("body", "not valid JSON") from None
         if not isinstance(body, dict):
             raise a1111.RequestError("body", "expected a JSON object of option: value")
+        a1111.check_json(list(body), "body")  # the keys first: an unknown one is named in the answer
+        for k, v in body.items():
+            a1111.check_json(v, k)
         unknown = sorted(set(body) - set(srv.options) - {"sd_checkpoint_hash"})
         if unknown:
             raise a1111.RequestError(
@@ -453,6 +467,9 @@ def build_app(settings: Settings) -> FastAPI:
             n = new["show_progress_every_n_steps"]
             if isinstance(n, bool) or not isinstance(n, int) or n < -1:
                 raise a1111.RequestError("show_progress_every_n_steps", f"an integer >= -1, got {n!r}")
+        live = new.get("live_previews_enable", False)
+        if not isinstance(live, bool):
+            raise a1111.RequestError("live_previews_enable", f"true or false, got {live!r}")
         for k in ("samples_format", "outdir_samples", "sd_checkpoint_hash"):
             if k in new and new[k] != srv.options.get(k):
                 raise a1111.RequestError(k, "set by the server's command line; cannot be changed")
@@ -489,7 +506,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def new_job(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise a1111.RequestError("body", "not valid JSON") from None
         if not isinstance(body, dict):
             raise a1111.RequestError("body", "expected a JSON object")
@@ -610,6 +627,7 @@ def running(settings: Settings, start_timeout: float = 60.0):
 def serve(settings: Settings) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn); the running job stops at its next step on shutdown."""
     import uvicorn
+    from uvicorn.server import HANDLED_SIGNALS
 
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"warning: serving on {settings.host} without --api-key: anyone who can reach it can use it")
@@ -623,6 +641,20 @@ def serve(settings: Settings) -> None:
             # for them
             threading.Thread(target=queue.close, daemon=True).start()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's, less the re-raise of the signal after the shutdown (uvicorn >= 0.29), which ends the
+            # process "killed by SIGTERM" (exit status -15, 143 in a shell) after a clean shutdown: exit 0
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=30)  # fmt: skip
