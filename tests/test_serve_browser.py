@@ -1,4 +1,4 @@
-"""The web page of `latentforge serve` (latentforge/web/index.html), driven in a real browser.
+"""The web page of `latentforge serve` (latentforge/server/web/index.html), driven in a real browser.
 
 A real server (uvicorn in a thread, on a free port) with the default model, and Debian's Chromium driven by
 Playwright: generating with live previews, cancelling, reusing parameters from the gallery and from a

@@ -42,7 +42,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from latentforge.pipeline import Pipeline  # noqa: E402
-from latentforge.server import Server, Settings, build_app  # noqa: E402
+from latentforge.server.app import Server, Settings, build_app  # noqa: E402
 
 FINISHED = ("done", "failed", "cancelled")
 TIMEOUT = httpx.Timeout(120.0, connect=30.0)

@@ -33,9 +33,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 import latentforge
-from latentforge import a1111, hires, outputs
-from latentforge.jobs import Job, JobQueue, QueueFull
+from latentforge import hires, outputs
 from latentforge.pipeline import DEFAULT_MODEL
+from latentforge.server import a1111
+from latentforge.server.jobs import Job, JobQueue, QueueFull
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
