@@ -195,3 +195,20 @@ def test_save_images_writes_under_outputs_only(server, tmp_path):
 
     files = os.listdir(out)
     assert any(f.endswith("-9.png") for f in files), files
+
+
+def test_skip_ends_the_current_batch_and_goes_on_with_the_next(server):
+    """A1111's skip: batch 1 of 2 ends at its next step (its x̂₀ is its image), batch 2 runs in full."""
+    url, _, app = server
+    body = {"prompt": PROMPT, "seed": 1, "steps": 150, "n_iter": 2, "width": 64, "height": 64}
+    job = httpx.post(f"{url}/latentforge/v1/jobs", json=body, timeout=60).json()
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/latentforge/v1/jobs/{job['id']}").json()["step"] < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    httpx.post(f"{url}/sdapi/v1/skip")
+    while (j := httpx.get(f"{url}/latentforge/v1/jobs/{job['id']}").json())["state"] in ("queued", "running"):
+        assert time.time() < deadline + 120
+        time.sleep(0.05)
+    assert j["state"] == "done" and len(j["images"]) == 2
+    assert 150 < j["step"] < 150 + 20  # batch 1 stopped a few steps in; batch 2 took all 150
+    assert j["info"]["all_seeds"] == [1, 2]
