@@ -613,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width × height × batch of one job")
     sv.add_argument("--max-steps", type=int, default=150, help="sampling steps of one job")
     sv.add_argument("--max-batch-count", type=int, default=100, help="batches (A1111's n_iter) of one job")
+    sv.add_argument("--batch-jobs", type=int, default=0,
+                    help="N > 0: waiting text-to-image jobs that differ only in prompt and seed are sampled "
+                    "together, up to N images (faster; images equal alone up to float rounding)")  # fmt: skip
     sv.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
@@ -630,9 +633,11 @@ def _serve(args) -> int:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be a positive number (port <= 65535), got {value}"
             )
+    if args.batch_jobs < 0:
+        raise ValueError(f"--batch-jobs must be >= 0 (0: off), got {args.batch_jobs}")
     key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
     names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
-             "max_steps", "max_batch_count", "model")  # fmt: skip
+             "max_steps", "max_batch_count", "batch_jobs", "model")  # fmt: skip
     serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
     return 0
 

@@ -472,6 +472,8 @@ class Pipeline:
         kw = dict(bound.arguments)
         for k, v in self.defaults.items():
             kw[k] = v if kw.get(k) is None else kw[k]
+        if isinstance(kw["seed"], (list, tuple)) and count != 1:
+            raise ValueError("a list of seeds (one per image) is for one batch; batch_count must be 1")
         if kw.get("strength") is None:  # img2img: 0.75, 1 for an inpainting model
             kw["strength"] = self.default_strength
         if h.get("hires_scale", 1) == 1 and h.get("hires_size") is None:
@@ -575,7 +577,13 @@ class Pipeline:
             raise unknown_name_error("scheduler", scheduler, list(SCHEDULERS))
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
             raise ValueError(f"cfg must be a number in [0, {MAX_CFG:g}], got {cfg!r}")
-        seed = _int("seed", seed, 0, 2**63 - 1 - batch_size)
+        if isinstance(seed, (list, tuple)):  # one seed per image (the server's merged batches)
+            if len(seed) != batch_size:
+                raise ValueError(f"seed has {len(seed)} entries for a batch of {batch_size}")
+            seeds = [_int("seed", s, 0, 2**63 - 1) for s in seed]
+        else:
+            seed = _int("seed", seed, 0, 2**63 - 1 - batch_size)
+            seeds = [seed + k for k in range(batch_size)]
         subseed, subseed_strength, resize = _check_variation(
             subseed, subseed_strength, seed_resize_from, batch_size
         )
@@ -617,7 +625,6 @@ class Pipeline:
         model = CFGDenoiser(self.denoiser(), scale=float(cfg))
 
         f, c = self.downscale, self.latent_channels
-        seeds = [seed + k for k in range(batch_size)]
         subseeds = None if subseed is None else [subseed + k for k in range(batch_size)]
         # drawn on the CPU, one generator per image: the same image for a seed on any device and in any batch;
         # A1111's variation seed and "resize seed from" (noise.variation_noise)
@@ -677,7 +684,8 @@ class Pipeline:
         return previews.stream(self, *args, **kwargs)
 
     def __call__(self, *args, **kwargs) -> list[Image.Image]:
-        """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch.
+        """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch (seed
+        may also be a list, one per image, with batch_count 1).
 
         prompt: text (a class index such as "207" for DiT), or one per image. negative_prompt: the
         unconditional prompt ("" by default). steps >= 1; sampler and scheduler under ComfyUI's names;
@@ -756,7 +764,8 @@ class Pipeline:
                 if j and kw["stop"] is not None and kw["stop"]():
                     break
                 sub = None if kw["subseed"] is None else kw["subseed"] + j * b
-                latents, job = self._run({**kw, "seed": kw["seed"] + j * b, "subseed": sub}, hr)
+                seed = kw["seed"] if isinstance(kw["seed"], (list, tuple)) else kw["seed"] + j * b
+                latents, job = self._run({**kw, "seed": seed, "subseed": sub}, hr)
                 path = latents_path
                 if count > 1 and path is not None:  # one file per batch
                     root, ext = os.path.splitext(path)

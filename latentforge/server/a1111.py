@@ -33,6 +33,8 @@ from latentforge.schedules import SCHEDULERS
 A1111_STEPS = 50  # A1111's default when neither the request nor the model says
 INPAINTING_FILL = ("fill", "original", "latent_noise")  # A1111's 0, 1, 2 ("latent nothing", 3, is refused)
 OVERRIDES = ("sd_model_checkpoint",)  # override_settings keys honoured
+# Pipeline arguments that keep a job out of a merged batch (the server's --batch-jobs)
+NOT_MERGED = ("subseed", "seed_resize_from", "hires_scale", "hires_size", "init_image", "mask")
 MAX_PROMPT = 20_000  # characters (~60 chunks of 75 tokens); a longer one would hold the worker for minutes
 
 

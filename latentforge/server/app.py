@@ -54,6 +54,7 @@ class Settings:
     max_pixels: int = 2048 * 2048  # width × height × batch_size of one job
     max_steps: int = 150
     max_batch_count: int = 100  # A1111's n_iter of one job
+    batch_jobs: int = 0  # > 0: waiting jobs that differ only in prompt and seed run as one batch of up to N
     keep_jobs: int = 64  # finished jobs remembered for GET
     model: str | None = None  # the model loaded first (default: the shipped one)
 
@@ -231,16 +232,20 @@ class Server:
         self.options = {"sd_model_checkpoint": first["title"], "sd_checkpoint_hash": first["sha256"],
                         "live_previews_enable": True, "show_progress_every_n_steps": 1,
                         "samples_format": "png", "outdir_samples": settings.outputs or ""}  # fmt: skip
-        self.queue = JobQueue(self._run, settings.max_queue, settings.keep_jobs)
+        self.queue = JobQueue(self._run, settings.max_queue, settings.keep_jobs, self.batch_key,
+                              settings.batch_jobs)  # fmt: skip
 
     # the worker thread
-    def _run(self, job: Job) -> list[Image.Image]:
+    def _run(self, jobs: list[Job]) -> list[list[Image.Image]]:
+        if len(jobs) > 1:
+            return self._run_merged(jobs)
+        job = jobs[0]
         pipe = self.models.pipeline(job.model)
         if job.kind == "load":
-            return []
+            return [[]]
         kw, b = job.kwargs, job.kwargs["batch_size"]
         job.steps = pipe.job_steps(**kw, batch_count=job.batch_count)
-        every = self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+        every = self._preview_every()
         preview = {"preview_every": every, "on_preview": job.set_preview} if every > 0 else {}
         images: list[Image.Image] = []
         for j in range(job.batch_count):  # A1111's n_iter: batch j takes seeds seed + j·batch_size + k
@@ -253,7 +258,57 @@ class Server:
             images += pipe(**kj, progress=False, callback=job.tick, stop=job.should_stop, **preview)
         if not job.cancelled:
             job.result = self._result(job, images)
-        return images
+        return [images]
+
+    def _preview_every(self) -> int:
+        return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+
+    @staticmethod
+    def batch_key(job: Job):
+        """Jobs with equal keys can be sampled as one batch (`--batch-jobs`): one-batch text-to-image jobs
+        that differ only in prompt, negative prompt, seed and batch size. None: never merged."""
+        kw = job.kwargs
+        if job.kind != "txt2img" or job.batch_count != 1 or any(k in kw for k in a1111.NOT_MERGED):
+            return None
+        return (job.model, *(kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height")))
+
+    def _run_merged(self, jobs: list[Job]) -> list[list[Image.Image]]:
+        """One batch for several jobs: per-image prompts and seeds, so each image is the one its job gives
+        alone (up to float rounding in batched arithmetic); it stops when every job asks to."""
+        pipe = self.models.pipeline(jobs[0].model)
+        sizes = [j.kwargs["batch_size"] for j in jobs]
+        prompts, negatives, seeds = [], [], []
+        for j, b in zip(jobs, sizes, strict=True):
+            prompts += [j.kwargs["prompt"]] * b
+            negatives += [j.kwargs["negative_prompt"]] * b
+            seeds += [j.kwargs["seed"] + k for k in range(b)]
+        kw = jobs[0].kwargs | {"prompt": prompts, "negative_prompt": negatives, "seed": seeds,
+                               "batch_size": len(seeds)}  # fmt: skip
+        steps = pipe.job_steps(**kw)
+        starts = [sum(sizes[:i]) for i in range(len(jobs))]
+        for j in jobs:
+            j.steps = steps
+
+        def tick(info: dict) -> None:
+            for j in jobs:
+                j.tick(info)
+
+        def on_preview(step: int, images: list[Image.Image]) -> None:
+            for j, a in zip(jobs, starts, strict=True):
+                j.set_preview(step, images[a:])
+
+        every = self._preview_every()
+        preview = {"preview_every": every, "on_preview": on_preview} if every > 0 else {}
+        stop = lambda: all(j.should_stop() for j in jobs)  # noqa: E731
+        images = pipe(**kw, progress=False, callback=tick, stop=stop, **preview)
+        out = []
+        for j, a, b in zip(jobs, starts, sizes, strict=True):
+            mine = images[a : a + b]
+            if not j.cancelled:
+                j.result = self._result(j, mine)
+                j.result["info"]["batched_with"] = len(jobs) - 1
+            out.append(mine)
+        return out
 
     def _result(self, job: Job, images: list[Image.Image]) -> dict:
         entry = self.models.find(job.model)

@@ -10,7 +10,6 @@ job routes share this queue, so a progress call is never stuck behind a running 
 from __future__ import annotations
 
 import collections
-import itertools
 import secrets
 import threading
 import time
@@ -102,23 +101,38 @@ class Job:
 
 
 class JobQueue:
-    """Jobs in order, one at a time on a worker thread. max_queue: jobs that may wait (not counting the
-    running one); keep: finished jobs remembered for GET (the oldest are forgotten first)."""
+    """Jobs in order on a worker thread. max_queue: jobs that may wait (not counting the running ones);
+    keep: finished jobs remembered for GET (the oldest are forgotten first). `run(jobs)` makes the images of
+    each job of a group; a group is one job, or, with batch_key and max_images > 0, the next job and the
+    waiting ones with the same batch_key(job) (not None), up to max_images images in all: requests that
+    differ only in prompt and seed are sampled as one batch."""
 
-    def __init__(self, run: Callable[[Job], list[Image.Image]], max_queue: int = 32, keep: int = 64):
+    def __init__(
+        self,
+        run: Callable[[list[Job]], list[list[Image.Image]]],
+        max_queue: int = 32,
+        keep: int = 64,
+        batch_key: Callable[[Job], Any] | None = None,
+        max_images: int = 0,
+    ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._run = run
         self.max_queue = max_queue
         self.keep = keep
+        self.batch_key, self.max_images = batch_key, max_images
         self._cv = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}
-        self.current: Job | None = None
+        self.running: list[Job] = []
         self._closed = False
-        self._counter = itertools.count()
         self._worker = threading.Thread(target=self._loop, name="latentforge-jobs", daemon=True)
         self._worker.start()
+
+    @property
+    def current(self) -> Job | None:
+        running = self.running
+        return running[0] if running else None
 
     # -- clients --------------------------------------------------------------------------------------
 
@@ -144,7 +158,7 @@ class JobQueue:
     def position(self, job: Job) -> int | None:
         """0 for the running job, k for the k-th waiting one, None when finished."""
         with self._cv:
-            if job is self.current:
+            if job in self.running:
                 return 0
             try:
                 return self._pending.index(job) + 1
@@ -168,15 +182,13 @@ class JobQueue:
 
     def interrupt(self) -> None:
         """A1111's interrupt: the running job ends at its next step with what it has."""
-        job = self.current
-        if job is not None:
+        for job in self.running:
             job.interrupted = True
             job.version += 1
 
     def skip(self) -> None:
         """A1111's skip: the running job's current batch ends at its next step; the next batch goes on."""
-        job = self.current
-        if job is not None:
+        for job in self.running:
             job.skipped = True
             job.version += 1
 
@@ -186,12 +198,26 @@ class JobQueue:
             self._closed = True
             while self._pending:
                 self._finish(self._pending.popleft(), "cancelled")
-            if self.current is not None:
-                self.current.cancelled = True
+            for job in self.running:
+                job.cancelled = True
             self._cv.notify_all()
         self._worker.join(timeout)
 
     # -- the worker -----------------------------------------------------------------------------------
+
+    def _take(self) -> list[Job]:
+        """The next group (the queue's lock held)."""
+        group = [self._pending.popleft()]
+        key = self.batch_key(group[0]) if self.batch_key is not None and self.max_images > 0 else None
+        if key is not None:
+            images = group[0].kwargs["batch_size"]
+            for job in list(self._pending):
+                n = job.kwargs.get("batch_size", 1)
+                if images + n <= self.max_images and self.batch_key(job) == key:
+                    self._pending.remove(job)
+                    group.append(job)
+                    images += n
+        return group
 
     def _loop(self) -> None:
         while True:
@@ -200,22 +226,26 @@ class JobQueue:
                     self._cv.wait()
                 if self._closed:
                     return
-                job = self.current = self._pending.popleft()
-                job.state, job.started = "running", time.time()
-                for j in (job, *self._pending):  # every waiting job moved up one place
+                group = self.running = self._take()
+                for job in group:
+                    job.state, job.started = "running", time.time()
+                for j in (*group, *self._pending):  # every waiting job moved up
                     j.version += 1
-            state = "done"
+            states = ["done"] * len(group)
             try:
-                job.images = self._run(job)
-                if job.cancelled:
-                    job.images, state = [], "cancelled"
+                for k, (job, images) in enumerate(zip(group, self._run(group), strict=True)):
+                    job.images = images
+                    if job.cancelled:
+                        job.images, states[k] = [], "cancelled"
             except Exception as e:  # noqa: BLE001 - the job fails alone; the server keeps serving
-                job.error = f"{type(e).__name__}: {e}"
-                job.invalid = isinstance(e, (ValueError, TypeError)) and not isinstance(e, FloatingPointError)
-                state = "cancelled" if job.cancelled else "failed"
+                for k, job in enumerate(group):
+                    job.error = f"{type(e).__name__}: {e}"
+                    job.invalid = isinstance(e, (ValueError, TypeError))
+                    states[k] = "cancelled" if job.cancelled else "failed"
             with self._cv:
-                self.current = None
-                self._finish(job, state)
+                self.running = []
+                for job, state in zip(group, states, strict=True):
+                    self._finish(job, state)
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.finished = state, time.time()
