@@ -243,3 +243,23 @@ def test_batch_jobs_samples_waiting_requests_together(pipe):
         diff = np.abs(got - alone)
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, diff.max(), (diff > 0).mean())
         assert r["info"]["all_seeds"] == [10 + i] and f"Seed: {10 + i}," in r["info"]["infotexts"][0]
+
+
+def test_cors_is_off_unless_an_origin_is_allowed_and_limits_are_listed():
+    from fastapi.testclient import TestClient
+
+    from latentforge.server import build_app
+
+    pre = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    with TestClient(build_app(Settings())) as c:
+        r = c.options("/sdapi/v1/txt2img", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in c.get("/sdapi/v1/options", headers=pre).headers
+        flags = c.get("/sdapi/v1/cmd-flags").json()
+        assert (flags["max_queue"], flags["max_body"], flags["max_pixels"], flags["max_steps"]) == (
+            32, 16 * 2**20, 2048 * 2048, 150)  # fmt: skip
+        assert flags["api_key"] is False  # whether one is set, never the key
+    with TestClient(build_app(Settings(cors_origin=["http://elsewhere.example"], api_key="k"))) as c:
+        r = c.options("/sdapi/v1/txt2img", headers=pre)
+        assert r.headers["access-control-allow-origin"] == "http://elsewhere.example"
+        assert c.get("/sdapi/v1/cmd-flags", headers={"X-API-Key": "k"}).json()["api_key"] is True

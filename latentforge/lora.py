@@ -1,0 +1,424 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1) and LoCon files on the
+UNet families: read, place every layer on a weight of our networks, then merge or patch on the fly.
+
+A LoRA layer adapts a weight W [out, in(, kh, kw)] by ΔW = s · (α / r) · up @ down, with down (A) [r, in(, kh,
+kw)], up (B) [out, r(, 1, 1)], r = down's rows, α the file's alpha (r when absent: scale 1, the diffusers/PEFT
+convention), s the user's weight. LoCon (LyCORIS) adapts a 3×3 conv with a 3×3 down and a 1×1 up, which is the
+same product with the kernel flattened into `in`. Key names: lora_keys.py.
+
+    lora = read_lora("style.safetensors")          # safetensors only; nothing is unpickled
+    handle = merge(pipe, lora, unet_scale=0.8, te_scale=0.8)   # W += ΔW in place ...
+    handle.remove()                                # ... and back, bit for bit
+    with patch(pipe, lora, 0.8, 0.5):              # or on the fly: base weights untouched, several at once
+        pipe("a prompt")
+
+A layer that cannot be placed, has the wrong shape, or uses a variant not implemented here (DoRA, LoHa, LoKr,
+Tucker `lora_mid`) fails the whole load and is named: a LoRA is never silently half-applied (the complaint in
+diffusers #10599, #9291; ComfyUI #3701).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentforge import families
+from latentforge.checkpoint_io import read_metadata, read_state_dict
+from latentforge.lora_keys import (
+    CONTEXT_WIDTH,
+    LoRAError,
+    Target,
+    kohya_table,
+    peft_alphas,
+    split_key,
+    text_table,
+    unet_table,
+)
+
+
+@dataclass
+class LoRALayer:
+    down: torch.Tensor  # A: [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
+    alpha: float | None = None  # None: α = r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def scale(self, weight: float) -> float:
+        return weight * (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def delta(self, weight: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """s · (α/r) · up @ down as [out, in·kh·kw], computed in `dtype`."""
+        return (self.up.flatten(1).to(dtype) @ self.down.flatten(1).to(dtype)) * self.scale(weight)
+
+
+@dataclass
+class LoRA:
+    name: str
+    format: str  # "kohya" | "peft" | "diffusers-old"
+    layers: dict[
+        tuple[str, str], LoRALayer
+    ]  # (part "unet" | "te1" | "te2", layer name as in the file) -> layer
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+def read_lora(path: str, name: str | None = None) -> LoRA:
+    """Read a LoRA `.safetensors` file (kohya/A1111, diffusers/PEFT or the older diffusers layout)."""
+    if not str(path).lower().endswith(".safetensors"):
+        raise LoRAError(f"{path!r}: LoRA files are read from .safetensors only (nothing is unpickled)")
+    sd, meta = read_state_dict(str(path)), read_metadata(str(path))
+    return lora_from_state_dict(sd, name or os.path.splitext(os.path.basename(path))[0], meta)
+
+
+def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:
+    metadata = dict(metadata or {})
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    formats, refused = set(), []
+    for key, tensor in sd.items():
+        split = split_key(key)
+        if split is None:
+            refused.append(key)
+            continue
+        fmt, part, layer, kind = split
+        formats.add(fmt)
+        parts.setdefault((part, layer), {})[kind] = tensor
+    if refused:
+        variants = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa", "lokr_": "LoKr",
+                    "lora_mid": "Tucker (lora_mid)", "lora_B.bias": "lora_bias"}  # fmt: skip
+        found = sorted({v for k in refused for s, v in variants.items() if s in k})
+        what = f" ({', '.join(found)} is not supported)" if found else ""
+        raise LoRAError(f"LoRA {name}: {len(refused)} keys are not LoRA up/down/alpha tensors{what}: "
+                        f"{_some(refused)}")  # fmt: skip
+    if len(formats) > 1:
+        raise LoRAError(f"LoRA {name}: mixes key layouts {sorted(formats)}")
+    alphas = peft_alphas(metadata, name)
+    layers, broken = {}, []
+    for (part, layer), t in parts.items():
+        if "down" not in t or "up" not in t:
+            broken.append(f"{part}:{layer} (has only {sorted(t)})")
+            continue
+        alpha = float(t["alpha"]) if "alpha" in t else alphas(part, layer)
+        layers[(part, layer)] = LoRALayer(t["down"], t["up"], alpha)
+    if broken:
+        raise LoRAError(f"LoRA {name}: layers without both up and down weights: {_some(broken)}")
+    if not layers:
+        raise LoRAError(f"LoRA {name}: no LoRA layers found")
+    return LoRA(name, formats.pop(), layers, metadata)
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# -- prompt tags (A1111's extra-network syntax) -------------------------------------------------------------
+
+_TAG = re.compile(r"<lora:([^<>]*)>")
+
+
+def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """`<lora:name>`, `<lora:name:w>`, `<lora:name:te_w:unet_w>`, `<lora:name:unet=w:te=w>` -> the prompt
+    without the tags and (name, unet weight, text-encoder weight) per tag. The positional order is A1111's
+    (extensions-builtin/Lora/extra_networks_lora.py): text encoder first, the UNet weight defaulting to it."""
+    found = []
+    for m in _TAG.finditer(prompt):
+        name, *params = (p.strip() for p in m[1].split(":"))
+        named = dict(p.split("=", 1) for p in params if "=" in p)
+        positional = [p for p in params if "=" not in p]
+        if not name or len(positional) > 2 or set(named) - {"te", "unet"}:
+            raise LoRAError(
+                f"bad LoRA tag {m[0]!r}: expected <lora:name>, <lora:name:w> or <lora:name:te_w:unet_w>"
+            )
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise LoRAError(f"bad LoRA tag {m[0]!r}: weights must be numbers") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise LoRAError(f"bad LoRA tag {m[0]!r}: weights must be finite")
+        found.append((name, unet, te))
+    return _TAG.sub("", prompt), found
+
+
+def find_lora(name: str, lora_dir: str) -> str:
+    """The file `<lora_dir>/<name>.safetensors`; a name, never a path (no separators, no `..`)."""
+    if not re.fullmatch(r"[\w .()\[\]+-]+", name) or name.strip(". ") != name.strip() or ".." in name:
+        raise LoRAError(f"LoRA name {name!r}: letters, digits, spaces and ._-+()[] only, no path")
+    path = os.path.join(lora_dir, name + ".safetensors")
+    if not os.path.isfile(path):
+        raise LoRAError(f"no LoRA named {name!r} in {lora_dir} (looked for {name}.safetensors)")
+    return path
+
+
+# -- placing -----------------------------------------------------------------------------------------------
+
+
+def made_for(lora: LoRA) -> str | None:
+    """The family whose networks a LoRA's keys and shapes fit, when they say so: a second text encoder is
+    SDXL's; the width of the cross-attention's key projection is the context width of one released UNet."""
+    if any(part == "te2" for part, _ in lora.layers):
+        return "sdxl-base"
+    for (part, name), layer in lora.layers.items():
+        if part == "unet" and re.search(r"attn2[._]to_k$", name):
+            return CONTEXT_WIDTH.get(layer.down.shape[1])
+    return None
+
+
+def place(pipe, lora: LoRA) -> list[tuple[Target, LoRALayer]]:
+    """Each layer of `lora` with the weight of `pipe` it adapts; one layer that cannot be placed fails all."""
+    spec = families.get(pipe.family)
+    if spec.net != "unet":
+        raise LoRAError(
+            f"LoRA {lora.name}: only the UNet families take LoRAs here; {pipe.family} has a {spec.net}"
+        )
+    encoders = [c for c in spec.text_encoders if c in pipe.components]
+    components = {"unet": "unet", **{f"te{i + 1}": c for i, c in enumerate(encoders)}}
+    origin = made_for(lora)
+    hint = f" (it looks made for {origin})" if origin and origin != pipe.family else ""
+    missing = sorted({part for part, _ in lora.layers} - set(components))
+    if missing:
+        raise LoRAError(f"LoRA {lora.name} has layers for text encoder(s) {missing}, which a {pipe.family} "
+                        f"pipeline does not have{hint}")  # fmt: skip
+    tables = {}
+    for part, comp in components.items():
+        module = pipe.components[comp]
+        table = unet_table(module) if part == "unet" else text_table(module, comp)
+        tables[part] = kohya_table(table) if lora.format == "kohya" else table
+    placed, unplaced, wrong = [], [], []
+    for (part, name), layer in lora.layers.items():
+        target = tables[part].get(name)
+        if target is None:
+            unplaced.append(f"{part}:{name}")
+            continue
+        problem = _shape_problem(_weight(pipe, target), target, layer)
+        if problem:
+            wrong.append(f"{part}:{name} ({problem})")
+        placed.append((target, layer))
+    if unplaced or wrong:
+        lines = [f"LoRA {lora.name} does not fit this {pipe.family} pipeline{hint}:"]
+        if unplaced:
+            lines.append(f"  {len(unplaced)} layers name no weight here: {_some(unplaced)}")
+        if wrong:
+            lines.append(f"  {len(wrong)} layers have the wrong shape: {_some(wrong)}")
+        raise LoRAError("\n".join(lines))
+    return placed
+
+
+def _weight(pipe, target: Target) -> torch.Tensor:
+    return getattr(pipe.components[target.component].get_submodule(target.module), target.param)
+
+
+def _shape_problem(weight: torch.Tensor, target: Target, layer: LoRALayer) -> str | None:
+    rows = weight.shape[0] if target.rows is None else target.rows[1] - target.rows[0]
+    out, rank = layer.up.shape[0], layer.rank
+    if layer.up.shape[1:] not in ((rank,), (rank, 1, 1)):
+        return f"up {tuple(layer.up.shape)} is not [out, {rank}] or [out, {rank}, 1, 1]"
+    if layer.down.ndim == 4 and tuple(layer.down.shape[2:]) != tuple(weight.shape[2:]):
+        return f"down kernel {tuple(layer.down.shape[2:])} on a weight of shape {tuple(weight.shape)}"
+    if out != rows or layer.down[0].numel() != weight[0].numel():
+        return f"ΔW [{out}, {layer.down[0].numel()}] on a weight [{rows}, {weight[0].numel()}]"
+    return None
+
+
+def _scales(unet_scale: float, te_scale: float | None) -> dict[bool, float]:
+    return {True: float(unet_scale), False: float(unet_scale if te_scale is None else te_scale)}
+
+
+def _as_lora(lora) -> LoRA:
+    return lora if isinstance(lora, LoRA) else read_lora(lora)
+
+
+# -- merging -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Merged:  # one parameter with merged LoRAs: its original value and the active terms
+    original: torch.Tensor  # on the CPU
+    terms: dict[int, list[tuple[Target, LoRALayer, float]]]
+    version: int = -1  # param._version after our last write: anything else wrote to it since
+
+
+_MERGED: weakref.WeakKeyDictionary[nn.Module, dict[str, _Merged]] = weakref.WeakKeyDictionary()
+
+
+class Handle:
+    """What merge() and patch() return: `remove()` (or leaving a `with` block) undoes it."""
+
+    def __init__(self, undo):
+        self._undo = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            undo, self._undo = self._undo, None
+            undo()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def merge(pipe, lora, unet_scale: float = 1.0, te_scale: float | None = None) -> Handle:
+    """Add ΔW to the weights in place (te_scale None: unet_scale). Each weight is rewritten as
+    round(W₀ + Σ ΔW) with W₀ its value before any merge, the sum taken in float64 over every LoRA merged
+    into it and rounded once; `remove()` in any order rewrites it from W₀ and the LoRAs still merged, so
+    removing all of them restores W₀ bit for bit."""
+    lora, scales = _as_lora(lora), _scales(unet_scale, te_scale)
+    placed, key, touched = place(pipe, lora), object(), []
+    for target, _ in placed:  # refuse before changing anything
+        module = pipe.components[target.component].get_submodule(target.module)
+        _check_unchanged(module, target.param)
+    for target, layer in placed:
+        module = pipe.components[target.component].get_submodule(target.module)
+        state = _MERGED.setdefault(module, {})
+        if target.param not in state:
+            w = getattr(module, target.param)
+            state[target.param] = _Merged(w.detach().to("cpu", copy=True), {}, w._version)
+        entry = state[target.param]
+        entry.terms.setdefault(id(key), []).append((target, layer, scales[target.component == "unet"]))
+        touched.append((module, target.param))
+    touched = list(dict.fromkeys(touched))
+    for module, name in touched:
+        _rewrite(module, name)
+
+    def undo():  # (the closure keeps `key` alive, so id(key) stays unique while the handle lives)
+        for module, name in touched:
+            _MERGED[module][name].terms.pop(id(key), None)
+            _rewrite(module, name)
+
+    return Handle(undo)
+
+
+def _check_unchanged(module: nn.Module, name: str) -> None:
+    entry = _MERGED.get(module, {}).get(name)
+    if entry is not None and getattr(module, name)._version != entry.version:
+        raise LoRAError(
+            f"{type(module).__name__}.{name} was changed since a LoRA was merged into it (new weights "
+            f"loaded?); it cannot be restored exactly"
+        )
+
+
+@torch.no_grad()
+def _rewrite(module: nn.Module, name: str) -> None:
+    _check_unchanged(module, name)
+    state = _MERGED[module]
+    entry, w = state[name], getattr(module, name)
+    new = entry.original.to(w.device, torch.float64)
+    for terms in entry.terms.values():
+        for target, layer, s in terms:
+            rows = slice(*target.rows) if target.rows else slice(None)
+            new[rows] += layer.delta(s).to(new.device).reshape(new[rows].shape)
+    w.copy_(new)
+    entry.version = w._version
+    if not entry.terms:
+        del state[name]
+
+
+# -- patching on the fly -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Patched:  # hooks on one module and the LoRA terms they add, per active patch
+    hooks: list
+    terms: dict[int, list] = field(default_factory=dict)
+
+
+_PATCHED: weakref.WeakKeyDictionary[nn.Module, _Patched] = weakref.WeakKeyDictionary()
+
+
+def patch(pipe, lora, unet_scale: float = 1.0, te_scale: float | None = None) -> Handle:
+    """Add the LoRA's output on the fly, leaving the weights untouched; patches stack (several LoRAs, each
+    with its own weights) and `remove()` in any order. Linear and 1×1-conv layers get a forward hook adding
+    s·(α/r)·up(down(x)) (the low-rank path; never a dense ΔW). 3×3 convs (LoCon) and the fused OpenCLIP
+    q/k/v rows are swapped for W + ΔW while their network runs (a pre-hook on the component, restored by a
+    hook that runs even on errors): unet.py's inference path convolves small inputs by GEMM on
+    `conv.weight` without calling the conv module, so a hook on the conv itself would not always run."""
+    lora, scales = _as_lora(lora), _scales(unet_scale, te_scale)
+    key, hooked = object(), []
+    for target, layer in place(pipe, lora):
+        root = pipe.components[target.component]
+        module = root.get_submodule(target.module)
+        w = getattr(module, target.param)
+        down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
+        s = layer.scale(scales[target.component == "unet"])
+        lowrank = target.param == "weight" and (
+            isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+        )
+        if lowrank and isinstance(module, nn.Linear):
+            term, host = (down.flatten(1), up.flatten(1), s), module
+        elif lowrank:  # 1×1 conv
+            term, host = (down.reshape(*down.shape[:2], 1, 1), up.reshape(*up.shape[:2], 1, 1), s), module
+        else:
+            term, host = (target, down, up, s), root
+        if host not in _PATCHED:
+            _PATCHED[host] = _Patched(_hooks(host, lowrank))
+        _PATCHED[host].terms.setdefault(id(key), []).append(term)
+        hooked.append(host)
+
+    def undo():
+        for host in dict.fromkeys(hooked):
+            state = _PATCHED[host]
+            state.terms.pop(id(key), None)
+            if not state.terms:
+                for h in state.hooks:
+                    h.remove()
+                del _PATCHED[host]
+
+    return Handle(undo)
+
+
+def _hooks(host: nn.Module, lowrank: bool) -> list:
+    if lowrank:
+        return [host.register_forward_hook(_add_lowrank)]
+    return [host.register_forward_pre_hook(_swap_in), host.register_forward_hook(_swap_out, always_call=True)]
+
+
+def _add_lowrank(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    for terms in _PATCHED[module].terms.values():
+        for down, up, s in terms:
+            if isinstance(module, nn.Linear):
+                h = F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+            else:  # a 1×1 conv: down [r, in, 1, 1] with the conv's stride, then up [out, r, 1, 1]
+                h = F.conv2d(F.conv2d(x, down.to(x.dtype), stride=module.stride), up.to(x.dtype))
+            out = out + s * h
+    return out
+
+
+_SAVED: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+def _swap_in(root: nn.Module, args) -> None:
+    """Before `root` runs: each patched parameter -> W + Σ ΔW (computed in float32, cast to W's dtype)."""
+    weights: dict[tuple[nn.Module, str], torch.Tensor] = {}
+    for terms in _PATCHED[root].terms.values():
+        for target, down, up, s in terms:
+            module = root.get_submodule(target.module)
+            base = module._parameters[target.param]
+            w = weights.setdefault((module, target.param), base.detach().to(torch.float32, copy=True))
+            rows = slice(*target.rows) if target.rows else slice(None)
+            w[rows] += (up.flatten(1).float() @ down.flatten(1).float()).reshape(w[rows].shape) * s
+    saved = []
+    for (module, name), w in weights.items():
+        base = module._parameters[name]
+        saved.append((module, name, base))
+        module._parameters[name] = w.to(base.dtype)  # a plain tensor for the duration of the forward
+    _SAVED[root] = saved
+
+
+def _swap_out(root: nn.Module, args, out) -> None:
+    for module, name, base in _SAVED.pop(root, []):
+        module._parameters[name] = base
