@@ -483,6 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="pixels of context around the mask for --inpaint-full-res (default 32)",
     )
+    g.add_argument(
+        "--embeddings-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of textual inversions (.safetensors), named in prompts by file stem or embedding:name",
+    )
+    g.add_argument(
+        "--lora-dir",
+        default=None,
+        metavar="DIR",
+        help="folder where the prompt's A1111 tags <lora:name:w> (or <lora:name:te_w:unet_w>) find "
+        "name.safetensors",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="FILE[:UNET_W[:TE_W]]",
+        help="a LoRA .safetensors file applied with these weights (default 1; TE_W: UNET_W); repeatable",
+    )
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")
@@ -601,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
     sv.add_argument("--models-dir", default=None, help="folder whose .safetensors files clients may name")
     sv.add_argument(
+        "--lora-dir", default=None, help="folder of LoRA .safetensors files prompts name as <lora:name:w>"
+    )
+    sv.add_argument(
+        "--embeddings-dir", default=None, help="folder of textual inversions prompts name (embedding:name)"
+    )
+    sv.add_argument(
         "--model", default=None, help="the model loaded first, by name (default: the shipped one)"
     )
     sv.add_argument("--outputs", default=None, help="folder for images clients ask to save (save_images)")
@@ -637,7 +663,7 @@ def _serve(args) -> int:
         raise ValueError(f"--batch-jobs must be >= 0 (0: off), got {args.batch_jobs}")
     key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
     names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
-             "max_steps", "max_batch_count", "batch_jobs", "model")  # fmt: skip
+             "max_steps", "max_batch_count", "batch_jobs", "model", "lora_dir", "embeddings_dir")  # fmt: skip
     serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
     return 0
 

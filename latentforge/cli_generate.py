@@ -163,6 +163,55 @@ def apply_image_parameters(args) -> None:
     args.replayed_from = (args.from_image, source, gen.get("model"), gen.get("model_hash"))
 
 
+def lora_flag(value: str) -> tuple[str, float, float]:
+    """--lora FILE[:UNET_W[:TE_W]] -> (file, unet weight, text-encoder weight), the file checked. Weights are
+    taken off the end while they are numbers, so a path holding ':' (C:\\...) still works."""
+    import math
+
+    parts, weights = value.split(":"), []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            w = float(parts[-1])
+        except ValueError:
+            break
+        if not math.isfinite(w):
+            raise ValueError(f"--lora {value!r}: the weights must be finite numbers")
+        weights.insert(0, w)
+        parts.pop()
+    path = ":".join(parts)
+    check.in_file("--lora", path, "a LoRA .safetensors file (FILE[:UNET_W[:TE_W]])")
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"--lora {path!r}: LoRA files are read from .safetensors only")
+    unet = weights[0] if weights else 1.0
+    return path, unet, weights[1] if len(weights) > 1 else unet
+
+
+def check_loras(args) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+    """(--lora files with their weights, the prompt's <lora:...> tags), checked before the model loads: the
+    tags parse, --lora-dir is a folder holding every tagged name, each --lora is a .safetensors file."""
+    from latentforge import lora
+    from latentforge.lora_use import find_lora
+
+    files = [lora_flag(v) for v in args.lora or []]
+    if args.lora_dir is not None:
+        check.in_dir("--lora-dir", args.lora_dir, "a folder of LoRA .safetensors files")
+    if args.prompt is None:
+        return files, []
+    try:
+        _, tags = lora.parse_tags(args.prompt)
+    except ValueError as e:
+        raise ValueError(f"the prompt: {e}") from None
+    if lora._TAG.search(args.negative or ""):
+        raise ValueError("--negative: LoRA tags (<lora:...>) are read from the prompt only, as in A1111")
+    if tags and args.lora_dir is None:
+        name = tags[0][0]
+        raise ValueError(f"the prompt names LoRA {name!r} (<lora:...>): give --lora-dir DIR, the folder "
+                         f"holding {name}.safetensors")  # fmt: skip
+    for name, _, _ in tags:  # before the model loads: a missing one named, with what the folder has
+        find_lora(name, args.lora_dir)
+    return files, tags
+
+
 def _size_flag(flag: str, value) -> tuple[int, int] | None:
     if value is None or isinstance(value, tuple):
         return value
@@ -217,6 +266,7 @@ def generate(args) -> int:
         extra = [f"--{k.replace('_', '-')}" for k, v in hr.items() if v is not None]
         if extra:
             raise ValueError(f"{', '.join(extra)} need --hires-scale X or --hires-size WxH (the hires fix)")
+    lora_files, _ = check_loras(args)
     name = outputs.check_name(args.name)
     init = None if args.init_image is None else open_image("--init-image", args.init_image)
     mask = None if args.mask is None else open_image("--mask", args.mask)
@@ -227,7 +277,12 @@ def generate(args) -> int:
     preview = preview_options(args)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     pipe = Pipeline.from_single_file(
-        args.model, dtype=dtypes[args.dtype], vae=args.vae, prediction=args.prediction
+        args.model,
+        dtype=dtypes[args.dtype],
+        vae=args.vae,
+        prediction=args.prediction,
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
     )
     _fill_defaults(args, pipe)
     if args.device:
@@ -283,6 +338,8 @@ def generate(args) -> int:
     dw, dh = init.size if init is not None else pipe.default_size
     width, height = args.width or dw, args.height or dh
     n = args.batch_size * count
+    lora_kw = {"loras": lora_files} if lora_files else {}
+    lora_hashes = pipe.lora_hashes(args.prompt, lora_files)  # A1111's "Lora hashes" (None: no LoRA)
 
     def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
         hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None
@@ -314,6 +371,7 @@ def generate(args) -> int:
                 "Outpaint": None if args.outpaint is None else ",".join(map(str, args.outpaint)),
                 "RNG": "CPU" if args.rng == "cpu" or pipe.device.type == "cpu" else "GPU",
                 "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
+                "Lora hashes": lora_hashes,
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )  # fmt: skip
@@ -327,6 +385,8 @@ def generate(args) -> int:
                "version": __import__("latentforge").__version__}  # fmt: skip
         if args.subseed is not None:
             out |= {"subseed": args.subseed + i, "subseed_strength": args.subseed_strength or 0.0}
+        if lora_files:  # --lora files by name (the prompt keeps its tags), with their weights
+            out["loras"] = [[os.path.basename(f), u, te] for f, u, te in lora_files]
         if resize_from is not None:
             out["seed_resize_from"] = list(resize_from)
         out |= {k: list(v) if isinstance(v, tuple) else v for k, v in hires_kw.items()}
@@ -369,6 +429,7 @@ def generate(args) -> int:
             **hires_kw,
             **start,
             **preview,
+            **lora_kw,
             latents_path=latents_path,
             latents_metadata={
                 "latentforge.infotexts": json.dumps([a1111(i) for i in range(n)]),

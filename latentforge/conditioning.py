@@ -28,6 +28,12 @@ prompts of one call are padded with empty chunks to the longest; `pad_chunks(n)`
 weights as A1111 ("a1111": scale, restore the mean) or ComfyUI ("comfy": from the empty prompt), or reads
 the text literally ("none"). A prompt without syntax that fits one chunk gives exactly the tensors of a
 plain `tokenize` + encoder call.
+
+Textual inversion: within `use_embeddings(ti)` the words of a prompt that name one of `ti`'s embeddings
+(latentforge/textual_inversion.py) take that embedding's n positions in the chunks (prompts.py), and its
+vectors for this tower replace those positions' token embeddings at the encoder's input (models/text.py
+`TokenOverride`; A1111 `EmbeddingsWithFixes`). Each tower takes its own vectors (an SDXL pair's clip_l and
+clip_g); vectors of the wrong width are refused.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ import torch.nn.functional as F
 
 from latentforge import prompts as prompt_syntax
 from latentforge import tokenizer
-from latentforge.models.text import CLIPTextModel, CLIPTextOutput
+from latentforge.models.text import CLIPTextModel, CLIPTextOutput, TokenOverride
 from latentforge.models.unet import sdxl_refiner_vector, sdxl_vector
+from latentforge.textual_inversion import TextualInversions
 
 # sgm's refiner conditioner: aesthetic_score 6.0 for the prompt, 2.5 for the negative
 # (generative-models `sampling.py` / A1111 `sdxl_refiner_low_aesthetic_score`).
@@ -92,10 +99,32 @@ def first_chunk_only():
         _ONE_CHUNK.reset(token)
 
 
+_EMBEDDINGS: contextvars.ContextVar[TextualInversions | None] = contextvars.ContextVar(
+    "latentforge_embeddings", default=None
+)
+
+
+@contextlib.contextmanager
+def use_embeddings(embeddings: TextualInversions | None):
+    """Within this block prompts may name the textual inversion `embeddings` (None: none, the default)."""
+    if embeddings is not None and not isinstance(embeddings, TextualInversions):
+        raise TypeError(f"embeddings must be a TextualInversions or None, got {type(embeddings).__name__}")
+    token = _EMBEDDINGS.set(embeddings)
+    try:
+        yield
+    finally:
+        _EMBEDDINGS.reset(token)
+
+
 def _prompt_chunks(enc: CLIPTextModel, prompts: list[str], weighting: str) -> list[list[prompt_syntax.Chunk]]:
     chunk_len = enc.config.max_position_embeddings - 2  # 75 for CLIP's 77 positions
     emphasis = prompt_syntax.check_weighting(weighting) != "none"
-    out = [prompt_syntax.chunks(p, tokenizer.encode, chunk_len, emphasis=emphasis) for p in prompts]
+    ti = _EMBEDDINGS.get()
+    split = ti.split_words if ti is not None else None
+    out = [
+        prompt_syntax.chunks(p, tokenizer.encode, chunk_len, emphasis=emphasis, split_words=split)
+        for p in prompts
+    ]
     if _ONE_CHUNK.get():
         for p, c in zip(prompts, out, strict=True):
             if len(c) > 1:
@@ -119,8 +148,29 @@ def chunk_count(encoders: dict, prompts: list[str], weighting: str = "a1111") ->
     return max(counts, default=1)
 
 
+def _override(
+    per_prompt: list[list[prompt_syntax.Chunk]], n: int, encoder: str, width: int
+) -> TokenOverride | None:
+    """The embeddings' vectors at their positions in the [B·n, L] ids (chunk k of prompt b is row b·n + k;
+    a chunk's token i is at position 1 + i, after BOS), rows and positions in increasing order."""
+    ti = _EMBEDDINGS.get()
+    if ti is None or not any(c.fixes for chunks in per_prompt for c in chunks):
+        return None
+    rows, cols, vectors = [], [], []
+    for b, chunks in enumerate(per_prompt):
+        for k, chunk in enumerate(chunks[:n]):
+            for offset, name in chunk.fixes:
+                vec = ti.get(name).for_encoder(encoder, width)  # [m, D]
+                rows += [b * n + k] * len(vec)
+                cols += range(1 + offset, 1 + offset + len(vec))
+                vectors.append(vec)
+    long = torch.int64
+    return TokenOverride(torch.tensor(rows, dtype=long), torch.tensor(cols, dtype=long), torch.cat(vectors))
+
+
 def _encode(
     enc: CLIPTextModel,
+    encoder: str,
     prompts: list[str],
     pad: str,
     layer: str,
@@ -130,8 +180,9 @@ def _encode(
     n: int | None = None,
 ) -> CLIPTextOutput:
     """Chunked, weighted encoding: hidden [B, n·L, D] (L = max_position_embeddings), pooled / projected
-    from each prompt's first chunk. n: the chunk count (default: the most any prompt needs, at least
-    the `pad_chunks` count)."""
+    from each prompt's first chunk. encoder: the tower's name ("clip_l", "clip_g", "clip_h"), which picks an
+    embedding's vectors. n: the chunk count (default: the most any prompt needs, at least the `pad_chunks`
+    count)."""
     device = next(enc.parameters()).device
     L = enc.config.max_position_embeddings
     per_prompt = _prompt_chunks(enc, prompts, weighting)
@@ -140,7 +191,8 @@ def _encode(
     rows = [prompt_syntax.chunk_ids(c, n, L, tokenizer.BOS, tokenizer.EOS, pad_id) for c in per_prompt]
     ids = torch.cat([r[0] for r in rows]).to(device)  # [B·n, L], prompt-major
     weights = torch.cat([r[1] for r in rows])  # [B·n, L]
-    out = enc(ids, layer=layer, final_norm=final_norm, pooled=pooled)
+    override = _override(per_prompt, n, encoder, enc.config.hidden_size)
+    out = enc(ids, layer=layer, final_norm=final_norm, pooled=pooled, override=override)
     hidden = out.hidden
     if weighting != "none" and not bool((weights == 1).all()):
         z_empty = None
@@ -168,7 +220,7 @@ def sd15(
     """SD1: HF CLIPTextModel `last_hidden_state` (after final_layer_norm), EOS padding
     (ldm FrozenCLIPEmbedder)."""
     enc = _encoder(encoders, "clip_l", "sd15")
-    out = _encode(enc, prompts, "eos", "last", True, False, weighting)
+    out = _encode(enc, "clip_l", prompts, "eos", "last", True, False, weighting)
     return {"context": out.hidden}  # [B, n·77, 768]
 
 
@@ -178,7 +230,7 @@ def sd21(
     """SD2: OpenCLIP ViT-H, resblocks 0..22 then ln_final (FrozenOpenCLIPEmbedder layer="penultimate"),
     open_clip's zero padding."""
     enc = _encoder(encoders, "clip_h", "sd21")
-    out = _encode(enc, prompts, "zero", "penultimate", True, False, weighting)
+    out = _encode(enc, "clip_h", prompts, "zero", "penultimate", True, False, weighting)
     return {"context": out.hidden}  # [B, n·77, 1024]
 
 
@@ -188,7 +240,7 @@ def _bigg(
     """bigG penultimate without ln_final [B, n·77, 1280] and the projected pooled EOS state [B, 1280]
     (FrozenOpenCLIPEmbedder2 layer="penultimate", always_return_pooled=True, legacy=False)."""
     enc = _encoder(encoders, "clip_g", family)
-    out = _encode(enc, prompts, "zero", "penultimate", False, True, weighting, n)
+    out = _encode(enc, "clip_g", prompts, "zero", "penultimate", False, True, weighting, n)
     return out.hidden, out.projected
 
 
@@ -198,7 +250,7 @@ def _clip_l_penultimate(
     """CLIP-L hidden_states[11] (the penultimate, no final LN) [B, n·77, 768] and the final-LN pooled
     EOS state [B, 768], EOS padding (sgm FrozenCLIPEmbedder layer="hidden", layer_idx=11; SD3 ClipL)."""
     enc = _encoder(encoders, "clip_l", family)
-    out = _encode(enc, prompts, "eos", "penultimate", False, True, weighting, n)
+    out = _encode(enc, "clip_l", prompts, "eos", "penultimate", False, True, weighting, n)
     return out.hidden, out.pooled
 
 
@@ -258,7 +310,7 @@ def dit_text(
     """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, n·L, D] (as SD1), y = the
     first chunk's pooled EOS state [B, D] (the DiT adds it to the timestep embedding if pooled_dim > 0)."""
     enc = _encoder(encoders, "clip_l", "dit-text")
-    out = _encode(enc, prompts, "eos", "last", True, True, weighting)
+    out = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
     return {"context": out.hidden, "y": out.pooled}
 
 

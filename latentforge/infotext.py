@@ -173,6 +173,8 @@ _INFORMATIONAL = {
     "Init image hash",
     "Size-1",
     "Size-2",
+    "Lora hashes",  # the prompt's <lora:...> tags replay the LoRAs; the hashes identify their files
+    "TI hashes",
 }
 
 

@@ -28,12 +28,14 @@ from latentforge.checkpoints import build_component
 from latentforge.families import PIXEL_FORMAT
 from latentforge.guidance import CFGDenoiser
 from latentforge.infotext import build as infotext  # noqa: F401  (re-exported: A1111's parameters text)
+from latentforge.lora_use import LoRAs, LoRAUse
 from latentforge.model_sampling import Denoiser
 from latentforge.models.vae import AutoencoderKL, LatentFormat
 from latentforge.noise import variation_noise
 from latentforge.outputs import save_png  # noqa: F401  (re-exported)
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
+from latentforge.textual_inversion import TextualInversions
 
 MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
@@ -173,7 +175,10 @@ class Pipeline:
     latent_format: the VAE latent scale/shift when not the family's (a VAE trained here); defaults: the
     generation settings used where a caller gives none ({"steps", "sampler", "scheduler", "cfg"} or a
     subset; unset ones: 20 steps, euler, normal, cfg 7); latent_rgb: the linear preview's latent->RGB
-    factors (previews.LatentRGB; None: published or fit when first needed, previews.latent_rgb)."""
+    factors (previews.LatentRGB; None: published or fit when first needed, previews.latent_rgb); lora_dir:
+    the folder where `<lora:name:w>` tags in prompts find `name.safetensors` (A1111's --lora-dir; see
+    __call__); embeddings_dir: textual inversion files (`*.safetensors`, A1111/diffusers/SDXL-pair
+    layouts) that prompts name by file stem or `embedding:name` (textual_inversion.py)."""
 
     def __init__(
         self,
@@ -187,6 +192,8 @@ class Pipeline:
         latent_format: LatentFormat | None = None,
         defaults: dict | None = None,
         latent_rgb: previews.LatentRGB | None = None,
+        lora_dir: str | None = None,
+        embeddings_dir: str | None = None,
     ):
         spec = families.get(family)
         needed = set(spec.configs()) - spec.optional - ({"vae"} if pixel_space else set())
@@ -225,6 +232,9 @@ class Pipeline:
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
         self.model_defaults = dict(defaults or {})  # only those the model (its file) states
         self.latent_rgb = latent_rgb  # the linear preview's factors; None: found when first needed
+        self.loras = LoRAs(lora_dir)  # where prompt tags <lora:name:w> find their files, and a file cache
+        # textual inversions: prompts name them by file stem or `embedding:name` (textual_inversion.py)
+        self.embeddings = None if embeddings_dir is None else TextualInversions.from_dir(embeddings_dir)
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -359,7 +369,7 @@ class Pipeline:
         # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
         unique = list(dict.fromkeys(prompts))
         net_config = self.net.config
-        with conditioning.pad_chunks(chunks):
+        with conditioning.pad_chunks(chunks), conditioning.use_embeddings(self.embeddings):
             cond = families.encode(self.family, enc, unique, width, height, negative, net_config, weighting)
         index = torch.tensor([unique.index(p) for p in prompts])
         return {k: v[index.to(v.device)].to(self.device) for k, v in cond.items()}
@@ -434,6 +444,24 @@ class Pipeline:
             )
         return to_pil(self.decode(z.to(self.device), tiled=tiled))
 
+    # -- LoRAs (lora_use.py) ------------------------------------------------------------------------------
+
+    @property
+    def lora_dir(self) -> str | None:
+        return self.loras.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, value: str | None) -> None:
+        self.loras.lora_dir = value
+
+    def lora_uses(self, prompt, loras=None, negative_prompt="") -> tuple[str | list[str], list[LoRAUse]]:
+        """(the prompt(s) without `<lora:...>` tags, the LoRAs a call with these arguments applies)."""
+        return self.loras.uses(self, prompt, loras, negative_prompt)
+
+    def lora_hashes(self, prompt, loras=None) -> str | None:
+        """A1111's infotext field "Lora hashes" for a call with this prompt and `loras` (None: no file)."""
+        return self.loras.hashes(self, prompt, loras)
+
     # -- memory ------------------------------------------------------------------------------------------
 
     def estimate_memory(
@@ -453,16 +481,18 @@ class Pipeline:
         """The denoised latents [B, C, h, w] (see `__call__` for the arguments; one batch, hires fix
         included); with a mask, the known region is the encoded init image (before the pixel composite
         `__call__` does)."""
-        kw, hr, count = self._plan(args, kwargs)
+        kw, hr, count, uses = self._plan(args, kwargs)
         if count != 1:
             raise ValueError(f"sample makes one batch; batch_count {count} is for __call__")
-        return self._run(kw, hr)[0]
+        with self.loras.applied(self, uses):
+            return self._run(kw, hr)[0]
 
-    def _plan(self, args: tuple, kwargs: dict) -> tuple[dict, dict | None, int]:
-        """The arguments of one batch's `_sample` (model defaults filled in), the hires fix's options (None:
-        off) and batch_count."""
+    def _plan(self, args: tuple, kwargs: dict) -> tuple[dict, dict | None, int, list[LoRAUse]]:
+        """The arguments of one batch's `_sample` (model defaults filled in, LoRA tags taken out of the
+        prompt), the hires fix's options (None: off), batch_count and the LoRAs to apply."""
         kwargs = dict(kwargs)
         count = _int("batch_count", kwargs.pop("batch_count", 1), 1, MAX_BATCH_COUNT)
+        loras = kwargs.pop("loras", None)
         h = {k: kwargs.pop(k) for k in HIRES_ARGS if k in kwargs}
         try:
             bound = inspect.signature(self._sample).bind(*args, **kwargs)
@@ -470,6 +500,7 @@ class Pipeline:
             raise TypeError(f"Pipeline: {e}") from None
         bound.apply_defaults()
         kw = dict(bound.arguments)
+        kw["prompt"], uses = self.lora_uses(kw["prompt"], loras, kw["negative_prompt"])
         for k, v in self.defaults.items():
             kw[k] = v if kw.get(k) is None else kw[k]
         if isinstance(kw["seed"], (list, tuple)) and count != 1:
@@ -482,7 +513,7 @@ class Pipeline:
                 raise ValueError(
                     f"{', '.join(extra)} need hires_scale > 1 or hires_size (the hires fix is off)"
                 )
-            return kw, None, count
+            return kw, None, count, uses
         if kw["init_image"] is not None or kw["init_latent"] is not None:
             raise ValueError("the hires fix is a text-to-image option (A1111's txt2img); drop init_image")
         d = HIRES_DEFAULTS | {k: v for k, v in h.items() if v is not None}
@@ -495,7 +526,7 @@ class Pipeline:
         sampler = d.get("hires_sampler") or kw["sampler"]
         get_sampler(sampler)  # an unknown name fails before the first pass
         return kw, {"scale": scale, "size": size, "denoise": denoise, "steps": steps, "upscaler": upscaler,
-                    "sampler": sampler}, count  # fmt: skip
+                    "sampler": sampler}, count, uses  # fmt: skip
 
     @torch.no_grad()
     def _run(self, kw: dict, hr: dict | None) -> tuple[torch.Tensor, img2img.Job | None]:
@@ -514,7 +545,7 @@ class Pipeline:
 
     def job_steps(self, *args, **kwargs) -> int:
         """Sampler steps a `__call__` with these arguments takes (all batches, both hires passes)."""
-        kw, hr, count = self._plan(args, kwargs)
+        kw, hr, count, _ = self._plan(args, kwargs)
         return count * self._job_steps(kw, hr)
 
     def _job_steps(self, kw: dict, hr: dict | None) -> int:
@@ -617,11 +648,12 @@ class Pipeline:
 
         # the prompt and the negative prompt padded to the same chunk count, so CFG can batch them (A1111)
         enc = self._text_encoders()
-        n = families.chunk_count(self.family, enc, prompts, weighting)
-        if cfg != 1:
-            n = max(n, families.chunk_count(self.family, enc, negatives, weighting))
-        cond = self.encode_prompt(prompts, width, height, weighting=weighting, chunks=n)
-        uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, True, weighting, n)
+        with conditioning.use_embeddings(self.embeddings):  # textual inversions named in the prompts
+            n = families.chunk_count(self.family, enc, prompts, weighting)
+            if cfg != 1:
+                n = max(n, families.chunk_count(self.family, enc, negatives, weighting))
+            cond = self.encode_prompt(prompts, width, height, weighting=weighting, chunks=n)
+            uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, True, weighting, n)
         model = CFGDenoiser(self.denoiser(), scale=float(cfg))
 
         f, c = self.downscale, self.latent_channels
@@ -696,6 +728,16 @@ class Pipeline:
         `weighting` says: "a1111" (scale the embeddings, restore their mean), "comfy" (interpolate from the
         empty prompt's) or "none" (literal text); prompts longer than the text tower's context are encoded
         in chunks and concatenated, never cut.
+        LoRAs (lora.py; UNet families): A1111's tags in the prompt, `<lora:name>`, `<lora:name:w>`,
+        `<lora:name:te_w:unet_w>` (text encoder first, as A1111), are taken out of the text before encoding;
+        each names `name.safetensors` in the pipeline's `lora_dir` (names only; a missing one is an error
+        naming it and what the folder has). loras=[(path or lora.LoRA, unet_w, te_w), ...] adds LoRAs from
+        Python (te_w defaults to unet_w). They are patched on for the duration of the call only
+        (lora.patch: the weights are never written, so nothing persists: the next call without them is
+        bit-identical to one before), files read once while their size and mtime stay the same. A batch
+        of different prompts must name the same LoRAs with the same weights (refused otherwise; A1111 takes
+        the first prompt's); tags in the negative prompt are refused. `lora_hashes` gives the infotext's
+        "Lora hashes". Not thread-safe: one call at a time per pipeline.
         callback(dict(x, i, sigma, sigma_hat, denoised)) is called after each step; progress shows a bar.
         Live previews (previews.py): with preview_every=N, on_preview(step, images) gets a picture of the
         current x̂₀ after every N-th step (step counted from 1 in each sampling pass) made by `preview`:
@@ -741,7 +783,7 @@ class Pipeline:
         """
         latents_path = kwargs.pop("latents_path", None)
         latents_metadata = kwargs.pop("latents_metadata", None)
-        kw, hr, count = self._plan(args, kwargs)
+        kw, hr, count, uses = self._plan(args, kwargs)
         bar, user_callback = None, kw["callback"]
         if kw["progress"]:  # one bar over the whole job (all batches, both hires passes): it/s and ETA
             from tqdm.auto import tqdm
@@ -760,17 +802,18 @@ class Pipeline:
         images: list[Image.Image] = []
         b = kw["batch_size"]
         try:
-            for j in range(count):  # A1111's batch count: batch j takes seeds seed + j·batch_size + k
-                if j and kw["stop"] is not None and kw["stop"]():
-                    break
-                sub = None if kw["subseed"] is None else kw["subseed"] + j * b
-                seed = kw["seed"] if isinstance(kw["seed"], (list, tuple)) else kw["seed"] + j * b
-                latents, job = self._run({**kw, "seed": seed, "subseed": sub}, hr)
-                path = latents_path
-                if count > 1 and path is not None:  # one file per batch
-                    root, ext = os.path.splitext(path)
-                    path = f"{root}-{j}{ext}"
-                images += self._decode_images(latents, job, path, latents_metadata)
+            with self.loras.applied(self, uses):  # the LoRAs on for the whole job, off after it
+                for j in range(count):  # A1111's batch count: batch j takes seeds seed + j·batch_size + k
+                    if j and kw["stop"] is not None and kw["stop"]():
+                        break
+                    sub = None if kw["subseed"] is None else kw["subseed"] + j * b
+                    seed = kw["seed"] if isinstance(kw["seed"], (list, tuple)) else kw["seed"] + j * b
+                    latents, job = self._run({**kw, "seed": seed, "subseed": sub}, hr)
+                    path = latents_path
+                    if count > 1 and path is not None:  # one file per batch
+                        root, ext = os.path.splitext(path)
+                        path = f"{root}-{j}{ext}"
+                    images += self._decode_images(latents, job, path, latents_metadata)
         finally:
             if bar is not None:
                 bar.close()

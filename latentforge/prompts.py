@@ -30,6 +30,11 @@ tokens, the words after that comma move to the next chunk. BREAK closes the curr
 too: "a BREAK BREAK b" has three chunks). Every chunk is encoded on its own as BOS + tokens + EOS +
 padding, and the chunks' hidden states are concatenated along the sequence.
 
+Textual inversion words (latentforge/textual_inversion.py finds them: an embedding's file stem as a word, or
+ComfyUI's `embedding:name`) take as many positions as the embedding has vectors, each with the word's weight,
+and are never split across chunks: one that does not fit closes the chunk (A1111 `tokenize_line`). Their
+positions hold the placeholder id 0 and are listed in `Chunk.fixes` (A1111 `PromptChunkFix`).
+
 Weighting of one chunk's hidden state z [L, D] with per-token weights w [L] (BOS/EOS/padding weigh 1):
     "a1111": z' = z·w, then z' · mean(z) / mean(z')  (sd_emphasis "Original": the mean over the whole
              chunk is restored; here per prompt, A1111 takes it over the batch of prompts)
@@ -55,6 +60,7 @@ _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")  # a whole upper-case word, with t
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")  # after ':' -> the weight and the closing ')'
 _SPECIAL = "\\()[]:"
 _ESCAPABLE = "()[]\\"
+PLACEHOLDER = 0  # the id at an embedding's positions (A1111 too); the encoder's input override replaces it
 
 
 def check_weighting(weighting: str) -> str:
@@ -149,10 +155,16 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk's text tokens (no BOS/EOS/padding, at most chunk_len) and their weights."""
+    """One chunk's text tokens (no BOS/EOS/padding, at most chunk_len) and their weights; `fixes`: the
+    textual inversion embeddings in it as (offset of their first position in `ids`, name)."""
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+# split_words(text) -> the text cut into plain strings and (embedding name, vector count) words
+WordSplitter = Callable[[str], list[str | tuple[str, int]]]
 
 
 def chunks(
@@ -162,47 +174,69 @@ def chunks(
     *,
     emphasis: bool = True,
     comma_backtrack: int = COMMA_BACKTRACK,
+    split_words: WordSplitter | None = None,
 ) -> list[Chunk]:
     """The prompt's chunks (at least one; the empty prompt is one empty chunk).
 
     tokenizer_encode: texts -> their token ids without BOS/EOS (`latentforge.tokenizer.encode`).
     chunk_len: text tokens per chunk, the encoder's max_position_embeddings - 2. emphasis=False reads
     the text literally (no brackets, no BREAK). comma_backtrack: 0 turns A1111's comma rule off.
+    split_words: finds textual inversion words (`TextualInversions.split_words`); None: there are none.
     """
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
         raise ValueError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
     pieces = parse_attention(text) if emphasis else [(text, 1.0)]
     comma = tokenizer_encode([","])[0]
     comma = comma[0] if len(comma) == 1 else None
-    token_lists = tokenizer_encode([t for t, _ in pieces])
+    # every piece as plain strings and embedding words; all the strings are tokenized in one batch
+    split = split_words or (lambda t: [t])
+    words = [[] if emphasis and is_break(p) else split(p[0]) for p in pieces]
+    plain = [x for ws in words for x in ws if isinstance(x, str)]
+    encoded = iter(tokenizer_encode(plain) if plain else [])
     done: list[Chunk] = []
     ids: list[int] = []
     ws: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1
 
     def close() -> None:
-        nonlocal ids, ws, last_comma
-        done.append(Chunk(tuple(ids), tuple(ws)))
-        ids, ws, last_comma = [], [], -1
+        nonlocal ids, ws, fixes, last_comma
+        done.append(Chunk(tuple(ids), tuple(ws), tuple(fixes)))
+        ids, ws, fixes, last_comma = [], [], [], -1
 
-    for piece, tokens in zip(pieces, token_lists, strict=True):
+    def place(tokens: list[int], weight: float, name: str | None) -> None:
+        nonlocal ids, ws, fixes, last_comma
+        if name is None and tokens[0] == comma:
+            last_comma = len(ids)
+        elif comma_backtrack and len(ids) == chunk_len and last_comma >= 0:
+            if len(ids) - last_comma <= comma_backtrack:  # move what follows the comma on
+                cut = last_comma + 1
+                rest = ids[cut:], ws[cut:], [(o - cut, e) for o, e in fixes if o >= cut]
+                ids, ws, fixes = ids[:cut], ws[:cut], [(o, e) for o, e in fixes if o < cut]
+                close()
+                ids, ws, fixes = rest
+        if len(ids) + len(tokens) > chunk_len:  # full; an embedding is never split across chunks
+            close()
+        if name is not None:
+            fixes.append((len(ids), name))
+        ids.extend(tokens)
+        ws.extend([weight] * len(tokens))
+
+    for piece, piece_words in zip(pieces, words, strict=True):
         if emphasis and is_break(piece):
             close()
             continue
-        for tok in tokens:
-            if tok == comma:
-                last_comma = len(ids)
-            elif comma_backtrack and len(ids) == chunk_len and last_comma >= 0:
-                if len(ids) - last_comma <= comma_backtrack:  # move what follows the comma on
-                    cut = last_comma + 1
-                    rest_ids, rest_ws = ids[cut:], ws[cut:]
-                    ids, ws = ids[:cut], ws[:cut]
-                    close()
-                    ids, ws = rest_ids, rest_ws
-            if len(ids) == chunk_len:
-                close()
-            ids.append(tok)
-            ws.append(piece[1])
+        for word in piece_words:
+            if isinstance(word, str):
+                for tok in next(encoded):
+                    place([tok], piece[1], None)
+                continue
+            name, n = word
+            if n > chunk_len:
+                raise ValueError(
+                    f"the embedding {name!r} has {n} vectors, more than the {chunk_len} tokens of a chunk"
+                )
+            place([PLACEHOLDER] * n, piece[1], name)
     if ids or not done:
         close()
     return done

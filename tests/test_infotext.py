@@ -90,7 +90,9 @@ def test_quoted_values_multiline_prompts_and_short_last_lines():
     f = infotext.parse(text)
     assert f["Prompt"] == "line one\nline two: with a colon" and f["Negative prompt"] == "bad\nworse"
     assert f["Lora hashes"] == "a: 1f, b: 2e" and f["Note"] == "x\ny" and f["Seed"] == "3"
-    assert infotext.generation(f)[1] == ["Lora hashes", "Note"]  # reported, never dropped silently
+    # reported, never dropped silently; "Lora hashes" only identifies the files of the <lora:...> tags,
+    # which replay the LoRAs themselves (a tag without --lora-dir is an error, not a silent no-op)
+    assert infotext.generation(f)[1] == ["Note"]
     # a last line with fewer than 3 key: value pairs is prompt text (A1111)
     f = infotext.parse("a cat\nstyle: oil, mood: calm")
     assert f["Prompt"] == "a cat\nstyle: oil, mood: calm" and "style" not in f

@@ -21,6 +21,10 @@ with x_0 = token_embedding[ids] + position_embedding[:L]. The conditioning the S
     SD3 L / G      penultimate, no final LayerNorm + pooled (L unprojected, G projected)
 The pooled output is the last layer's final-normed hidden state at the EOS token, found as argmax(ids) since
 EOS = 49407 is the largest id (OpenAI CLIP `encode_text`).
+
+Textual inversion (Gal et al. 2022, "An Image is Worth One Word", §3) replaces the token embeddings of some
+positions by learned vectors before the position embeddings are added: `forward(..., override=TokenOverride)`
+(A1111 `EmbeddingsWithFixes`; latentforge/textual_inversion.py builds the override).
 """
 
 from __future__ import annotations
@@ -104,6 +108,26 @@ PRESETS = {
 }
 
 
+class TokenOverride(NamedTuple):
+    """Token embeddings that replace the table's rows at K positions of input_ids [B, L]:
+    x[rows, cols] = vectors. The ids at those positions are placeholders (0, as A1111), which also keeps
+    argmax(ids) at EOS."""
+
+    rows: torch.Tensor  # [K] int64, the batch index
+    cols: torch.Tensor  # [K] int64, the position
+    vectors: torch.Tensor  # [K, D]
+
+
+def token_embeddings(
+    table: nn.Embedding, input_ids: torch.Tensor, override: TokenOverride | None
+) -> torch.Tensor:  # [B, L] -> [B, L, D]
+    x = table(input_ids)
+    if override is None:
+        return x
+    index = (override.rows.to(x.device), override.cols.to(x.device))
+    return x.index_put(index, override.vectors.to(device=x.device, dtype=x.dtype))  # not in place: autograd
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d_head) + causal mask) v per head; q, k, v, output: [B, L, D]."""
     B, L, D = q.shape
@@ -160,9 +184,9 @@ class CLIPEmbeddings(nn.Module):
         # checkpoints carry float-rounded position_ids, and arange is what they are meant to hold.
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
-        L = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:L]
+    def forward(self, input_ids: torch.Tensor, override: TokenOverride | None = None) -> torch.Tensor:
+        x = token_embeddings(self.token_embedding, input_ids, override)  # [B, L] -> [B, L, D]
+        return x + self.position_embedding.weight[: input_ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -188,8 +212,8 @@ class OpenAITextTower(nn.Module):
         if cfg.projection_dim is not None:
             self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings(input_ids)
+    def embed(self, input_ids: torch.Tensor, override: TokenOverride | None = None) -> torch.Tensor:
+        return self.text_model.embeddings(input_ids, override)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -279,8 +303,9 @@ class OpenCLIPTextTower(nn.Module):
         normal_(self.text_projection, self.text_projection.shape[0] ** -0.5, generator)
         nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, D]
-        return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+    def embed(self, input_ids: torch.Tensor, override: TokenOverride | None = None) -> torch.Tensor:
+        x = token_embeddings(self.token_embedding, input_ids, override)  # [B, L, D]
+        return x + self.positional_embedding[: input_ids.shape[1]]
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -336,7 +361,12 @@ class CLIPTextModel(nn.Module):
         raise ValueError(f"layer must be 'last', 'penultimate' or an int in [{-(n + 1)}, {n}], got {layer!r}")
 
     def forward(
-        self, input_ids: torch.Tensor, layer: str | int = "last", final_norm: bool = True, pooled: bool = True
+        self,
+        input_ids: torch.Tensor,
+        layer: str | int = "last",
+        final_norm: bool = True,
+        pooled: bool = True,
+        override: TokenOverride | None = None,
     ) -> CLIPTextOutput:
         """input_ids: [B, L] int64, L <= max_position_embeddings (77), as `latentforge.tokenizer.tokenize`.
 
@@ -355,7 +385,12 @@ class CLIPTextModel(nn.Module):
             )
         stop = self.num_layers_to_run(layer)
         tower = self.tower
-        x = tower.embed(input_ids)  # [B, L, D]
+        if override is not None and override.vectors.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"override vectors are {override.vectors.shape[-1]} wide, "
+                f"the encoder {self.config.hidden_size}"
+            )
+        x = tower.embed(input_ids, override)  # [B, L, D]
         hidden = x
         for i, block in enumerate(tower.blocks[: len(tower.blocks) if pooled else stop]):
             x = block(x)  # [B, L, D]

@@ -362,8 +362,11 @@ assert set(INPAINTING_FILL) == set(MASKED_CONTENT)
 # -- responses ------------------------------------------------------------------------------------------
 
 
-def infotexts(kw: dict, n: int, model: str, model_hash: str | None) -> list[str]:
-    """A1111's `parameters` text for each of the n images (image i: seed + i)."""
+def infotexts(
+    kw: dict, n: int, model: str, model_hash: str | None, lora_hashes: str | None = None
+) -> list[str]:
+    """A1111's `parameters` text for each of the n images (image i: seed + i); the prompt keeps its LoRA
+    tags, and lora_hashes ("name: hash, ...", Pipeline.lora_hashes) is A1111's "Lora hashes"."""
     hr = "hires_denoise" in kw
     out = []
     for i in range(n):
@@ -389,6 +392,7 @@ def infotexts(kw: dict, n: int, model: str, model_hash: str | None) -> list[str]
             "Inpaint area": "Only masked" if kw.get("inpaint_full_res") else None,
             "Masked area padding": kw.get("inpaint_full_res_padding") if kw.get("inpaint_full_res") else None,
             "RNG": "CPU",
+            "Lora hashes": lora_hashes,
             "Version": f"latentforge {latentforge.__version__}",
         }
         out.append(infotext.build(kw["prompt"], kw["negative_prompt"], params))

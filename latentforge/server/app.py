@@ -4,6 +4,7 @@ Every generation, from either API, goes through one JobQueue (jobs.py): a job id
 `POST /latentforge/v1/jobs`, its state from `GET .../jobs/{id}`, step progress and previews as server-sent
 events from `GET .../jobs/{id}/events`, `DELETE` to cancel; the A1111 routes wait for their job's end.
 Models are taken only by name, from `--models-dir` (top-level `.safetensors` files) or the shipped model;
+LoRAs likewise, by the `<lora:name:w>` tags of prompts, from `--lora-dir` (`GET /sdapi/v1/loras` lists them);
 outputs are written only under `--outputs`, with generated names. Limits: `--max-queue` (HTTP 429 with
 Retry-After beyond it), `--max-body` (413), `--max-pixels` and `--max-steps` (422 naming the field).
 `--api-key` is required on every route when set (Bearer, X-API-Key, or HTTP Basic with the key as password,
@@ -34,6 +35,7 @@ from PIL import Image
 
 import latentforge
 from latentforge import hires, outputs
+from latentforge.lora import LoRAError
 from latentforge.pipeline import DEFAULT_MODEL
 from latentforge.server import a1111
 from latentforge.server.jobs import Job, JobQueue, QueueFull
@@ -57,6 +59,8 @@ class Settings:
     batch_jobs: int = 0  # > 0: waiting jobs that differ only in prompt and seed run as one batch of up to N
     keep_jobs: int = 64  # finished jobs remembered for GET
     model: str | None = None  # the model loaded first (default: the shipped one)
+    lora_dir: str | None = None  # where <lora:name:w> tags in prompts find name.safetensors
+    embeddings_dir: str | None = None  # textual inversions prompts name (file stem or embedding:name)
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -91,10 +95,13 @@ class Models:
     """The models a client may name: the shipped one and the top-level `.safetensors` files of models_dir,
     listed under A1111's titles ("name.safetensors [hash]"); one pipeline kept loaded."""
 
-    def __init__(self, models_dir: str | None):
-        if models_dir is not None and not os.path.isdir(models_dir):
-            raise ValueError(f"--models-dir {models_dir!r} is not a folder")
-        self.models_dir = models_dir
+    def __init__(
+        self, models_dir: str | None, lora_dir: str | None = None, embeddings_dir: str | None = None
+    ):
+        for flag, folder in (("--models-dir", models_dir), ("--embeddings-dir", embeddings_dir)):
+            if folder is not None and not os.path.isdir(folder):
+                raise ValueError(f"{flag} {folder!r} is not a folder")
+        self.models_dir, self.lora_dir, self.embeddings_dir = models_dir, lora_dir, embeddings_dir
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self._loaded: tuple[str, object] | None = None
@@ -147,8 +154,60 @@ class Models:
             if self._loaded is None or self._loaded[0] != title:
                 entry = self.find(title)
                 self._loaded = None  # the old model is freed before the new one is read
-                self._loaded = (title, Pipeline.from_single_file(entry["filename"]))
+                pipe = Pipeline.from_single_file(
+                    entry["filename"], lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir
+                )
+                self._loaded = (title, pipe)
             return self._loaded[1]
+
+
+class Loras:
+    """The LoRAs prompts may name: the top-level `.safetensors` files of lora_dir, listed in A1111's shape
+    (`GET /sdapi/v1/loras`: name, alias, path, metadata) with the file name as path (never the server's
+    folder). The pipeline finds tagged files on disk at every call; this list is what clients are shown,
+    read again by `POST /sdapi/v1/refresh-loras`."""
+
+    def __init__(self, lora_dir: str | None):
+        if lora_dir is not None and not os.path.isdir(lora_dir):
+            raise ValueError(f"--lora-dir {lora_dir!r} is not a folder")
+        self.lora_dir = lora_dir
+        self.entries: list[dict] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        from latentforge.checkpoint_io import read_metadata
+        from latentforge.lora import LoRAError, find_lora
+
+        entries = []
+        names = [] if self.lora_dir is None else sorted(os.listdir(self.lora_dir))
+        for file in names:
+            if not file.endswith(".safetensors"):
+                continue
+            name = file[: -len(".safetensors")]
+            try:
+                path = find_lora(name, self.lora_dir)  # a name a tag can use
+                meta = read_metadata(path)
+            except (LoRAError, ValueError, OSError):
+                continue
+            parsed = {}
+            for k, v in meta.items():  # A1111 (read_metadata_from_safetensors): JSON objects parsed
+                parsed[k] = v
+                if isinstance(v, str) and v.startswith("{"):
+                    with contextlib.suppress(ValueError, RecursionError):
+                        parsed[k] = json.loads(v)
+            alias = meta.get("ss_output_name") or name
+            entries.append({"name": name, "alias": alias, "path": file, "metadata": parsed})
+        self.entries = entries
+
+
+def lora_key(prompt) -> tuple | None:
+    """The LoRA tags of a prompt as a sortable key (batch_key); None when they do not parse."""
+    from latentforge.lora import LoRAError, parse_tags
+
+    try:
+        return tuple(sorted(parse_tags(prompt)[1]))
+    except (LoRAError, TypeError):
+        return None
 
 
 # -- middleware ---------------------------------------------------------------------------------------
@@ -227,7 +286,8 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.models = Models(settings.models_dir)
+        self.models = Models(settings.models_dir, settings.lora_dir, settings.embeddings_dir)
+        self.loras = Loras(settings.lora_dir)
         first = self.models.find(settings.model, "--model") if settings.model else self.models.entries[0]
         self.options = {"sd_model_checkpoint": first["title"], "sd_checkpoint_hash": first["sha256"],
                         "live_previews_enable": True, "show_progress_every_n_steps": 1,
@@ -266,11 +326,16 @@ class Server:
     @staticmethod
     def batch_key(job: Job):
         """Jobs with equal keys can be sampled as one batch (`--batch-jobs`): one-batch text-to-image jobs
-        that differ only in prompt, negative prompt, seed and batch size. None: never merged."""
+        that differ only in prompt, negative prompt, seed and batch size, whose prompts name the same LoRAs
+        with the same weights (a batch has one set of LoRAs). None: never merged."""
         kw = job.kwargs
         if job.kind != "txt2img" or job.batch_count != 1 or any(k in kw for k in a1111.NOT_MERGED):
             return None
-        return (job.model, *(kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height")))
+        loras = lora_key(kw["prompt"])
+        if loras is None:
+            return None
+        settings = (kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height"))
+        return (job.model, *settings, loras)
 
     def _run_merged(self, jobs: list[Job]) -> list[list[Image.Image]]:
         """One batch for several jobs: per-image prompts and seeds, so each image is the one its job gives
@@ -313,7 +378,11 @@ class Server:
     def _result(self, job: Job, images: list[Image.Image]) -> dict:
         entry = self.models.find(job.model)
         name, short = entry["model_name"], entry["hash"]
-        texts = a1111.infotexts(job.kwargs, len(images), name, short)
+        try:
+            lora_hashes = self.models.pipeline(job.model).lora_hashes(job.kwargs["prompt"])
+        except (ValueError, OSError):  # a file gone since the job ran: no hashes rather than no images
+            lora_hashes = None
+        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes)
         saved = []
         if job.request.get("save_images") and self.settings.outputs:
             for i, im in enumerate(images):
@@ -339,6 +408,9 @@ class Server:
                                         s.max_batch_count)  # fmt: skip
         try:
             pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
+        except LoRAError as e:  # a bad tag, a LoRA name the folder does not have
+            raise a1111.RequestError("negative_prompt" if "negative_prompt" in str(e) else "prompt",
+                                     str(e)) from None  # fmt: skip
         except (ValueError, TypeError) as e:
             raise a1111.RequestError("request", str(e)) from None
         echo = req.model_dump()
@@ -496,6 +568,30 @@ def build_app(settings: Settings) -> FastAPI:
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh():
         await run_in_threadpool(srv.models.refresh)
+        return {}
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return srv.loras.entries
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        """A1111's shape: {loaded: {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}},
+        skipped: {name: {reason}}}."""
+        pipe = await run_in_threadpool(srv.models.pipeline, srv.options["sd_model_checkpoint"])
+        ti = pipe.embeddings
+        if ti is None:
+            return {"loaded": {}, "skipped": {}}
+        loaded = {}
+        for name, e in ti.embeddings.items():
+            width = max(v.shape[-1] for v in e.vectors.values())
+            loaded[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
+                            "vectors": e.n_vectors}  # fmt: skip
+        return {"loaded": loaded, "skipped": {name: {"reason": why} for name, why in ti.refused.items()}}
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        await run_in_threadpool(srv.loras.refresh)
         return {}
 
     @app.get("/sdapi/v1/options")
