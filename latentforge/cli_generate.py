@@ -266,7 +266,7 @@ def generate(args) -> int:
         extra = [f"--{k.replace('_', '-')}" for k, v in hr.items() if v is not None]
         if extra:
             raise ValueError(f"{', '.join(extra)} need --hires-scale X or --hires-size WxH (the hires fix)")
-    lora_files, _ = check_loras(args)
+    lora_files, lora_tags = check_loras(args)
     name = outputs.check_name(args.name)
     init = None if args.init_image is None else open_image("--init-image", args.init_image)
     mask = None if args.mask is None else open_image("--mask", args.mask)
@@ -339,7 +339,8 @@ def generate(args) -> int:
     width, height = args.width or dw, args.height or dh
     n = args.batch_size * count
     lora_kw = {"loras": lora_files} if lora_files else {}
-    lora_hashes = pipe.lora_hashes(args.prompt, lora_files)  # A1111's "Lora hashes" (None: no LoRA)
+    # A1111's "Lora hashes" (None: no LoRA)
+    lora_hashes = pipe.lora_hashes(args.prompt, lora_files) if lora_files or lora_tags else None
 
     def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
         hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None
