@@ -34,7 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 
 import latentforge
-from latentforge import hires, outputs
+from latentforge import hires, outputs, previews
 from latentforge.lora import LoRAError
 from latentforge.pipeline import DEFAULT_MODEL
 from latentforge.server import a1111
@@ -304,9 +304,8 @@ class Server:
         if job.kind == "load":
             return [[]]
         kw, b = job.kwargs, job.kwargs["batch_size"]
-        job.steps = pipe.job_steps(**kw, batch_count=job.batch_count)
-        every = self._preview_every()
-        preview = {"preview_every": every, "on_preview": job.set_preview} if every > 0 else {}
+        job.steps = job.planned_steps
+        callback = previews.chain(job.tick, self._preview_hook(pipe, [job], [0]))
         images: list[Image.Image] = []
         for j in range(job.batch_count):  # A1111's n_iter: batch j takes seeds seed + j·batch_size + k
             if job.cancelled or job.interrupted:
@@ -315,13 +314,31 @@ class Server:
             kj = kw | {"seed": kw["seed"] + j * b}
             if "subseed" in kw:
                 kj["subseed"] = kw["subseed"] + j * b
-            images += pipe(**kj, progress=False, callback=job.tick, stop=job.should_stop, **preview)
+            images += pipe(**kj, progress=False, callback=callback, stop=job.should_stop)
         if not job.cancelled:
             job.result = self._result(job, images)
         return [images]
 
-    def _preview_every(self) -> int:
-        return self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+    def _preview_hook(self, pipe, jobs: list[Job], starts: list[int]):
+        """The sampler callback that hands each job its image's x̂₀ every `show_progress_every_n_steps`
+        steps (None with live previews off); the linear preview's picture is made only when a client asks
+        for it (Job.preview), so previews cost the generation a copy of the latent."""
+        every = self.options["show_progress_every_n_steps"] if self.options["live_previews_enable"] else 0
+        if every <= 0:
+            return None
+        previewer = previews.Previewer("linear", every).prepare(pipe)
+
+        def decode(z):
+            return previewer(pipe, z)
+
+        def hook(d: dict) -> None:
+            step = d["i"] + 1
+            if step % every == 0:
+                z = d["denoised"].detach().clone()
+                for j, a in zip(jobs, starts, strict=True):
+                    j.set_preview(step, z[a : a + 1], decode)
+
+        return hook
 
     @staticmethod
     def batch_key(job: Job):
@@ -358,14 +375,9 @@ class Server:
             for j in jobs:
                 j.tick(info)
 
-        def on_preview(step: int, images: list[Image.Image]) -> None:
-            for j, a in zip(jobs, starts, strict=True):
-                j.set_preview(step, images[a:])
-
-        every = self._preview_every()
-        preview = {"preview_every": every, "on_preview": on_preview} if every > 0 else {}
         stop = lambda: all(j.should_stop() for j in jobs)  # noqa: E731
-        images = pipe(**kw, progress=False, callback=tick, stop=stop, **preview)
+        callback = previews.chain(tick, self._preview_hook(pipe, jobs, starts))
+        images = pipe(**kw, progress=False, callback=callback, stop=stop)
         out = []
         for j, a, b in zip(jobs, starts, sizes, strict=True):
             mine = images[a : a + b]
@@ -407,7 +419,7 @@ class Server:
         kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps,
                                         s.max_batch_count)  # fmt: skip
         try:
-            pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
+            steps = pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
         except LoRAError as e:  # a bad tag, a LoRA name the folder does not have
             raise a1111.RequestError("negative_prompt" if "negative_prompt" in str(e) else "prompt",
                                      str(e)) from None  # fmt: skip
@@ -417,7 +429,7 @@ class Server:
         if kind == "img2img":
             echo |= {"init_images": None, "mask": None}  # A1111 does not echo the images back
         job = Job(kind, title, kw, count, echo)
-        job.request_model = req
+        job.request_model, job.planned_steps = req, steps
         return job
 
     def job_json(self, job: Job, images: bool = True) -> dict:
@@ -439,6 +451,11 @@ async def wait(job: Job) -> None:
     ev = asyncio.Event()
     job.add_done_callback(lambda: loop.call_soon_threadsafe(ev.set))
     await ev.wait()
+
+
+def _preview_png(job: Job) -> str | None:
+    image = job.preview
+    return None if image is None else _png(image)
 
 
 def _png(image: Image.Image) -> str:
@@ -521,8 +538,7 @@ def build_app(settings: Settings) -> FastAPI:
                         "job": f"Batch {job.batch + 1} out of {job.batch_count}",
                         "job_count": job.batch_count, "job_no": job.batch, "sampling_step": job.step,
                         "sampling_steps": job.steps}  # fmt: skip
-        preview = job.preview
-        image = None if skip_current_image or preview is None else await run_in_threadpool(_png, preview)
+        image = None if skip_current_image else await run_in_threadpool(_preview_png, job)
         return {"progress": job.progress, "eta_relative": job.eta(), "state": state, "current_image": image,
                 "textinfo": f"step {job.step} of {job.steps}", "current_task": job.id}  # fmt: skip
 
@@ -711,11 +727,12 @@ def build_app(settings: Settings) -> FastAPI:
                         yield f"event: {job.state}\ndata: {json.dumps(srv.job_json(job))}\n\n"
                         return
                     yield f"event: progress\ndata: {json.dumps(srv.job_json(job, images=False))}\n\n"
-                    im, step, count = job.preview, job.preview_step, job.previews
-                    if im is not None and count != shown:
+                    step, count = job.preview_step, job.previews
+                    if count and count != shown:
                         shown = count
-                        data = {"step": step, "image": await run_in_threadpool(_png, im)}
-                        yield f"event: preview\ndata: {json.dumps(data)}\n\n"
+                        image = await run_in_threadpool(_preview_png, job)
+                        if image is not None:
+                            yield f"event: preview\ndata: {json.dumps({'step': step, 'image': image})}\n\n"
                 await asyncio.sleep(0.05)
 
         return StreamingResponse(events(), media_type="text/event-stream",

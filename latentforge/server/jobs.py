@@ -4,7 +4,9 @@ watched (step, total, live preview), cancelled while queued, and stopped at its 
 A1111 serialises its API calls under one lock and has no queue; here the A1111 routes and latentforge's own
 job routes share this queue, so a progress call is never stuck behind a running job. The worker calls
 `run(job)`, which the server supplies (model loading and the pipeline call); `run` reports through
-`job.tick`, `job.set_preview` and asks `job.should_stop` after every step (Pipeline's `stop`).
+`job.tick`, `job.set_preview` and asks `job.should_stop` after every step (Pipeline's `stop`). A preview is
+kept as the sampler's x̂₀ latent and made into a picture only when a client asks for it (`job.preview`), so
+nobody watching costs the generation nothing.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ class Job:
     state: str = "queued"
     step: int = 0  # steps done, over all batches
     steps: int = 0  # the job's total (known once it runs)
+    planned_steps: int = 0  # the total Pipeline.job_steps gave when the job was made
     batch: int = 0  # the batch being sampled (A1111's job_no)
     error: str | None = None
     invalid: bool = False  # the error is the request's (a ValueError): HTTP 422, not 500
     images: list[Image.Image] = field(default_factory=list)
     result: Any = None  # what the server built from the images (the response body)
     request_model: Any = None  # the parsed request (the server's)
-    preview: Image.Image | None = None
     preview_step: int = 0
     previews: int = 0  # previews made so far (steps restart in every pass; this does not)
     created: float = field(default_factory=time.time)
@@ -59,6 +61,10 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     _callbacks: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # the newest preview: (count, x̂₀ [1, C, h, w], decode: latent -> images), and its picture once made
+    _latent: tuple | None = None
+    _picture: tuple[int, Image.Image] | None = None
+    _picture_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_done_callback(self, fn: Callable[[], None]) -> None:
         """fn() once the job has finished (at once if it has); called on the worker thread."""
@@ -82,10 +88,33 @@ class Job:
         self.step += 1
         self.version += 1
 
-    def set_preview(self, step: int, images: list[Image.Image]) -> None:
-        self.preview, self.preview_step = images[0], step
-        self.previews += 1
+    def set_preview(self, step: int, latent, decode: Callable[[Any], list[Image.Image]]) -> None:
+        """Keep x̂₀ after `step` (latent [1, C, h, w], not to be changed afterwards) for a preview that
+        decode(latent)[0] makes when asked for (the worker thread only stores it)."""
+        with self._lock:
+            self._latent = (self.previews + 1, latent, decode)
+            self.preview_step = step
+            self.previews += 1
         self.version += 1
+
+    @property
+    def preview(self) -> Image.Image | None:
+        """The newest preview picture, made now if it was not yet (blocking: call it off the event loop)."""
+        with self._picture_lock:
+            with self._lock:
+                latent = self._latent
+            if latent is None:
+                return None
+            count, z, decode = latent
+            if self._picture is None or self._picture[0] != count:
+                self._picture = (count, decode(z)[0])
+            return self._picture[1]
+
+    def clear_preview(self) -> None:
+        with self._lock:
+            self._latent = None
+        with self._picture_lock:
+            self._picture = None
 
     @property
     def progress(self) -> float:
@@ -249,7 +278,7 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.finished = state, time.time()
-        job.preview = None
+        job.clear_preview()
         job.version += 1
         job._set_done()
 
