@@ -43,7 +43,7 @@ DETERMINISTIC = {
     "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp",
     "gradient_estimation", "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2", "dpm_fast_exact",
     "dpm_adaptive_exact", "dpmpp_2m_exact", "ipndm_v_exact", "res_multistep_exact",
-    "res_multistep_cfg_pp_exact",
+    "res_multistep_cfg_pp_exact", "uni_pc_exact", "uni_pc_bh2_exact",
 }  # fmt: skip
 ADAPTIVE = ("dpm_adaptive", "dpm_adaptive_exact")
 ORDER_STEPS = (20, 40, 80, 160)

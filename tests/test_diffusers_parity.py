@@ -205,15 +205,18 @@ def _unipc_ours(name: str, order: int):
 
 
 # UniPC: diffusers' `lower_order_final` (order min(p, steps left), at any n) is our `lower_order_final`.
+# A final σ = 0 is the final denoise in diffusers and in our `_exact` names; ComfyUI's names stop at 0.001
+# (tests/test_samplers_comfy.py). Ending at σ_min > 0 on a VP model, both of our forms are diffusers'.
 UNIPC_CASES = [
     # (our name, diffusers solver_type, order, n, karras)
-    ("uni_pc_bh2", "bh2", 2, 10, False),
-    ("uni_pc_bh2", "bh2", 2, 10, True),
-    ("uni_pc_bh2", "bh2", 2, 20, True),
-    ("uni_pc_bh2", "bh2", 3, 10, False),
-    ("uni_pc_bh2", "bh2", 3, 20, True),
+    ("uni_pc_bh2_exact", "bh2", 2, 10, False),
+    ("uni_pc_bh2_exact", "bh2", 2, 10, True),
+    ("uni_pc_bh2_exact", "bh2", 2, 20, True),
+    ("uni_pc_bh2_exact", "bh2", 3, 10, False),
+    ("uni_pc_bh2_exact", "bh2", 3, 20, True),
     ("uni_pc", "bh1", 2, 10, False),
     ("uni_pc", "bh1", 3, 20, False),
+    ("uni_pc_exact", "bh1", 3, 20, False),
 ]
 
 
@@ -318,7 +321,8 @@ FLOW_MULTISTEP_CASES = [
     # ComfyUI's dpmpp_2m steps in the VE λ on a flow model; the flow-coordinate form is dpmpp_2m_exact
     ("dpmpp_2m_exact", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++"), False),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), True),
-    ("uni_pc_bh2", "UniPCMultistepScheduler", dict(solver_type="bh2"), False),
+    # ComfyUI's uni_pc_bh2 takes the VE form on a flow model's σ; the flow-coordinate form is _exact
+    ("uni_pc_bh2_exact", "UniPCMultistepScheduler", dict(solver_type="bh2"), False),
 ]
 
 

@@ -31,6 +31,7 @@ ORDERS = {
     "uni_pc_bh2": (2, "ge"), "dpm_fast": (2, "ge"), "gradient_estimation": (1, "ge"),
     "gradient_estimation_cfg_pp": (1, "ge"), "dpm_fast_exact": (2, "ge"), "ipndm_v_exact": (2, "ge"),
     "res_multistep_exact": (2, "ge"), "res_multistep_cfg_pp_exact": (2, "ge"), "dpmpp_2m_exact": (2, "ge"),
+    "uni_pc_exact": (2, "ge"), "uni_pc_bh2_exact": (2, "ge"),
 }  # fmt: skip
 # ComfyUI's ipndm_v is of order 2 only asymptotically (its error changes sign near 30 steps): measured
 # on longer schedules (see multistep._ipndm_v_coeffs)

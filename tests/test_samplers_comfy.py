@@ -914,3 +914,86 @@ def test_euler_ancestral_cfg_pp_and_ddpm_are_comfyuis(name, flow):
     if name == "ddpm":  # ddpm_exact: the same on VE models, the flow's α on flow models
         exact = SAMPLERS["ddpm_exact"](model, x.clone(), s, noise_sampler=shared_noise())
         assert (rel(exact, ref) > 1e-3) == flow
+
+
+# --- uni_pc, uni_pc_bh2 ---------------------------------------------------------------------------------
+# Facts read in ComfyUI's comfy/extra_samplers/uni_pc.py (`sample_unipc`, `SigmaConvert`, `UniPC.sample`,
+# `multistep_uni_pc_bh_update`): the model's own σ, whatever the model, is read as a VE σ and converted to
+# VP (α = 1/√(1 + σ²), σ_vp = σ·α, λ = −log σ); x enters as x_ve/√(1 + σ₀²); the model is wrapped as an
+# ε-predictor ε = (x_ve − D)/σ and read back as data x₀ = (x_vp − σ_vp·ε)/α; a final σ = 0 becomes 0.001;
+# order = min(3, len(σ) − 2); target j = 1..n takes order j while j < order, then min(order, n + 1 − j);
+# every step but the last runs the corrector (whose model output is the next step's history); order-2
+# predictor and order-1 corrector weights are ½; the output is x_vp/α at the last σ. Written here from the
+# UniPC paper (Zhao et al. 2023, Alg. 1-3) with those facts, in VP coordinates, independently of ours.
+
+
+def _comfy_unipc_reference(model, x, s, variant):
+    s = s.clone()
+    if float(s[-1]) == 0:
+        s[-1] = 0.001
+    n, order = len(s) - 1, min(3, len(s) - 2)
+    a = lambda v: 1 / np.sqrt(1 + v * v)  # noqa: E731
+    lam = lambda v: -np.log(v)  # noqa: E731
+
+    def data(xvp, v):
+        xve = xvp / a(v)
+        eps = (xve - model(xve, torch.full((x.shape[0],), v, dtype=torch.float64))) / v
+        return (xvp - v * a(v) * eps) / a(v)
+
+    sv = [float(v) for v in s]
+    xvp = x / np.sqrt(1 + sv[0] ** 2)
+    hist = [(lam(sv[0]), data(xvp, sv[0]))]
+    for j in range(1, n + 1):
+        p = j if j < order else min(order, n + 1 - j)
+        vs, vt = sv[j - 1], sv[j]
+        (ls, m0), lt = hist[-1], lam(vt)
+        h = lt - ls
+        hh = -h
+        prev = hist[-p:-1][::-1]
+        rks = [(lk - ls) / h for lk, _ in prev]
+        d1s = [(mk - m0) / r for r, (_, mk) in zip(rks, prev, strict=True)]
+        B = hh if variant == "bh1" else np.expm1(hh)
+        b, hphi, fact = [], np.expm1(hh) / hh - 1, 1
+        for i in range(1, p + 1):
+            b.append(hphi * fact / B)
+            fact *= i + 1
+            hphi = hphi / hh - 1 / fact
+        R = np.array([[r ** (i - 1) for r in [*rks, 1.0]] for i in range(1, p + 1)])
+        a_t = a(vt)
+        base = (vt * a(vt)) / (vs * a(vs)) * xvp - a_t * np.expm1(hh) * m0
+        x_t = base
+        if p > 1:
+            rho = [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+            x_t = base - a_t * B * sum(float(c) * d for c, d in zip(rho, d1s, strict=True))
+        if j < n:
+            m_t = data(x_t, vt)
+            rho = [0.5] if p == 1 else np.linalg.solve(R, b)
+            corr = sum(float(c) * d for c, d in zip(rho[:-1], d1s, strict=True)) + float(rho[-1]) * (m_t - m0)
+            x_t = base - a_t * B * corr
+            hist = [*hist, (lt, m_t)][-order:]
+        xvp = x_t
+    return xvp / a(sv[-1])
+
+
+@pytest.mark.parametrize("steps", [3, 4, 10])
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2"])
+def test_uni_pc_is_comfyuis(name, flow, steps):
+    """Against the re-derivation above (float64; the two differ in arithmetic order only: measured
+    ≤ 1e-14 relative), on a VP/VE mixture and on a flow model (whose σ ComfyUI reads as VE σ); and the
+    `_exact` form, which ends with the final denoise in the model's own coordinates, is not it."""
+    from conftest import FlowModel
+
+    g = GaussianMixture.random(k=2, dim=3, seed=1)
+    if flow:
+        s = torch.cat(
+            [torch.linspace(1.0, 0.05, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+        )
+        model = FlowModel(g)
+    else:
+        s, model = karras(steps), g.denoiser()
+    x = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * s[0]
+    variant = "bh1" if name == "uni_pc" else "bh2"
+    ref = _comfy_unipc_reference(model, x.clone(), s, variant)
+    assert rel(SAMPLERS[name](model, x.clone(), s), ref) < 1e-12
+    assert rel(SAMPLERS[f"{name}_exact"](model, x.clone(), s), ref) > 1e-6

@@ -8,8 +8,8 @@ functions live in the group modules.
 Names: `SAMPLER_NAMES` are ComfyUI's 42 sampler names, and each computes what ComfyUI computes under
 that name (its step counts, defaults, treatment of the last step, noise form of flow models and kind
 of noise; the k-diffusion ones are tested against k-diffusion 0.1.1, the others against independent
-re-derivations and closed-form answers, tests/test_samplers_comfy.py). The exception is UniPC, whose
-ComfyUI implementation steps to σ = 0.001 instead of denoising at the end (see `sample_uni_pc`).
+re-derivations and closed-form answers, tests/test_samplers_comfy.py); UniPC too, whose ComfyUI
+implementation steps to σ = 0.001 instead of denoising at the end (see `sample_uni_pc`).
 Where we measured a more accurate formula it has a name of its own, `EXACT_SAMPLER_NAMES`
 (`<comfy name>_exact`; `EXACT_VARIANT_OF` maps it to the ComfyUI name it departs from; each
 docstring says how and by how much). `ALL_SAMPLER_NAMES` lists both.

@@ -9,14 +9,17 @@
   optional ancestral noise (η = 1) and CFG++ renoising; ComfyUI's names take the VE form on the
   model's own σ, the `_exact` ones the model's own noise form (and a CFG++ form consistent with DDIM's).
 - `uni_pc`, `uni_pc_bh2`: UniPC (Zhao et al. 2023, Alg. 1-3), data prediction, UniP-p predictor + UniC-p
-  corrector, B(h) = hh (bh1) or e^{hh} − 1 (bh2) with hh = −h.
+  corrector, B(h) = hh (bh1) or e^{hh} − 1 (bh2) with hh = −h, as ComfyUI computes them (VE form on
+  every model's own σ, a final σ = 0 replaced by 0.001); `uni_pc_exact`, `uni_pc_bh2_exact`: the same
+  solver in the model's own coordinates, ending with the final denoise.
 
 Conventions shared by all of them:
 - One model call per step (NFE = steps). A step to σ = 0 is the final denoise x ← D(x, σ_i): it is the
   first-order (Euler/DDIM) step to 0, and it avoids extrapolating earlier outputs over the large last
   step σ_min → 0 (ComfyUI does the same for ipndm, ipndm_v, deis and res_multistep; for UniPC it
-  steps to σ = 0.001 instead, which is x ≈ D up to 1e-3).
-- UniPC and the `_exact` exponential integrators work in the model's own coordinates x = α·x₀ + σ·ε
+  steps to σ = 0.001 instead, an order-1 step without corrector, which is x ≈ D up to 1e-3: so do
+  `uni_pc` and `uni_pc_bh2`).
+- The `_exact` exponential integrators work in the model's own coordinates x = α·x₀ + σ·ε
   (common.alpha, common.half_log_snr): α = 1, λ = −log σ for VE/VP and plain callables; α = 1 − σ,
   λ = log((1 − σ)/σ) for rectified flow. The first σ = 1 of a flow schedule (λ = −∞) is moved to
   0.9999 (common.first_sigma_for_log_snr) for the model call and the coefficients, as ComfyUI does.
@@ -484,7 +487,7 @@ def _vander_solve(rs: list[float], rhs: list[float]) -> list[float]:
     return [float(v) for v in np.linalg.solve(R, np.asarray(rhs, dtype=np.float64))]
 
 
-def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order, lower_order_final):
+def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order, lower_order_final, comfy):
     """UniPC multistep, data prediction (Zhao et al. 2023, Alg. 1-3 and App. for the x₀ form).
 
     Per step s = σ_i → t = σ_{i+1}, h = λ_t − λ_s > 0, hh = −h, order p, B = hh (bh1) or e^{hh} − 1 (bh2):
@@ -494,13 +497,23 @@ def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order,
       UniP-p: x̃ = base − α_t·B·Σ_m a_m D1_m,  R_{p−1}a = g_{1..p−1}  (a = ½ for p = 2),
       UniC-p: x  = base − α_t·B·(Σ_m c_m D1_m + c_p(m_t − m_i)),  R_p c = g  (r_p = 1; c = ½ for p = 1),
     where m_t = D(x̃, σ_t) is also the model output that the next step uses (NFE = steps).
+
+    comfy=True is ComfyUI's `uni_pc` (comfy/extra_samplers/uni_pc.py, `sample_unipc`): it converts every
+    model's own σ to VP as if it were a VE σ (α = 1/√(1 + σ²), λ = −log σ; in VE coordinates this is
+    α = 1, λ = −log σ, also on flow models, with no offset of a first σ = 1), replaces a final σ = 0 by
+    0.001, takes the last step (order 1, no corrector) to 0.001 and returns that sample. comfy=False
+    (`_exact`): the model's own coordinates and the final denoise x ← D(x, σ_min) to σ = 0.
     """
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     _check_order(max_order, 3)
     extra_args = extra_args or {}
-    flow = is_flow(model)
-    sigmas = first_sigma_for_log_snr(sigmas, flow, model)
+    flow = False if comfy else is_flow(model)
+    if comfy:
+        if float(sigmas[-1]) == 0:
+            sigmas = torch.cat([sigmas[:-1], sigmas.new_full((1,), COMFY_UNI_PC_LAST_SIGMA)])
+    else:
+        sigmas = first_sigma_for_log_snr(sigmas, flow, model)
     s64 = sigmas.double().cpu()
     lam64, a64 = half_log_snr(s64, flow), alpha(s64, flow)
     n = len(sigmas) - 1
@@ -538,29 +551,58 @@ def _uni_pc(model, x, sigmas, extra_args, callback, disable, variant, max_order,
     return x
 
 
+COMFY_UNI_PC_LAST_SIGMA = 0.001  # ComfyUI's `sample_unipc`: a final σ = 0 becomes 0.001
+
+
 @torch.no_grad()
 def sample_uni_pc(
     model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
 ):
     """UniPC-bh1, data prediction (Zhao et al. 2023, "UniPC: A unified predictor-corrector framework for
     fast sampling of diffusion models", Alg. 1-3; B(h) = hh with hh = −h in the data-prediction sign
-    convention; see `_uni_pc` for the update).
+    convention; see `_uni_pc` for the update), as ComfyUI computes it: the VE form on the model's own σ
+    (flow models too) and a final σ = 0 replaced by 0.001, the last step (order 1, no corrector) landing
+    there, so the result keeps a 0.001 noise level. `uni_pc_exact` uses the model's own coordinates and
+    ends with the final denoise; on VE/VP models the two differ only in that last step.
 
     Order p_i = min(max_order, i + 1, n − i) (warm start; lower_order_final: lower order on the last
-    steps as the paper recommends for few steps; ComfyUI uses order = min(3, len(sigmas) − 2)).
-    The corrector runs after every step except the last; a step to σ = 0 is the final denoise x ← D
-    with the model output already taken at σ_{n−1} (ComfyUI instead replaces σ = 0 by 0.001 and takes
-    an order-1 step there, which is D up to 1e-3). NFE = steps.
+    steps as the paper recommends for few steps; ComfyUI's order = min(3, len(sigmas) − 2) never binds
+    beyond that, except that ComfyUI's 1-step run returns its input: here it takes the one step).
+    The corrector runs after every step except the last. NFE = steps.
     """
-    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh1", max_order, lower_order_final)
+    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh1", max_order, lower_order_final, True)
 
 
 @torch.no_grad()
 def sample_uni_pc_bh2(
     model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
 ):
-    """UniPC-bh2: B(h) = e^{hh} − 1 (hh = −h; Zhao et al. 2023, Alg. 1-3), otherwise as `uni_pc`."""
-    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh2", max_order, lower_order_final)
+    """UniPC-bh2: B(h) = e^{hh} − 1 (hh = −h; Zhao et al. 2023, Alg. 1-3), otherwise as `uni_pc`
+    (ComfyUI's form: VE coordinates on the model's own σ, a final σ = 0 replaced by 0.001)."""
+    return _uni_pc(model, x, sigmas, extra_args, callback, disable, "bh2", max_order, lower_order_final, True)
+
+
+@torch.no_grad()
+def sample_uni_pc_exact(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
+):
+    """UniPC-bh1 in the model's own coordinates x = α·x₀ + σ·ε (α = 1 − σ, λ = log((1 − σ)/σ) on flow
+    models, as diffusers' UniPCMultistepScheduler with flow sigmas; a first σ = 1 moved to 0.9999) and a
+    step to σ = 0 taken as the final denoise x ← D (the order-1 step to 0), where `uni_pc` stops at
+    0.001 and uses the VE form on every model."""
+    return _uni_pc(
+        model, x, sigmas, extra_args, callback, disable, "bh1", max_order, lower_order_final, False
+    )
+
+
+@torch.no_grad()
+def sample_uni_pc_bh2_exact(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, lower_order_final=True
+):
+    """UniPC-bh2 in the model's own coordinates, ending with the final denoise (see `uni_pc_exact`)."""
+    return _uni_pc(
+        model, x, sigmas, extra_args, callback, disable, "bh2", max_order, lower_order_final, False
+    )
 
 
 SAMPLERS = {
@@ -577,6 +619,8 @@ SAMPLERS = {
 # Our own variants, more accurate than the ComfyUI name they depart from (see their docstrings).
 EXACT_SAMPLERS = {
     "ipndm_v_exact": sample_ipndm_v_exact,
+    "uni_pc_exact": sample_uni_pc_exact,
+    "uni_pc_bh2_exact": sample_uni_pc_bh2_exact,
     "res_multistep_exact": sample_res_multistep_exact,
     "res_multistep_cfg_pp_exact": sample_res_multistep_cfg_pp_exact,
     "res_multistep_ancestral_exact": sample_res_multistep_ancestral_exact,
