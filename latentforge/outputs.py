@@ -80,10 +80,13 @@ def png_info(parameters: str, exact: dict | None = None) -> PngImagePlugin.PngIn
     return info
 
 
-def png_bytes(image: Image.Image, parameters: str, exact: dict | None = None) -> bytes:
-    """`image` as PNG file bytes with the text chunks of `png_info` (what the server sends)."""
+def png_bytes(
+    image: Image.Image, parameters: str, exact: dict | None = None, compress_level: int = 6
+) -> bytes:
+    """`image` as PNG file bytes with the text chunks of `png_info` (what the server sends). compress_level:
+    zlib's 0-9 (6, Pillow's default; the server sends 1: half the encoding time, ~30% more bytes)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_info(parameters, exact))
+    image.save(buf, format="PNG", pnginfo=png_info(parameters, exact), compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -400,7 +400,8 @@ class Server:
             for i, im in enumerate(images):
                 seed = job.kwargs["seed"] + i
                 saved.append(outputs.save_png(im, self.settings.outputs, texts[i], seed))
-        encoded = [a1111.encode_png(outputs.png_bytes(im, t)) for im, t in zip(images, texts, strict=True)]
+        encoded = [a1111.encode_png(outputs.png_bytes(im, t, compress_level=1))
+                   for im, t in zip(images, texts, strict=True)]  # fmt: skip
         req = job.request_model
         info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted)
         return {"images": encoded if req.send_images else [], "info": info, "saved": len(saved)}
@@ -460,7 +461,7 @@ def _preview_png(job: Job) -> str | None:
 
 def _png(image: Image.Image) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)  # a transient preview: fast rather than small
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
