@@ -3,7 +3,9 @@
 Every image in a batch owns its seed, so image k's noise never depends on the batch size
 (k-diffusion #25, A1111 #5210). Noise is drawn on the CPU by default and moved to the
 tensor's device, so one seed gives the same image on any device (diffusers' advice; ComfyUI's
-`prepare_noise`).
+`prepare_noise`). The Brownian-tree samplers use `SeededBrownianNoiseSampler` (latentforge.brownian:
+one counter-based tree for the whole batch); `BrownianTreeNoiseSampler` (torchsde, as k-diffusion) is
+kept for comparisons with k-diffusion and is used only when passed as `noise_sampler`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from latentforge.brownian import BrownianTree
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,8 +64,18 @@ class SeededNoiseSampler:
         return torch.stack(rows).to(device=self.out_device, dtype=self.dtype)
 
 
+def _tree_ends(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """The ends of a tree over [σ_min, σ_max], rounded to 6 significant digits, so float32 and float64
+    schedules build the same tree (its splits, hence its path, depend on t0 and t1), and widened by a hair
+    so queries at the ends never fall outside it."""
+    return float(f"{float(sigma_min):.6g}") * (1 - 1e-5), float(f"{float(sigma_max):.6g}") * (1 + 1e-5)
+
+
 class BrownianTreeNoiseSampler:
-    """Normalised Brownian increments W(σ_next) − W(σ) / √|σ_next − σ| from a seeded torchsde tree.
+    """Normalised Brownian increments W(σ_next) − W(σ) / √|σ_next − σ| from a seeded torchsde tree, as
+    k-diffusion draws them: the reference for parity tests with k-diffusion and torchsde. The samplers'
+    default is `SeededBrownianNoiseSampler` (per-image seeds too, at less than the cost of this class with
+    one tree for the whole batch: benchmarks/brownian.py).
 
     Using one Brownian path for the whole trajectory makes SDE samplers converge as steps grow
     (Kloeden & Platen; the reason k-diffusion uses it for DPM++ SDE). One tree per image.
@@ -85,11 +99,7 @@ class BrownianTreeNoiseSampler:
 
         if not 0 <= float(sigma_min) < float(sigma_max):
             raise ValueError(f"Brownian tree needs 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        # The ends are rounded to 6 significant digits, so float32 and float64 schedules build the same tree
-        # (a tree's dyadic splits, hence its path, depend on t0 and t1), and widened by a hair so queries
-        # at the ends never fall outside it (torchsde warns otherwise).
-        self.t0 = float(f"{float(sigma_min):.6g}") * (1 - 1e-5)
-        self.t1 = float(f"{float(sigma_max):.6g}") * (1 + 1e-5)
+        self.t0, self.t1 = _tree_ends(sigma_min, sigma_max)  # (torchsde warns on queries outside)
         self.device = torch.device("cpu") if cpu else x.device
         self.out_device, self.dtype = x.device, x.dtype
         self.shape = (x.shape[0], *x.shape[1:])
@@ -116,6 +126,46 @@ class BrownianTreeNoiseSampler:
         return w.to(device=self.out_device, dtype=self.dtype)
 
 
+class SeededBrownianNoiseSampler:
+    """Normalised Brownian increments (W(σ_next) − W(σ)) / √|σ_next − σ|, image k's path seeded by seeds[k]
+    alone, all images in one batched tree (`latentforge.brownian.BrownianTree`, Philox4x32-10 normals).
+
+    The default for the Brownian-tree samplers: the same path for every step count, so SDE samplers
+    converge as steps grow (Kloeden & Platen), and the same image k whatever else is in the batch, at
+    0.7–0.8× the cost of one torchsde tree over the whole batch (benchmarks/brownian.py). σ outside
+    [sigma_min, sigma_max] is clamped to it. `cpu=True` builds the tree on the CPU; `cpu=False` on x's
+    device, which gives the same integers and normals equal up to an ulp of log/cos/sin. The noise is
+    computed in float64 whatever x's dtype. rtol: the log-width of the tree's leaves; the law of W is
+    exact at any points in different leaves, which points more than rtol apart in log σ always are.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        sigma_min: float,
+        sigma_max: float,
+        seeds: Sequence[int],
+        cpu: bool = True,
+        rtol: float = 1e-4,
+    ):
+        if not 0 < float(sigma_min) < float(sigma_max):
+            raise ValueError(f"Brownian tree needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if len(seeds) != x.shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {x.shape[0]}")
+        self.t0, self.t1 = _tree_ends(sigma_min, sigma_max)
+        self.shape, self.out_device, self.dtype = tuple(x.shape), x.device, x.dtype
+        device = torch.device("cpu") if cpu else x.device
+        self.tree = BrownianTree(seeds, x[0].numel(), self.t0, self.t1, rtol=rtol, device=device)
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        a = min(max(float(sigma), self.t0), self.t1)
+        b = min(max(float(sigma_next), self.t0), self.t1)
+        if a == b:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.out_device)
+        w = self.tree.increment(a, b) * (1 / abs(b - a) ** 0.5)
+        return w.reshape(self.shape).to(device=self.out_device, dtype=self.dtype)
+
+
 def default_noise_sampler(
     x: torch.Tensor,
     seed: int | Sequence[int] | None,
@@ -135,7 +185,7 @@ def default_noise_sampler(
         pos = sigmas[sigmas > 0]
         hi = float(sigmas.max())
         lo = float(pos.min()) if float(pos.min()) < hi else hi / 2  # one positive σ: any lower end works
-        return BrownianTreeNoiseSampler(x, lo, hi, seeds, cpu=cpu)
+        return SeededBrownianNoiseSampler(x, lo, hi, seeds, cpu=cpu)
     return SeededNoiseSampler(x, seeds)
 
 

@@ -127,6 +127,9 @@ def make_noise_sampler(
     brownian: bool = False,
     cpu: bool = True,
 ) -> NoiseSampler:
+    """The caller's noise_sampler, else the default (`noise.default_noise_sampler`): seeded Gaussian noise,
+    or with `brownian` increments of one batched Brownian tree with per-image seeds
+    (`noise.SeededBrownianNoiseSampler`); `cpu` places that tree on the CPU or on x's device."""
     if noise_sampler is not None:
         return noise_sampler
     return default_noise_sampler(x, seed, sigmas=sigmas, brownian=brownian, cpu=cpu)
