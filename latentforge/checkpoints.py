@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,8 +144,10 @@ def join_components(
 
 
 def build_component(name: str, config) -> torch.nn.Module:
-    """The network for component `name` (unet, mmdit, dit, vae, clip_l, clip_h, clip_g) with `config`."""
+    """The network for component `name` (unet, mmdit, dit, vae, clip_l, clip_h, clip_g, t5xxl) with
+    `config`."""
     from latentforge.models import DiT, MMDiT, UNet
+    from latentforge.models.t5 import T5Encoder
     from latentforge.models.text import CLIPTextModel
     from latentforge.models.vae import AutoencoderKL
 
@@ -158,13 +161,17 @@ def build_component(name: str, config) -> torch.nn.Module:
         return AutoencoderKL(config)
     if name in ("clip_l", "clip_h", "clip_g"):
         return CLIPTextModel(config)
-    raise ValueError(f"no network for component {name!r} (T5-XXL is not supported yet)")
+    if name == "t5xxl":
+        return T5Encoder(config)
+    raise ValueError(f"no network for component {name!r}")
 
 
 def _config_class(name: str):
     from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, MMDiTConfig, UNetConfig
+    from latentforge.models.t5 import T5Config
 
     classes = {"unet": UNetConfig, "mmdit": MMDiTConfig, "dit": DiTConfig, "vae": AutoencoderKLConfig}
+    classes["t5xxl"] = T5Config
     return classes.get(name, CLIPTextConfig)
 
 
@@ -225,16 +232,25 @@ class Loaded:
 
 
 def _not_loaded(key: str) -> bool:
-    """Keys of a single file that `_load` drops rather than loads (EMA copies and schedule buffers, T5):
-    read in their stored dtype and left unconverted, so they cost no memory beyond the file's mapping."""
+    """Keys of a single file that `_load` drops rather than loads (EMA copies and schedule buffers, and the T5
+    when it is not loaded from this file): read in their stored dtype and left unconverted, so they cost no
+    memory beyond the file's mapping."""
     t5 = tuple(f.prefixes[c] for f in FAMILIES.values() for c in f.optional)
     return bool(_STRAY.match(key)) or key.startswith(t5)
+
+
+def _stray(key: str) -> bool:
+    return bool(_STRAY.match(key))
 
 
 def load_component(name, cfg, sd, dtype, source) -> torch.nn.Module:
     with torch.device("meta"):
         module = build_component(name, cfg)
     expected = module.state_dict()
+    if name == "t5xxl":  # the table tied to `shared` may come as (or also as) encoder.embed_tokens
+        from latentforge.models.t5 import canonical_keys
+
+        sd = canonical_keys(sd, "transformer.")
     if "transformer.text_model.embeddings.position_ids" in expected and (
         "transformer.text_model.embeddings.position_ids" not in sd
     ):  # newer exports drop this constant buffer
@@ -269,6 +285,8 @@ def component_file(name: str, path: str) -> dict[str, torch.Tensor]:
         if pre and all(k.startswith(pre) for k in sd):
             sd = {k[len(pre) :]: v for k, v in sd.items()}
             break
+    if name == "t5xxl" and any(k.startswith(("shared.", "encoder.")) for k in sd):  # HF T5EncoderModel file
+        sd = {"transformer." + k: v for k, v in sd.items()}
     if name.startswith("clip_"):
         if any(k.startswith("text_model.") for k in sd):  # HF CLIPTextModel(WithProjection) file
             sd = {"transformer." + k: v for k, v in sd.items()}
@@ -282,23 +300,41 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
     text_encoders: Mapping[str, str] | None = None,
+    t5_tokenizer: str | None = None,
 ) -> Loaded:
     """Load a single-file checkpoint: detect its family, strip EMA copies and stray buffers, and load
     every component strictly in `dtype`. `vae` overrides the checkpoint's VAE with a separate file;
-    `text_encoders` ({"clip_l": path, ...}) overrides or supplies its text encoders."""
+    `text_encoders` ({"clip_l": path, "t5xxl": path, ...}) overrides or supplies its text encoders.
+
+    SD3's T5-XXL loads from the checkpoint (`text_encoders.t5xxl.transformer.*`) or from its own file (HF
+    names, `t5xxl_fp16.safetensors`), with its tokenizer (t5_tokenizer.py): `t5_tokenizer` (a tokenizer.json
+    or its folder), else one found beside the T5 file or the checkpoint. A T5 file given without a tokenizer
+    found is an error; a T5 inside the checkpoint without one is dropped with a warning (the conditioning
+    then has zeros in its place, as without a T5)."""
+    from latentforge import t5_tokenizer as t5tok
+
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    raw = read_state_dict(path, dtype, keep_stored=_not_loaded)  # converted while reading
+    text_encoders = dict(text_encoders or {})
+    t5_file = text_encoders.get("t5xxl")
+    beside = [t5_file, path] if t5_file else [path]
+    tok = t5tok.find(t5_tokenizer, beside)
+    if t5_file is not None and tok is None:
+        raise FileNotFoundError(f"{t5_file}: {t5tok.not_found(beside)}")
+    if tok is not None and (t5_file or t5_tokenizer):  # asked for: read (and checked) before the weights
+        tok = t5tok.T5Tokenizer.from_file(tok)
+    in_file_t5 = tok is not None and t5_file is None  # converted while reading, like the other components
+    raw = read_state_dict(path, dtype, keep_stored=_stray if in_file_t5 else _not_loaded)
     meta = read_metadata(path)
     try:
-        return _load(path, raw, meta, dtype, vae, dict(text_encoders or {}))
+        return _load(path, raw, meta, dtype, vae, text_encoders, (tok, beside))
     except ValueError as e:
         if str(e).startswith(path):
             raise
         raise ValueError(f"{path}: {e}") from e
 
 
-def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
+def _load(path, raw, meta, dtype, vae, text_encoders, t5) -> Loaded:
     sd, dropped = strip_stray(raw)
     if "latentforge.family" in meta:
         family = meta["latentforge.family"]
@@ -330,24 +366,47 @@ def _load(path, raw, meta, dtype, vae, text_encoders) -> Loaded:
     if parts.get("unet"):  # 9-channel inpainting UNets: the released architecture, a wider input conv
         configs["unet"], why = unet_inputs(configs["unet"], parts["unet"])
         detection = Detection(family, f"{detection.reason}; {why}") if why else detection
+    sources = {}
     for name, file in text_encoders.items():
-        if name not in configs or not name.startswith("clip_"):
-            known = [c for c in configs if c.startswith("clip_")]
+        known = [c for c in fam.prefixes if c.startswith(("clip_", "t5"))]
+        if name not in known:
             raise ValueError(f"{family} has no text encoder {name!r}; its text encoders: {known}")
-        parts[name] = component_file(name, file)
+        parts[name], sources[name] = component_file(name, file), file
+    if parts.get("t5xxl") and not _t5_part(parts["t5xxl"], configs, t5, "t5xxl" in text_encoders):
+        dropped.extend(fam.prefixes["t5xxl"] + k for k in parts.pop("t5xxl"))
     components = {}
     for name, psd in parts.items():
         if name == "unknown" or not psd:
             continue
-        if name in fam.optional:  # T5 is not supported yet: zeros instead
-            dropped.extend(fam.prefixes[name] + k for k in psd)
-            continue
         if name not in configs:  # a VAE saved beside a DiT
             configs[name] = fam.configs()[name]
-        components[name] = load_component(name, configs[name], psd, dtype, f"{path} ({detection})")
+        source = sources.get(name, f"{path} ({detection})")
+        components[name] = load_component(name, configs[name], psd, dtype, source)
+    if "t5xxl" in components:
+        from latentforge.t5_tokenizer import T5Tokenizer
+
+        tok = t5[0]  # a path found beside the checkpoint, or the tokenizer asked for
+        components["t5xxl"].tokenizer = tok if isinstance(tok, T5Tokenizer) else T5Tokenizer.from_file(tok)
     return Loaded(
         family, detection, components, {k: v for k, v in configs.items() if k in components}, dropped, meta
     )
+
+
+def _t5_part(psd, configs, t5, separate: bool) -> bool:
+    """Whether the T5 loads (not when no tokenizer was found: then it is dropped, with a warning); sets its
+    config in `configs`: the file's own (a checkpoint written here) or read from the shapes."""
+    from latentforge import t5_tokenizer as t5tok
+    from latentforge.models.t5 import canonical_keys, config_from_state_dict
+
+    tok, beside = t5
+    if tok is None:
+        warnings.warn(
+            f"the checkpoint holds a T5-XXL, which is not loaded: {t5tok.not_found(beside)}", stacklevel=4
+        )
+        return False
+    if separate or "t5xxl" not in configs:
+        configs["t5xxl"] = config_from_state_dict(canonical_keys(psd, "transformer."))
+    return True
 
 
 def unet_inputs(config, sd: Mapping[str, torch.Tensor]) -> tuple[Any, str]:

@@ -9,7 +9,8 @@ Sources: architectures.md §1.5 (SD1/SD2/SDXL: ldm `FrozenCLIPEmbedder`, `Frozen
     sdxl-base     clip_l, clip_g    context [B, 77, 2048]    L ‖ G, both penultimate without final LN
                                     y [B, 2816]              G projected pooled ‖ size/crop/size embeddings
     sdxl-refiner  clip_g            context [B, 77, 1280], y [B, 2560] (aesthetic score 6.0 / 2.5 negative)
-    sd3, sd35     clip_l, clip_g    context [B, 77 + 77, 4096]  (L ‖ G zero-padded to 4096) then T5 tokens
+    sd3, sd35     clip_l, clip_g    context [B, 77 + T, 4096]  (L ‖ G zero-padded to 4096) then T ≥ 77 T5
+                  [, t5xxl]                                  tokens (77 zeros without a T5 encoder)
                                     y [B, 2048]              L pooled (unprojected) ‖ G projected pooled
     dit           (none)            y [B] long               class index; the null class = num_classes
     dit-text      clip_l            context [B, L, D], y [B, D]  last layer + final LN, EOS pooled
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from latentforge import prompts as prompt_syntax
-from latentforge import tokenizer
+from latentforge import t5_tokenizer, tokenizer
 from latentforge.models.text import CLIPTextModel, CLIPTextOutput, TokenOverride
 from latentforge.models.unet import sdxl_refiner_vector, sdxl_vector
 from latentforge.textual_inversion import TextualInversions
@@ -59,6 +60,7 @@ REFINER_AESTHETIC_NEGATIVE = 2.5
 # same when text_encoder_3 is None, with 256 tokens); 77 keeps the usual 154-token context.
 T5_ZERO_TOKENS = 77
 SD3_CONTEXT_DIM = 4096  # T5-XXL d_model: the width of the SD3 context
+_no_t5_warned = False  # the zeros-instead-of-T5 warning is given once per process
 
 
 def _encoder(encoders: dict, name: str, family: str) -> CLIPTextModel:
@@ -82,6 +84,71 @@ def pad_chunks(n: int):
         yield
     finally:
         _MIN_CHUNKS.reset(token)
+
+
+_T5_LENGTH: contextvars.ContextVar[int] = contextvars.ContextVar("latentforge_t5_length", default=0)
+
+
+def _t5_texts(prompts: list[str], weighting: str) -> list[str]:
+    """What T5 reads of each prompt: its first 226 characters (SD3Tokenizer cuts the raw text), with A1111's
+    emphasis syntax removed and BREAK dropped (a CLIP chunk marker); the weights do not apply to T5 (the
+    reference's T5XXLModel encodes the tokens only). Runs are joined with a space: the reference tokenizes
+    each weighted run's words on their own. weighting "none": the literal text."""
+    texts = [t5_tokenizer.cut(p) for p in prompts]
+    if prompt_syntax.check_weighting(weighting) == "none":
+        return texts
+    parsed = (prompt_syntax.parse_attention(t) for t in texts)
+    return [" ".join(t for t, w in runs if not prompt_syntax.is_break((t, w))) for runs in parsed]
+
+
+def t5_length(encoders: dict, prompts: list[str], weighting: str = "a1111") -> int:
+    """The most T5 tokens (with EOS) any of `prompts` takes; 0 without a T5 encoder and its tokenizer."""
+    t5 = encoders.get("t5xxl")
+    tok = getattr(t5, "tokenizer", None)
+    if tok is None:
+        return 0
+    return max((tok.length(t) for t in _t5_texts(prompts, weighting)), default=0)
+
+
+@contextlib.contextmanager
+def same_t5_length(encoders: dict, prompts: list[str], weighting: str = "a1111"):
+    """Within this block every T5 encoding has at least as many tokens as the longest of `prompts` (padded
+    with <pad>, which the reference pads with up to 77 too), so that the prompt's and the negative prompt's
+    contexts have the same length for classifier-free guidance, like `pad_chunks` for the CLIP chunks."""
+    token = _T5_LENGTH.set(max(_T5_LENGTH.get(), t5_length(encoders, prompts, weighting)))
+    try:
+        yield
+    finally:
+        _T5_LENGTH.reset(token)
+
+
+def _t5_context(encoders: dict, prompts: list[str], weighting: str, like: torch.Tensor) -> torch.Tensor:
+    """SD3's T5 part [B, T, context width] in `like`'s dtype and device: the T5 encoder's last hidden state
+    after its final norm (T5XXLModel layer="last"), T = max(77, the longest prompt, `same_t5_length`); zeros
+    [B, 77, width] without a T5 encoder, with a warning (once)."""
+    global _no_t5_warned
+    B, width = like.shape[0], like.shape[-1]
+    t5 = encoders.get("t5xxl")
+    if t5 is None:
+        if not _no_t5_warned:
+            _no_t5_warned = True
+            warnings.warn(
+                "no T5-XXL text encoder: the T5 part of the SD3 context is zeros, so prompts are followed "
+                "less well; give one with t5=PATH (--t5 t5xxl_fp16.safetensors) and its tokenizer.json",
+                stacklevel=4,
+            )
+        return like.new_zeros(B, T5_ZERO_TOKENS, width)
+    if t5.tokenizer is None:
+        raise ValueError(
+            "the T5-XXL encoder has no tokenizer: set encoder.tokenizer = t5_tokenizer.T5Tokenizer.from_file("
+            "'tokenizer.json') (checkpoints.load_checkpoint does it)"
+        )
+    if t5.config.d_model != width:
+        raise ValueError(f"the T5 encoder is {t5.config.d_model} wide, the SD3 context {width}")
+    length = max(t5_tokenizer.MIN_LENGTH, _T5_LENGTH.get())
+    ids = t5.tokenizer(_t5_texts(prompts, weighting), min_length=length)  # [B, T]
+    out = t5(ids.to(next(t5.parameters()).device))  # [B, T, width]
+    return out.to(device=like.device, dtype=like.dtype)
 
 
 _ONE_CHUNK: contextvars.ContextVar[bool] = contextvars.ContextVar("latentforge_one_chunk", default=False)
@@ -285,9 +352,10 @@ def sd3(
     encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
 ) -> dict:
     """SD3/SD3.5 (`sd3_infer.py` get_cond): lg = L ‖ G penultimate (no final LN) [B, n·77, 2048], zero-padded
-    on channels to context_dim (4096), then T5's tokens along the sequence (zeros: no T5 encoder here)
-    -> context [B, n·77 + 77, 4096]; y = L pooled (unprojected: the reference's identity text_projection) ‖
-    G projected pooled -> [B, 2048]. The CLIPs are chunked and weighted; the T5 part is untouched."""
+    on channels to context_dim (4096), then T5's T >= 77 tokens along the sequence (zeros [B, 77, 4096]
+    without a T5 encoder) -> context [B, n·77 + T, 4096]; y = L pooled (unprojected: the reference's identity
+    text_projection) ‖ G projected pooled -> [B, 2048]. The CLIPs are chunked and weighted; T5 reads the
+    text without the emphasis syntax and unweighted (`_t5_texts`)."""
     family, context_dim = "sd3", net.context_dim
     n = _chunks_for(encoders, ("clip_l", "clip_g"), prompts, weighting)
     l_hidden, l_pooled = _clip_l_penultimate(encoders, prompts, family, weighting, n)
@@ -296,10 +364,8 @@ def sd3(
     if lg.shape[-1] > context_dim:
         raise ValueError(f"CLIP-L ‖ CLIP-G is {lg.shape[-1]} wide, more than the context width {context_dim}")
     lg = F.pad(lg, (0, context_dim - lg.shape[-1]))  # [B, n·77, 4096]
-    if encoders.get("t5xxl") is not None:
-        warnings.warn("the T5-XXL encoder is not supported yet; its tokens are zeros", stacklevel=3)
-    t5 = lg.new_zeros(lg.shape[0], T5_ZERO_TOKENS, context_dim)  # [B, 77, 4096]
-    context = torch.cat([lg, t5], dim=1)  # [B, n·77 + 77, 4096]
+    t5 = _t5_context(encoders, prompts, weighting, lg)  # [B, T, 4096]
+    context = torch.cat([lg, t5], dim=1)  # [B, n·77 + T, 4096]
     y = torch.cat([l_pooled, g_pooled.to(l_pooled.dtype)], dim=-1)  # [B, 768 + 1280]
     return {"context": context, "y": y}
 

@@ -12,6 +12,7 @@ adding one entry to `FAMILIES`; no other module tests family names.
     sdxl-base       unet   clip_l, clip_g    DDPM eps                           0.13025            1024
     sdxl-refiner    unet   clip_g            DDPM eps                           0.13025            1024
     sd3-medium ...  mmdit  clip_l, clip_g    rectified flow, shift 3.0          1.5305, +0.0609    1024
+                           (+ t5xxl, optional)
     dit-xl-2-*      dit    (class labels)    DDPM eps, linear 1e-4..0.02        0.18215            config
     dit-text        dit    clip_l            DDPM eps (files carry their own)   0.18215            config
 """
@@ -49,7 +50,7 @@ class Family:
     condition: Conditioning
     size: int | None = None  # the pixel size it was trained at; None: fixed by the network config (DiT)
     in_file: tuple[str, ...] | None = None  # components its released file holds, when not all of `configs`
-    optional: frozenset[str] = frozenset()  # components that may be absent (SD3's T5-XXL: zeros instead)
+    optional: frozenset[str] = frozenset()  # components that may be absent (SD3's T5-XXL: zeros without it)
     trainable: bool = False  # `latentforge train denoiser --family` accepts it
     class_labels: bool = False  # prompts are class indices and the unconditional branch is the null class
     # the prediction of its 9-channel inpainting release when it differs from the family's default (SD2's
@@ -281,11 +282,12 @@ def encode_pair(
 ) -> tuple[dict, dict]:
     """(cond, uncond) for the prompts and the negative prompts, padded with empty chunks to the same
     chunk count so that classifier-free guidance can batch them (A1111 pads the shorter one with the
-    empty prompt's chunks)."""
+    empty prompt's chunks), and SD3's T5 tokens to the same length."""
     n = max(
         chunk_count(family, encoders, prompts, weighting), chunk_count(family, encoders, negatives, weighting)
     )
-    with conditioning.pad_chunks(n):
+    both = [*_check_prompts(prompts), *_check_prompts(negatives)]
+    with conditioning.pad_chunks(n), conditioning.same_t5_length(encoders, both, weighting):
         cond = encode(family, encoders, prompts, width, height, False, net_config, weighting)
         uncond = encode(family, encoders, negatives, width, height, True, net_config, weighting)
     return cond, uncond
