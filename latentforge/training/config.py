@@ -428,9 +428,14 @@ def check_toml_fields(cls, fields: dict[str, Any], source: str) -> None:
 
 
 def run_kind(fields: dict[str, Any]) -> str | None:
-    """ "denoiser" or "vae" for a saved config.json's fields (by fields only one kind has), else None."""
+    """ "denoiser", "vae", "lora" or "embedding" for a saved config.json's fields (by fields only one kind
+    has), else None."""
     if not isinstance(fields, dict):
         return None
+    if {"rank", "modules"} <= set(fields):  # lora_train.LoRATrainConfig (a denoiser config plus these)
+        return "lora"
+    if {"token", "vectors"} <= set(fields):  # embedding_train.EmbeddingTrainConfig
+        return "embedding"
     if {"net", "family"} & set(fields):
         return "denoiser"
     if {"disc_weight", "recon", "kl_weight"} & set(fields):

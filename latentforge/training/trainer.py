@@ -128,6 +128,8 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
         if vae is not None and cfg.vae is None:
             extra["vae"] = vae
         fmt = families.get(cfg.family).latent_format
+        if "latentforge.latent_format" in ckpt.metadata:  # our own checkpoints: their VAE's measured scale
+            fmt = LatentFormat.from_json(ckpt.metadata["latentforge.latent_format"])
     else:
         if cfg.net_config is None:
             raise ValueError(f"net={cfg.net!r} needs a [{cfg.net}] config (or init_from a checkpoint)")
