@@ -66,8 +66,9 @@ def _check_generation(args) -> None:
     check.int_in("--seed", args.seed, 0, 2**63 - 1 - batch - getattr(args, "n", 0))
     if args.sampler is not None:
         get_sampler(args.sampler)
-    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        raise unknown_name_error("scheduler", args.scheduler, list(SCHEDULERS))
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS and args.scheduler != "tuned":
+        # "tuned": the schedule `latentforge tune-schedule` stored beside the model (tune_schedule.py)
+        raise unknown_name_error("scheduler", args.scheduler, [*SCHEDULERS, "tuned"])
     _check_model(args.model)
 
 
@@ -105,6 +106,7 @@ def _eval_generate(args) -> str:
     from latentforge.pipeline import Pipeline
     from latentforge.shapes import caption, sample_scene
 
+    speed = cli_generate.speedup_options(args)  # step caching / token merging (speedups.py), if given
     pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
     _fill_defaults(args, pipe)
     out = args.out or tempfile.mkdtemp(prefix="latentforge-eval-")
@@ -117,7 +119,7 @@ def _eval_generate(args) -> str:
         chunk = prompts[start : start + EVAL_BATCH]
         images = pipe(chunk, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
                       seed=args.seed + start, width=args.width, height=args.height, batch_size=len(chunk),
-                      progress=False)  # fmt: skip
+                      progress=False, **speed)  # fmt: skip
         for k, (prompt, img) in enumerate(zip(chunk, images, strict=True), start):
             name = f"{k:06d}.png"
             with atomic_path(os.path.join(out, name)) as tmp:
@@ -263,6 +265,14 @@ def _trainer(what: str):
         from latentforge.training.trainer import train_denoiser
 
         return train_denoiser
+    if what == "lora":
+        from latentforge.training.lora_train import train_lora
+
+        return train_lora
+    if what == "embedding":
+        from latentforge.training.embedding_train import train_embedding
+
+        return train_embedding
     from latentforge.training.vae_trainer import train_vae
 
     return train_vae
@@ -278,7 +288,8 @@ def _train_config(args, overrides: dict):
     )
     from latentforge.training.config import resolve as resolve_config
 
-    cls = DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
+    addon = _addon_config(args.what)  # (config class, resolve) of train lora / embedding; else None
+    cls = addon[0] if addon else DenoiserTrainConfig if args.what == "denoiser" else VAETrainConfig
     check.config_shapes(cls, overrides, "options")
     if args.config is not None:
         check.config_shapes(cls, check.read_toml("--config", args.config), f"--config {args.config!r}")
@@ -301,11 +312,29 @@ def _train_config(args, overrides: dict):
             )
         check.config_shapes(cls, fields, repr(saved))
         return apply_overrides(from_dict(cls, fields), overrides)
+    if addon:
+        return addon[1](args.preset, args.config, overrides)
     return resolve_config(args.what, args.preset, args.config, overrides)
+
+
+def _addon_config(what: str):
+    if what == "lora":
+        from latentforge.training import lora_train
+
+        return lora_train.LoRATrainConfig, lora_train.resolve
+    if what == "embedding":
+        from latentforge.training import embedding_train
+
+        return embedding_train.EmbeddingTrainConfig, embedding_train.resolve
+    return None
 
 
 def _train(args, rest: list[str]) -> int:
     overrides = parse_overrides(rest)
+    if args.what == "lora":  # --text-encoder / --no-text-encoder: LoRA layers on the text encoders or not
+        from latentforge.training.lora_train import cli_overrides
+
+        overrides = cli_overrides(overrides)
     if args.data is not None:
         overrides["data"] = check.utf8("--data", args.data)
     if args.resume is not None:
@@ -461,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--strict-size",
         action="store_true",
-        help="refuse an init image or mask of another size instead of resizing it",
+        help="refuse an init image, mask or control image of another size instead of resizing it",
     )
     g.add_argument(
         "--outpaint",
@@ -505,10 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--out", default="outputs", help="folder for the PNG files")
     g.add_argument("--vae", default=None, help="a separate VAE file (needed for DiT)")
+    g.add_argument("--t5", default=None, metavar="FILE", help="SD3's T5-XXL file (t5xxl_fp16.safetensors)")
+    g.add_argument(
+        "--t5-tokenizer",
+        default=None,
+        metavar="PATH",
+        help="the T5 tokenizer.json (or its folder) when it is not beside the T5 file or the checkpoint",
+    )
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    cli_generate.add_speedup_flags(g)
+    cli_generate.add_control_flags(g)
     g.add_argument(
         "--preview-every",
         type=int,
@@ -564,19 +602,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at, 32..512")
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
+    cli_generate.add_speedup_flags(es)
     es.set_defaults(func=_eval)
 
     t = sub.add_parser(
         "train",
-        help="train a VAE or a denoiser (every config field is a flag too: --lr 3e-4, --objective.shift 3)",
+        help="train a VAE, a denoiser, a LoRA or an embedding (every config field is a flag too: --lr 3e-4)",
         epilog="Every config field is a flag too (--lr 3e-4, --objective.shift 3). List fields take the flag "
         'repeated (--sample-prompts "a red cube" --sample-prompts "a blue ball") or a JSON list '
         '(--unet.channel_mult "[1, 2]"); one value is one element, never split on commas. In a TOML file a '
         "list field is a TOML list; a string there is an error. --overwrite: a new run into a non-empty "
         "folder moves its contents aside into .old-<time>/ there. Folder images with a side below "
-        "--min-image-size (default 32) are skipped.",
+        "--min-image-size (default 32) are skipped. train lora: --init_from CHECKPOINT (default: the "
+        "shipped model) --rank R --alpha A --modules attn|attn+ff|all-linear[+conv] --text-encoder / "
+        "--no-text-encoder; it writes <out>/<output_name>.safetensors in kohya's LoRA layout. train "
+        "embedding: --init_from CHECKPOINT --data DIR --token NAME [--vectors N --init-word WORD]; captions "
+        "name the token; it writes <out>/<token>.safetensors (A1111's layout).",
     )
-    t.add_argument("what", choices=["denoiser", "vae"])
+    t.add_argument("what", choices=["denoiser", "vae", "lora", "embedding"])
     t.add_argument(
         "--preset",
         default=None,
@@ -647,7 +690,82 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
     i.add_argument("image", nargs="?", default=None, help="an image: its stored settings, as JSON")
     i.set_defaults(func=_info)
+
+    ts = sub.add_parser(
+        "tune-schedule",
+        help="choose the σ schedule that minimises a sampler's error on this model (`--scheduler tuned`)",
+    )
+    ts.add_argument("--model", default="default", help="a checkpoint file or 'default' (the shipped model)")
+    ts.add_argument("--steps", type=int, required=True, help="sampling steps, 1..10000")
+    ts.add_argument("--sampler", default=None, help="sampler name (default: the model's)")
+    ts.add_argument("--prompts", type=int, default=32, help="prompts to tune on, 1..1024 (default 32)")
+    ts.add_argument(
+        "--prompt-file",
+        default=None,
+        help="tune on these prompts, one a line (default: the shapes benchmark's training split)",
+    )
+    ts.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    ts.add_argument("--seed", type=int, default=0, help="seed of the prompts and start noises, >= 0")
+    ts.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
+    ts.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
+    ts.add_argument("--max-evals", type=int, default=300, help="schedules tried (each runs the sampler once)")
+    ts.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the reference solution")
+    ts.add_argument(
+        "--out",
+        default=None,
+        help="the JSON file (default: beside the model, <model>.schedule-<sampler>-<steps>.json)",
+    )
+    ts.set_defaults(func=_tune_schedule)
     return p
+
+
+def _tune_schedule(args) -> int:
+    """`latentforge tune-schedule`: a schedule tuned to the model (tune_schedule.py), saved beside it."""
+    import numpy as np
+
+    from latentforge.pipeline import MAX_CFG, MAX_SIZE, MAX_STEPS, Pipeline, model_file
+    from latentforge.samplers import get_sampler
+    from latentforge.shapes import caption, sample_scene
+    from latentforge.tune_schedule import save, schedule_path, tune_pipeline
+
+    check.int_in("--steps", args.steps, 1, MAX_STEPS)
+    check.int_in("--prompts", args.prompts, 1, 1024)
+    check.int_in("--seed", args.seed, 0, 2**63 - 1)
+    check.int_in("--max-evals", args.max_evals, 1)
+    check.int_in("--reference-steps", args.reference_steps, 2, MAX_STEPS)
+    check.int_in("--width", args.width, 1, MAX_SIZE)
+    check.int_in("--height", args.height, 1, MAX_SIZE)
+    if args.cfg is not None:
+        check.float_in("--cfg", args.cfg, 0.0, MAX_CFG)
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    if args.out is not None:
+        check.out_file("--out", args.out)
+    prompts = None
+    if args.prompt_file is not None:
+        with open(check.in_file("--prompt-file", args.prompt_file, "a text file"), encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()][: args.prompts]
+        if not prompts:
+            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one a line)")
+    _check_model(args.model)
+    pipe = Pipeline.from_single_file(args.model)
+    sampler = args.sampler or pipe.defaults["sampler"]
+    if prompts is None:  # the shapes benchmark's training split: never the prompts it is evaluated on
+        rng = np.random.default_rng(args.seed)
+        prompts = [caption(sample_scene(rng, split="train"), rng) for _ in range(args.prompts)]
+    ref_steps, evals = args.reference_steps, args.max_evals
+    w, h = pipe.default_size
+    size = (args.width or w, args.height or h)
+    (res,), info = tune_pipeline(
+        pipe, prompts, sampler, [args.steps], args.seed, args.cfg, ref_steps, evals, size, log=_say
+    )
+    path = args.out or schedule_path(model_file(args.model), sampler, args.steps)
+    save(path, res, model=os.path.basename(model_file(args.model)), **info)
+    for name, e in sorted(res.stock.items(), key=lambda kv: kv[1]):
+        _say(f"{name:14s} RMSE {e:.4g}")
+    _say(f"{'tuned':14s} RMSE {res.rmse:.4g}  σ = {', '.join(f'{v:.4g}' for v in res.sigmas)}")
+    _say(f"wrote {path} (use it with --scheduler tuned --sampler {sampler} --steps {args.steps})")
+    return 0
 
 
 def _serve(args) -> int:

@@ -93,6 +93,8 @@ REPLAYED = {
     "hires_sampler": "hires_sampler", "strength": "strength", "mask_blur": "mask_blur",
     "masked_content": "masked_content", "outpaint": "outpaint",
     "inpaint_full_res_padding": "inpaint_full_res_padding", "rng": "rng",
+    "cache_interval": "cache_interval", "cache_depth": "cache_depth", "cache_threshold": "cache_threshold",
+    "tome_ratio": "tome_ratio", "tome_max_downsample": "tome_max_downsample",
 }  # fmt: skip
 IMG2IMG_ONLY = ("strength", "mask_blur", "masked_content", "outpaint", "inpaint_full_res_padding")
 
@@ -212,6 +214,127 @@ def check_loras(args) -> tuple[list[tuple[str, float, float]], list[tuple[str, f
     return files, tags
 
 
+# the speed-up flags (speedups.py): flag, type, metavar, help
+SPEEDUP_FLAGS = (
+    ("--cache-interval", int, "N", "UNet: DeepCache; DiT/MMDiT: block-residual reuse; a full pass every N "
+     "steps (1: off)"),
+    ("--cache-depth", int, "D", "DeepCache's skip branch: 0 (the shallowest, fastest) .. input blocks - 1 "
+     "(default 0)"),
+    ("--cache-threshold", float, "X", "DiT/MMDiT: TeaCache's relative-L1 threshold, e.g. 0.1 (0: off)"),
+    ("--tome-ratio", float, "R", "UNet: token merging for SD, the share of tokens merged before "
+     "self-attention, 0..0.95 (0: off)"),
+    ("--tome-max-downsample", int, "F", "merge in the transformers at downsampling 1, 2, 4 or 8 and below "
+     "(default 1: the highest resolution)"),
+)  # fmt: skip
+
+
+def add_speedup_flags(p) -> None:
+    """The speed-up flags of `generate` and `eval shapes`."""
+    for flag, kind, metavar, text in SPEEDUP_FLAGS:
+        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
+
+
+SPEEDUP_ARGS = ("cache_interval", "cache_depth", "cache_threshold", "tome_ratio", "tome_max_downsample")
+
+
+def speedup_options(args) -> dict:
+    """The Pipeline arguments of the speed-up flags that were given, checked before the model loads."""
+    from latentforge.speedups import Speedups
+
+    given = {k: getattr(args, k, None) for k in SPEEDUP_ARGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        Speedups(**given).check()
+    except ValueError as e:  # the message in flag names
+        msg = str(e)
+        for k in SPEEDUP_ARGS:
+            msg = msg.replace(k, "--" + k.replace("_", "-"))
+        raise ValueError(msg) from None
+    return given
+
+
+# the ControlNet flags (control_use.py): flag, type, metavar, help; each given once applies to every
+# --controlnet, given once per --controlnet it pairs with them in order
+CONTROL_FLAGS = (
+    ("--controlnet", str, "FILE", "a ControlNet file (original or diffusers layout); repeatable"),
+    ("--control-image", str, "IMG", "its control map, or the picture --control-preprocess makes one from"),
+    ("--control-weight", float, "W", "its strength (default 1)"),
+    ("--control-start", float, "F", "the fraction of the steps where it starts acting, 0..1 (default 0)"),
+    ("--control-end", float, "F", "the fraction of the steps where it stops acting, 0..1 (default 1)"),
+    ("--control-preprocess", str, "NAME", "canny | scribble | seg | none (default: the image is the map)"),
+)  # fmt: skip
+
+
+def add_control_flags(p) -> None:
+    """The ControlNet flags of `generate`."""
+    for flag, kind, metavar, text in CONTROL_FLAGS:
+        p.add_argument(flag, type=kind, action="append", default=None, metavar=metavar, help=text)
+    p.add_argument(
+        "--control-guess",
+        action="store_true",
+        help="guess mode: the ControlNets act on the conditional pass only, the shallow skips weaker",
+    )
+
+
+def control_options(args) -> dict:
+    """{"controlnet": [Control, ...]} from the ControlNet flags (or {}), files and images checked and the
+    numbers in range before the model loads."""
+    from latentforge.control_use import Control
+
+    files = getattr(args, "controlnet", None) or []
+    given = {
+        f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_"), None) for f, *_ in CONTROL_FLAGS[1:]
+    }
+    if not files:
+        extra = [f"--{k.replace('_', '-')}" for k, v in given.items() if v] + (
+            ["--control-guess"] if getattr(args, "control_guess", False) else []
+        )
+        if extra:
+            raise ValueError(f"{', '.join(extra)} need --controlnet FILE")
+        return {}
+    if not given["control_image"]:
+        raise ValueError(
+            "--controlnet needs --control-image IMG (the control map, or a picture to preprocess)"
+        )
+    per = {}
+    for k, values in given.items():
+        values = values or []
+        if len(values) not in (0, 1, len(files)):
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(
+                f"{flag} is given {len(values)} times for {len(files)} --controlnet: once, or once for each"
+            )
+        per[k] = [values[0]] * len(files) if len(values) == 1 else values
+    controls = []
+    for i, path in enumerate(files):
+        check.checkpoint("--controlnet", path)
+        image = open_image("--control-image", per["control_image"][i])
+        pick = {
+            k: per[f"control_{k}"][i] for k in ("weight", "start", "end", "preprocess") if per[f"control_{k}"]
+        }
+        try:
+            controls.append(Control(path, image, guess=bool(args.control_guess), **pick).check(i))
+        except ValueError as e:
+            msg = str(e).replace(f"controlnet[{i}]", f"--controlnet {path!r}")
+            for k in ("weight", "start", "end", "preprocess"):
+                msg = msg.replace(f": {k} ", f": --control-{k} ")
+            raise ValueError(msg) from None
+    return {"controlnet": controls}
+
+
+def control_infotext(controls: list) -> dict:
+    """sd-webui-controlnet's infotext fields, "ControlNet k": "Module: ..., Model: ..., Weight: ..."."""
+    out = {}
+    for k, c in enumerate(controls):
+        name = os.path.splitext(os.path.basename(str(c.model)))[0]
+        mode = "ControlNet is more important" if c.guess else "Balanced"  # guess mode's nearest A1111 mode
+        out[f"ControlNet {k}"] = (
+            f"Module: {c.preprocess}, Model: {name}, Weight: {c.weight:g}, Guidance Start: {c.start:g}, "
+            f"Guidance End: {c.end:g}, Control Mode: {mode}"
+        )
+    return out
+
+
 def _size_flag(flag: str, value) -> tuple[int, int] | None:
     if value is None or isinstance(value, tuple):
         return value
@@ -267,11 +390,19 @@ def generate(args) -> int:
         if extra:
             raise ValueError(f"{', '.join(extra)} need --hires-scale X or --hires-size WxH (the hires fix)")
     lora_files, lora_tags = check_loras(args)
+    speed = speedup_options(args)
+    control = control_options(args)  # ControlNets (control_use.py), if given
     name = outputs.check_name(args.name)
     init = None if args.init_image is None else open_image("--init-image", args.init_image)
     mask = None if args.mask is None else open_image("--mask", args.mask)
     if args.vae is not None:
         check.checkpoint("--vae", args.vae)
+    if args.t5 is not None:
+        check.checkpoint("--t5", args.t5)
+    if args.t5_tokenizer is not None and not os.path.exists(args.t5_tokenizer):
+        raise FileNotFoundError(
+            f"--t5-tokenizer {args.t5_tokenizer!r} does not exist; expected tokenizer.json"
+        )
     check.device("--device", args.device)
     check.out_dir("--out", args.out)
     preview = preview_options(args)
@@ -280,6 +411,8 @@ def generate(args) -> int:
         args.model,
         dtype=dtypes[args.dtype],
         vae=args.vae,
+        t5=args.t5,
+        t5_tokenizer=args.t5_tokenizer,
         prediction=args.prediction,
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
@@ -330,6 +463,8 @@ def generate(args) -> int:
             start["outpaint"] = args.outpaint
         if args.inpaint_full_res:
             start |= {"inpaint_full_res": True, "inpaint_full_res_padding": padding}
+    if control and init is None:  # --strict-size refuses a control image of another size too
+        control["strict_size"] = args.strict_size
     variation = {"subseed": args.subseed, "subseed_strength": args.subseed_strength or 0.0,
                  "seed_resize_from": resize_from}  # fmt: skip
     hires_kw = {k: v for k, v in hr.items() if v is not None} | (
@@ -373,6 +508,8 @@ def generate(args) -> int:
                 "RNG": "CPU" if args.rng == "cpu" or pipe.device.type == "cpu" else "GPU",
                 "Emphasis": {"a1111": None, "comfy": "ComfyUI", "none": "None"}[args.weighting],
                 "Lora hashes": lora_hashes,
+                "Token merging ratio": speed.get("tome_ratio") or None,  # A1111's name
+                **control_infotext(control.get("controlnet", [])),
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )  # fmt: skip
@@ -391,6 +528,7 @@ def generate(args) -> int:
         if resize_from is not None:
             out["seed_resize_from"] = list(resize_from)
         out |= {k: list(v) if isinstance(v, tuple) else v for k, v in hires_kw.items()}
+        out |= speed
         if init is not None:
             out["strength"] = strength
             if mask is not None or args.outpaint is not None:
@@ -431,6 +569,8 @@ def generate(args) -> int:
             **start,
             **preview,
             **lora_kw,
+            **speed,
+            **control,
             latents_path=latents_path,
             latents_metadata={
                 "latentforge.infotexts": json.dumps([a1111(i) for i in range(n)]),

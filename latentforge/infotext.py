@@ -156,9 +156,9 @@ def sampler_and_schedule(sampler: str, schedule: str | None) -> tuple[str, str]:
 
     if s in SCHEDULES:
         return ours, SCHEDULES[s]
-    if s in SCHEDULERS:
+    if s in SCHEDULERS or s == "tuned":  # tuned: the model's own schedule file (tune_schedule.py)
         return ours, s
-    known = ", ".join([*SCHEDULES, *SCHEDULERS])
+    known = ", ".join([*SCHEDULES, *SCHEDULERS, "tuned"])
     raise ValueError(f"the infotext's schedule type {schedule!r} is not one latentforge has; known: {known}")
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from latentforge import canvas, conditioning, families, hires, img2img, memory, model_sampling, previews
 from latentforge.checkpoints import build_component
+from latentforge.control_use import ControlNets, controls_applied, prepare_controls
 from latentforge.families import PIXEL_FORMAT
 from latentforge.guidance import CFGDenoiser
 from latentforge.infotext import build as infotext  # noqa: F401  (re-exported: A1111's parameters text)
@@ -36,7 +37,9 @@ from latentforge.noise import variation_noise
 from latentforge.outputs import save_png  # noqa: F401  (re-exported)
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
+from latentforge.speedups import Speedups
 from latentforge.textual_inversion import TextualInversions
+from latentforge.tune_schedule import TUNED, load_tuned
 
 MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
@@ -231,6 +234,7 @@ class Pipeline:
         # each network keeps its config: what save_checkpoint stores
         self.configs = {k: m.config for k, m in self.components.items()}
         self.detection = None  # set by from_single_file: what decided the family
+        self.source: str | None = None  # the file from_single_file read: tuned schedules lie beside it
         unknown = set(defaults or {}) - set(GENERATION_DEFAULTS)
         if unknown:
             raise ValueError(
@@ -240,6 +244,7 @@ class Pipeline:
         self.model_defaults = dict(defaults or {})  # only those the model (its file) states
         self.latent_rgb = latent_rgb  # the linear preview's factors; None: found when first needed
         self.loras = LoRAs(lora_dir)  # where prompt tags <lora:name:w> find their files, and a file cache
+        self.controlnets = ControlNets()  # the last ControlNet files read (control_use.py)
         # textual inversions: prompts name them by file stem or `embedding:name` (textual_inversion.py)
         self.embeddings = None if embeddings_dir is None else TextualInversions.from_dir(embeddings_dir)
 
@@ -259,18 +264,29 @@ class Pipeline:
 
     @classmethod
     def from_single_file(
-        cls, path: str, dtype: torch.dtype = torch.float32, vae: str | None = None, text_encoders=None, **kw
+        cls,
+        path: str,
+        dtype: torch.dtype = torch.float32,
+        vae: str | None = None,
+        text_encoders=None,
+        t5: str | None = None,
+        t5_tokenizer: str | None = None,
+        **kw,
     ):
         """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own;
-        `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders; "default" as the
-        path is the shipped model."""
+        `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders; `t5`: SD3's T5-XXL
+        file (t5xxl_fp16.safetensors), `t5_tokenizer`: its tokenizer.json when not beside it
+        (checkpoints.load_checkpoint); "default" as the path is the shipped model."""
         from latentforge.checkpoints import load_checkpoint
 
         path = model_file(path)
-        ckpt = load_checkpoint(path, dtype=dtype, vae=vae, text_encoders=text_encoders)
+        if t5 is not None:
+            text_encoders = {**(text_encoders or {}), "t5xxl": t5}
+        ckpt = load_checkpoint(path, dtype, vae, text_encoders, t5_tokenizer)
         kw = {**metadata_options(ckpt.metadata, has_vae="vae" in ckpt.components), **kw}
         pipe = cls(ckpt.family, dict(ckpt.components), **kw)
         pipe.detection = ckpt.detection
+        pipe.source = path
         return pipe
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Pipeline:
@@ -390,6 +406,14 @@ class Pipeline:
         if concat is not None:
             net = img2img.ConcatInputs(net, concat)
         return Denoiser(net, self.model_sampling)
+
+    def schedule(self, sampler: str, scheduler: str, steps: int) -> torch.Tensor:
+        """The σ values `sampler` visits in `steps` steps (ending in 0): a stock `scheduler`, or "tuned": the
+        schedule `latentforge tune-schedule` stored beside the model file for this sampler and step count
+        (tune_schedule.py; an error naming the file to create when there is none)."""
+        if scheduler == TUNED:
+            return load_tuned(self.source, sampler, steps)
+        return sigmas_for(sampler, scheduler, self.model_sampling, steps)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -597,6 +621,12 @@ class Pipeline:
         on_preview: Callable | None = None,
         rng: str = "cpu",
         stop: Callable[[], bool] | None = None,
+        cache_interval: int = 1,
+        cache_depth: int = 0,
+        cache_threshold: float = 0.0,
+        tome_ratio: float = 0.0,
+        tome_max_downsample: int = 1,
+        controlnet=None,
     ) -> tuple[torch.Tensor, img2img.Job | None]:
         """(latents [B, C, h, w], the img2img job or None). init_latent: img2img from these denoiser latents
         [B, C, h, w] at `strength` (the hires fix's second pass) instead of an encoded init_image."""
@@ -612,8 +642,8 @@ class Pipeline:
             raise ValueError("a DiT model has no negative prompt: its unconditional branch is the null class")
         steps = _int("steps", steps, 1, MAX_STEPS)
         sample_fn = get_sampler(sampler)
-        if scheduler not in SCHEDULERS:
-            raise unknown_name_error("scheduler", scheduler, list(SCHEDULERS))
+        if scheduler not in SCHEDULERS and scheduler != TUNED:
+            raise unknown_name_error("scheduler", scheduler, [*SCHEDULERS, TUNED])
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_CFG:
             raise ValueError(f"cfg must be a number in [0, {MAX_CFG:g}], got {cfg!r}")
         if isinstance(seed, (list, tuple)):  # one seed per image (the server's merged batches)
@@ -652,11 +682,22 @@ class Pipeline:
             dw, dh = init_latent.shape[-1] * self.downscale, init_latent.shape[-2] * self.downscale
         width, height = self.check_size(dw if width is None else width, dh if height is None else height)
         self.check_memory(width, height, batch_size, cfg)  # before any work: refuse a job that cannot fit
+        speed = Speedups(cache_interval, cache_depth, cache_threshold, tome_ratio, tome_max_downsample)
+        speed.check(self.net)  # before any work
         preview_hook = previews.hook(self, preview, preview_every, on_preview)  # checked before any work
+        # ControlNets (control_use.py): files read, fit to the UNet checked, control maps made; the hires
+        # fix's second pass (init_latent) resizes them to its size without a word
+        strict, hires_pass = strict_size and init_latent is None, init_latent is not None
+        control = prepare_controls(self, controlnet, width, height, batch_size, strict, hires_pass)
+        if control is not None and cache_interval > 1:
+            raise ValueError(
+                "cache_interval (DeepCache) skips the UNet blocks a ControlNet adds to: use one or the other"
+            )
 
         # the prompt and the negative prompt padded to the same chunk count, so CFG can batch them (A1111)
         enc = self._text_encoders()
-        with conditioning.use_embeddings(self.embeddings):  # textual inversions named in the prompts
+        both = prompts if cfg == 1 else [*prompts, *negatives]  # and SD3's T5 tokens to the same length
+        with conditioning.use_embeddings(self.embeddings), conditioning.same_t5_length(enc, both, weighting):
             n = families.chunk_count(self.family, enc, prompts, weighting)
             if cfg != 1:
                 n = max(n, families.chunk_count(self.family, enc, negatives, weighting))
@@ -675,7 +716,7 @@ class Pipeline:
         gen_device = "cpu" if rng == "cpu" else self.device
         noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent, gen_device)
         noise = noise.to(self.device)
-        sigmas = sigmas_for(sampler, scheduler, self.model_sampling, steps).to(self.device)
+        sigmas = self.schedule(sampler, scheduler, steps).to(self.device)
         x, job = noise * sigmas[0], None
         if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
             job = img2img.prepare(
@@ -699,16 +740,20 @@ class Pipeline:
                 concat = img2img.inpaint_conditioning(self, blank, None)
             model = CFGDenoiser(self.denoiser(concat), scale=float(cfg))
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
+        # step caching / token merging for this pass only (speedups.py); the cache counts steps by σ
+        ts = self.model_sampling.timestep(sigmas[sigmas > 0].float().cpu()) if speed.active else None
+        controls = controls_applied(control, self.net, self.model_sampling, sigmas)  # on for this pass only
         try:
-            latents = sample_fn(
-                model,
-                x,
-                sigmas,
-                extra_args={"cond": cond, "uncond": uncond},
-                callback=previews.chain(callback, preview_hook, _stopper(stop)),
-                disable=not progress,
-                **options,
-            )
+            with speed.applied(self.net, ts), controls:
+                latents = sample_fn(
+                    model,
+                    x,
+                    sigmas,
+                    extra_args={"cond": cond, "uncond": uncond},
+                    callback=previews.chain(callback, preview_hook, _stopper(stop)),
+                    disable=not progress,
+                    **options,
+                )
         except _Stopped as e:  # A1111's interrupt/skip: the last step's x̂₀ is the result
             latents = e.denoised
         if not torch.isfinite(latents).all():  # A1111's NaN check: a black image would hide the failure
@@ -788,6 +833,24 @@ class Pipeline:
         stop: a function checked after every step; when it returns True, the current pass ends there and
         its x̂₀ is the batch's result (A1111's interrupt), the hires fix's second pass and later batches are
         not run. Latents that are not finite raise FloatingPointError (A1111's NaN check).
+        Doing less work per image (speedups.py; all off by default, and off is bit-identical): cache_interval
+        N > 1 runs the full network every N sampler steps only (steps counted in σ, so Heun's two calls and
+        CFG's two halves share a step): a UNet reuses its deep features there (DeepCache; cache_depth: the
+        skip branch, 0 = shallowest), a DiT/MMDiT its block stack's residual (FORA); cache_threshold > 0
+        (DiT/MMDiT) reuses the residual while the first block's modulated input has changed by less than
+        that in relative L1 (TeaCache); tome_ratio r merges r of the tokens before self-attention in a UNet's
+        transformers at downsampling <= tome_max_downsample (1, 2, 4, 8; ToMe for SD). They apply to each
+        sampling pass (the hires fix's second one too) and leave nothing on the model.
+        ControlNet (control_use.py; UNet families): controlnet=control_use.Control(model, image, weight=1,
+        start=0, end=1, guess=False, preprocess="none") or a list of them (or dicts of their fields): model a
+        ControlNet or its file (original `control_model.*` layout or diffusers', read once while it is
+        unchanged), image the control map (PIL, path, or (1|B, C, H, W) in [0, 1]) or the picture to make it
+        from with preprocess "canny" | "scribble" | "seg" (control_images.py); a control image of another
+        size is resized with a warning (refused with strict_size). Its residuals, times weight, are added
+        to the UNet's skips and middle block at the steps i of n with start <= i/n <= end (A1111's guidance
+        start/end; counted by σ, per sampling pass); guess=True: on CFG's conditional half only, residual k
+        of N scaled by 0.825^(N−1−k) (the ControlNet paper's guess mode). Several ControlNets add up. Off
+        (weight 0, or outside the window) is bit-identical to no ControlNet; cache_interval > 1 is refused.
         """
         latents_path = kwargs.pop("latents_path", None)
         latents_metadata = kwargs.pop("latents_metadata", None)

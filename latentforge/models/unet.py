@@ -11,6 +11,7 @@ y (B, adm_in_channels) for SDXL (see `sdxl_vector`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -340,55 +341,99 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 # --------------------------------------------------------------------------------------------
+# The encoder half: time/label embeddings, input blocks, middle block. The ControlNet (controlnet.py) is a
+# trainable copy of exactly these modules, so both networks build them here.
+
+
+def check_config(cfg: UNetConfig) -> None:
+    if cfg.num_heads == -1 and cfg.num_head_channels == -1:
+        raise ValueError("set num_heads or num_head_channels")
+    if cfg.num_classes not in (None, "sequential"):
+        raise ValueError(f"num_classes={cfg.num_classes!r} is not supported (only None or 'sequential')")
+
+
+def make_transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, dim_head = cfg.heads(ch)
+    cd = cfg.context_dim
+    dims = [cd] * depth if isinstance(cd, int) else list(cd)
+    linear, groups = cfg.use_linear_in_transformer, cfg.norm_groups
+    return SpatialTransformer(ch, heads, dim_head, depth, dims, linear, groups)
+
+
+def make_embeddings(cfg: UNetConfig) -> tuple[nn.Sequential, nn.Sequential | None]:
+    """(`time_embed.{0,2}`, SDXL's `label_emb.0.{0,2}` or None): 4·model_channels wide."""
+    mc, emb_ch = cfg.model_channels, 4 * cfg.model_channels
+    time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    if cfg.num_classes != "sequential":
+        return time_embed, None
+    label = nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    return time_embed, nn.Sequential(label)
+
+
+def make_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """(`input_blocks`, the channels of each block's output: the skips): conv_in, then per level
+    num_res_blocks × (Res [+ ST]) and a Downsample except at the last."""
+    mc, emb_ch, g = cfg.model_channels, 4 * cfg.model_channels, cfg.norm_groups
+    depths = cfg.depths()
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_chs, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, emb_ch, mult * mc, g)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(make_transformer(cfg, ch, depths[level]))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_chs.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_chs.append(ch)
+            ds *= 2
+    return blocks, skip_chs
+
+
+def make_middle_block(cfg: UNetConfig) -> TimestepEmbedSequential:
+    ch, emb_ch, g = cfg.channel_mult[-1] * cfg.model_channels, 4 * cfg.model_channels, cfg.norm_groups
+    depth = cfg.depths()[-1] if cfg.transformer_depth_middle is None else cfg.transformer_depth_middle
+    return TimestepEmbedSequential(
+        ResBlock(ch, emb_ch, ch, g), make_transformer(cfg, ch, depth), ResBlock(ch, emb_ch, ch, g)
+    )
+
+
+def embed(net: nn.Module, x: torch.Tensor, timesteps, context, y):
+    """The forward prologue of a UNet or ControlNet `net`: (emb (B, 4·mc), context, both in the weights'
+    dtype, that dtype)."""
+    dtype = net.time_embed[0].weight.dtype
+    t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+    emb = net.time_embed(timestep_embedding(t, net.config.model_channels).to(dtype))  # (B, 4·mc)
+    if net.config.num_classes is not None:
+        if y is None or y.shape[0] != x.shape[0]:
+            raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
+        emb = emb + net.label_emb(y.to(dtype))
+    if context is not None:
+        context = context.to(dtype)
+    return emb, context, dtype
+
+
+# --------------------------------------------------------------------------------------------
 
 
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        if cfg.num_heads == -1 and cfg.num_head_channels == -1:
-            raise ValueError("set num_heads or num_head_channels")
-        if cfg.num_classes not in (None, "sequential"):
-            raise ValueError(f"num_classes={cfg.num_classes!r} is not supported (only None or 'sequential')")
+        check_config(cfg)
         self.config = cfg
         mc, levels = cfg.model_channels, len(cfg.channel_mult)
         depths = cfg.depths()
-        depth_mid = depths[-1] if cfg.transformer_depth_middle is None else cfg.transformer_depth_middle
         emb_ch = 4 * mc  # time_embed_dim
         g = cfg.norm_groups
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads(ch)
-            cd = cfg.context_dim
-            dims = [cd] * depth if isinstance(cd, int) else list(cd)
-            return SpatialTransformer(ch, heads, dim_head, depth, dims, cfg.use_linear_in_transformer, g)
-
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        if cfg.num_classes == "sequential":  # SDXL: label_emb.0.{0,2}
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-            )
-
-        # Encoder: conv_in, then per level num_res_blocks × (Res [+ ST]) and a Downsample except at the last.
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
-        )
-        skip_chs, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mult * mc, g)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, depths[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chs.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_chs.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch, g), transformer(ch, depth_mid), ResBlock(ch, emb_ch, ch, g)
-        )
+        self.time_embed, label_emb = make_embeddings(cfg)
+        if label_emb is not None:  # SDXL: label_emb.0.{0,2}
+            self.label_emb = label_emb
+        self.input_blocks, skip_chs = make_input_blocks(cfg)
+        ch, ds = skip_chs[-1], 2 ** (levels - 1)
+        self.middle_block = make_middle_block(cfg)
 
         # Decoder: per level (reversed) num_res_blocks + 1 × (Res on [h | skip] [+ ST]), then Upsample.
         self.output_blocks = nn.ModuleList()
@@ -397,7 +442,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, depths[level]))
+                    layers.append(make_transformer(cfg, ch, depths[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -416,25 +461,31 @@ class UNet(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, H, W), timesteps (B,) or scalar in [0, 1000), context (B, L, context_dim),
-        y (B, adm_in_channels) → (B, out_channels, H, W) in x's dtype; computed in the weights' dtype."""
-        dtype = self.time_embed[0].weight.dtype
-        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))  # (B, 4·mc)
-        if self.config.num_classes is not None:
-            if y is None or y.shape[0] != x.shape[0]:
-                raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
-            emb = emb + self.label_emb(y.to(dtype))
-        if context is not None:
-            context = context.to(dtype)
+        y (B, adm_in_channels) → (B, out_channels, H, W) in x's dtype; computed in the weights' dtype.
+        control: a ControlNet's residuals (controlnet.py), one per input block then one for the middle
+        block, each shaped as that block's output: added to the middle block's output and to each skip as
+        the decoder takes it (ControlNet's `ControlledUnetModel`). None: the plain UNet, unchanged."""
+        emb, context, dtype = embed(self, x, timesteps, context, y)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(
+                f"control has {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
+                "(one per input block and one for the middle block)"
+            )
 
         h, skips = x.to(dtype), []
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(dtype)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(dtype)  # the residual of input block len(skips)
+            h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)

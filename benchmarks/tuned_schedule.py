@@ -1,0 +1,312 @@
+"""Tuned schedules (latentforge.tune_schedule), measured on the mixture oracle and on the default model.
+
+1. The sampler benchmark's oracle (bench.py: the 4-component Gaussian mixture in 8-D over SD1's σ range,
+   exact solution known): every solver at 10 model calls with the stock schedules that share the ends
+   (σ_max … σ_min, 0: karras, exponential, SD1's normal, kl_optimal) and with a schedule tuned for it, on
+   the benchmark's own 1024 start noises and reference (what `latentforge bench samplers` scores: seed
+   1234). The tuning never sees those noises: it runs on 8192 others (seed 7); the tuned column is also
+   scored on 16384 fresh noises (seed 99: `pop`), the population error the bench's 1024 estimate. One more
+   row tunes on the bench's own noises: the optimiser's reach when it may fit those particular noises (not
+   a valid result, a diagnostic of how much of the gap is generalisation).
+2. The default model (its default sampler, euler, and guidance): schedules tuned on 32 prompts of the
+   shapes training split at 8 and 4 steps, written beside the model (what `--scheduler tuned` reads); their
+   RMSE against a 256-step Heun reference on 32 validation-split prompts (never tuned on) against the
+   model's stock schedule (normal); and the shapes evaluator's all-correct rate (Wilson 95% intervals,
+   shapes/scoring.py) on `--n` validation and held-out prompts at 8 and 4 steps, tuned against stock, with
+   the same seeds: the paired difference is tested with an exact sign test on the discordant prompts.
+
+    nice -n 10 .venv/bin/python benchmarks/tuned_schedule.py [--json out/tuned_schedule.json] \\
+        [--n 300] [--skip-oracle] [--skip-model] [--out /tmp/tuned-eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentforge import tune_schedule as ts  # noqa: E402
+from latentforge.bench import SIGMA_MAX, SIGMA_MIN, _steps_for_nfe  # noqa: E402
+from latentforge.files import write_json  # noqa: E402
+from latentforge.gmm import GaussianMixture  # noqa: E402
+from latentforge.model_sampling import DiscreteVP  # noqa: E402
+from latentforge.schedules import get_sigmas_karras  # noqa: E402
+
+SOLVERS = ("euler", "heun", "dpmpp_2m", "res_multistep", "deis", "uni_pc_bh2", "ipndm", "ipndm_v")
+STOCK = ("karras", "exponential", "normal", "kl_optimal")
+NFE = 10
+
+
+def _oracle_set(gmm: GaussianMixture, seed: int, n: int):
+    """n start noises and their exact solution, as bench.py computes it (RK4 on 160 Karras steps × 8)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, gmm.dim, generator=g, dtype=torch.float64)
+    fine = get_sigmas_karras(160, SIGMA_MIN, SIGMA_MAX).double()
+    return noise, gmm.ode_reference(noise * SIGMA_MAX, fine, substeps=8)
+
+
+def oracle(max_evals: int, n_train: int, log) -> dict:
+    gmm = GaussianMixture.random(k=4, dim=8, seed=0)
+    D = gmm.denoiser()
+    bench = _oracle_set(gmm, 1234, 1024)  # bench.py's noise_det draws first from this generator
+    train = _oracle_set(gmm, 7, n_train)
+    pop = _oracle_set(gmm, 99, 16384)
+    rows = {}
+    for name in SOLVERS:
+        t0 = time.perf_counter()
+        steps = _steps_for_nfe(name, D, NFE, gmm.dim)
+        stock = ts.stock_schedules(steps, SIGMA_MIN, SIGMA_MAX, DiscreteVP())
+        row = {"steps": steps, "stock": {}, "stock_pop": {}}
+        for s in STOCK:
+            row["stock"][s] = ts.schedule_error(D, name, stock[s], *bench)
+        row["stock_pop"]["karras"] = ts.schedule_error(D, name, stock["karras"], *pop)
+        starts = {s: stock[s] for s in STOCK}
+        r = ts.tune(
+            D, name, steps, SIGMA_MIN, SIGMA_MAX, *train, starts=starts, max_evals=max_evals, round_evals=500
+        )
+        sig = torch.tensor(r.sigmas, dtype=torch.float64)
+        row |= {
+            "tuned": ts.schedule_error(D, name, sig, *bench),
+            "tuned_pop": ts.schedule_error(D, name, sig, *pop),
+            "tuned_train": r.rmse,
+            "sigmas": r.sigmas,
+            "evals": r.evals,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        rows[name] = row
+        log(
+            f"{name:14s} {steps:2d} steps: stock {min(row['stock'].values()):.4f}, tuned {row['tuned']:.4f} "
+            f"(pop {row['tuned_pop']:.4f}; {r.evals} evaluations, {row['seconds']:.0f} s)"
+        )
+    best = min(rows, key=lambda k: rows[k]["tuned"])
+    steps = rows[best]["steps"]
+    stock = ts.stock_schedules(steps, SIGMA_MIN, SIGMA_MAX, DiscreteVP())
+    r = ts.tune(
+        D,
+        best,
+        steps,
+        SIGMA_MIN,
+        SIGMA_MAX,
+        *bench,
+        starts={s: stock[s] for s in STOCK},
+        max_evals=max_evals,
+        round_evals=500,
+    )
+    insample = {
+        "solver": best,
+        "rmse": r.rmse,
+        "pop": ts.schedule_error(D, best, torch.tensor(r.sigmas), *pop),
+        "sigmas": r.sigmas,
+    }
+    log(f"in-sample (tuned on the bench's own noises) {best}: {r.rmse:.4f} (pop {insample['pop']:.4f})")
+    return {
+        "nfe": NFE,
+        "n_train": n_train,
+        "n_bench": 1024,
+        "n_pop": 16384,
+        "max_evals": max_evals,
+        "solvers": rows,
+        "best": best,
+        "in_sample": insample,
+    }
+
+
+def oracle_table(res: dict) -> str:
+    head = f"{'solver':14s} {'steps':>5s} " + " ".join(f"{s:>11s}" for s in STOCK)
+    head += f" {'tuned':>8s} {'karras·pop':>11s} {'tuned·pop':>10s}"
+    lines = [head, "-" * len(head)]
+    for name, r in res["solvers"].items():
+        cells = " ".join(f"{r['stock'][s]:11.4f}" for s in STOCK)
+        lines.append(
+            f"{name:14s} {r['steps']:5d} {cells} {r['tuned']:8.4f} {r['stock_pop']['karras']:11.4f} "
+            f"{r['tuned_pop']:10.4f}"
+        )
+    ins = res["in_sample"]
+    lines.append(
+        f"RMSE against the exact solution at {res['nfe']} model calls on the bench's {res['n_bench']} start "
+        f"noises (·pop: {res['n_pop']} fresh ones); tuned on {res['n_train']} other noises, <= "
+        f"{res['max_evals']} evaluations. Tuned on the bench's own noises ({ins['solver']}, in-sample, not a "
+        f"valid result): {ins['rmse']:.4f} (pop {ins['pop']:.4f})."
+    )
+    return "\n".join(lines)
+
+
+# -- the default model -------------------------------------------------------------------------------------
+
+
+def _prompts(split: str, n: int, seed: int) -> list[str]:
+    from latentforge.shapes import caption, sample_scene
+
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng, split=split), rng) for _ in range(n)]
+
+
+def _sign_test(stock: dict, tuned: dict) -> dict:
+    """Paired comparison on the same prompts and seeds: prompts right with one schedule only."""
+    from scipy.stats import binomtest
+
+    f_stock = {f["file"] for f in stock["failures"]}
+    f_tuned = {f["file"] for f in tuned["failures"]}
+    better, worse = len(f_stock - f_tuned), len(f_tuned - f_stock)
+    p = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    return {"tuned_only_right": better, "stock_only_right": worse, "p_sign_test": p}
+
+
+def default_model(n: int, n_tune: int, max_evals: int, ref_steps: int, out: str, log) -> dict:
+    from latentforge.cli import _eval_generate
+    from latentforge.pipeline import DEFAULT_MODEL, Pipeline
+    from latentforge.shapes.evaluate import evaluate_folder
+
+    pipe = Pipeline.default()
+    sampler, stock = pipe.defaults["sampler"], pipe.defaults["scheduler"]
+    res: dict = {"sampler": sampler, "stock": stock, "cfg": pipe.defaults["cfg"], "tuning": {}, "rmse": {}}
+    t0 = time.perf_counter()
+    tuned, info = ts.tune_pipeline(
+        pipe, _prompts("train", n_tune, 0), sampler, [8, 4], 0, None, ref_steps, max_evals, log=log
+    )
+    for r in tuned:
+        path = ts.save(
+            ts.schedule_path(DEFAULT_MODEL, sampler, r.steps),
+            r,
+            model=os.path.basename(DEFAULT_MODEL),
+            **info,
+        )
+        res["tuning"][str(r.steps)] = {
+            "sigmas": r.sigmas,
+            "rmse": r.rmse,
+            "stock": r.stock,
+            "evals": r.evals,
+            "file": os.path.basename(path),
+        }
+        log(f"tuned {r.steps} steps: {r.rmse:.4f} (stock: {r.stock}); wrote {path}")
+    res["tuning"]["reference"], res["tuning"]["seconds"] = info["reference"], time.perf_counter() - t0
+
+    # the objective on prompts and noises never tuned on
+    p = ts.pipeline_problem(pipe, _prompts("validation", n_tune, 1), seed=1)
+    ref, ref_err = ts.reference_solution(
+        p.model, p.noise, p.sigma_min, p.sigma_max, p.extra_args, steps=ref_steps
+    )
+    res["rmse"]["reference_error"] = ref_err
+    for r in tuned:
+        sig = {stock: pipe.schedule(sampler, stock, r.steps), "tuned": torch.tensor(r.sigmas)}
+        res["rmse"][str(r.steps)] = {
+            k: ts.schedule_error(p.model, sampler, s, p.noise, ref, p.extra_args) for k, s in sig.items()
+        }
+        log(f"validation RMSE at {r.steps} steps: {res['rmse'][str(r.steps)]} (reference ≈ {ref_err:.2g})")
+
+    res["adherence"] = {}
+    for split in ("validation", "heldout"):
+        for steps in (8, 4):
+            reports = {}
+            for sched in (stock, "tuned"):
+                ns = argparse.Namespace(
+                    model="default",
+                    out=os.path.join(out, f"{split}-{steps}-{sched}"),
+                    n=n,
+                    seed=1_000_000,
+                    split=split,
+                    steps=steps,
+                    sampler=sampler,
+                    scheduler=sched,
+                    cfg=None,
+                    width=None,
+                    height=None,
+                )
+                folder = _eval_generate(ns)
+                reports[sched] = evaluate_folder(
+                    folder, json_path=os.path.join(out, f"{split}-{steps}-{sched}.json")
+                )
+            key = f"{split}/{steps}"
+            res["adherence"][key] = {
+                s: {
+                    "all_correct": r["all_correct"],
+                    "ci95": r["all_correct_ci95"],
+                    "n": r["n"],
+                    "fsd": r.get("fsd"),
+                }
+                for s, r in reports.items()
+            } | {"paired": _sign_test(reports[stock], reports["tuned"])}
+            a = res["adherence"][key]
+            log(
+                f"{key}: {stock} {a[stock]['all_correct']:.3f}, tuned {a['tuned']['all_correct']:.3f} "
+                f"(paired p = {a['paired']['p_sign_test']:.3g})"
+            )
+    return res
+
+
+def model_table(res: dict) -> str:
+    stock = res["stock"]
+    lines = [
+        f"default model, {res['sampler']}, cfg {res['cfg']:g}: RMSE against a "
+        f"{res['tuning']['reference']['steps']}-step Heun reference on "
+        f"validation prompts (reference error ≈ {res['rmse']['reference_error']:.2g})"
+    ]
+    for steps in ("8", "4"):
+        r = res["rmse"][steps]
+        lines.append(f"  {steps} steps: {stock} {r[stock]:.4f}   tuned {r['tuned']:.4f}")
+    lines.append(
+        "shapes all-correct rate (Wilson 95%), same prompts and seeds; paired sign test on discordant"
+    )
+
+    def pct(c):
+        return f"{100 * c['all_correct']:5.1f}% [{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]"
+
+    for key, a in res["adherence"].items():
+        pr = a["paired"]
+        lines.append(
+            f"  {key:14s} n={a['tuned']['n']}: {stock} {pct(a[stock])}   tuned {pct(a['tuned'])}   "
+            f"(+{pr['tuned_only_right']} / -{pr['stock_only_right']}, p = {pr['p_sign_test']:.2g})"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", default="out/tuned_schedule.json")
+    p.add_argument("--n", type=int, default=300, help="evaluator prompts per split and step count")
+    p.add_argument(
+        "--n-tune", type=int, default=32, help="prompts the default model's schedules are tuned on"
+    )
+    p.add_argument("--oracle-evals", type=int, default=1500)
+    p.add_argument("--oracle-train", type=int, default=8192)
+    p.add_argument("--model-evals", type=int, default=200)
+    p.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the model's reference")
+    p.add_argument("--out", default="/tmp/tuned-eval", help="generated images and per-run reports")
+    p.add_argument("--skip-oracle", action="store_true")
+    p.add_argument("--skip-model", action="store_true")
+    args = p.parse_args()
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    res: dict = {}
+    if os.path.isfile(args.json):  # a part run alone keeps the other's numbers
+        with open(args.json, encoding="utf-8") as f:
+            res = json.load(f)
+    res["threads"] = torch.get_num_threads()
+    if not args.skip_oracle:
+        res["oracle"] = oracle(args.oracle_evals, args.oracle_train, log)
+        write_json(args.json, res)
+    if not args.skip_model:
+        res["default_model"] = default_model(
+            args.n, args.n_tune, args.model_evals, args.reference_steps, args.out, log
+        )
+        write_json(args.json, res)
+    if "oracle" in res:
+        print(oracle_table(res["oracle"]))
+    if "default_model" in res:
+        print(model_table(res["default_model"]))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""DeepCache for the LDM/SGM UNet (Ma, Fang & Wang 2023, "DeepCache: Accelerating Diffusion Models for
+Free", arXiv:2312.00858).
+
+A UNet's skip branches (§3.1): skip branch i joins input_blocks[i]'s output (the down path's D_i) to
+output_blocks[n − 1 − i] (its up path's U_i), n = len(input_blocks). What enters U_i besides the skip is
+the output of everything deeper, the "high-level features"
+
+    F_i = output_blocks[n − 2 − i](...)         [B, C_i, h_i, w_i]   (the middle block's output for i = n − 1)
+
+which change slowly from one denoising step to the next (the paper's Fig. 2: their similarity between
+adjacent steps stays high). So (§3.2, Eq. 4-5, "uniform 1:N" strategy of §3.3): at every N-th step run the
+whole UNet and keep F_i; at the steps between, run only D_0 .. D_i (input_blocks[0..i]), then U_i .. U_0
+on [F_i (cached) | skip_i] and the shallower skips, and the output head. Branch 0 recomputes the least
+(conv_in, the last output block, the head), deeper branches recompute more and drift less.
+
+Steps are counted in σ by the sampler's schedule (speedups.StepClock): with classifier-free guidance the
+conditional and unconditional halves are one batched call and share the cache ([2B, C, h, w]); Heun-type
+corrector calls count at the σ they evaluate, so a refresh every N steps costs ⌈steps / N⌉ full passes
+for any sampler. A call whose batch or size differs from the cached features' runs the full UNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from latentforge.models.embeddings import timestep_embedding
+from latentforge.models.unet import UNet
+from latentforge.speedups import Interval, Stats, replaced_forward
+
+
+def _embed(unet: UNet, x: torch.Tensor, timesteps, context, y):
+    """UNet.forward's prologue, unchanged: (emb [B, 4·mc], context in the weights' dtype, that dtype)."""
+    dtype = unet.time_embed[0].weight.dtype
+    t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+    emb = unet.time_embed(timestep_embedding(t, unet.config.model_channels).to(dtype))  # (B, 4·mc)
+    if unet.config.num_classes is not None:
+        if y is None or y.shape[0] != x.shape[0]:
+            raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
+        emb = emb + unet.label_emb(y.to(dtype))
+    if context is not None:
+        context = context.to(dtype)
+    return emb, context, dtype
+
+
+@contextlib.contextmanager
+def patch(unet: UNet, depth: int, policy: Interval, stats: Stats) -> Iterator[None]:
+    """`unet` runs DeepCache at skip branch `depth` while the block runs; `policy.full(t, key)` says which
+    calls run the whole network. Nothing is left on the module after (speedups.replaced_forward)."""
+    n = len(unet.input_blocks)
+    if not 0 <= depth < n:
+        raise ValueError(f"cache_depth must be in [0, {n - 1}] for this UNet, got {depth}")
+    join = n - 1 - depth  # output_blocks[join] takes [F_depth | skip_depth]
+    cache: dict[str, torch.Tensor] = {}
+
+    def forward(x: torch.Tensor, timesteps, context=None, y=None) -> torch.Tensor:
+        emb, context, dtype = _embed(unet, x, timesteps, context, y)
+        key = (tuple(x.shape), x.dtype, x.device)
+        full = policy.full(timesteps, key) or "features" not in cache
+        stats.calls += 1
+        stats.full += full
+        h, skips = x.to(dtype), []
+        for block in unet.input_blocks if full else unet.input_blocks[: depth + 1]:
+            h = block(h, emb, context)  # D_0 .. D_{n-1} (full) or D_0 .. D_depth
+            skips.append(h)
+        if full:
+            h = unet.middle_block(h, emb, context)
+        for j in range(0 if full else join, n):
+            if j == join:
+                if full:
+                    cache["features"] = h  # F_depth [B, C, h, w]: nothing writes into it later
+                else:
+                    h = cache["features"]
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = unet.output_blocks[j](h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return unet.out(h).to(x.dtype)
+
+    with replaced_forward(unet, forward):
+        yield
