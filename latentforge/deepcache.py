@@ -26,23 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
-from latentforge.models.embeddings import timestep_embedding
-from latentforge.models.unet import UNet
+from latentforge.models.unet import UNet, embed
 from latentforge.speedups import Interval, Stats, replaced_forward
-
-
-def _embed(unet: UNet, x: torch.Tensor, timesteps, context, y):
-    """UNet.forward's prologue, unchanged: (emb [B, 4·mc], context in the weights' dtype, that dtype)."""
-    dtype = unet.time_embed[0].weight.dtype
-    t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-    emb = unet.time_embed(timestep_embedding(t, unet.config.model_channels).to(dtype))  # (B, 4·mc)
-    if unet.config.num_classes is not None:
-        if y is None or y.shape[0] != x.shape[0]:
-            raise ValueError("this UNet needs y of shape (B, adm_in_channels), e.g. from sdxl_vector()")
-        emb = emb + unet.label_emb(y.to(dtype))
-    if context is not None:
-        context = context.to(dtype)
-    return emb, context, dtype
 
 
 @contextlib.contextmanager
@@ -56,7 +41,7 @@ def patch(unet: UNet, depth: int, policy: Interval, stats: Stats) -> Iterator[No
     cache: dict[str, torch.Tensor] = {}
 
     def forward(x: torch.Tensor, timesteps, context=None, y=None) -> torch.Tensor:
-        emb, context, dtype = _embed(unet, x, timesteps, context, y)
+        emb, context, dtype = embed(unet, x, timesteps, context, y)  # UNet.forward's prologue
         key = (tuple(x.shape), x.dtype, x.device)
         full = policy.full(timesteps, key) or "features" not in cache
         stats.calls += 1
