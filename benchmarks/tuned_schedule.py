@@ -265,6 +265,14 @@ def model_table(res: dict) -> str:
             f"  {key:14s} n={a['tuned']['n']}: {stock} {pct(a[stock])}   tuned {pct(a['tuned'])}   "
             f"(+{pr['tuned_only_right']} / -{pr['stock_only_right']}, p = {pr['p_sign_test']:.2g})"
         )
+    from scipy.stats import binomtest
+
+    up = sum(a["paired"]["tuned_only_right"] for a in res["adherence"].values())
+    down = sum(a["paired"]["stock_only_right"] for a in res["adherence"].values())
+    lines.append(
+        f"  all four pooled: +{up} / -{down}, p = {binomtest(up, up + down).pvalue:.2g} (the same validation "
+        "and held-out prompts serve 8 and 4 steps, so the four are not independent)"
+    )
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ TUNED = "tuned"  # the scheduler name that reads a tuned schedule file (Pipeline
 FORMAT = "latentforge.tuned_schedule/1"
 # stock schedules that depend only on (σ_min, σ_max): starting points and the baseline to beat
 STOCK_STARTS = ("karras", "exponential", "kl_optimal")
+GAP_FLOOR = 1e-6  # the smallest gap between neighbouring log σ's, as a fraction of log(σ_max/σ_min)
 
 
 @dataclass
@@ -72,10 +73,12 @@ class TuneResult:
 
 
 def schedule_from_logits(theta: np.ndarray, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """σ (float64, N + 1 values ending σ_min, 0) from the N − 2 free logits θ (module docstring)."""
+    """σ (float64, N + 1 values ending σ_min, 0) from the N − 2 free logits θ (module docstring); each gap
+    keeps at least GAP_FLOOR of the log-σ range, so even extreme logits leave σ's distinct in float32."""
     z = np.concatenate([np.asarray(theta, np.float64), [0.0]])
     w = np.exp(z - z.max())
-    frac = np.concatenate([[0.0], np.cumsum(w / w.sum())])  # 0 … 1 over the N − 1 gaps
+    w = GAP_FLOOR + (1 - len(w) * GAP_FLOOR) * w / w.sum()
+    frac = np.concatenate([[0.0], np.cumsum(w)])  # 0 … 1 over the N − 1 gaps
     lo, hi = math.log(sigma_min), math.log(sigma_max)
     sig = torch.tensor(np.exp(hi - frac * (hi - lo)), dtype=torch.float64)
     sig[0], sig[-1] = sigma_max, sigma_min  # exact ends, not exp(log(·))
@@ -85,7 +88,8 @@ def schedule_from_logits(theta: np.ndarray, sigma_min: float, sigma_max: float) 
 def logits_from_schedule(sigmas: torch.Tensor) -> np.ndarray:
     """The θ whose schedule is `sigmas` (strictly decreasing, ending σ_min, 0): log of the log-σ gaps."""
     logs = torch.as_tensor(sigmas, dtype=torch.float64)[:-1].log().numpy()
-    theta = np.log(-np.diff(logs))
+    w = -np.diff(logs) / (logs[0] - logs[-1])
+    theta = np.log(np.maximum(w - GAP_FLOOR, 1e-300))
     return theta[:-1] - theta[-1]
 
 
@@ -384,7 +388,7 @@ def load_tuned(model_path: str | None, sampler: str, steps: int) -> torch.Tensor
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        sig = validate_sigmas(torch.tensor(data["sigmas"], dtype=torch.float64))
+        sig = validate_sigmas(torch.tensor(data["sigmas"], dtype=torch.float32))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a tuned schedule file ({type(e).__name__}: {e})") from None
     if data.get("sampler") != sampler or data.get("steps") != steps or len(sig) != steps + 1 or sig[-1] != 0:
@@ -392,4 +396,4 @@ def load_tuned(model_path: str | None, sampler: str, steps: int) -> torch.Tensor
             f"{path} holds a schedule for sampler {data.get('sampler')!r} at {data.get('steps')!r} steps "
             f"({len(sig) - 1} σ steps), not {sampler!r} at {steps}: re-run `latentforge tune-schedule`"
         )
-    return sig.float()
+    return sig

@@ -21,10 +21,11 @@ GMM = GaussianMixture.random(k=4, dim=8, seed=0)  # the benchmark's oracle (benc
 
 
 def _oracle(seed: int, n: int):
-    """n start noises and their exact solution (RK4 reference to σ_min, then the exact denoise)."""
+    """n start noises and their exact solution (RK4 to σ_min, then the exact denoise; 640 RK4 steps: error
+    ~1e-8, where bench.py's 1280 give ~1e-9)."""
     noise = torch.randn(n, GMM.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     fine = get_sigmas_karras(160, SIGMA_MIN, SIGMA_MAX).double()
-    return noise, GMM.ode_reference(noise * SIGMA_MAX, fine, substeps=8)
+    return noise, GMM.ode_reference(noise * SIGMA_MAX, fine, substeps=4)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def _check_valid(sig, steps: int):
     sig = torch.as_tensor(sig, dtype=torch.float64)
     assert len(sig) == steps + 1
     assert float(sig[0]) == SIGMA_MAX and float(sig[-2]) == SIGMA_MIN and float(sig[-1]) == 0
-    assert bool((sig[1:] < sig[:-1]).all())
+    assert bool((sig[1:] < sig[:-1]).all()) and bool((sig.float()[1:] < sig.float()[:-1]).all())
 
 
 def test_output_is_a_valid_schedule(tuned_ipndm_v):
