@@ -17,6 +17,33 @@
 
     nice -n 10 .venv/bin/python benchmarks/tuned_schedule.py [--json out/tuned_schedule.json] \\
         [--n 300] [--skip-oracle] [--skip-model] [--out /tmp/tuned-eval]
+
+Measured (2 shared CPU cores, one thread; oracle ~40 min, default model ~35 min):
+
+    solver  steps  karras  exponential  normal  kl_optimal   tuned   karras·pop  tuned·pop
+    euler      10  0.2880       0.3250  0.2786      0.3295  0.2325       0.2990     0.2302
+    heun        5  0.3225       0.3843  0.2507      0.4661  0.1939       0.3153     0.2031
+    dpmpp_2m   10  0.1158       0.1757  0.1692      0.2748  0.1156       0.1399     0.1222
+    res_multi  10  0.1247       0.1374  0.1938      0.2682  0.1130       0.1322     0.1274
+    deis       10  0.0975       0.1234  0.1195      0.2678  0.0378       0.0971     0.0721
+    uni_pc_bh2 10  0.1280       0.0768  0.1300      0.1503  0.0538       0.1235     0.0725
+    ipndm      10  0.0805       0.1152  0.1031      0.2353  0.0373       0.0898     0.0482
+    ipndm_v    10  0.1029       0.1937  0.1097      0.2726  0.0448       0.1231     0.0553
+    (ipndm tuned on the bench's own 1024 noises, in-sample: 0.0217 there, 0.0642 on the fresh 16384)
+
+The best, ipndm, halves its error (0.080 -> 0.037 on the bench's noises, 0.090 -> 0.048 on fresh ones) but
+stays above 0.02: at 10 calls the RMSE is set by the ~0.5 % of noises that start near a boundary between
+the mixture's modes and end in the other mode (squared error ~10 each); a schedule fit to one set of noises
+avoids that set's few (0.022 in-sample) but not others'.
+
+    default model, euler, cfg 4; RMSE on 32 validation prompts (reference error ~0.003)
+      8 steps: normal 0.500, tuned 0.307      4 steps: normal 0.702, tuned 0.610
+    all-correct (Wilson 95%), n = 300 each, same prompts and seeds; tuned-only / stock-only right, sign test
+      validation 8: normal 45.7% [40.1, 51.3], tuned 49.7% [44.0, 55.3]  (+27 / -15, p = 0.088)
+      validation 4: normal 15.3% [11.7, 19.8], tuned 18.7% [14.7, 23.5]  (+31 / -21, p = 0.21)
+      held-out 8:   normal 33.3% [28.2, 38.8], tuned 34.3% [29.2, 39.9]  (+18 / -15, p = 0.73)
+      held-out 4:   normal  8.0% [ 5.4, 11.6], tuned  9.7% [ 6.8, 13.5]  (+16 / -11, p = 0.44)
+      pooled: +92 / -62, p = 0.019 (not independent: the same prompts serve 8 and 4 steps)
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ evaluations and 0.040 in 2000 with restarts (a single run's simplex collapses: e
 are not available (samplers take σ as Python floats in their coefficients), and finite differences suffer
 from the objective's small-scale roughness (a few start noises near a boundary between modes of the data
 switch mode as σ moves: steep steps in L), which the simplex steps over. Deterministic: no randomness
-beyond the start noises the caller passes.
+beyond the start noises the caller passes. Tune on many noises: those mode switches dominate the RMSE at
+few steps and a schedule fit to a few hundred noises fits their particular ones (benchmarks/tuned_schedule.py
+has the measurements: the mixture oracle, tuned against stock, and the default model).
 """
 
 from __future__ import annotations
@@ -54,9 +56,8 @@ GAP_FLOOR = 1e-6  # the smallest gap between neighbouring log σ's, as a fractio
 
 @dataclass
 class TuneResult:
-    """A tuned schedule and how it was found. sigmas: N + 1 values, σ_max first, σ_min then 0 last;
-    rmse: its error on the tuning noises; stock: each starting schedule's error there; start: the best of
-    them (where the search began); evals: objective evaluations; rounds: the error after each restart."""
+    """sigmas: N + 1 values, σ_max first, σ_min then 0 last; rmse: their error on the tuning noises; stock:
+    each start schedule's error there, start: the best; evals: objective runs; rounds: error per restart."""
 
     sampler: str
     steps: int
@@ -150,10 +151,9 @@ def reference_solution(
     sampler: str = "heun",
     steps: int = 256,
 ) -> tuple[torch.Tensor, float]:
-    """(x_ref, its estimated RMSE): `sampler` over `steps` steps uniform in log σ from σ_max to σ_min,
-    then the final denoise at σ_min (Heun's last step to 0 is that denoise), and the Richardson estimate
-    of its own error from the same solve at steps/2: |x_M − x_{M/2}|/(2^p − 1) with p = 2 (Heun's order).
-    Default 256 Heun steps: 511 model calls."""
+    """(x_ref, its estimated RMSE): `sampler` over `steps` steps uniform in log σ from σ_max to σ_min, then
+    the final denoise at σ_min (Heun's last step to 0 is that), and the Richardson estimate of its error from
+    the solve at steps/2: |x_M − x_{M/2}|/(2^p − 1), p = 2 (Heun's order; 256 steps: 511 + 255 calls)."""
     if steps < 2:
         raise ValueError(f"reference steps must be >= 2, got {steps}")
 
