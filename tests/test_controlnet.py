@@ -491,13 +491,14 @@ def _outline_hint(image: np.ndarray) -> torch.Tensor:
 def test_trained_controlnet_moves_objects_to_the_controlled_positions():
     """A ControlNet trained on top of the shipped model (Pipeline.default(), frozen) with the outline of
     each training scene as its control, and prompts that do not say where the object is ("a large red
-    circle"), must put the object where the outline is: position accuracy on held-out validation scenes
-    (the shapes judge, Wilson 95% intervals) rises from chance-like to clearly above it, the intervals
-    disjoint. Single-object scenes, 256 of them, 2000 steps of batch 32 (AdamW 2e-4, the model's own
-    objective: flow matching, logit-normal σ), then 48 validation scenes, 20 Euler steps, CFG 4.
-    Measured (a script with this code and these seeds; 1 thread of a loaded 2-core machine, ~2 s a step):
-    position 4/48 = 8% [3, 20] without the ControlNet, 16/48 = 33% [22, 47] after 1000 steps, and see
-    the report for 2000 steps; shape and colour stay at ~90%."""
+    circle"), puts the object where the outline is more often: position accuracy on validation scenes (the
+    shapes judge; Wilson 95% intervals) rises from chance level (1/9 of the cells) to well above it, the two
+    intervals disjoint. Single-object scenes, 256 of them, 1000 steps of batch 32 (AdamW 2e-4; the model's
+    own objective: flow matching, logit-normal σ), then 144 validation scenes, 20 Euler steps, CFG 4.
+    Measured with this code and these seeds (1 thread): position 15/144 = 10.4% [6.4, 16.5] without the
+    ControlNet, 53/144 = 36.8% [29.4, 44.9] with it; shape and colour stay at ~81% and ~93%. ~15 minutes
+    on one idle core (1000 steps at ~0.8 s). Not yet a good ControlNet: 2000 steps gave no more (14/48 =
+    29% on the first 48 scenes, 16/48 after 1000): see the issue's report for what more would take."""
     from latentforge.pipeline import Pipeline
     from latentforge.shapes.evaluate import evaluate
     from latentforge.shapes.render import Obj, Scene, render, sample_scene
@@ -522,7 +523,7 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
     objective = ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal")  # the file's objective
     opt = torch.optim.AdamW(list(cn.parameters()), lr=2e-4, weight_decay=0)
     g = torch.Generator().manual_seed(1)
-    for _ in range(2000):
+    for _ in range(1000):
         idx = torch.randint(0, len(scenes), (32,), generator=g)
         h = hints[idx]
 
@@ -536,7 +537,7 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
     cn.eval().requires_grad_(False)
 
     rng = np.random.default_rng(123)
-    val = [sample_scene(rng, 1, split="validation") for _ in range(48)]
+    val = [sample_scene(rng, 1, split="validation") for _ in range(144)]
     specs = [Scene((Obj(s.objects[0].shape, s.objects[0].color, None, s.objects[0].position),)) for s in val]
 
     def position_accuracy(control: bool) -> dict:
