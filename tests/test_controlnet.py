@@ -496,9 +496,9 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
     intervals disjoint. Single-object scenes, 256 of them, 1000 steps of batch 32 (AdamW 2e-4; the model's
     own objective: flow matching, logit-normal σ), then 144 validation scenes, 20 Euler steps, CFG 4.
     Measured with this code and these seeds (1 thread): position 15/144 = 10.4% [6.4, 16.5] without the
-    ControlNet, 53/144 = 36.8% [29.4, 44.9] with it; shape and colour stay at ~81% and ~93%. ~15 minutes
-    on one idle core (1000 steps at ~0.8 s). Not yet a good ControlNet: 2000 steps gave no more (14/48 =
-    29% on the first 48 scenes, 16/48 after 1000): see the issue's report for what more would take."""
+    ControlNet, 53/144 = 36.8% [29.4, 44.9] with it; shape and colour stay at ~81% and ~93%. 22 minutes
+    on one core of an otherwise idle 2-core machine. Not yet a good ControlNet: 2000 steps gave no more
+    (14/48 = 29% on the first 48 scenes, against 16/48 after 1000)."""
     from latentforge.pipeline import Pipeline
     from latentforge.shapes.evaluate import evaluate
     from latentforge.shapes.render import Obj, Scene, render, sample_scene
