@@ -36,6 +36,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # the parity tests' diffusers config helpers
 
+from unet_forward import randomize  # noqa: E402  (seeded N(0, 1/fan_in) weights, zero-init layers too)
+
 from latentforge.control_use import Control, prepare_controls  # noqa: E402
 from latentforge.models.controlnet import ControlNet, for_unet  # noqa: E402
 from latentforge.models.unet import PRESETS, UNet, UNetConfig  # noqa: E402
@@ -47,20 +49,6 @@ TINY = UNetConfig(  # the shipped default model's UNet (its file's latentforge.c
 
 
 @torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded N(0, 1/fan_in) weights everywhere, the zero-initialised layers too (no trivial products)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-        elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            m.weight.normal_(0, m.weight[0].numel() ** -0.5, generator=g)
-            if m.bias is not None:
-                m.bias.normal_(0, 0.02, generator=g)
-    return model.eval().requires_grad_(False)
-
-
 def build(cfg: UNetConfig, seed: int = 0):
     """(our UNet, our ControlNet, diffusers' UNet, diffusers' ControlNetModel) with shared weights."""
     from diffusers import ControlNetModel
@@ -68,8 +56,8 @@ def build(cfg: UNetConfig, seed: int = 0):
 
     with torch.device("meta"):
         unet, cn = UNet(cfg), ControlNet(for_unet(cfg))
-    unet = randomize(unet.to_empty(device="cpu"), seed)
-    cn = randomize(cn.to_empty(device="cpu"), seed + 1)
+    unet = randomize(unet.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+    cn = randomize(cn.to_empty(device="cpu"), seed + 1).eval().requires_grad_(False)
     d_unet = _diffusers_unet(unet)
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
