@@ -1,5 +1,6 @@
-"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1) and LoCon files on the
-UNet families: read, place every layer on a weight of our networks, then merge or patch on the fly.
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1) and LoCon files on every
+family (UNet, SD3's MMDiT, DiT; their text encoders): read, place every layer on a weight of our networks,
+then merge or patch on the fly.
 
 A LoRA layer adapts a weight W [out, in(, kh, kw)] by ΔW = s · (α / r) · up @ down, with down (A) [r, in(, kh,
 kw)], up (B) [out, r(, 1, 1)], r = down's rows, α the file's alpha (r when absent: scale 1, the diffusers/PEFT
@@ -35,11 +36,12 @@ from latentforge.lora_keys import (
     CONTEXT_WIDTH,
     LoRAError,
     Target,
+    denoiser_table,
     kohya_table,
+    own_table,
     peft_alphas,
     split_key,
     text_table,
-    unet_table,
 )
 
 
@@ -64,10 +66,9 @@ class LoRALayer:
 @dataclass
 class LoRA:
     name: str
-    format: str  # "kohya" | "peft" | "diffusers-old"
-    layers: dict[
-        tuple[str, str], LoRALayer
-    ]  # (part "unet" | "te1" | "te2", layer name as in the file) -> layer
+    format: str  # "kohya" | "peft" | "diffusers-old" | "comfy"
+    # (part "unet" (the denoiser) | "te1" | "te2" | "te3", layer name as in the file) -> layer
+    layers: dict[tuple[str, str], LoRALayer]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -166,8 +167,14 @@ def find_lora(name: str, lora_dir: str) -> str:
 
 
 def made_for(lora: LoRA) -> str | None:
-    """The family whose networks a LoRA's keys and shapes fit, when they say so: a second text encoder is
-    SDXL's; the width of the cross-attention's key projection is the context width of one released UNet."""
+    """The family whose networks a LoRA's keys and shapes fit, when they say so: SD3 block names and the
+    MMDiT width; a second text encoder is SDXL's; the width of the cross-attention's key projection is the
+    context width of one released UNet."""
+    for (part, name), layer in lora.layers.items():
+        if part == "unet" and re.match(r"(joint|transformer)_blocks[._]", name):
+            if re.search(r"attn2[._]", name):
+                return "sd35-medium"
+            return {1536: "sd3-medium", 2432: "sd35-large"}.get(layer.down.shape[1], "sd3-medium")
     if any(part == "te2" for part, _ in lora.layers):
         return "sdxl-base"
     for (part, name), layer in lora.layers.items():
@@ -176,15 +183,17 @@ def made_for(lora: LoRA) -> str | None:
     return None
 
 
+def components_of(pipe) -> dict[str, str]:
+    """A LoRA file's parts -> the pipeline's components: "unet" is the denoiser (Family.net), te1.. the text
+    encoders in the family's order (SD3: CLIP-L, bigG, then T5-XXL when loaded)."""
+    spec = families.get(pipe.family)
+    encoders = [c for c in spec.prefixes if c.startswith(("clip_", "t5")) and c in pipe.components]
+    return {"unet": spec.net, **{f"te{i + 1}": c for i, c in enumerate(encoders)}}
+
+
 def place(pipe, lora: LoRA) -> list[tuple[Target, LoRALayer]]:
     """Each layer of `lora` with the weight of `pipe` it adapts; one layer that cannot be placed fails all."""
-    spec = families.get(pipe.family)
-    if spec.net != "unet":
-        raise LoRAError(
-            f"LoRA {lora.name}: only the UNet families take LoRAs here; {pipe.family} has a {spec.net}"
-        )
-    encoders = [c for c in spec.text_encoders if c in pipe.components]
-    components = {"unet": "unet", **{f"te{i + 1}": c for i, c in enumerate(encoders)}}
+    components = components_of(pipe)
     origin = made_for(lora)
     hint = f" (it looks made for {origin})" if origin and origin != pipe.family else ""
     missing = sorted({part for part, _ in lora.layers} - set(components))
@@ -194,7 +203,12 @@ def place(pipe, lora: LoRA) -> list[tuple[Target, LoRALayer]]:
     tables = {}
     for part, comp in components.items():
         module = pipe.components[comp]
-        table = unet_table(module) if part == "unet" else text_table(module, comp)
+        if part == "unet":
+            table = denoiser_table(comp, module)
+        elif comp.startswith("t5"):
+            table = own_table(module, comp, strip="transformer.")
+        else:
+            table = text_table(module, comp)
         tables[part] = kohya_table(table) if lora.format == "kohya" else table
     placed, unplaced, wrong = [], [], []
     for (part, name), layer in lora.layers.items():
@@ -227,13 +241,32 @@ def _shape_problem(weight: torch.Tensor, target: Target, layer: LoRALayer) -> st
         return f"up {tuple(layer.up.shape)} is not [out, {rank}] or [out, {rank}, 1, 1]"
     if layer.down.ndim == 4 and tuple(layer.down.shape[2:]) != tuple(weight.shape[2:]):
         return f"down kernel {tuple(layer.down.shape[2:])} on a weight of shape {tuple(weight.shape)}"
+    if target.swap and out % 2:
+        return f"ΔW with {out} rows cannot be (scale, shift) halves"
     if out != rows or layer.down[0].numel() != weight[0].numel():
         return f"ΔW [{out}, {layer.down[0].numel()}] on a weight [{rows}, {weight[0].numel()}]"
     return None
 
 
 def _scales(unet_scale: float, te_scale: float | None) -> dict[bool, float]:
+    """{target is the denoiser: its scale}"""
     return {True: float(unet_scale), False: float(unet_scale if te_scale is None else te_scale)}
+
+
+_DENOISERS = ("unet", "mmdit", "dit")
+
+
+def _full_up(target: Target, up: torch.Tensor, rows: int) -> torch.Tensor:
+    """up [out, r] as the [rows, r] matrix of the whole weight: its block at `target.rows` (zeros elsewhere)
+    and, for diffusers' (scale, shift) order, its halves exchanged."""
+    up = up.flatten(1)
+    if target.swap:
+        up = torch.cat(up.chunk(2)[::-1])
+    if target.rows is None:
+        return up
+    full = up.new_zeros(rows, up.shape[1])
+    full[slice(*target.rows)] = up
+    return full
 
 
 def _as_lora(lora) -> LoRA:
@@ -288,7 +321,7 @@ def merge(pipe, lora, unet_scale: float = 1.0, te_scale: float | None = None) ->
             w = getattr(module, target.param)
             state[target.param] = _Merged(w.detach().to("cpu", copy=True), {}, w._version)
         entry = state[target.param]
-        entry.terms.setdefault(id(key), []).append((target, layer, scales[target.component == "unet"]))
+        entry.terms.setdefault(id(key), []).append((target, layer, scales[target.component in _DENOISERS]))
         touched.append((module, target.param))
     touched = list(dict.fromkeys(touched))
     for module, name in touched:
@@ -318,9 +351,10 @@ def _rewrite(module: nn.Module, name: str) -> None:
     entry, w = state[name], getattr(module, name)
     new = entry.original.to(w.device, torch.float64)
     for terms in entry.terms.values():
-        for target, layer, s in terms:
-            rows = slice(*target.rows) if target.rows else slice(None)
-            new[rows] += layer.delta(s).to(new.device).reshape(new[rows].shape)
+        for target, layer, s in terms:  # ΔW = s·(α/r)·up @ down, placed in the rows of the fused weight
+            up = _full_up(target, layer.up.to(torch.float64), new.shape[0])
+            delta = (up @ layer.down.flatten(1).to(torch.float64)) * layer.scale(s)
+            new += delta.to(new.device).reshape(new.shape)
     w.copy_(new)
     entry.version = w._version
     if not entry.terms:
@@ -353,12 +387,12 @@ def patch(pipe, lora, unet_scale: float = 1.0, te_scale: float | None = None) ->
         module = root.get_submodule(target.module)
         w = getattr(module, target.param)
         down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
-        s = layer.scale(scales[target.component == "unet"])
+        s = layer.scale(scales[target.component in _DENOISERS])
         lowrank = target.param == "weight" and (
             isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
         )
-        if lowrank and isinstance(module, nn.Linear):
-            term, host = (down.flatten(1), up.flatten(1), s), module
+        if lowrank and isinstance(module, nn.Linear):  # (SD3's fused q/k/v: up padded to the whole qkv)
+            term, host = (down.flatten(1), _full_up(target, up, w.shape[0]), s), module
         elif lowrank:  # 1×1 conv
             term, host = (down.reshape(*down.shape[:2], 1, 1), up.reshape(*up.shape[:2], 1, 1), s), module
         else:
@@ -409,8 +443,8 @@ def _swap_in(root: nn.Module, args) -> None:
             module = root.get_submodule(target.module)
             base = module._parameters[target.param]
             w = weights.setdefault((module, target.param), base.detach().to(torch.float32, copy=True))
-            rows = slice(*target.rows) if target.rows else slice(None)
-            w[rows] += (up.flatten(1).float() @ down.flatten(1).float()).reshape(w[rows].shape) * s
+            delta = _full_up(target, up.float(), w.shape[0]) @ down.flatten(1).float()
+            w += delta.reshape(w.shape) * s
     saved = []
     for (module, name), w in weights.items():
         base = module._parameters[name]

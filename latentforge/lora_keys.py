@@ -11,6 +11,14 @@ diffusers loaders/lora_conversion_utils.py):
   The text encoders are transformers' CLIPTextModel (`text_model_encoder_layers_0_self_attn_q_proj`), also
   for OpenCLIP towers (SD2's ViT-H, SDXL's bigG), whose q/k/v are one fused `in_proj_weight` here.
 - diffusers / PEFT: `unet.<diffusers path>`, `text_encoder.<HF path>`, `text_encoder_2.<HF path>` (dots kept).
+- SD3 (MMDiT; the layouts ComfyUI's comfy/lora.py model_lora_keys_unet accepts): kohya's `lora_unet_<path>` on
+  the original SD3 module tree (sd-scripts networks/lora_sd3.py: fused `attn_qkv`), `lora_te1_/lora_te2_/
+  lora_te3_` for CLIP-L, bigG and T5-XXL; diffusers/PEFT `transformer.<diffusers path>` (also under
+  `base_model.model.`), OneTrainer's `lora_transformer_<flat diffusers path>` and SimpleTuner's
+  `lycoris_<flat diffusers path>`. diffusers splits the fused q/k/v and stores the final (and the last
+  context block's) adaLN modulation as (scale, shift) where SD3 has (shift, scale).
+- ComfyUI's own LoRA files (its LoraSave node): `diffusion_model.<our path>.lora_up.weight` for any network.
+- DiT and T5: the module paths of the original layouts, dotted or flattened.
 
 Our modules keep the original checkpoint layout (models/unet.py, models/text.py), so each table maps those
 names to a `Target`: our module path, the parameter, and for the fused OpenCLIP q/k/v the rows it occupies.
@@ -40,6 +48,7 @@ class Target:
     module: str  # our module path (the checkpoint key without ".weight")
     param: str = "weight"
     rows: tuple[int, int] | None = None  # a row block of a fused parameter (OpenCLIP in_proj: q | k | v)
+    swap: bool = False  # the layer's output halves are (scale, shift) and ours (shift, scale): diffusers' SD3
 
 
 # ResBlock inner modules: LDM names -> diffusers ResnetBlock2D names (the others are GroupNorm/SiLU/Dropout).
@@ -130,6 +139,70 @@ def text_table(model: CLIPTextModel, component: str) -> dict[str, Target]:
     return table
 
 
+def own_table(net: nn.Module, component: str, strip: str = "") -> dict[str, Target]:
+    """Every Linear/Conv2d weight under its own module path (DiT, T5: the checkpoint layout is the trainers'
+    layout), `strip` removed from the front (our T5 keeps HF's T5EncoderModel under `transformer.`)."""
+    return {
+        path.removeprefix(strip): Target(component, path)
+        for path, m in net.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
+
+
+_MMDIT_TOP = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.linear": "proj_out",
+}
+
+
+def mmdit_table(net: nn.Module, component: str) -> dict[str, Target]:
+    """SD3's MMDiT under its own (SD3 reference) names and under diffusers' SD3Transformer2DModel names, the
+    correspondence of diffusers' convert_sd3_transformer_checkpoint_to_diffusers: q, k, v are row blocks of
+    the fused `qkv`; AdaLayerNormContinuous (norm_out, the last block's norm1_context) orders its output
+    (scale, shift), the reference's adaLN (shift, scale)."""
+    table = own_table(net, component)
+    d = net.config.hidden_size
+    for ours, theirs in _MMDIT_TOP.items():
+        table[theirs] = table[ours]
+    table["norm_out.linear"] = Target(component, "final_layer.adaLN_modulation.1", swap=True)
+    for i, block in enumerate(net.joint_blocks):
+        j, b = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        sides = [("x_block", "attn", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1")]
+        sides.append(("context_block", "attn", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
+                      "ff_context", "norm1_context"))  # fmt: skip
+        if block.x_block.x_block_self_attn:
+            sides.append(("x_block", "attn2", ("to_q", "to_k", "to_v"), "to_out.0", None, None))
+        for side, attn, qkv, out, ff, norm in sides:
+            mine = f"{j}.{side}"
+            for k, name in enumerate(qkv):
+                table[f"{b}.{attn}.{name}"] = Target(
+                    component, f"{mine}.{attn}.qkv", rows=(k * d, (k + 1) * d)
+                )
+            if f"{mine}.{attn}.proj" in table:  # (the last context block is pre-only: no proj, no MLP)
+                table[f"{b}.{attn}.{out}"] = table[f"{mine}.{attn}.proj"]
+            if ff and f"{mine}.mlp.fc1" in table:
+                table[f"{b}.{ff}.net.0.proj"] = table[f"{mine}.mlp.fc1"]
+                table[f"{b}.{ff}.net.2"] = table[f"{mine}.mlp.fc2"]
+            if norm:
+                pre_only = getattr(block, side).pre_only
+                table[f"{b}.{norm}.linear"] = Target(component, f"{mine}.adaLN_modulation.1", swap=pre_only)
+    return table
+
+
+def denoiser_table(net_name: str, net: nn.Module) -> dict[str, Target]:
+    """The name table of a family's denoising network (`Family.net`: "unet" | "mmdit" | "dit")."""
+    if net_name == "unet":
+        return unet_table(net)
+    if net_name == "mmdit":
+        return mmdit_table(net, net_name)
+    return own_table(net, net_name)
+
+
 def kohya_table(table: dict[str, Target]) -> dict[str, Target]:
     """The same table under kohya's flattened names ("." -> "_"); two targets on one name is a bug here."""
     out: dict[str, Target] = {}
@@ -140,9 +213,17 @@ def kohya_table(table: dict[str, Target]) -> dict[str, Target]:
     return out
 
 
-# Parts of a LoRA file (kohya prefix / diffusers prefix) -> "unet" | "te1" | "te2"
-KOHYA_PARTS = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
-PEFT_PARTS = {"unet.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te2"}
+# Parts of a LoRA file (kohya prefix / diffusers prefix) -> "unet" (the denoiser, whatever its kind) | "te1" |
+# "te2" | "te3" (SD3's T5-XXL)
+KOHYA_PARTS = {
+    "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3", "lora_te_": "te1",
+    "lora_transformer_": "unet", "lycoris_": "unet",  # SD3: OneTrainer, SimpleTuner (flat diffusers names)
+}  # fmt: skip
+PEFT_PARTS = {
+    "unet.": "unet", "transformer.": "unet", "base_model.model.": "unet",
+    "text_encoder.": "te1", "text_encoder_2.": "te2", "text_encoder_3.": "te3",
+}  # fmt: skip
+KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 # The older diffusers attention-processor names (`attn1.processor.to_q_lora.down.weight`,
 # `self_attn.to_q_lora.down.weight`) -> module names
 OLD_PROCESSOR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -157,8 +238,13 @@ def split_key(key: str) -> tuple[str, str, str, str] | None:
     for prefix, part in KOHYA_PARTS.items():
         if key.startswith(prefix):
             name, _, suffix = key[len(prefix) :].partition(".")
-            kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+            kind = KOHYA_KINDS.get(suffix)
             return ("kohya", part, name, kind) if kind else None
+    if key.startswith("diffusion_model."):  # ComfyUI's LoraSave: our module path, kohya's tensor names
+        for suffix, kind in KOHYA_KINDS.items():
+            if key.endswith("." + suffix):
+                return "comfy", "unet", key[len("diffusion_model.") : -len(suffix) - 1], kind
+        return None
     part = "unet"  # the oldest diffusers files (unet.load_attn_procs) have no prefix
     for prefix, p in sorted(PEFT_PARTS.items(), key=lambda kv: -len(kv[0])):
         if key.startswith(prefix):
@@ -182,7 +268,10 @@ def peft_alphas(metadata: dict, name: str):
     ({"unet.lora_alpha": 8, "unet.alpha_pattern": {...}, ...}); PEFT matches a pattern p against a module
     name n as re.match(rf"(.*\\.)?({p})$", n) (peft tuners_utils get_pattern_key)."""
     config = json.loads(metadata.get("lora_adapter_metadata", "null")) or {}
-    prefixes = {v: k for k, v in PEFT_PARTS.items()}
+    prefixes = {}  # part -> the prefix its config is stored under (SD3's: "transformer.")
+    for prefix, part in PEFT_PARTS.items():
+        if part not in prefixes or any(k.startswith(prefix) for k in config):
+            prefixes[part] = prefix
     for key in ("use_dora", "use_rslora"):
         if any(config.get(p + key) for p in prefixes.values()):
             raise LoRAError(f"LoRA {name}: {key} LoRAs are not supported")

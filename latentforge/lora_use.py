@@ -157,11 +157,6 @@ class LoRAs:
                     f"loras[{k}] must name a .safetensors file or be a lora.LoRA, got {source!r}"
                 )
             uses.append(LoRAUse(name, source, unet_w, te_w))
-        if uses and pipe.spec.net != "unet":
-            raise lora.LoRAError(
-                f"LoRA {uses[0].name}: only the UNet families take LoRAs here; {pipe.family} has a "
-                f"{pipe.spec.net}"
-            )
         return prompt, uses
 
     def _find_lora(self, name: str) -> str:
@@ -190,7 +185,7 @@ class LoRAs:
                 if use.unet == 0 and use.te == 0:
                     continue
                 net = use.source if isinstance(use.source, lora.LoRA) else self._read_lora(use.source)
-                drop = {"unet"} if use.unet == 0 else ({"te1", "te2"} if use.te == 0 else set())
+                drop = {"unet"} if use.unet == 0 else ({"te1", "te2", "te3"} if use.te == 0 else set())
                 if drop:
                     layers = {k: v for k, v in net.layers.items() if k[0] not in drop}
                     net = lora.LoRA(net.name, net.format, layers, net.metadata)

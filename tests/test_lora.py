@@ -8,6 +8,7 @@ layers) and the outputs are compared on the same inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_models_text import hf_model, openai_to_hf, openclip_to_hf, random_model
-from test_models_unet import POOLED, SD1_LIKE, SDXL_LIKE, inputs, randomize, to_diffusers
+from test_models_unet import POOLED, SD1_LIKE, SD2_LIKE, SDXL_LIKE, inputs, randomize, to_diffusers
 from torch import nn
 
 from latentforge import lora as L
@@ -31,6 +32,11 @@ CLIP_G = CLIPTextConfig(
     layout="open_clip", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
     hidden_act="gelu", projection_dim=POOLED,
 )  # fmt: skip
+CLIP_H = CLIPTextConfig(  # SD2's OpenCLIP ViT-H layout: fused q/k/v in_proj_weight, gelu, ln_final
+    layout="open_clip", hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+    hidden_act="gelu", projection_dim=POOLED,
+)  # fmt: skip
+SD21_UNET = dataclasses.replace(SD2_LIKE, context_dim=CLIP_H.hidden_size)  # linear proj_in/out, head dim 16
 RANK = 4
 
 
@@ -40,6 +46,15 @@ def sd15() -> Pipeline:
     pipe = Pipeline.from_preset("sd15", {"unet": SD1_LIKE, "vae": VAE, "clip_l": CLIP_L})
     randomize(pipe.components["unet"])
     pipe.components["clip_l"] = random_model(CLIP_L, torch.float32)
+    return pipe
+
+
+def sd21() -> Pipeline:
+    """sd21 with SD2_LIKE's UNet (linear proj_in/out, num_head_channels, depth 2) and a tiny clip_h."""
+    torch.manual_seed(0)
+    pipe = Pipeline.from_preset("sd21", {"unet": SD21_UNET, "vae": VAE, "clip_h": CLIP_H})
+    randomize(pipe.components["unet"])
+    pipe.components["clip_h"] = random_model(CLIP_H, torch.float32, seed=1)
     return pipe
 
 
@@ -71,17 +86,19 @@ def layer_tensors(g, w: torch.Tensor, rank=RANK) -> tuple[torch.Tensor, torch.Te
     return down, up
 
 
-def write_sd15_lora(pipe, path, layout: str, seed=0, alpha=2.0) -> dict[str, torch.Tensor]:
-    """A random LoRA on every kohya target of the UNet and every CLIP-L layer, in `layout` (kohya | peft)."""
+def write_sd15_lora(pipe, path, layout: str, seed=0, alpha=2.0, te="clip_l") -> dict[str, torch.Tensor]:
+    """A random LoRA on every kohya target of the UNet and every layer of the text encoder `te` (CLIP-L, or
+    SD2's clip_h: its q/k/v are rows of the fused in_proj_weight), in `layout` (kohya | peft)."""
     g = torch.Generator().manual_seed(seed)
-    unet, clip = pipe.components["unet"], pipe.components["clip_l"]
+    unet, clip = pipe.components["unet"], pipe.components[te]
     sd, meta, modules = {}, {}, {"unet": [], "te": []}
     names = [
         (unet_diffusers_name(unet, p), "unet", unet.get_submodule(p).weight) for p in kohya_targets(unet)
     ]
-    for name, target in text_table(clip, "clip_l").items():
+    for name, t in text_table(clip, te).items():
         if name.startswith("text_model."):
-            names.append((name, "te", clip.get_submodule(target.module).weight))
+            w = getattr(clip.get_submodule(t.module), t.param)
+            names.append((name, "te", w if t.rows is None else w[slice(*t.rows)]))
     for name, part, w in names:
         down, up = layer_tensors(g, w)
         modules[part].append(name.removeprefix("text_model."))  # PEFT matches them as suffixes
@@ -127,12 +144,16 @@ def hf_clip(model):
     return hf
 
 
-def diffusers_with_lora(pipe, path, unet_scale=1.0, te_scale=1.0):
+def diffusers_with_lora(pipe, path, unet_scale=1.0, te_scale=1.0, te_name="clip_l"):
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import scale_lora_layers
 
-    unet, te = to_diffusers(pipe.components["unet"]), hf_clip(pipe.components["clip_l"])
+    unet, clip = to_diffusers(pipe.components["unet"]), pipe.components[te_name]
+    if clip.config.layout == "openai":
+        te = hf_clip(clip)
+    else:  # OpenCLIP (SD2's ViT-H): diffusers' single-file converter splits in_proj into q/k/v
+        te = hf_model(clip.config, openclip_to_hf(clip.state_dict()), torch.float32)
     sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet=unet, adapter_name="x", metadata=meta)
     StableDiffusionPipeline.load_lora_into_text_encoder(
@@ -143,11 +164,11 @@ def diffusers_with_lora(pipe, path, unet_scale=1.0, te_scale=1.0):
     return unet, te
 
 
-def outputs(pipe, unet_ref=None, te_ref=None):
-    x, t, context = inputs(SD1_LIKE, h=8, w=8, dtype=torch.float32)
+def outputs(pipe, unet_ref=None, te_ref=None, te_name="clip_l"):
+    x, t, context = inputs(pipe.components["unet"].config, h=8, w=8, dtype=torch.float32)
     ids = tok.tokenize(["a photo of a cat", "red cube"])
     with torch.no_grad():
-        ours = pipe.components["unet"](x, t, context), pipe.components["clip_l"](ids).hidden
+        ours = pipe.components["unet"](x, t, context), pipe.components[te_name](ids).hidden
         if unet_ref is None:
             return ours
         ref = unet_ref(x, t, encoder_hidden_states=context).sample, te_ref(input_ids=ids).last_hidden_state
@@ -174,6 +195,28 @@ def test_sd15_matches_diffusers(tmp_path, layout, mode):
     assert rel(te, te_ref_out) <= 1e-5, rel(te, te_ref_out)
     handle.remove()
     after = outputs(pipe)
+    assert torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
+
+
+@pytest.mark.parametrize("mode", ["merge", "patch"])
+def test_sd21_kohya_openclip_h_matches_diffusers(tmp_path, mode):
+    # SD2: kohya names the UNet layers in diffusers' layout and the OpenCLIP ViT-H tower as transformers'
+    # CLIPTextModel (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`), whose q/k/v are row blocks of
+    # our fused in_proj_weight. Reference: diffusers' converted UNet and the HF tower from diffusers'
+    # open_clip converter, with the same file loaded by diffusers + PEFT. float32 both sides, same bound
+    # and reasons as test_sd15_matches_diffusers.
+    pipe, path = sd21(), tmp_path / "sd21.safetensors"
+    sd = write_sd15_lora(pipe, path, "kohya", alpha=3.0, te="clip_h")
+    assert "lora_te_text_model_encoder_layers_1_self_attn_k_proj.lora_down.weight" in sd
+    base = outputs(pipe, te_name="clip_h")
+    unet_ref, te_ref = diffusers_with_lora(pipe, path, 0.8, 0.5, te_name="clip_h")
+    handle = getattr(L, mode)(pipe, L.read_lora(path), unet_scale=0.8, te_scale=0.5)
+    (u, te), (u_ref, te_ref_out) = outputs(pipe, unet_ref, te_ref, te_name="clip_h")
+    assert rel(u_ref, base[0]) > 1e-2 and rel(te_ref_out, base[1]) > 1e-2  # the LoRA changes both
+    assert rel(u, u_ref) <= 1e-5, rel(u, u_ref)
+    assert rel(te, te_ref_out) <= 1e-5, rel(te, te_ref_out)
+    handle.remove()
+    after = outputs(pipe, te_name="clip_h")
     assert torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
 
 

@@ -3,6 +3,7 @@ that an embedding holding a word's own token embeddings conditions exactly as th
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -263,6 +264,77 @@ def test_multi_vector_embedding_counts_in_chunks():
     too_long = TextualInversions({"huge": single("huge", torch.zeros(76, 32))})
     with pytest.raises(ValueError, match="76 vectors, more than the 75 tokens"):
         prompts.chunks("huge", tokenizer.encode, 75, split_words=too_long.split_words)
+
+
+# -- (g) against diffusers' loader on transformers' CLIPTextModel --------------------------------------------
+
+
+def hf_clip_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer on our shipped vocabulary (tests/test_models_text.py: it tokenizes as
+    ours), built from files so nothing is downloaded; a fresh one per test, as diffusers adds tokens to it."""
+    transformers = pytest.importorskip("transformers")
+    vocab, merges = tokenizer.load_vocab()
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
+    return transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "a1111"])
+@torch.no_grad()
+def test_multi_vector_embedding_matches_diffusers(tmp_path: Path, layout):
+    # The same 3-vector file through diffusers' TextualInversionLoaderMixin.load_textual_inversion (the
+    # mixin of StableDiffusionPipeline; a bare subclass needs no pipeline components) into transformers'
+    # CLIPTextModel holding our tower's weights: diffusers adds the tokens w, w_1, w_2 to the tokenizer and
+    # their vectors as new rows of the resized token table, and maybe_convert_prompt rewrites "w" into
+    # "w w_1 w_2" (what StableDiffusionPipeline.encode_prompt does). diffusers reads a one-key safetensors
+    # file as {token: vectors}, so A1111's {"emb_params": ...} loads with the token passed (its A1111 branch
+    # is for the string_to_param dict of .pt pickles). Tolerance: float32 on both sides over the same
+    # arithmetic (a table lookup, then two layers of matmuls, softmax and LayerNorms), differing only in
+    # summation order: a few ulp of the O(1) LayerNorm outputs (~1e-6); 1e-5 relative, as the other parity
+    # tests.
+    pytest.importorskip("diffusers")
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from test_lora import hf_clip
+    from test_models_text import random_model
+
+    class Loader(TextualInversionLoaderMixin):  # what load_textual_inversion reads of a pipeline
+        hf_device_map = None
+        components = {}
+
+    word = "lfglyph"  # not in CLIP's vocabulary (diffusers refuses a token that is)
+    enc = random_model(tiny_clip(seed=6).config, torch.float32, seed=6)
+    vectors = torch.randn(3, enc.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "emb" / f"{word}.safetensors"  # our name for it: the file stem
+    path.parent.mkdir()
+    save_file({word if layout == "diffusers" else "emb_params": vectors}, str(path))
+
+    hf, hf_tok = hf_clip(enc), hf_clip_tokenizer(tmp_path / "tokenizer")
+    loader = Loader()
+    loader.load_textual_inversion(
+        str(path), token=None if layout == "diffusers" else word, tokenizer=hf_tok, text_encoder=hf
+    )
+    prompts = [f"a {word} car", f"{word}, red cube in {word} style"]
+    expanded = loader.maybe_convert_prompt(prompts, hf_tok)
+    ids = hf_tok(expanded, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = ids.input_ids
+    new = [49408, 49409, 49410]  # w, w_1, w_2: after the 49408 tokens of CLIP's vocabulary
+    (a,), (car,) = tokenizer.encode(["a", "car"])
+    assert ids[0, :7].tolist() == [tokenizer.BOS, a, *new, car, tokenizer.EOS]
+    assert ids[1, 1:4].tolist() == new and ids[1, 8:11].tolist() == new
+    ref = hf(input_ids=ids).last_hidden_state
+
+    ti = TextualInversions.from_dir(path.parent)
+    assert ti.get(word).layout == layout and ti.get(word).n_vectors == 3
+    with conditioning.use_embeddings(ti):
+        ours = conditioning.sd15({"clip_l": enc}, prompts, 64, 64, False, None)["context"]
+    plain = conditioning.sd15({"clip_l": enc}, prompts, 64, 64, False, None)["context"]
+    scale = ref.abs().max()
+    assert ((plain - ref).abs().max() / scale).item() > 1e-2  # the embedding matters
+    err = ((ours - ref).abs().max() / scale).item()
+    assert ours.shape == ref.shape == (2, 77, enc.config.hidden_size) and err <= 1e-5, err
 
 
 def test_pipeline_and_server_use_the_embeddings_dir(tmp_path):
