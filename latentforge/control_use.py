@@ -142,15 +142,26 @@ class ControlNets:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ControlNet file {path!r} does not exist")
-        p = next(unet.parameters())
-        st = os.stat(path)
-        key = (path, st.st_size, st.st_mtime_ns, p.dtype, p.device)
+        key = self._key(path, unet)
         if key not in self._cache:
+            p = next(unet.parameters())
             self._cache[key] = load_controlnet(path, p.dtype, like=unet.config).to(p.device)
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def cached(self, path: str, unet) -> ControlNet | None:
+        """The ControlNet `load` would return without reading the file, or None (memory.py's estimate)."""
+        try:
+            return self._cache.get(self._key(os.fspath(path), unet))
+        except OSError:
+            return None
+
+    @staticmethod
+    def _key(path: str, unet) -> tuple:
+        p, st = next(unet.parameters()), os.stat(path)
+        return (path, st.st_size, st.st_mtime_ns, p.dtype, p.device)
 
 
 def _describe(cfg) -> str:

@@ -496,14 +496,17 @@ class Pipeline:
     # -- memory ------------------------------------------------------------------------------------------
 
     def estimate_memory(
-        self, width: int, height: int, batch_size: int = 1, cfg: float = 7.0
+        self, width: int, height: int, batch_size: int = 1, cfg: float = 7.0, controlnet=None
     ) -> memory.MemoryEstimate:
-        """Peak activation bytes of sampling and of decoding (memory.estimate)."""
-        return memory.estimate(self, width, height, batch_size, cfg)
+        """Peak activation bytes of sampling and of decoding (memory.estimate); controlnet: the call's
+        ControlNets, as `__call__` takes them (their activations, residuals and files still to load)."""
+        return memory.estimate(self, width, height, batch_size, cfg, controlnet)
 
-    def check_memory(self, width: int, height: int, batch_size: int = 1, cfg: float = 7.0) -> bool:
+    def check_memory(
+        self, width: int, height: int, batch_size: int = 1, cfg: float = 7.0, controlnet=None
+    ) -> bool:
         """Raise NotEnoughMemory before any work, else whether decoding must be tiled (memory.check)."""
-        return memory.check(self, width, height, batch_size, cfg)
+        return memory.check(self, width, height, batch_size, cfg, controlnet)
 
     # -- generation --------------------------------------------------------------------------------------
 
@@ -681,7 +684,8 @@ class Pipeline:
             strength = img2img.check_strength(strength)
             dw, dh = init_latent.shape[-1] * self.downscale, init_latent.shape[-2] * self.downscale
         width, height = self.check_size(dw if width is None else width, dh if height is None else height)
-        self.check_memory(width, height, batch_size, cfg)  # before any work: refuse a job that cannot fit
+        # before any work: refuse a job that cannot fit (its ControlNets included)
+        self.check_memory(width, height, batch_size, cfg, controlnet)
         speed = Speedups(cache_interval, cache_depth, cache_threshold, tome_ratio, tome_max_downsample)
         speed.check(self.net)  # before any work
         preview_hook = previews.hook(self, preview, preview_every, on_preview)  # checked before any work

@@ -205,3 +205,125 @@ def test_available_memory_readers(monkeypatch):
         assert isinstance(n, int) and n > 0
     assert memory.available_memory(torch.device("meta")) is None
     assert math.isfinite(memory.MemoryEstimate(1, "the UNet", 2, 3, (1, 1)).decode)
+
+
+# -- ControlNets -----------------------------------------------------------------------------------------
+# tiny("sd15") at 32x24, a batch of 2 with CFG: 12x16 latents (n0 = 192; level 1: 6x8 = 48), B = 4 rows,
+# float32; the control map is 8x the latent: 96x128 pixels.
+CN_B, CN_ROWS, N0, N1, HINT_PX = 2, 4, 12 * 16, 6 * 8, 96 * 128
+
+
+def _control_terms() -> dict[str, int]:
+    """memory._controlnets's terms for that job, counted by hand (model_channels 32, channel_mult (1, 2),
+    1 res block, fused attention)."""
+    skips = 2 * 32 * N0 + 2 * 64 * N1
+    residuals = skips + 64 * N1  # one per skip connection, and the middle block's
+    work = 16 * 32 * N0  # the UNet's largest working set (level 0), and so the ControlNet's
+    return {
+        "call": 4 * CN_ROWS * (2 * residuals + max(work + 32 * N0, residuals)),
+        "held": 4 * CN_B * 3 * HINT_PX + 4 * CN_B * 32 * N0,  # a control map (float32), E(c)
+        "encode": 4 * CN_B * (memory.HINT_CONV_TENSORS * 16 + 3) * HINT_PX,  # E(·)'s full-size convs
+        "unet": 4 * CN_ROWS * (skips + work),
+    }
+
+
+@pytest.fixture
+def control_pipe(monkeypatch):
+    from latentforge.control_use import ControlNets
+    from latentforge.models.controlnet import ControlNet
+
+    pipe = tiny("sd15")
+    monkeypatch.setattr(pipe, "controlnets", ControlNets())  # this test's files only
+    torch.manual_seed(7)
+    nets = [ControlNet.from_unet(pipe.net).eval().requires_grad_(False) for _ in range(2)]
+    return pipe, nets, torch.rand(CN_B, 3, 96, 128)
+
+
+def test_estimate_counts_controlnets(control_pipe, tmp_path, monkeypatch):
+    from latentforge.checkpoints_controlnet import PREFIX, save_controlnet
+    from latentforge.control_use import Control
+
+    pipe, (cn, cn2), hint = control_pipe
+    terms = _control_terms()
+    plain = pipe.estimate_memory(32, 24, CN_B, cfg=4.0)
+    assert plain.denoiser == terms["unet"] and plain.control == 0
+    # a ControlNet object is loaded already: its activations, residuals and control map, not its weights
+    one = pipe.estimate_memory(32, 24, CN_B, 4.0, Control(cn, hint))
+    assert one.denoiser == terms["held"] + max(terms["encode"], terms["call"])
+    assert one.denoiser_what == "the UNet and its ControlNet" and one.control == one.denoiser - plain.denoiser
+    assert (one.decode, one.decode_tiled, one.control_weights) == (plain.decode, plain.decode_tiled, 0)
+    # two: their maps and E(c) each, one set of residuals (summed); the call is the same
+    two = pipe.estimate_memory(32, 24, CN_B, 4.0, [Control(cn, hint), Control(cn2, hint, guess=True)])
+    assert two.denoiser - one.denoiser == terms["held"] and "2 ControlNets" in two.denoiser_what
+    # (a) a file not loaded yet adds its weights, in the UNet's dtype: at least the parameter bytes
+    params = sum(p.numel() * p.element_size() for p in cn.parameters())
+    path = str(tmp_path / "cn.safetensors")
+    save_controlnet(cn, path)
+    file = pipe.estimate_memory(32, 24, CN_B, 4.0, Control(path, hint))
+    assert file.denoiser - plain.denoiser >= params
+    assert file.control_weights == params and file.denoiser == one.denoiser + params
+    assert file.decode == plain.decode + params  # still loaded while decoding
+    named_twice = pipe.estimate_memory(32, 24, CN_B, 4.0, [Control(path, hint), Control(path, hint)])
+    assert named_twice.control_weights == params  # read once
+    pipe.controlnets.load(path, pipe.net)  # read by an earlier call: held already
+    assert pipe.estimate_memory(32, 24, CN_B, 4.0, Control(path, hint)) == one
+    # torch.load files: at least the file (read whole), at most its size/2 elements at 4 bytes each
+    pth = str(tmp_path / "cn.pth")
+    torch.save({PREFIX + k: v.half() for k, v in cn.state_dict().items()}, pth)
+    est = pipe.estimate_memory(32, 24, CN_B, 4.0, Control(pth, hint))
+    assert est.control_weights == 2 * os.path.getsize(pth) >= params
+    # the pipeline passes its ControlNets: refused before any work, the file not read
+    other = str(tmp_path / "other.safetensors")
+    save_controlnet(cn2, other)
+    calls = count_calls(monkeypatch, pipe)
+    avail(monkeypatch, file.denoiser - 1)  # enough for one loaded ControlNet, not for a file to load
+    with pytest.raises(NotEnoughMemory) as e:
+        pipe("a cat", width=32, height=24, batch_size=CN_B, controlnet=Control(other, hint), **ARGS)
+    assert calls == [] and len(pipe.controlnets._cache) == 1
+    msg = str(e.value)
+    assert "for the UNet and its ControlNet's activations at 16x12 latents" in msg
+    assert f"{memory._gb(params)} of it ControlNet weights to load" in msg and "or fewer ControlNets" in msg
+
+
+def _peak_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held at once while `fn` ran, above what it held before: the
+    profiler's memory events (one per allocation and free, with its size) summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_controlnet_estimate_bounds_the_measured_peak(control_pipe):
+    """(b) On the CPU, the peak torch allocates for a denoiser call with ControlNets (their hint encoding
+    at the pass's start included) stays under the estimate, and the call alone under its own term."""
+    from latentforge.control_use import Control, prepare_controls
+
+    pipe, nets, hint = control_pipe
+    terms = _control_terms()
+    x, ctx = torch.randn(CN_ROWS, 4, 12, 16), torch.randn(CN_ROWS, 77, 32)
+    sigmas = torch.tensor([14.6, 3.0, 0.0])
+    t = pipe.model_sampling.timestep(sigmas[:1]).expand(CN_ROWS)
+    with torch.no_grad():
+        plain = _peak_bytes(lambda: pipe.net(x, t, ctx))
+        assert plain <= terms["unet"]  # the UNet's own bound
+        for k in (1, 2):
+            controls = [Control(net, hint, weight=0.5, guess=i == 1) for i, net in enumerate(nets[:k])]
+            est = pipe.estimate_memory(32, 24, CN_B, 4.0, controls)
+            prep = prepare_controls(pipe, controls, 32, 24, CN_B, False, True)
+            applied = prep.applied(pipe.net, pipe.model_sampling, sigmas)
+
+            def encode_and_call(applied=applied):  # E(c) for each net, then a call
+                with applied:
+                    pipe.net(x, t, ctx)
+
+            assert _peak_bytes(encode_and_call) <= est.denoiser
+            with prep.applied(pipe.net, pipe.model_sampling, sigmas):
+                call = _peak_bytes(lambda: pipe.net(x, t, ctx))
+            assert plain < call <= terms["call"]  # the ControlNets' residuals add to the UNet's own
