@@ -670,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--embeddings-dir", default=None, help="folder of textual inversions prompts name (embedding:name)"
     )
     sv.add_argument(
+        "--controlnet-dir",
+        default=None,
+        help="folder of ControlNet .safetensors files the units of A1111 clients (sd-webui-controlnet's "
+        "alwayson_scripts.controlnet) name by file stem",
+    )
+    sv.add_argument(
         "--model", default=None, help="the model loaded first, by name (default: the shipped one)"
     )
     sv.add_argument("--outputs", default=None, help="folder for images clients ask to save (save_images)")
@@ -781,7 +787,8 @@ def _serve(args) -> int:
         raise ValueError(f"--batch-jobs must be >= 0 (0: off), got {args.batch_jobs}")
     key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
     names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
-             "max_steps", "max_batch_count", "batch_jobs", "model", "lora_dir", "embeddings_dir")  # fmt: skip
+             "max_steps", "max_batch_count", "batch_jobs", "model", "lora_dir", "embeddings_dir",
+             "controlnet_dir")  # fmt: skip
     serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
     return 0
 

@@ -34,7 +34,7 @@ A1111_STEPS = 50  # A1111's default when neither the request nor the model says
 INPAINTING_FILL = ("fill", "original", "latent_noise")  # A1111's 0, 1, 2 ("latent nothing", 3, is refused)
 OVERRIDES = ("sd_model_checkpoint",)  # override_settings keys honoured
 # Pipeline arguments that keep a job out of a merged batch (the server's --batch-jobs)
-NOT_MERGED = ("subseed", "seed_resize_from", "hires_scale", "hires_size", "init_image", "mask")
+NOT_MERGED = ("subseed", "seed_resize_from", "hires_scale", "hires_size", "init_image", "mask", "controlnet")
 MAX_PROMPT = 20_000  # characters (~60 chunks of 75 tokens); a longer one would hold the worker for minutes
 
 
@@ -359,14 +359,14 @@ def _img2img_args(req: Img2Img, max_pixels: int) -> dict:
 
 assert set(INPAINTING_FILL) == set(MASKED_CONTENT)
 
-# -- responses ------------------------------------------------------------------------------------------
-
 
 def infotexts(
-    kw: dict, n: int, model: str, model_hash: str | None, lora_hashes: str | None = None
-) -> list[str]:
+    kw: dict, n: int, model: str, model_hash: str | None, lora_hashes: str | None = None,
+    extra: dict | None = None,
+) -> list[str]:  # fmt: skip
     """A1111's `parameters` text for each of the n images (image i: seed + i); the prompt keeps its LoRA
-    tags, and lora_hashes ("name: hash, ...", Pipeline.lora_hashes) is A1111's "Lora hashes"."""
+    tags, and lora_hashes ("name: hash, ...", Pipeline.lora_hashes) is A1111's "Lora hashes". extra: more
+    fields before "Version" (the "ControlNet k" ones)."""
     hr = "hires_denoise" in kw
     out = []
     for i in range(n):
@@ -393,6 +393,7 @@ def infotexts(
             "Masked area padding": kw.get("inpaint_full_res_padding") if kw.get("inpaint_full_res") else None,
             "RNG": "CPU",
             "Lora hashes": lora_hashes,
+            **(extra or {}),  # the ControlNet units' fields (controlnet_args)
             "Version": f"latentforge {latentforge.__version__}",
         }
         out.append(infotext.build(kw["prompt"], kw["negative_prompt"], params))
@@ -400,8 +401,9 @@ def infotexts(
 
 
 def info(req: Txt2Img, kw: dict, n: int, texts: list[str], model: str, model_hash: str | None,
-         interrupted: bool = False) -> dict:  # fmt: skip
-    """`Processed.js()`: the `info` object of a txt2img/img2img response (sent as a JSON string)."""
+         interrupted: bool = False, extra: dict | None = None) -> dict:  # fmt: skip
+    """`Processed.js()`: the `info` object of a txt2img/img2img response (sent as a JSON string); extra:
+    its `extra_generation_params` (the "ControlNet k" fields, as the extension adds them)."""
     seeds = [kw["seed"] + i for i in range(n)]
     sub = kw.get("subseed", -1)
     subseeds = [sub + i if sub >= 0 else -1 for i in range(n)]
@@ -417,7 +419,8 @@ def info(req: Txt2Img, kw: dict, n: int, texts: list[str], model: str, model_has
         "seed_resize_from_w": kw["seed_resize_from"][0] if "seed_resize_from" in kw else -1,
         "seed_resize_from_h": kw["seed_resize_from"][1] if "seed_resize_from" in kw else -1,
         "denoising_strength": kw.get("hires_denoise", kw.get("strength")),
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
+        "extra_generation_params": dict(extra or {}), "index_of_first_image": 0, "infotexts": texts,
+        "styles": [],
         "job_timestamp": datetime.datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "interrupted": interrupted,
         "version": f"latentforge {latentforge.__version__}",

@@ -5,6 +5,8 @@ Every generation, from either API, goes through one JobQueue (jobs.py): a job id
 events from `GET .../jobs/{id}/events`, `DELETE` to cancel; the A1111 routes wait for their job's end.
 Models are taken only by name, from `--models-dir` (top-level `.safetensors` files) or the shipped model;
 LoRAs likewise, by the `<lora:name:w>` tags of prompts, from `--lora-dir` (`GET /sdapi/v1/loras` lists them);
+ControlNets by the model names of sd-webui-controlnet units (`alwayson_scripts.controlnet.args`), from
+`--controlnet-dir` (`GET /controlnet/model_list`, `module_list`, `version`: the extension's routes);
 outputs are written only under `--outputs`, with generated names. Limits: `--max-queue` (HTTP 429 with
 Retry-After beyond it), `--max-body` (413), `--max-pixels` and `--max-steps` (422 naming the field).
 `--api-key` is required on every route when set (Bearer, X-API-Key, or HTTP Basic with the key as password,
@@ -16,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import difflib
 import hashlib
 import hmac
 import io
 import json
 import os
+import re
 import secrets
 import signal
 import threading
@@ -37,7 +41,7 @@ import latentforge
 from latentforge import hires, outputs, previews
 from latentforge.lora import LoRAError
 from latentforge.pipeline import DEFAULT_MODEL
-from latentforge.server import a1111
+from latentforge.server import a1111, controlnet_api
 from latentforge.server.jobs import Job, JobQueue, QueueFull
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
@@ -61,6 +65,7 @@ class Settings:
     model: str | None = None  # the model loaded first (default: the shipped one)
     lora_dir: str | None = None  # where <lora:name:w> tags in prompts find name.safetensors
     embeddings_dir: str | None = None  # textual inversions prompts name (file stem or embedding:name)
+    controlnet_dir: str | None = None  # ControlNet units' models: name.safetensors there, named by stem
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -200,6 +205,76 @@ class Loras:
         self.entries = entries
 
 
+class ControlNetFiles:
+    """The ControlNets units may name: the top-level `.safetensors` files of controlnet_dir, named by file
+    stem, listed as the extension lists them ("name [hash]": the first 8 hex digits of the file's sha256,
+    computed once per size and mtime). The folder is read at every call: a file added is usable at once.
+    Names, never paths: separators, `..` and other characters than find_lora's are refused."""
+
+    NAME = re.compile(r"[\w .()\[\]+-]+")  # lora.find_lora's names
+
+    def __init__(self, folder: str | None):
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"--controlnet-dir {folder!r} is not a folder")
+        self.folder = folder
+        self._hashes: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        if self.folder is None:
+            return []
+        files = sorted(n for n in os.listdir(self.folder) if n.endswith(".safetensors"))
+        names = [n[: -len(".safetensors")] for n in files if os.path.isfile(os.path.join(self.folder, n))]
+        return [n for n in names if self._valid(n)]
+
+    @classmethod
+    def _valid(cls, name: str) -> bool:
+        return bool(cls.NAME.fullmatch(name)) and name.strip(". ") == name.strip() and ".." not in name
+
+    def model_list(self) -> list[str]:
+        out = []
+        for name in self.names():
+            path = os.path.join(self.folder, name + ".safetensors")
+            try:
+                st = os.stat(path)
+                key = (path, st.st_size, st.st_mtime_ns)
+                with self._lock:
+                    sha = self._hashes.get(key)
+                if sha is None:
+                    sha = _sha256(path)
+                    with self._lock:
+                        self._hashes[key] = sha
+            except OSError:  # gone since listed
+                continue
+            out.append(f"{name} [{sha[:8]}]")
+        return out
+
+    def find(self, name: str, field: str) -> str:
+        """The file of a model name: "name", "name [hash]" (the hash is the list's; it is not checked),
+        "name.safetensors"; any case when only one file matches."""
+        if self.folder is None:
+            raise a1111.RequestError(field, "this server was started without --controlnet-dir: it has no "
+                                            "ControlNet models")  # fmt: skip
+        given = name
+        name = re.sub(r"\s*\[[0-9a-fA-F]{6,64}\]$", "", name.strip()).strip()  # A1111's " [hash]"
+        if name.endswith(".safetensors"):
+            name = name[: -len(".safetensors")]
+        if "/" in name or "\\" in name or ".." in name or os.path.isabs(name) or not self._valid(name):
+            raise a1111.RequestError(field, f"{given!r}: ControlNet models are named (letters, digits, "
+                                            "spaces and ._-+()[]), not given as paths")  # fmt: skip
+        names = self.names()
+        if name not in names:
+            same = [n for n in names if n.lower() == name.lower()]
+            if len(same) != 1:
+                close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+                has = f"closest: {close}" if close else f"the server has {names[:20]}" if names else (
+                    "--controlnet-dir has no .safetensors files")  # fmt: skip
+                raise a1111.RequestError(field, f"no ControlNet model {given!r}; {has} (GET "
+                                                "/controlnet/model_list lists them)")  # fmt: skip
+            name = same[0]
+        return os.path.join(self.folder, name + ".safetensors")
+
+
 def lora_key(prompt) -> tuple | None:
     """The LoRA tags of a prompt as a sortable key (batch_key); None when they do not parse."""
     from latentforge.lora import LoRAError, parse_tags
@@ -288,6 +363,7 @@ class Server:
         self.settings = settings
         self.models = Models(settings.models_dir, settings.lora_dir, settings.embeddings_dir)
         self.loras = Loras(settings.lora_dir)
+        self.controlnets = ControlNetFiles(settings.controlnet_dir)
         first = self.models.find(settings.model, "--model") if settings.model else self.models.entries[0]
         self.options = {"sd_model_checkpoint": first["title"], "sd_checkpoint_hash": first["sha256"],
                         "live_previews_enable": True, "show_progress_every_n_steps": 1,
@@ -394,7 +470,8 @@ class Server:
             lora_hashes = self.models.pipeline(job.model).lora_hashes(job.kwargs["prompt"])
         except (ValueError, OSError):  # a file gone since the job ran: no hashes rather than no images
             lora_hashes = None
-        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes)
+        extra = getattr(job, "controlnet_fields", None)  # make_job's
+        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra)
         saved = []
         if job.request.get("save_images") and self.settings.outputs:
             for i, im in enumerate(images):
@@ -403,7 +480,7 @@ class Server:
         encoded = [a1111.encode_png(outputs.png_bytes(im, t, compress_level=1))
                    for im, t in zip(images, texts, strict=True)]  # fmt: skip
         req = job.request_model
-        info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted)
+        info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted, extra)
         return {"images": encoded if req.send_images else [], "info": info, "saved": len(saved)}
 
     # requests -> jobs
@@ -419,6 +496,11 @@ class Server:
         seed, subseed = secrets.randbelow(2**32), secrets.randbelow(2**32)
         kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps,
                                         s.max_batch_count)  # fmt: skip
+        controls, control_fields = controlnet_api.controlnet_args(
+            req, kw, self.controlnets.find, s.max_pixels
+        )
+        if controls:
+            kw["controlnet"] = controls
         try:
             steps = pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
         except LoRAError as e:  # a bad tag, a LoRA name the folder does not have
@@ -426,11 +508,12 @@ class Server:
                                      str(e)) from None  # fmt: skip
         except (ValueError, TypeError) as e:
             raise a1111.RequestError("request", str(e)) from None
-        echo = req.model_dump()
+        echo = controlnet_api.echo_without_control_images(req.model_dump())
         if kind == "img2img":
             echo |= {"init_images": None, "mask": None}  # A1111 does not echo the images back
         job = Job(kind, title, kw, count, echo)
         job.request_model, job.planned_steps = req, steps
+        job.controlnet_fields = control_fields  # the infotext's "ControlNet k" (_result)
         return job
 
     def job_json(self, job: Job, images: bool = True) -> dict:
@@ -580,7 +663,9 @@ def build_app(settings: Settings) -> FastAPI:
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        # A1111 lists its always-on scripts too, by lowercased title: the extension shows as "controlnet"
+        names = ["controlnet"] if settings.controlnet_dir else []
+        return {"txt2img": names, "img2img": list(names)}
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh():
@@ -605,6 +690,26 @@ def build_app(settings: Settings) -> FastAPI:
             loaded[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
                             "vectors": e.n_vectors}  # fmt: skip
         return {"loaded": loaded, "skipped": {name: {"reason": why} for name, why in ti.refused.items()}}
+
+    # -- sd-webui-controlnet's routes ------------------------------------------------------------------
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": controlnet_api.CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_model_list(update: bool = True):
+        # update: the extension's rescan flag; the folder is read at every call here
+        return {"model_list": await run_in_threadpool(srv.controlnets.model_list)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(alias_names: bool = False):
+        # every name units may send (the extension's names and aliases, ours), and which of ours it runs
+        # (controlnet_api.CONTROLNET_MODULES); no sliders: ours take no parameters but canny's thresholds
+        modules = controlnet_api.CONTROLNET_MODULES
+        names = list(modules)
+        detail = {n: {"model_free": False, "sliders": [], "preprocessor": modules[n]} for n in names}
+        return {"module_list": names, "module_detail": detail}
 
     @app.post("/sdapi/v1/refresh-loras")
     async def refresh_loras():
