@@ -13,8 +13,15 @@ same product with the kernel flattened into `in`. Key names: lora_keys.py.
     with patch(pipe, lora, 0.8, 0.5):              # or on the fly: base weights untouched, several at once
         pipe("a prompt")
 
-A layer that cannot be placed, has the wrong shape, or uses a variant not implemented here (DoRA, LoHa, LoKr,
-Tucker `lora_mid`) fails the whole load and is named: a LoRA is never silently half-applied (the complaint in
+DoRA layers in kohya/LyCORIS files (`dora_scale`, Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+Adaptation", eq. 5): W' = W + s·(m ⊙ V/‖V‖ − W) with V = W + (α/r)·up @ down, m = dora_scale and ‖·‖ the
+norm of V's input columns (m [1, in, 1, 1], LyCORIS's default) or output rows (m [out, 1, ...], its
+`wd_on_out`). At s = 1 this is W' = m ⊙ V/‖V‖ as LyCORIS, A1111 and ComfyUI compute it; other weights s
+interpolate between W and W' as A1111 (network.py finalize_updown) and ComfyUI do (LyCORIS interpolates
+between V and W'). ComfyUI's `wd_on_out` takes the row norms of W rather than V; LyCORIS and we take V's.
+Patched, a DoRA weight is recomputed per network call, like a LoCon 3×3 conv. A layer that cannot be
+placed, has the wrong shape, or uses a variant not implemented here (PEFT's DoRA, LoHa, LoKr, Tucker
+`lora_mid`) fails the whole load and is named: a LoRA is never silently half-applied (the complaint in
 diffusers #10599, #9291; ComfyUI #3701).
 """
 
@@ -50,6 +57,7 @@ class LoRALayer:
     down: torch.Tensor  # A: [r, in] or [r, in, kh, kw]
     up: torch.Tensor  # B: [out, r] or [out, r, 1, 1]
     alpha: float | None = None  # None: α = r
+    dora_scale: torch.Tensor | None = None  # DoRA's magnitude m: [1, in(, 1, 1)] or [out, 1(, 1, 1)]
 
     @property
     def rank(self) -> int:
@@ -61,6 +69,16 @@ class LoRALayer:
     def delta(self, weight: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """s · (α/r) · up @ down as [out, in·kh·kw], computed in `dtype`."""
         return (self.up.flatten(1).to(dtype) @ self.down.flatten(1).to(dtype)) * self.scale(weight)
+
+    def apply_dora(self, w: torch.Tensor, delta: torch.Tensor, weight: float) -> torch.Tensor:
+        """W + s·(m ⊙ V/‖V‖ − W), V = W + ΔW (ΔW at weight 1), for W [out, ...] in its own dtype."""
+        v = w + delta.reshape(w.shape)
+        m = self.dora_scale.to(w.device, w.dtype)
+        if m.shape[0] == w.shape[0] and w.shape[0] != 1:  # one magnitude per output row (wd_on_out)
+            norm = v.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+        else:  # one per input column (over the rows and the kernel)
+            norm = v.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.ndim - 2))
+        return w + weight * (m * v / (norm + torch.finfo(w.dtype).eps) - w)
 
 
 @dataclass
@@ -96,8 +114,8 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str, metadata: dict 
         formats.add(fmt)
         parts.setdefault((part, layer), {})[kind] = tensor
     if refused:
-        variants = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa", "lokr_": "LoKr",
-                    "lora_mid": "Tucker (lora_mid)", "lora_B.bias": "lora_bias"}  # fmt: skip
+        variants = {"dora_scale": "DoRA", "lora_magnitude_vector": "PEFT's DoRA", "hada_": "LoHa",
+                    "lokr_": "LoKr", "lora_mid": "Tucker (lora_mid)", "lora_B.bias": "lora_bias"}  # fmt: skip
         found = sorted({v for k in refused for s, v in variants.items() if s in k})
         what = f" ({', '.join(found)} is not supported)" if found else ""
         raise LoRAError(f"LoRA {name}: {len(refused)} keys are not LoRA up/down/alpha tensors{what}: "
@@ -111,7 +129,7 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str, metadata: dict 
             broken.append(f"{part}:{layer} (has only {sorted(t)})")
             continue
         alpha = float(t["alpha"]) if "alpha" in t else alphas(part, layer)
-        layers[(part, layer)] = LoRALayer(t["down"], t["up"], alpha)
+        layers[(part, layer)] = LoRALayer(t["down"], t["up"], alpha, t.get("dora"))
     if broken:
         raise LoRAError(f"LoRA {name}: layers without both up and down weights: {_some(broken)}")
     if not layers:
@@ -241,6 +259,15 @@ def _shape_problem(weight: torch.Tensor, target: Target, layer: LoRALayer) -> st
         return f"up {tuple(layer.up.shape)} is not [out, {rank}] or [out, {rank}, 1, 1]"
     if layer.down.ndim == 4 and tuple(layer.down.shape[2:]) != tuple(weight.shape[2:]):
         return f"down kernel {tuple(layer.down.shape[2:])} on a weight of shape {tuple(weight.shape)}"
+    if layer.dora_scale is not None:
+        m, n = tuple(layer.dora_scale.shape), weight.ndim - 2
+        if target.rows is not None or m not in (
+            (1, weight.shape[1], *[1] * n),
+            (weight.shape[0], *[1] * (n + 1)),
+        ):
+            return (
+                f"dora_scale {m} is neither [1, in, ...] nor [out, 1, ...] of a weight {tuple(weight.shape)}"
+            )
     if target.swap and out % 2:
         return f"ΔW with {out} rows cannot be (scale, shift) halves"
     if out != rows or layer.down[0].numel() != weight[0].numel():
@@ -353,6 +380,11 @@ def _rewrite(module: nn.Module, name: str) -> None:
     for terms in entry.terms.values():
         for target, layer, s in terms:  # ΔW = s·(α/r)·up @ down, placed in the rows of the fused weight
             up = _full_up(target, layer.up.to(torch.float64), new.shape[0])
+            if layer.dora_scale is not None:  # (in the order merged: DoRA's norm depends on W)
+                new = layer.apply_dora(
+                    new, (up @ layer.down.flatten(1).to(torch.float64)) * layer.scale(1), s
+                )
+                continue
             delta = (up @ layer.down.flatten(1).to(torch.float64)) * layer.scale(s)
             new += delta.to(new.device).reshape(new.shape)
     w.copy_(new)
@@ -388,9 +420,12 @@ def patch(pipe, lora, unet_scale: float = 1.0, te_scale: float | None = None) ->
         w = getattr(module, target.param)
         down, up = layer.down.to(w.device, w.dtype), layer.up.to(w.device, w.dtype)
         s = layer.scale(scales[target.component in _DENOISERS])
-        lowrank = target.param == "weight" and (
-            isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+        small = isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
         )
+        lowrank = layer.dora_scale is None and target.param == "weight" and small
+        if layer.dora_scale is not None:  # DoRA is not additive: W' is computed from W (and m) per call
+            s = (layer, scales[target.component in _DENOISERS])
         if lowrank and isinstance(module, nn.Linear):  # (SD3's fused q/k/v: up padded to the whole qkv)
             term, host = (down.flatten(1), _full_up(target, up, w.shape[0]), s), module
         elif lowrank:  # 1×1 conv
@@ -444,6 +479,10 @@ def _swap_in(root: nn.Module, args) -> None:
             base = module._parameters[target.param]
             w = weights.setdefault((module, target.param), base.detach().to(torch.float32, copy=True))
             delta = _full_up(target, up.float(), w.shape[0]) @ down.flatten(1).float()
+            if isinstance(s, tuple):  # DoRA: (layer, the user's weight)
+                layer, weight = s
+                weights[(module, target.param)] = w = layer.apply_dora(w, delta * layer.scale(1), weight)
+                continue
             w += delta.reshape(w.shape) * s
     saved = []
     for (module, name), w in weights.items():

@@ -223,7 +223,7 @@ PEFT_PARTS = {
     "unet.": "unet", "transformer.": "unet", "base_model.model.": "unet",
     "text_encoder.": "te1", "text_encoder_2.": "te2", "text_encoder_3.": "te3",
 }  # fmt: skip
-KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora"}
 # The older diffusers attention-processor names (`attn1.processor.to_q_lora.down.weight`,
 # `self_attn.to_q_lora.down.weight`) -> module names
 OLD_PROCESSOR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}

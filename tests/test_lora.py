@@ -423,7 +423,7 @@ def test_sdxl_lora_on_sd15_is_refused_naming_sdxl(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"lora_unet_x.dora_scale": torch.ones(1, 4)}, "DoRA"),
+        ({"unet.x.lora_magnitude_vector": torch.ones(4)}, "PEFT's DoRA"),
         ({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, "LoHa"),
         ({"lora_unet_x.lora_mid.weight": torch.ones(2, 2, 3, 3)}, "Tucker"),
         ({"model.diffusion_model.out.2.weight": torch.ones(2)}, "out.2.weight"),
@@ -497,3 +497,82 @@ def test_prompt_tags(tmp_path):
             L.find_lora(bad, str(tmp_path))
     with pytest.raises(L.LoRAError, match="no LoRA named 'missing'"):
         L.find_lora("missing", str(tmp_path))
+
+
+# -- DoRA (kohya / LyCORIS `dora_scale`) ---------------------------------------------------------------------
+
+
+def dora_reference(w, down, up, alpha, m, s) -> torch.Tensor:
+    """Liu et al. 2024 eq. 5 at weight 1, W' = m ⊙ V/‖V‖_c with V = W + (α/r)·B·A, interpolated from W by s
+    (A1111's finalize_updown); ‖·‖ over every axis but the one m varies along. float64, from the paper."""
+    w, v = (
+        w.double(),
+        w.double()
+        + (alpha / down.shape[0]) * (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape),
+    )
+    axis = 0 if m.shape[0] == w.shape[0] else 1
+    dims = tuple(d for d in range(w.ndim) if d != axis)
+    norm = v.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    return w + s * (m.double() * v / norm - w)
+
+
+@pytest.mark.parametrize("mode", ["merge", "patch"])
+def test_dora_layers(tmp_path, mode):
+    """kohya DoRA files on a Linear (m per input column), a 1×1 conv (m per output row, LyCORIS wd_on_out)
+    and a 3×3 conv (LoCon): merged weights equal the formula (one float32 rounding of a float64 result,
+    so within 2 ulps); patched outputs equal merged ones (float32 orders of summation: 1e-5)."""
+    pipe = sd15()
+    unet = pipe.components["unet"]
+    g = torch.Generator().manual_seed(11)
+    targets = {  # our path -> whether m is per output row
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q": False,
+        "input_blocks.1.1.proj_in": True,
+        "input_blocks.1.0.in_layers.2": False,
+    }
+    sd, expected, s = {}, {}, 0.6
+    for path, on_out in targets.items():
+        w = unet.get_submodule(path).weight
+        down, up = layer_tensors(g, w)
+        m_shape = (w.shape[0], *[1] * (w.ndim - 1)) if on_out else (1, w.shape[1], *[1] * (w.ndim - 2))
+        base_norm = (
+            w.detach()
+            .double()
+            .pow(2)
+            .sum(dim=tuple(d for d in range(w.ndim) if d != (0 if on_out else 1)), keepdim=True)
+            .sqrt()
+        )
+        m = (base_norm * (1 + 0.2 * torch.rand(m_shape, generator=g, dtype=torch.float64))).float()
+        key = "lora_unet_" + unet_diffusers_name(unet, path).replace(".", "_")
+        sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+               f"{key}.alpha": torch.tensor(2.0), f"{key}.dora_scale": m}  # fmt: skip
+        expected[path] = dora_reference(w.detach(), down, up, 2.0, m, s)
+    save_file(sd, str(tmp_path / "dora.safetensors"))
+    lora = L.read_lora(tmp_path / "dora.safetensors")
+    assert all(layer.dora_scale is not None for layer in lora.layers.values())
+    base = outputs(pipe)[0]
+    with L.merge(pipe, lora, unet_scale=s):
+        merged = outputs(pipe)[0]
+        for path, ref in expected.items():
+            w = unet.get_submodule(path).weight
+            assert (
+                (w.double() - ref).abs() <= 2 * torch.finfo(torch.float32).eps * ref.abs() + 1e-30
+            ).all(), path
+    assert rel(merged, base) > 1e-3
+    if mode == "patch":
+        with L.patch(pipe, lora, unet_scale=s):
+            patched = outputs(pipe)[0]
+        assert rel(patched, merged) <= 1e-5, rel(patched, merged)
+    assert torch.equal(outputs(pipe)[0], base)
+
+
+def test_dora_scale_of_the_wrong_shape_is_named(tmp_path):
+    pipe = sd15()
+    key = "lora_unet_" + unet_diffusers_name(pipe.components["unet"], "input_blocks.1.1.proj_in").replace(
+        ".", "_"
+    )
+    w = pipe.components["unet"].get_submodule("input_blocks.1.1.proj_in").weight
+    down, up = layer_tensors(torch.Generator().manual_seed(0), w)
+    sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.dora_scale": torch.ones(3, 5)}
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(L.LoRAError, match=r"dora_scale \(3, 5\) is neither"):
+        L.merge(pipe, L.read_lora(tmp_path / "bad.safetensors"))
