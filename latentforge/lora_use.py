@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import difflib
 import hashlib
 import math
 import os
@@ -78,10 +79,12 @@ def find_lora(name: str, lora_dir: str) -> str:
             )
         except OSError as err:
             raise lora.LoRAError(f"{e}; the LoRA folder cannot be read: {err}") from None
-        listed = ", ".join(repr(n) for n in have[:20]) + (
-            f" and {len(have) - 20} more" if len(have) > 20 else ""
-        )
-        raise lora.LoRAError(f"{e}; it has {listed or 'no .safetensors files'}") from None
+        if not have:
+            raise lora.LoRAError(f"{e}; it has no .safetensors files") from None
+        close = difflib.get_close_matches(name, have, n=5, cutoff=0.5) or have[:5]  # the closest names first
+        more = f" (of {len(have)} LoRAs)" if len(have) > len(close) else ""
+        kind = "closest names" if close != have[:5] else "it has"
+        raise lora.LoRAError(f"{e}; {kind}: {', '.join(repr(n) for n in close)}{more}") from None
 
 
 def _tag_text(tags: list[tuple[str, float, float]]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -87,8 +88,16 @@ def test_weight_zero_equals_base(setup):
 
 def test_missing_name_and_bad_batches(setup):
     pipe, lora_dir, _, _ = setup
-    with pytest.raises(L.LoRAError, match=r"'nope'.*it has 'style'"):
+    with pytest.raises(L.LoRAError, match=r"'nope'.*it has: 'style'"):
         pipe.sample(f"{PROMPT} <lora:nope:1>", **GEN)
+    for k in range(7):  # a folder of many: the closest names come first
+        shutil.copy(
+            os.path.join(lora_dir, "style.safetensors"), os.path.join(lora_dir, f"other{k}.safetensors")
+        )
+    with pytest.raises(L.LoRAError, match=r"'styel'.*closest names: 'style' \(of 8 LoRAs\)"):
+        pipe.sample(f"{PROMPT} <lora:styel:1>", **GEN)
+    for k in range(7):
+        os.remove(os.path.join(lora_dir, f"other{k}.safetensors"))
     with pytest.raises(L.LoRAError, match="letters, digits"):
         pipe.sample(f"{PROMPT} <lora:../style:1>", **GEN)
     with pytest.raises(L.LoRAError, match="same ones"):
