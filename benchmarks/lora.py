@@ -8,11 +8,14 @@ the transformer blocks, 128 layers), and with `--locon` also on the ResBlocks' a
 
 - plain: the UNet without a LoRA (= merged: `lora.merge` rewrites the weights, so a merged step is a plain
   step; merging costs once per change of LoRA, timed separately);
-- patched: `lora.patch`, what a Pipeline call with `<lora:...>` does: a forward hook adds s·B(A(x)) to
-  each Linear / 1×1 conv; 3×3 convs get W + ΔW swapped in for the UNet's call.
+- patched: `lora.patch`: a forward hook adds s·B(A(x)) to each Linear / 1×1 conv; 3×3 convs get W + ΔW
+  swapped in for every UNet call;
+- applied: `lora.apply`, what a Pipeline call with `<lora:...>` does: patched, except the UNet's layers a
+  patch would rebuild at every call (LoCon 3×3 convs, DoRA), which are merged once per generation.
 
-The table gives median ms per step, the overhead patched / plain − 1 as the median of per-pair ratios
-[min, max], and the one-off merge + unmerge time.
+The table gives median ms per step, the overheads patched / plain − 1 and applied / plain − 1 as the
+median of per-pair ratios [min, max], and the one-off costs (merge + unmerge of the whole LoRA; apply +
+remove, per generation).
 
     .venv/bin/python benchmarks/lora.py [--sizes 32 64] [--rank 32] [--locon] [--repeat 5]
 """
@@ -20,6 +23,7 @@ The table gives median ms per step, the overhead patched / plain − 1 as the me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -74,29 +78,38 @@ def main() -> None:
     with L.merge(pipe, lora):
         merge_s = time.perf_counter() - t0
     unmerge_s = time.perf_counter() - t0 - merge_s
-    print(f"merge {merge_s * 1e3:.0f} ms, unmerge {unmerge_s * 1e3:.0f} ms (once per change of LoRA)\n")
-    print("| latents | plain ms | patched ms | patched / plain − 1 |")
-    print("|---|---|---|---|")
+    t0 = time.perf_counter()
+    with L.apply(pipe, lora):
+        pass
+    apply_s = time.perf_counter() - t0
+    print(f"merge {merge_s * 1e3:.0f} ms, unmerge {unmerge_s * 1e3:.0f} ms (once per change of LoRA); "
+          f"apply + remove {apply_s * 1e3:.0f} ms (once per generation)\n")  # fmt: skip
+    print("| latents | plain ms | patched ms | applied ms | patched / plain − 1 | applied / plain − 1 |")
+    print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(1)
     for s in args.sizes:
         x, t = torch.randn(2, 4, s, s, generator=g), torch.tensor([500.0, 500.0])
         ctx = torch.randn(2, 77, 768, generator=g)
+        times = {"plain": [], "patched": [], "applied": []}
+        ways = {"plain": contextlib.nullcontext, "patched": lambda: L.patch(pipe, lora),
+                "applied": lambda: L.apply(pipe, lora)}  # fmt: skip
         with torch.inference_mode():
-            unet(x, t, ctx)  # warm-up
-            with L.patch(pipe, lora):
-                unet(x, t, ctx)
-            plain, patched = [], []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                unet(x, t, ctx)
-                plain.append(time.perf_counter() - t0)
-                with L.patch(pipe, lora):
-                    t0 = time.perf_counter()
+            for way in ways.values():  # warm-up
+                with way():
                     unet(x, t, ctx)
-                    patched.append(time.perf_counter() - t0)
-        ratios = [b / a - 1 for a, b in zip(plain, patched, strict=True)]
-        print(f"| {s}×{s} | {statistics.median(plain) * 1e3:.0f} | {statistics.median(patched) * 1e3:.0f} | "
-              f"{statistics.median(ratios):+.1%} [{min(ratios):+.1%}, {max(ratios):+.1%}] |")  # fmt: skip
+            for _ in range(args.repeat):
+                for name, way in ways.items():
+                    with way():
+                        t0 = time.perf_counter()
+                        unet(x, t, ctx)
+                        times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        cells = []
+        for name in ("patched", "applied"):
+            r = [b / a - 1 for a, b in zip(times["plain"], times[name], strict=True)]
+            cells.append(f"{statistics.median(r):+.1%} [{min(r):+.1%}, {max(r):+.1%}]")
+        print(f"| {s}×{s} | {med['plain']:.0f} | {med['patched']:.0f} | {med['applied']:.0f} | "
+              f"{cells[0]} | {cells[1]} |")  # fmt: skip
 
 
 if __name__ == "__main__":

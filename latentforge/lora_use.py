@@ -1,6 +1,7 @@
 """The LoRAs of one generation call: A1111's `<lora:name:w>` tags taken out of prompts, their files found in
-a folder by name, read once (cached by size and mtime), patched on for the call and removed after it
-(lora.patch: the weights are never written), and A1111's "Lora hashes" infotext field.
+a folder by name, read once (cached by size and mtime), applied for the call and removed after it
+(lora.apply: patched, the denoiser's LoCon/DoRA layers merged and restored bit for bit), and A1111's
+"Lora hashes" infotext field.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ class LoRAs:
 
     @contextlib.contextmanager
     def applied(self, pipe, uses: list[LoRAUse]):
-        """The LoRAs patched on (lora.patch: the weights are not touched) while the block runs, removed after
-        it however it ends. A part with weight 0 is not patched at all."""
+        """The LoRAs applied (lora.apply: patched, and the denoiser's LoCon/DoRA layers merged; the original
+        weights restored bit for bit) while the block runs, removed after it however it ends. A part with
+        weight 0 is not applied at all."""
         with contextlib.ExitStack() as stack:
             for use in uses:
                 if use.unet == 0 and use.te == 0:
@@ -192,7 +194,7 @@ class LoRAs:
                 if drop:
                     layers = {k: v for k, v in net.layers.items() if k[0] not in drop}
                     net = lora.LoRA(net.name, net.format, layers, net.metadata)
-                stack.enter_context(lora.patch(pipe, net, use.unet, use.te))
+                stack.enter_context(lora.apply(pipe, net, use.unet, use.te))
             yield
 
     def hashes(self, pipe, prompt, loras=None) -> str | None:

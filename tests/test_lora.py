@@ -180,7 +180,7 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
-@pytest.mark.parametrize("mode", ["merge", "patch"])
+@pytest.mark.parametrize("mode", ["merge", "patch", "apply"])
 def test_sd15_matches_diffusers(tmp_path, layout, mode):
     # float32 both sides; the UNets alone differ by ~1e-6 relative (test_models_unet), the LoRA adds a
     # low-rank term computed in another order (PEFT: base(x) + s·B(A(x)); merge: one rounded W + ΔW).
@@ -269,7 +269,7 @@ def sdxl_outputs(pipe, refs=None):
     return ours, ref
 
 
-@pytest.mark.parametrize("mode", ["merge", "patch"])
+@pytest.mark.parametrize("mode", ["merge", "patch", "apply"])
 def test_sdxl_kohya_sgm_names_match_diffusers(tmp_path, mode):
     pytest.importorskip("peft")
     from diffusers import StableDiffusionXLPipeline
@@ -576,3 +576,32 @@ def test_dora_scale_of_the_wrong_shape_is_named(tmp_path):
     save_file(sd, str(tmp_path / "bad.safetensors"))
     with pytest.raises(L.LoRAError, match=r"dora_scale \(3, 5\) is neither"):
         L.merge(pipe, L.read_lora(tmp_path / "bad.safetensors"))
+
+
+def test_apply_merges_only_what_a_patch_would_rebuild_every_step(tmp_path):
+    """lora.apply (what a generation uses): the UNet's 3×3 convs (LoCon) are merged while it is active, its
+    Linear/1×1 layers and the text encoder are patched (weights untouched); the output equals merge's
+    (float32 summation orders: 1e-5) and everything is bit-identical after removal."""
+    pipe, path = sd15(), tmp_path / "locon.safetensors"
+    write_sd15_lora(pipe, path, "kohya")
+    lora = L.read_lora(path)
+    unet = pipe.components["unet"]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    base = outputs(pipe)
+    with L.merge(pipe, lora, 0.8, 0.5):
+        merged = outputs(pipe)
+    with L.apply(pipe, lora, 0.8, 0.5):
+        applied = outputs(pipe)
+        changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+        convs = {
+            f"{p}.weight"
+            for p, m in unet.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+        }
+        targets = {f"{p}.weight" for p in kohya_targets(unet)}
+        assert changed == convs & targets and changed  # the LoCon convs, and nothing else
+    assert rel(applied[0], merged[0]) <= 1e-5 and rel(applied[1], merged[1]) <= 1e-5
+    assert rel(applied[0], base[0]) > 1e-2
+    after = outputs(pipe)
+    assert torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())

@@ -112,7 +112,7 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "onetrainer", "comfy"])
-@pytest.mark.parametrize("mode", ["merge", "patch"])
+@pytest.mark.parametrize("mode", ["merge", "patch", "apply"])
 @torch.no_grad()
 def test_sd3_layouts_match_diffusers(pair, tmp_path, layout, mode):
     from diffusers import StableDiffusion3Pipeline
