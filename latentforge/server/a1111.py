@@ -8,7 +8,15 @@ unless its file says otherwise, as A1111's). Fields of A1111 features latentforg
 (face restoration, tiling, scripts, styles) are refused by name when they ask for something; unknown fields
 are ignored, as A1111's pydantic models do. Samplers are accepted under A1111's labels ("DPM++ 2M",
 "Euler a", "DPM++ 2M Karras"), any case, or latentforge's/ComfyUI's names (`dpmpp_2m`); schedules likewise
-("Karras", "karras", "automatic").
+("Karras", "karras", "automatic"), and "tuned": the schedule `latentforge tune-schedule` stored beside the
+model file for the sampler and step count (refused, naming the ones the model has, when there is none).
+
+Doing less work per image (speedups.py): A1111's own token merging setting, `override_settings`
+`token_merging_ratio` (`token_merging_ratio_img2img` for img2img, `token_merging_ratio_hr` for the hires
+pass, as A1111's `get_token_merging_ratio` picks them), is latentforge's `tome_ratio`, and "Token merging
+ratio" in the infotext as A1111 writes it; latentforge's own request fields `cache_interval`,
+`cache_depth`, `cache_threshold`, `tome_ratio`, `tome_max_downsample` are the `generate` flags of those
+names (all off when left out; A1111 clients never send them).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import datetime
 import io
 import json
 import math
+import os
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -29,11 +38,18 @@ from latentforge import hires, infotext, pipeline
 from latentforge.img2img import MASKED_CONTENT
 from latentforge.samplers import SAMPLER_NAMES
 from latentforge.schedules import SCHEDULERS
+from latentforge.speedups import Speedups
+from latentforge.tune_schedule import TUNED, load_tuned, tuned_files
 
 A1111_STEPS = 50  # A1111's default when neither the request nor the model says
 INPAINTING_FILL = ("fill", "original", "latent_noise")  # A1111's 0, 1, 2 ("latent nothing", 3, is refused)
-OVERRIDES = ("sd_model_checkpoint",)  # override_settings keys honoured
+# override_settings keys honoured: the model, and A1111's token merging settings (tome_ratio)
+TOME_OVERRIDES = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
+OVERRIDES = ("sd_model_checkpoint", *TOME_OVERRIDES)
+# latentforge's speed options (speedups.py): request fields named as the Pipeline arguments and the CLI flags
+SPEEDUPS = ("cache_interval", "cache_depth", "cache_threshold", "tome_ratio", "tome_max_downsample")
 # Pipeline arguments that keep a job out of a merged batch (the server's --batch-jobs)
+# (jobs that differ in a speed option (SPEEDUPS) are not merged either: they are part of the batch key)
 NOT_MERGED = ("subseed", "seed_resize_from", "hires_scale", "hires_size", "init_image", "mask", "controlnet")
 MAX_PROMPT = 20_000  # characters (~60 chunks of 75 tokens); a longer one would hold the worker for minutes
 
@@ -119,6 +135,13 @@ class Txt2Img(BaseModel):
     hr_checkpoint_name: str | None = None
     firstphase_width: int = 0
     firstphase_height: int = 0
+    # latentforge's speed options (speedups.py; `generate --cache-interval` ...), checked by Speedups.check;
+    # None: the flag's default (off)
+    cache_interval: int | None = None
+    cache_depth: int | None = None
+    cache_threshold: float | None = None
+    tome_ratio: float | None = None
+    tome_max_downsample: int | None = None
 
 
 class Img2Img(Txt2Img):
@@ -175,9 +198,11 @@ def sampler(name: str | None, scheduler: str | None, field: str = "sampler_name"
             sched = _SCHEDULE_LABELS[sched.lower()]
         elif sched.lower() == "uniform":
             sched = "normal"
+        elif sched.lower() == TUNED:  # the model's own schedule file (checked in pipeline_args)
+            sched = TUNED
         elif sched not in SCHEDULERS:
             field_s = "hr_scheduler" if field.startswith("hr_") else "scheduler"
-            known = ", ".join(["automatic", *SCHEDULES_A1111, *SCHEDULERS])
+            known = ", ".join(["automatic", *SCHEDULES_A1111, *SCHEDULERS, TUNED])
             raise RequestError(field_s, f"schedule {scheduler!r} is not known; accepted: {known}")
     return infotext.sampler_and_schedule(label, sched)
 
@@ -306,7 +331,102 @@ def pipeline_args(
         kw |= _img2img_args(req, max_pixels)
     elif req.enable_hr:
         kw |= _hires_args(req, w, h, max_pixels, max_steps)
+    hr = "hires_denoise" in kw
+    if scheduler == TUNED:  # the model's schedule files, before queueing (none: 422, not a failed job)
+        _check_tuned(pipe, sampler_, steps)
+        if hr:  # the hires pass: the same schedule type, its own sampler and step count
+            hr_sampler, hr_steps = kw.get("hires_sampler", sampler_), kw["hires_steps"] or steps
+            _check_tuned(pipe, hr_sampler, hr_steps, " (the hires pass)")
+    kw |= speedup_args(req, pipe.net, hr)
     return kw, req.n_iter
+
+
+def _tome_override(key: str, value: Any) -> float:
+    """An A1111 token merging setting (override_settings[key]), checked as tome_ratio is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"override_settings.{key}", f"a number in [0, 0.95] (0: off), got {value!r}")
+    try:
+        Speedups(tome_ratio=value).check()
+    except ValueError as e:
+        raise RequestError(f"override_settings.{key}", str(e).replace("tome_ratio", key)) from None
+    return float(value)
+
+
+def speedup_args(req: Txt2Img, net, hires_on: bool) -> dict:
+    """The Pipeline's speed options (speedups.py) of a request, those that are not off: latentforge's fields
+    and A1111's token merging settings, which pick the ratio as A1111's `get_token_merging_ratio` does
+    (txt2img: `token_merging_ratio`; img2img: that when overridden, else `token_merging_ratio_img2img`;
+    the hires pass: `token_merging_ratio_hr`, 0 meaning the first pass's). The pipeline runs both passes
+    of the hires fix with one ratio, so a different one for the second pass is refused, as is a
+    `tome_ratio` that differs from the A1111 setting given. Checked against the model's network (net)."""
+    over = req.override_settings or {}
+    given = {k: getattr(req, k) for k in SPEEDUPS if getattr(req, k) is not None}
+    ratios = {k: _tome_override(k, over[k]) for k in TOME_OVERRIDES if k in over}
+    key = "token_merging_ratio" if "token_merging_ratio" in ratios else None
+    if isinstance(req, Img2Img) and key is None and "token_merging_ratio_img2img" in ratios:
+        key = "token_merging_ratio_img2img"
+    source = "tome_ratio"  # the field a bad ratio is reported under
+    if key is not None:
+        if "tome_ratio" in given and given["tome_ratio"] != ratios[key]:
+            raise RequestError(
+                f"override_settings.{key}",
+                f"{ratios[key]:g} differs from tome_ratio {given['tome_ratio']:g}; they are the same "
+                "setting (A1111's token merging ratio): give one, or the same value",
+            )
+        if "tome_ratio" not in given:
+            given["tome_ratio"], source = ratios[key], f"override_settings.{key}"
+    hr, first = ratios.get("token_merging_ratio_hr", 0.0), given.get("tome_ratio", 0.0)
+    if hires_on and hr and hr != first:
+        raise RequestError(
+            "override_settings.token_merging_ratio_hr",
+            f"the hires pass runs with the first pass's token merging ratio ({first:g}); a different one "
+            f"({hr:g}) is not supported: leave it out, or give 0 or the same",
+        )
+    try:
+        Speedups(**given).check(net)
+    except ValueError as e:
+        msg = str(e)
+        # the option the message starts with ("give cache_interval ... or cache_threshold ..., not both":
+        # the threshold, the one that comes second)
+        named = [k for k in SPEEDUPS if msg.startswith(k)] or [k for k in reversed(SPEEDUPS) if k in msg]
+        field = named[0] if named else "request"
+        raise RequestError(source if field == "tome_ratio" else field, msg) from None
+    off = Speedups()
+    return {k: v for k, v in given.items() if v != getattr(off, k)}
+
+
+def tuned_schedules(model_path: str) -> list[tuple[str, int]]:
+    """(sampler, steps) of the tuned schedule files beside a model file (tune_schedule.schedule_path)."""
+    stem = os.path.basename(os.path.splitext(model_path)[0]) + ".schedule-"
+    out = []
+    for name in tuned_files(model_path):
+        sampler_, _, steps = name[len(stem) : -len(".json")].rpartition("-")
+        if sampler_ and steps.isdigit():
+            out.append((sampler_, int(steps)))
+    return sorted(out)
+
+
+def _check_tuned(pipe, sampler_: str, steps: int, what: str = "") -> None:
+    """422 on `scheduler` unless the model has a tuned schedule for this sampler and step count, naming the
+    ones it has (file names only: never the server's folders)."""
+    source = getattr(pipe, "source", None)
+    if source is None:
+        raise RequestError("scheduler", "'tuned' reads the schedule stored beside the model file; this model "
+                                        "was not loaded from a file")  # fmt: skip
+    have = tuned_schedules(source)
+    if (sampler_, steps) not in have:
+        listed = ", ".join(f"{infotext.sampler_label(s)} at {n} steps" for s, n in have)
+        raise RequestError(
+            "scheduler", f"no tuned schedule for sampler {infotext.sampler_label(sampler_)!r} at {steps} "
+            f"steps{what} on this model; "
+            + (f"it has tuned schedules for: {listed}" if have else "it has no tuned schedules")
+            + " (`latentforge tune-schedule` makes them)"
+        )  # fmt: skip
+    try:
+        load_tuned(source, sampler_, steps)
+    except (OSError, ValueError) as e:
+        folder = os.path.dirname(os.path.abspath(source)) + os.sep
+        raise RequestError("scheduler", str(e).replace(folder, "")) from None
 
 
 def _hires_args(req: Txt2Img, w: int, h: int, max_pixels: int, max_steps: int) -> dict:
@@ -391,6 +511,9 @@ def infotexts(
             "Mask blur": kw.get("mask_blur"),
             "Inpaint area": "Only masked" if kw.get("inpaint_full_res") else None,
             "Masked area padding": kw.get("inpaint_full_res_padding") if kw.get("inpaint_full_res") else None,
+            # A1111's names (create_infotext); the hires pass runs with the first pass's ratio (speedup_args)
+            "Token merging ratio": kw.get("tome_ratio") or None,
+            "Token merging ratio hr": (kw.get("tome_ratio") or None) if hr else None,
             "RNG": "CPU",
             "Lora hashes": lora_hashes,
             **(extra or {}),  # the ControlNet units' fields (controlnet_args)

@@ -420,14 +420,16 @@ class Server:
     def batch_key(job: Job):
         """Jobs with equal keys can be sampled as one batch (`--batch-jobs`): one-batch text-to-image jobs
         that differ only in prompt, negative prompt, seed and batch size, whose prompts name the same LoRAs
-        with the same weights (a batch has one set of LoRAs). None: never merged."""
+        with the same weights (a batch has one set of LoRAs) and that ask for the same speed options (one
+        sampling pass has one: a1111.SPEEDUPS). None: never merged."""
         kw = job.kwargs
         if job.kind != "txt2img" or job.batch_count != 1 or any(k in kw for k in a1111.NOT_MERGED):
             return None
         loras = lora_key(kw["prompt"])
         if loras is None:
             return None
-        settings = (kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height"))
+        settings = [kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height")]
+        settings += [kw.get(k) for k in a1111.SPEEDUPS]  # None: off (left out of kw)
         return (job.model, *settings, loras)
 
     def _run_merged(self, jobs: list[Job]) -> list[list[Image.Image]]:
@@ -490,8 +492,9 @@ class Server:
         if req.save_images and not s.outputs:
             raise a1111.RequestError("save_images", "the server was started without --outputs")
         over = a1111.overrides(req)
-        title = self.models.find(over["sd_model_checkpoint"])["title"] if over else None
-        title = title or self.options["sd_model_checkpoint"]
+        title = self.options["sd_model_checkpoint"]
+        if "sd_model_checkpoint" in over:  # the other keys: A1111's token merging settings (speedup_args)
+            title = self.models.find(over["sd_model_checkpoint"])["title"] or title
         pipe = self.models.pipeline(title)
         seed, subseed = secrets.randbelow(2**32), secrets.randbelow(2**32)
         kw, count = a1111.pipeline_args(req, pipe, seed, subseed, s.max_pixels, s.max_steps,
@@ -501,6 +504,9 @@ class Server:
         )
         if controls:
             kw["controlnet"] = controls
+            if kw.get("cache_interval", 1) > 1:  # the pipeline's refusal, before queueing (_sample)
+                raise a1111.RequestError("cache_interval", "cache_interval (DeepCache) skips the UNet blocks "
+                                         "a ControlNet adds to: use one or the other")  # fmt: skip
         try:
             steps = pipe.job_steps(**kw, batch_count=count)  # the pipeline's own checks, before queueing
         except LoRAError as e:  # a bad tag, a LoRA name the folder does not have
