@@ -236,6 +236,12 @@ def generation(fields: dict[str, str]) -> tuple[dict, list[str]]:
     used.add("RNG")
     if "Mask blur" in fields:
         out["mask_blur"] = _number(fields, "Mask blur", float)
+    if "Token merging ratio" in fields:  # A1111's ToMe setting (written when > 0); ours has one ratio
+        out["tome_ratio"] = _number(fields, "Token merging ratio", float)
+        hr = fields.get("Token merging ratio hr")  # for both passes: an hr ratio that differs is not replayed
+        if hr is None or (_number(fields, "Token merging ratio hr", float) == out["tome_ratio"]):
+            used.add("Token merging ratio hr")
+        used.add("Token merging ratio")
     if "Emphasis" in fields:
         if fields["Emphasis"] not in EMPHASIS:
             raise ValueError(f"the infotext's Emphasis {fields['Emphasis']!r}; known: {', '.join(EMPHASIS)}")

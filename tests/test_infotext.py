@@ -198,3 +198,15 @@ def test_rng_source():
     assert infotext.generation(infotext.parse(base))[0]["rng"] == "device"
     with pytest.raises(ValueError, match="RNG 'NV' is not one latentforge has"):
         infotext.generation(infotext.parse(base + ", RNG: NV"))
+
+
+def test_token_merging_ratio_replays():
+    """A1111 writes "Token merging ratio: r" (and "... hr" for the hires pass) when ToMe is on; ours has one
+    ratio for both passes, so a differing hr ratio is reported as not replayed."""
+    line = "p\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Token merging ratio: 0.3"
+    gen, ignored = infotext.generation(infotext.parse(line))
+    assert gen["tome_ratio"] == 0.3 and ignored == []
+    gen, ignored = infotext.generation(infotext.parse(line + ", Token merging ratio hr: 0.3"))
+    assert gen["tome_ratio"] == 0.3 and ignored == []
+    gen, ignored = infotext.generation(infotext.parse(line + ", Token merging ratio hr: 0.5"))
+    assert gen["tome_ratio"] == 0.3 and ignored == ["Token merging ratio hr"]
