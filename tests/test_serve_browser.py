@@ -2,7 +2,8 @@
 
 A real server (uvicorn in a thread, on a free port) with the default model, and Debian's Chromium driven by
 Playwright: generating with live previews, cancelling, reusing parameters from the gallery and from a
-dropped PNG, img2img with a painted mask, the server's 422 messages, and the page behind --api-key.
+dropped PNG, img2img with a painted mask, the server's 422 messages, the page behind --api-key, and the
+LoRA and embedding picker.
 """
 
 from __future__ import annotations
@@ -318,3 +319,68 @@ def test_the_page_works_behind_an_api_key(browser):
             _generate(page)
             assert page.locator("#gallery figure").count() == 1
             assert "Steps: 4," in page.locator("#gallery figure .params").first.text_content()
+
+
+@pytest.fixture(scope="module")
+def networks_server(tmp_path_factory):
+    """A server with --lora-dir (a random LoRA for the shipped model, "style") and --embeddings-dir (one
+    embedding, "crimson"); (its base URL, the LoRA folder)."""
+    from safetensors.torch import save_file
+    from test_lora import write_sd15_lora
+
+    from latentforge.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("networks")
+    loras, embeddings = root / "loras", root / "embeddings"
+    loras.mkdir()
+    embeddings.mkdir()
+    pipe = Pipeline.default()
+    write_sd15_lora(pipe, loras / "style.safetensors", "kohya")
+    table = pipe.components["clip_l"].transformer.text_model.embeddings.token_embedding.weight
+    save_file({"emb_params": table[0].detach().float().clone()}, str(embeddings / "crimson.safetensors"))
+    with _serve(lora_dir=str(loras), embeddings_dir=str(embeddings)) as url:
+        yield url, loras
+
+
+def test_the_extra_networks_picker_adds_lora_tags_and_embeddings(browser, networks_server):
+    url, loras = networks_server
+    with _page(browser, url) as page:
+        page.wait_for_selector("#networks[data-loaded]")
+        page.click("#networks summary", position={"x": 10, "y": 8})  # opens it (not on the refresh button)
+        assert page.locator("#loras button").all_text_contents() == ["style"]
+        assert page.locator("#embeddings button").all_text_contents() == ["crimson"]
+        page.fill("#prompt", PROMPT)
+        page.click("#loras button")
+        assert page.input_value("#prompt") == f"{PROMPT} <lora:style:1>"  # A1111's default weight
+        page.click("#embeddings button")
+        assert page.input_value("#prompt") == f"{PROMPT} <lora:style:1> crimson"
+        page.fill("#steps", "4")
+        _generate(page)
+        params = page.locator("#gallery figure .params").first.text_content()
+        assert params.startswith(f"{PROMPT} <lora:style:1> crimson\n")
+        assert re.search(r'Lora hashes: "style: [0-9a-f]{12}"', params), params
+
+        # refresh reads the folder again
+        (loras / "second.safetensors").write_bytes((loras / "style.safetensors").read_bytes())
+        page.click("#refresh-networks")
+        page.wait_for_function("document.querySelectorAll('#loras button').length === 2")
+        assert page.locator("#loras button").all_text_contents() == ["second", "style"]
+        assert page.get_attribute("#networks", "open") is not None  # the refresh button did not fold it
+
+        # the server's names are shown and inserted as text, never as markup
+        evil = "<img src=x onerror=window.pwned=1>"
+        page.route("**/sdapi/v1/loras", lambda r: r.fulfill(json=[{"name": evil, "alias": evil, "path": "x",
+                                                                        "metadata": {}}]))  # fmt: skip
+        page.click("#refresh-networks")
+        page.wait_for_function("document.querySelectorAll('#loras button').length === 1")
+        assert page.locator("#loras button").all_text_contents() == [evil]
+        assert page.locator("#networks img").count() == 0 and page.evaluate("window.pwned") is None
+        page.fill("#prompt", "")
+        page.click("#loras button")
+        assert page.input_value("#prompt") == f"<lora:{evil}:1>"
+
+
+def test_the_extra_networks_picker_says_how_to_get_some(page):
+    page.wait_for_selector("#networks[data-loaded]")
+    assert page.text_content("#loras") == "none (start the server with --lora-dir)"
+    assert page.text_content("#embeddings") == "none (start the server with --embeddings-dir)"
