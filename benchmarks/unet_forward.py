@@ -8,7 +8,11 @@ forwards alternate, N repeats each; the table gives the median ms per forward, t
 (> 1: we are faster), achieved GFLOP/s (FLOPs counted once on our model with `FlopCounterMode`) and the
 fraction of a measured float32 matmul peak (best of several n×n @ n×n, 2n³ / t).
 
-    .venv/bin/python benchmarks/unet_forward.py [--sizes 32 64] [--repeat 3] [--profile]
+With `--contended`, a competing process (one thread of float32 matmuls) runs on one of the cores for the
+whole measurement, as when the machine also serves another job. The ratio column is the median of the
+per-pair ratios, with their [min, max].
+
+    .venv/bin/python benchmarks/unet_forward.py [--sizes 32 64 96] [--repeat 5] [--contended] [--profile]
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import dataclasses
 import gc
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -99,7 +105,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="timed forwards per side and size")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one forward per side")
+    ap.add_argument("--contended", action="store_true", help="a competing 1-thread process runs throughout")
     args = ap.parse_args()
+    rival = None
+    if args.contended:  # one core busy with float32 matmuls until we are done
+        code = "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\nwhile True: a @ a"
+        rival = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        run(args)
+    finally:
+        if rival is not None:
+            rival.kill()
+
+
+def run(args) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
 
@@ -137,21 +156,25 @@ def main() -> None:
             if args.profile:
                 profile(ours, theirs, x, t, ctx, s)
         mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-        rows.append((s, flops, mo, mt, min(t_ours), min(t_theirs), diff))
+        pairs = [b / a for a, b in zip(t_ours, t_theirs, strict=True)]
+        rows.append((s, flops, mo, mt, min(t_ours), min(t_theirs), diff, pairs))
         print(f"  {s}x{s}: ours {[round(v * 1e3) for v in t_ours]} ms, diffusers "
               f"{[round(v * 1e3) for v in t_theirs]} ms")  # fmt: skip
 
     peak = max(peak, matmul_peak())  # the peak again, after the forwards (the machine may be shared)
     load = os.getloadavg()[0]
     print(f"\nbatch {args.batch}, context [{args.batch}, 77, 768], {args.repeat} forwards each; load average "
-          f"now {load:.2f} (above ~2 on 2 cores: timings are inflated by other work)")  # fmt: skip
+          f"now {load:.2f} (above ~2 on 2 cores: timings are inflated by other work)"
+          f"{'; contended: a 1-thread rival process ran throughout' if args.contended else ''}")  # fmt: skip
     head = (
         f"{'latent':>7} {'stat':>6} {'GFLOP':>6} {'ours ms':>8} {'diffusers ms':>13} {'ratio':>6} "
         f"{'ours GF/s':>10} {'diff GF/s':>10} {'ours %peak':>11} {'diff %peak':>11} {'rel diff':>9}"
     )
     print(head)
     print("-" * len(head))
-    for s, flops, mo, mt, bo, bt, diff in rows:
+    for s, flops, mo, mt, bo, bt, diff, pairs in rows:
+        print(f"{f'{s}x{s}':>7} diffusers / ours per pair: median {statistics.median(pairs):.2f} "
+              f"[{min(pairs):.2f}, {max(pairs):.2f}]")  # fmt: skip
         for stat, a, b in (("median", mo, mt), ("best", bo, bt)):
             go, gt = flops / a / 1e9, flops / b / 1e9
             print(
