@@ -69,7 +69,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous tokens: a transposed view would carry its layout through every residual add, so each
+        # LayerNorm and Linear of the network would copy its input first (benchmarks/mmdit_forward.py)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)  # (B, L, 4D)
+        if h.requires_grad:  # autograd keeps the pre-activation
+            return self.fc2(F.gelu(h, approximate="tanh"))
+        torch.ops.aten.gelu_(h, approximate="tanh")  # inference: in place, no second (B, L, 4D) buffer
+        return self.fc2(h)
 
 
 class FinalLayer(nn.Module):
