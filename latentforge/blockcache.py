@@ -108,29 +108,8 @@ def _dit_forward(net: DiT, cache: StackCache):
         return h
 
     def forward(x: torch.Tensor, t: torch.Tensor, y=None, context=None) -> torch.Tensor:
-        cfg = net.config
-        if x.shape[-2:] != (cfg.input_size, cfg.input_size):
-            raise ValueError(
-                f"DiT expects {cfg.input_size}×{cfg.input_size} latents, got {tuple(x.shape[-2:])}"
-            )
-        dtype = net.x_embedder.proj.weight.dtype
+        h, c, context = net.embed(x, t, y, context)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        h = net.x_embedder(x.to(dtype)) + net.pos_embed  # [N, T, D]
-        c = net.t_embedder(t)  # [N, D]
-        if cfg.context_dim == 0:
-            if y is None:
-                raise ValueError(
-                    "class-conditional DiT needs labels y [N] (use num_classes for the null class)"
-                )
-            c = c + net.y_embedder(y)
-        else:
-            if context is None:
-                raise ValueError("text-conditioned DiT needs context [N, L, context_dim]")
-            context = context.to(dtype)
-            if cfg.pooled_dim > 0:
-                if y is None:
-                    raise ValueError("text-conditioned DiT with pooled_dim > 0 needs the pooled text y")
-                c = c + net.y_embedder(y.to(dtype))
         h = cache.run(h, c, (context,), t, stack, indicator)
         return net.unpatchify(net.final_layer(h, c)).to(x.dtype)  # [N, C_out, H, W]
 
@@ -138,7 +117,7 @@ def _dit_forward(net: DiT, cache: StackCache):
 
 
 def _mmdit_forward(net: MMDiT, cache: StackCache):
-    """MMDiT.forward with the joint-block loop through the cache (the rest as in models/mmdit.py); the
+    """MMDiT.forward with the joint-block loop through the cache (MMDiT.embed before it); the
     cached residual is the image stream's (the context stream ends at the last, pre-only block)."""
 
     def indicator(x, c):  # block 0's image-stream attention input, modulated by (shift_msa, scale_msa)
@@ -153,20 +132,8 @@ def _mmdit_forward(net: MMDiT, cache: StackCache):
                     context, x = block(context, x, c)
             return x
 
-        p = net.config.patch_size
-        if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
-        h, w = x.shape[-2] // p, x.shape[-1] // p
-        dtype = net.x_embedder.proj.weight.dtype
-        x = x.to(dtype)
-        x = net.x_embedder(x) + net.cropped_pos_embed(h, w).to(dtype)  # [B, h·w, D]
+        x, c, context, (h, w) = net.embed(x, t, y, context)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        c = net.t_embedder(t)  # [B, D]
-        if y is not None:
-            c = c + net.y_embedder(y.to(dtype))
-        if context is None:
-            context = x.new_zeros(x.shape[0], 0, net.config.context_dim)
-        context = net.context_embedder(context.to(dtype))  # [B, Lc, D]
         x = cache.run(x, c, (context,), t, stack, indicator)
         return net.unpatchify(net.final_layer(x, c), h, w)  # [B, C_out, H, W]
 

@@ -220,13 +220,8 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None):
+        """The inputs of the block stack: (tokens h [N, T, D], conditioning c [N, D], context or None)."""
         cfg = self.config
         if x.shape[-2:] != (cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -250,6 +245,16 @@ class DiT(nn.Module):
                 if y is None:
                     raise ValueError("text-conditioned DiT with pooled_dim > 0 needs the pooled text y")
                 c = c + self.y_embedder(y.to(dtype))  # [N, D]
+        return h, c, context
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h, c, context = self.embed(x, t, y, context)
         for block in self.blocks:
             h = block(h, c, context)  # [N, T, D]
         h = self.final_layer(h, c)  # [N, T, p²·C_out]

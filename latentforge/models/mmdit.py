@@ -230,6 +230,15 @@ class MMDiT(nn.Module):
 
         `skip_layers` drops whole joint blocks (skip-layer guidance, `SkipLayerCFGDenoiser` in sd3.5).
         """
+        x, c, context, (h, w) = self.embed(x, t, y, context)
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip_layers:
+                context, x = block(context, x, c)
+        return self.unpatchify(self.final_layer(x, c), h, w)  # [B, C_out, H, W]
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None):
+        """The inputs of the joint blocks: (image tokens [B, h·w, D], conditioning c [B, D], context tokens
+        [B, Lc, D], the token grid (h, w))."""
         p = self.config.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
@@ -244,7 +253,4 @@ class MMDiT(nn.Module):
         if context is None:  # no text tokens: the joint attention reduces to image self-attention
             context = x.new_zeros(x.shape[0], 0, self.config.context_dim)
         context = self.context_embedder(context.to(dtype))  # [B, Lc, D]
-        for i, block in enumerate(self.joint_blocks):
-            if i not in skip_layers:
-                context, x = block(context, x, c)
-        return self.unpatchify(self.final_layer(x, c), h, w)  # [B, C_out, H, W]
+        return x, c, context, (h, w)
