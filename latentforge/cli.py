@@ -542,8 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the T5 tokenizer.json (or its folder) when it is not beside the T5 file or the checkpoint",
     )
     g.add_argument("--prediction", choices=["eps", "v"], default=None, help="override (SD2 512 base: eps)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    g.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
+    cli_generate.add_device_flags(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     cli_generate.add_speedup_flags(g)
     cli_generate.add_control_flags(g)
@@ -691,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-jobs", type=int, default=0,
                     help="N > 0: waiting text-to-image jobs that differ only in prompt and seed are sampled "
                     "together, up to N images (faster; images equal alone up to float rounding)")  # fmt: skip
+    cli_generate.add_device_flags(sv)
     sv.set_defaults(func=_serve)
 
     i = sub.add_parser("info", help="list samplers and schedulers, or show an image's generation settings")
@@ -785,10 +785,11 @@ def _serve(args) -> int:
             )
     if args.batch_jobs < 0:
         raise ValueError(f"--batch-jobs must be >= 0 (0: off), got {args.batch_jobs}")
+    cli_generate.check_device_flags(args)
     key = args.api_key or os.environ.get("LATENTFORGE_API_KEY") or None
     names = ("host", "port", "models_dir", "outputs", "cors_origin", "max_queue", "max_body", "max_pixels",
              "max_steps", "max_batch_count", "batch_jobs", "model", "lora_dir", "embeddings_dir",
-             "controlnet_dir")  # fmt: skip
+             "controlnet_dir", "dtype", "device", "offload", "channels_last", "compile")  # fmt: skip
     serve(Settings(api_key=key, **{k: getattr(args, k) for k in names}))
     return 0
 

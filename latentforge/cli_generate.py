@@ -234,6 +234,47 @@ def add_speedup_flags(p) -> None:
         p.add_argument(flag, type=kind, default=None, metavar=metavar, help=text)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def add_device_flags(p) -> None:
+    """Where and how the networks run (Pipeline.place): `generate` and `serve`."""
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--device", default=None, help=f"torch device: {check.DEVICES} (default: cpu)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the networks in host memory and move each to --device only while it runs (a GPU too "
+        "small for the whole model)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="UNet and VAE weights in NHWC (faster convolutions)"
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile the denoiser (a mode; reduce-overhead: CUDA graphs); the first image compiles",
+    )
+
+
+def check_device_flags(args) -> None:
+    """Before the model loads: the device exists, and --offload has an accelerator to offload to."""
+    check.device("--device", args.device)
+    if args.offload and args.device in (None, "cpu"):
+        raise ValueError(
+            "--offload moves the networks to an accelerator: give --device cuda "
+            f"(got {args.device or 'none'})"
+        )
+
+
+def place(pipe, args):
+    """Pipeline.place from the device flags (check_device_flags first)."""
+    return pipe.place(args.device, args.offload, args.channels_last, args.compile or False)
+
+
 SPEEDUP_ARGS = ("cache_interval", "cache_depth", "cache_threshold", "tome_ratio", "tome_max_downsample")
 
 
@@ -403,7 +444,7 @@ def generate(args) -> int:
         raise FileNotFoundError(
             f"--t5-tokenizer {args.t5_tokenizer!r} does not exist; expected tokenizer.json"
         )
-    check.device("--device", args.device)
+    check_device_flags(args)
     check.out_dir("--out", args.out)
     preview = preview_options(args)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -418,8 +459,7 @@ def generate(args) -> int:
         embeddings_dir=args.embeddings_dir,
     )
     _fill_defaults(args, pipe)
-    if args.device:
-        pipe.to(args.device)
+    place(pipe, args)
     if args.decode is not None:  # latents saved by a run whose decode failed: its parameters are in the file
         from latentforge.checkpoint_io import read_metadata
 

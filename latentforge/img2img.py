@@ -258,7 +258,7 @@ def start(job: Job, model_sampling, sigmas: torch.Tensor, noise: torch.Tensor):
     tail = sigmas[steps - n :]
     if n == steps:  # the top of the schedule: pure noise, as text-to-image (strength 1 equals it exactly)
         return tail, noise * sigmas[0]
-    return tail, model_sampling.noise_scaling(tail[0], noise, job.latent)
+    return tail, model_sampling.noise_scaling(tail[0].to(noise.device), noise, job.latent)
 
 
 def finish(job: Job | None, latents: torch.Tensor) -> torch.Tensor:

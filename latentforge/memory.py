@@ -78,6 +78,15 @@ def _element_bytes(module: nn.Module) -> int:
     return next(module.parameters()).element_size()
 
 
+def _moved_in(pipe, name: str) -> int:
+    """With offload (offload.py) a component's weights come to the device for its phase: their bytes, unless
+    it is there already; 0 without offload (the weights are loaded, outside the memory available)."""
+    off = getattr(pipe, "offload", None)
+    if off is None or name in off.resident:
+        return 0
+    return sum(p.numel() * p.element_size() for p in pipe.components[name].parameters())
+
+
 def _as_controls(controlnet) -> list:
     """`controlnet=` as Pipeline takes it, checked (control_use.as_controls: the same errors, earlier)."""
     if controlnet is None:
@@ -180,7 +189,8 @@ def estimate(
 ) -> MemoryEstimate:
     """Peak activation bytes of sampling and of decoding width×height images, from the shapes alone
     (the weights are loaded already, so the memory available excludes them; ControlNet files this job
-    still has to load are counted: `_controlnets`). Conservative: every factor rounds up what the code
+    still has to load are counted: `_controlnets`; with offload, the component each phase moves in:
+    `_moved_in`). Conservative: every factor rounds up what the code
     holds at once. s: bytes per element of the network's dtype;
     B = batch_size, ×2 with CFG (cond and uncond run as one batch); (h, w) = the latent size.
 
@@ -235,6 +245,7 @@ def estimate(
         n = math.ceil(h / p) * math.ceil(w / p) + (154 if "mmdit" in pipe.components else 0)
         D, heads = cfg_net.hidden_size, cfg_net.num_heads
         den = s * B * (16 * D * n + (0 if fused else 2 * heads * n * n))
+    den += _moved_in(pipe, pipe.spec.net)
     if pipe.pixel_space:
         return MemoryEstimate(den, what, 0, 0, (h, w), control, cn_weights)
     vae = pipe.vae
@@ -252,7 +263,7 @@ def estimate(
         n_mid = th * tw
         return sv * (work + (0 if fused else 2 * n_mid * min(n_mid, ATTN_CHUNK)))
 
-    held = cn_weights  # ControlNet files loaded for this job stay in memory (control_use.ControlNets)
+    held = cn_weights + _moved_in(pipe, "vae")  # ControlNet files loaded for this job stay (ControlNets)
     return MemoryEstimate(
         den,
         what,

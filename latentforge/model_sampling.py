@@ -47,9 +47,16 @@ class _LogSigmaTable:
     def sigma_max(self) -> torch.Tensor:
         return self.sigmas[-1]
 
+    def _log_sigmas(self, device: torch.device) -> torch.Tensor:
+        """log σ table [T] in float64 on `device`, copied there once (the model's σ's live on its device)."""
+        tables = self.__dict__.setdefault("_log_sigma_tables", {})
+        if device not in tables:
+            tables[device] = self.sigmas.double().log().to(device)
+        return tables[device]
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        log_sigmas = self.sigmas.double().log()
+        log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.clamp_min(1e-30).log()
         dists = log_sigma.reshape(-1, 1) - log_sigmas.reshape(1, -1)  # [N, T]
         low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=log_sigmas.shape[0] - 2)

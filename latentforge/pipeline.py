@@ -34,6 +34,7 @@ from latentforge.lora_use import LoRAs, LoRAUse
 from latentforge.model_sampling import Denoiser
 from latentforge.models.vae import AutoencoderKL, LatentFormat
 from latentforge.noise import variation_noise
+from latentforge.offload import Offload
 from latentforge.outputs import save_png  # noqa: F401  (re-exported)
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
@@ -247,6 +248,7 @@ class Pipeline:
         self.controlnets = ControlNets()  # the last ControlNet files read (control_use.py)
         # textual inversions: prompts name them by file stem or `embedding:name` (textual_inversion.py)
         self.embeddings = None if embeddings_dir is None else TextualInversions.from_dir(embeddings_dir)
+        self.offload: Offload | None = None  # enable_offload: components move to the device one at a time
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -290,9 +292,57 @@ class Pipeline:
         return pipe
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Pipeline:
+        if device is not None and self.offload is not None:
+            raise ValueError(
+                f"offload to {self.offload.device} is on: the components stay in host memory between uses; "
+                "make a new pipeline to place them all on one device"
+            )
         for m in self.components.values():
             m.to(device=device, dtype=dtype)
         return self
+
+    # -- where the networks run: the GPU path ------------------------------------------------------------
+
+    def enable_offload(self, device="cuda") -> Pipeline:
+        """Sequential model offload (offload.py): every component stays in host memory and moves to `device`
+        when it runs, the one there before moving back first, so `device` holds one component at a time
+        (diffusers' enable_model_cpu_offload; GPUs too small for the whole model). Jobs run on `device`."""
+        self.offload = Offload(device, self.components)
+        return self
+
+    def optimize(self, channels_last: bool = False, compile: bool | str = False) -> Pipeline:
+        """GPU-oriented options, in place. channels_last: the UNet's and the VAE's 4-D weights in NHWC, the
+        layout cuDNN's (and oneDNN's) fastest convolutions take. compile: `torch.compile` the denoising
+        network (`nn.Module.compile`: its state dict keeps its keys), True or a mode ("reduce-overhead":
+        CUDA graphs, which the host-side schedule and the deferred NaN check make capturable; "max-autotune").
+        Shapes are static per job: a new size or batch compiles again."""
+        if channels_last:
+            for name in ("unet", "vae"):
+                if name in self.components:
+                    self.components[name].to(memory_format=torch.channels_last)
+        if compile:
+            modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+            mode = "default" if compile is True else compile
+            if mode not in modes:
+                raise ValueError(f"compile mode {compile!r} is not known; accepted: True, {', '.join(modes)}")
+            self.net.compile(mode=mode, dynamic=False)
+        return self
+
+    def place(self, device=None, offload: bool = False, channels_last: bool = False, compile=False):
+        """The CLI's and the server's placement flags in one call: `device` (with `offload`: the device the
+        components visit one at a time; offload needs an accelerator), then `optimize`."""
+        if offload:
+            if device is None:
+                raise ValueError("offload needs the accelerator to offload to: give a device, e.g. cuda")
+            self.enable_offload(device)
+        elif device is not None:
+            self.to(device)
+        return self.optimize(channels_last, compile)
+
+    def _use(self, *names: str) -> None:
+        """With offload on: these components to the device (the others home first); else nothing."""
+        if self.offload is not None:
+            self.offload.use(*names)
 
     # -- pieces ------------------------------------------------------------------------------------------
 
@@ -307,6 +357,9 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where jobs run: the networks' device, or the offload device."""
+        if self.offload is not None:
+            return self.offload.device
         return next(self.net.parameters()).device
 
     @property
@@ -392,6 +445,7 @@ class Pipeline:
         # Each distinct prompt is encoded once, so image k's conditioning does not depend on the batch.
         unique = list(dict.fromkeys(prompts))
         net_config = self.net.config
+        self._use(*enc)
         with conditioning.pad_chunks(chunks), conditioning.use_embeddings(self.embeddings):
             cond = families.encode(self.family, enc, unique, width, height, negative, net_config, weighting)
         index = torch.tensor([unique.index(p) for p in prompts])
@@ -422,6 +476,7 @@ class Pipeline:
         x = images.to(self.device).float()
         if self.pixel_space:
             return self.latent_format.process_in(x)
+        self._use("vae")
         vae = self.vae
         dtype = next(vae.parameters()).dtype
         # one image at a time in one memory layout: the latent of an image never depends on its batch
@@ -445,6 +500,7 @@ class Pipeline:
                     f"{memory._gb(need)}, {memory._gb(avail)} is available",
                     stacklevel=2,
                 )
+        self._use("vae")
         vae = self.vae
         dtype = next(vae.parameters()).dtype
         run = vae.decode_tiled if tiled else vae.decode
@@ -720,7 +776,8 @@ class Pipeline:
         gen_device = "cpu" if rng == "cpu" else self.device
         noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent, gen_device)
         noise = noise.to(self.device)
-        sigmas = self.schedule(sampler, scheduler, steps).to(self.device)
+        # the schedule stays on the host (samplers read σ's as numbers: no device sync per step)
+        sigmas = self.schedule(sampler, scheduler, steps).cpu()
         x, job = noise * sigmas[0], None
         if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
             job = img2img.prepare(
@@ -747,6 +804,7 @@ class Pipeline:
         # step caching / token merging for this pass only (speedups.py); the cache counts steps by σ
         ts = self.model_sampling.timestep(sigmas[sigmas > 0].float().cpu()) if speed.active else None
         controls = controls_applied(control, self.net, self.model_sampling, sigmas)  # on for this pass only
+        self._use(self.spec.net)
         try:
             with speed.applied(self.net, ts), controls:
                 latents = sample_fn(

@@ -137,8 +137,8 @@ def conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     b, _, h, w = x.shape
     stride = conv.stride[0]
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # (H + 2·1 − 3) // stride + 1
-    if torch.is_grad_enabled() or b * ho * wo > GEMM_CONV_MAX_PIXELS:
-        return conv(x)
+    if torch.is_grad_enabled() or b * ho * wo > GEMM_CONV_MAX_PIXELS or not conv.weight.is_contiguous():
+        return conv(x)  # (channels-last weights, Pipeline.optimize: the layout the conv kernels want)
     weight = conv.weight.view(conv.out_channels, -1)  # (C_out, C_in·9), unfold's (c, ky, kx) order
     cols = F.unfold(x, 3, padding=1, stride=stride)  # (B, C_in·9, H_out·W_out)
     cols = cols.transpose(0, 1).reshape(weight.shape[1], -1)  # (C_in·9, B·H_out·W_out)

@@ -75,11 +75,16 @@ def validate_sigmas(sigmas) -> torch.Tensor:
 
 
 class _CheckedModel:
-    """Forwards to the denoiser; raises on a non-finite output naming the step and σ."""
+    """Forwards to the denoiser; raises on a non-finite output naming the step and σ.
 
-    def __init__(self, model, sigmas: torch.Tensor, name: str):
-        self.model, self.sigmas, self.name = model, sigmas, name
+    On the CPU each output is checked as it comes. On an accelerator reading a flag back to the host waits
+    for the device, so the flags stay there (`deferred`) and `finish` reads them once, after the last
+    step: the loop has no per-step host sync (a CUDA-graph-friendly loop; tests/test_device_path.py)."""
+
+    def __init__(self, model, sigmas: torch.Tensor, name: str, deferred: bool = False):
+        self.model, self.sigmas, self.name, self.deferred = model, sigmas, name, deferred
         self.model_sampling = getattr(model, "model_sampling", None)
+        self.flags: list[tuple[torch.Tensor, torch.Tensor]] = []  # (all finite, σ) per call, deferred only
         if hasattr(model, "with_uncond"):
             self.with_uncond = self._with_uncond
 
@@ -88,14 +93,25 @@ class _CheckedModel:
         pos = (self.sigmas >= s * (1 - 1e-6)).nonzero()
         return int(pos[-1]) if len(pos) else 0
 
+    def _raise(self, sigma):
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        raise FloatingPointError(
+            f"sampler {self.name!r}: the model returned non-finite values (NaN or inf) at step "
+            f"{self._step_of(sigma)} of {len(self.sigmas) - 1} (σ={s:.6g})"
+        )
+
     def _check(self, out, x, sigma):
-        if not torch.isfinite(out).all():
-            s = float(torch.as_tensor(sigma).reshape(-1)[0])
-            raise FloatingPointError(
-                f"sampler {self.name!r}: the model returned non-finite values (NaN or inf) at step "
-                f"{self._step_of(sigma)} of {len(self.sigmas) - 1} (σ={s:.6g})"
-            )
+        finite = torch.isfinite(out).all()
+        if self.deferred:
+            self.flags.append((finite, sigma))
+        elif not finite:
+            self._raise(sigma)
         return out.to(x.dtype)
+
+    def finish(self) -> None:
+        """The deferred checks, in call order: one host read for the whole run."""
+        if self.flags and not bool(torch.stack([f for f, _ in self.flags]).all()):
+            self._raise(next(s for f, s in self.flags if not f))
 
     def __call__(self, x, sigma, **kw):
         return self._check(self.model(x, sigma, **kw), x, sigma)
@@ -105,11 +121,20 @@ class _CheckedModel:
         return self._check(d, x, sigma), self._check(u, x, sigma)
 
 
+# samplers whose own control flow reads the state (error-controlled step sizes): a NaN must stop them
+# at once, so their model outputs are checked as they come on every device
+ADAPTIVE = {"dpm_adaptive", "dpm_adaptive_exact"}
+
+
 def _checked(name: str, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        sigmas = validate_sigmas(sigmas).to(x.device)
-        out = fn(_CheckedModel(model, sigmas, name), x, sigmas, extra_args, callback, disable, **options)
+        # the schedule stays on the host: samplers read σ's as numbers for their coefficients and control
+        # flow (free on the CPU, a sync per read on a GPU); svec() sends each step's σ to x's device
+        sigmas = validate_sigmas(sigmas).cpu()
+        checked = _CheckedModel(model, sigmas, name, deferred=x.device.type != "cpu" and name not in ADAPTIVE)
+        out = fn(checked, x, sigmas, extra_args, callback, disable, **options)
+        checked.finish()
         info = None
         if isinstance(out, tuple):  # dpm_adaptive(return_info=True) -> (x, info)
             out, info = out

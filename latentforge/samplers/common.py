@@ -28,12 +28,12 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
     """Karras ODE derivative d = (x − D)/σ, in x's dtype."""
-    return ((x - denoised) / append_dims(sigma, x.ndim)).to(x.dtype)
+    return ((x - denoised) / append_dims(sigma.to(x.device, non_blocking=True), x.ndim)).to(x.dtype)
 
 
 def svec(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """σ as a [B] vector for the model call, keeping the schedule's dtype (never rounded to bf16)."""
-    return sigma.to(x.device).expand(x.shape[0])
+    return sigma.to(x.device, non_blocking=True).expand(x.shape[0])
 
 
 def trange(n: int, disable: bool | None = None):

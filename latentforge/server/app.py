@@ -66,6 +66,12 @@ class Settings:
     lora_dir: str | None = None  # where <lora:name:w> tags in prompts find name.safetensors
     embeddings_dir: str | None = None  # textual inversions prompts name (file stem or embedding:name)
     controlnet_dir: str | None = None  # ControlNet units' models: name.safetensors there, named by stem
+    # where and how the networks run (Pipeline.place; the flags of `generate`)
+    dtype: str = "float32"
+    device: str | None = None
+    offload: bool = False
+    channels_last: bool = False
+    compile: str | None = None  # a torch.compile mode, None: off
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -101,12 +107,17 @@ class Models:
     listed under A1111's titles ("name.safetensors [hash]"); one pipeline kept loaded."""
 
     def __init__(
-        self, models_dir: str | None, lora_dir: str | None = None, embeddings_dir: str | None = None
+        self,
+        models_dir: str | None,
+        lora_dir: str | None = None,
+        embeddings_dir: str | None = None,
+        placement: Settings | None = None,
     ):
         for flag, folder in (("--models-dir", models_dir), ("--embeddings-dir", embeddings_dir)):
             if folder is not None and not os.path.isdir(folder):
                 raise ValueError(f"{flag} {folder!r} is not a folder")
         self.models_dir, self.lora_dir, self.embeddings_dir = models_dir, lora_dir, embeddings_dir
+        self.placement = placement or Settings()  # dtype, device, offload, channels_last, compile
         self._hashes: dict[tuple, str] = {}
         self._lock = threading.Lock()
         self._loaded: tuple[str, object] | None = None
@@ -153,15 +164,21 @@ class Models:
 
     def pipeline(self, title: str):
         """The loaded pipeline of this model (loading it, and dropping the one before, if needed)."""
+        import torch
+
         from latentforge.pipeline import Pipeline
 
         with self._lock:
             if self._loaded is None or self._loaded[0] != title:
                 entry = self.find(title)
                 self._loaded = None  # the old model is freed before the new one is read
+                pl = self.placement
                 pipe = Pipeline.from_single_file(
-                    entry["filename"], lora_dir=self.lora_dir, embeddings_dir=self.embeddings_dir
-                )
+                    entry["filename"],
+                    dtype=getattr(torch, pl.dtype),
+                    lora_dir=self.lora_dir,
+                    embeddings_dir=self.embeddings_dir,
+                ).place(pl.device, pl.offload, pl.channels_last, pl.compile or False)
                 self._loaded = (title, pipe)
             return self._loaded[1]
 
@@ -361,7 +378,7 @@ class Server:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.models = Models(settings.models_dir, settings.lora_dir, settings.embeddings_dir)
+        self.models = Models(settings.models_dir, settings.lora_dir, settings.embeddings_dir, settings)
         self.loras = Loras(settings.lora_dir)
         self.controlnets = ControlNetFiles(settings.controlnet_dir)
         first = self.models.find(settings.model, "--model") if settings.model else self.models.entries[0]
