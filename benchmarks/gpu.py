@@ -31,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mmdit_forward import PREFIX  # noqa: E402
+from mmdit_forward import to_diffusers as sd3_to_diffusers  # noqa: E402
 from unet_forward import to_diffusers  # noqa: E402
 
 from latentforge.models.mmdit import PRESETS as MMDIT_PRESETS  # noqa: E402
@@ -80,25 +80,11 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         added = {"text_embeds": pooled, "time_ids": ids}
         return (ours, theirs, lambda: ours(x, t, ctx, y=y),
                 lambda: theirs(x, t, ctx, added_cond_kwargs=added).sample)  # fmt: skip
-    from diffusers import SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-
     cfg = MMDIT_PRESETS["sd3-medium"]
     with torch.device("meta"):
         ours = MMDiT(cfg)
     ours = _fill(ours, device, dtype)
-    converted = convert_sd3_transformer_checkpoint_to_diffusers(
-        {PREFIX + k: v for k, v in ours.state_dict().items()}
-    )
-    with torch.device("meta"):
-        theirs = SD3Transformer2DModel(
-            sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, num_layers=cfg.depth,
-            attention_head_dim=64, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
-            caption_projection_dim=cfg.hidden_size, pooled_projection_dim=cfg.adm_in_channels,
-            out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
-        )  # fmt: skip
-    theirs.load_state_dict(converted, strict=True, assign=True)
-    theirs = theirs.eval().requires_grad_(False).to(device, dtype)
+    theirs = sd3_to_diffusers(ours).to(device, dtype)
     x, ctx, y = rand(2, cfg.in_channels, s, s), rand(2, 154, cfg.context_dim), rand(2, cfg.adm_in_channels)
 
     def run_theirs():

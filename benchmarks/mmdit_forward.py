@@ -28,21 +28,13 @@ from latentforge.models.mmdit import PRESETS, MMDiT
 PREFIX = "model.diffusion_model."
 
 
-@torch.no_grad()
-def build():
+def to_diffusers(ours: MMDiT):
+    """diffusers' SD3Transformer2DModel holding `ours`'s weights, through diffusers' single-file converter
+    (built on meta and loaded with assign=True: the tensors are ours, on our device and dtype)."""
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    cfg = PRESETS["sd3-medium"]
-    with torch.device("meta"):
-        ours = MMDiT(cfg)
-    ours = ours.to_empty(device="cpu").eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    for k, t in ours.state_dict().items():
-        if t.ndim >= 2 and k != "pos_embed":
-            t.normal_(0, t[0].numel() ** -0.5, generator=g)
-        else:
-            t.normal_(0, 0.3 if k == "pos_embed" else 0.02, generator=g)
+    cfg = ours.config
     converted = convert_sd3_transformer_checkpoint_to_diffusers(
         {PREFIX + k: v for k, v in ours.state_dict().items()}
     )
@@ -54,9 +46,24 @@ def build():
             out_channels=cfg.out_channels, pos_embed_max_size=cfg.pos_embed_max_size,
         )  # fmt: skip
     theirs.load_state_dict(converted, strict=True, assign=True)
-    del converted
+    return theirs.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def build():
+    cfg = PRESETS["sd3-medium"]
+    with torch.device("meta"):
+        ours = MMDiT(cfg)
+    ours = ours.to_empty(device="cpu").eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    for k, t in ours.state_dict().items():
+        if t.ndim >= 2 and k != "pos_embed":
+            t.normal_(0, t[0].numel() ** -0.5, generator=g)
+        else:
+            t.normal_(0, 0.3 if k == "pos_embed" else 0.02, generator=g)
+    theirs = to_diffusers(ours)
     gc.collect()
-    return ours, theirs.eval().requires_grad_(False), cfg
+    return ours, theirs, cfg
 
 
 def main() -> None:

@@ -563,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preview-method",
         choices=["linear", "taesd"],
         default=None,
-        help="linear (default): a fast latent->RGB projection; taesd: the tiny TAESD decoder (needs --taesd)",
+        help="linear (default): a fast latent->RGB projection; taesd: a tiny TAESD decoder (--taesd, or the "
+        "model's own <model>.taesd_decoder.safetensors: the shipped model has one)",
     )
     g.add_argument(
         "--taesd", default=None, metavar="PATH", help="a TAESD decoder (taesd_decoder.safetensors layout)"

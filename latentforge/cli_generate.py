@@ -71,8 +71,6 @@ def preview_options(args) -> dict:
                 raise ValueError(f"{flag} needs --preview-every N (a preview after every N-th step, N >= 1)")
         return {}
     method = args.preview_method or "linear"
-    if method == "taesd" and args.taesd is None:
-        raise ValueError("--preview-method taesd needs --taesd PATH (a taesd_decoder.safetensors-style file)")
     if args.taesd is not None:
         if method != "taesd":
             raise ValueError(f"--taesd {args.taesd!r} is only used with --preview-method taesd")

@@ -192,18 +192,17 @@ class Previewer:
 
     method: "linear" (the latent→RGB projection) or "taesd" (the tiny decoder in the file `taesd`, a
     taesd_decoder.safetensors-style file matching the model's VAE: taesd for SD1/SD2, taesdxl for SDXL,
-    taesd3 for SD3)."""
+    taesd3 for SD3; None: the one stored beside the model file, `tiny_decoder_path`, as the shipped model
+    has: scripts/train_tiny_decoder.py)."""
 
     def __init__(self, method: str = "linear", every: int = 1, taesd: str | None = None):
         if method not in METHODS:
             raise ValueError(f"preview method {method!r} is not known; accepted: {', '.join(METHODS)}")
-        if method == "taesd" and not taesd:
-            raise ValueError("the taesd preview needs its decoder file: Previewer('taesd', taesd=PATH)")
         if method == "linear" and taesd:
             raise ValueError(f"a TAESD file ({taesd!r}) is only used by the 'taesd' preview method")
         self.method, self.every, self.taesd = method, _every(every), taesd
         # the TAESD file is read and checked now (strict keys), so a bad file fails before any work
-        self._decoder = taesd_net.load_decoder(taesd) if method == "taesd" else None
+        self._decoder = taesd_net.load_decoder(taesd) if method == "taesd" and taesd else None
 
     def prepare(self, pipe) -> Previewer:
         """Check the previews fit this pipeline and get what they need (the linear factors, or the TAESD
@@ -211,9 +210,19 @@ class Previewer:
         if self.method == "linear":
             latent_rgb(pipe)
             return self
-        if pipe.downscale != taesd_net.UPSCALE:
+        if self._decoder is None:  # the tiny decoder stored beside the model
+            path = tiny_decoder_path(pipe.source)
+            if path is None or not os.path.isfile(path):
+                where = "this pipeline was not loaded from a file" if path is None else f"{path} does not exist"
+                raise ValueError(
+                    f"the taesd preview needs a TAESD decoder file: none beside the model ({where}); give "
+                    "one (--taesd PATH, Previewer('taesd', taesd=PATH)) or use the linear preview"
+                )
+            self.taesd, self._decoder = path, taesd_net.load_decoder(path)
+        f = taesd_net.upscale(self._decoder)
+        if pipe.downscale != f:
             raise ValueError(
-                f"TAESD decodes the latents of an f={taesd_net.UPSCALE} VAE; this model's VAE has "
+                f"TAESD file {self.taesd!r} decodes the latents of an f={f} VAE; this model's VAE has "
                 f"f={pipe.downscale}: use the linear preview"
             )
         c = self._decoder[1].in_channels
@@ -233,6 +242,11 @@ class Previewer:
         rgb = latent_rgb(pipe)(pipe.latent_format.process_out(denoised.float()))  # [B, 3, h, w]
         f = pipe.downscale
         return to_pil(rgb.repeat_interleave(f, -2).repeat_interleave(f, -1) if f > 1 else rgb)
+
+
+def tiny_decoder_path(model_path: str | None) -> str | None:
+    """Where a model's own TAESD-style decoder is stored: `<model>.taesd_decoder.safetensors` beside it."""
+    return None if model_path is None else os.path.splitext(model_path)[0] + ".taesd_decoder.safetensors"
 
 
 def hook(pipe, preview, preview_every, on_preview: Callable | None) -> Callable | None:

@@ -1,6 +1,7 @@
 """Live previews (latentforge/previews.py, models/taesd.py): the fitted latent->RGB projection of the shipped
 model, the previews of a generation, TAESD's published file layout, the CLI's preview files and `stream`."""
 
+import copy
 import threading
 from types import SimpleNamespace
 
@@ -105,8 +106,10 @@ def test_preview_arguments_are_checked(pipe):
         pipe(PROMPT, steps=1, progress=False, preview_every=1, preview="sharp", on_preview=print)
     with pytest.raises(ValueError, match=r"preview_every must be an integer in \[0, 10000\].*-2"):
         pipe(PROMPT, steps=1, progress=False, preview_every=-2, on_preview=print)
-    with pytest.raises(ValueError, match="needs its decoder file"):
-        previews.Previewer("taesd")
+    bare = copy.copy(pipe)
+    bare.source = None  # built in Python, not read from a file: nothing beside it
+    with pytest.raises(ValueError, match="needs a TAESD decoder file: none beside the model .this pipeline was"):
+        previews.Previewer("taesd").prepare(bare)
 
 
 # -- TAESD ---------------------------------------------------------------------------------------------------
@@ -154,6 +157,20 @@ def test_taesd_loads_strictly_and_decodes(tmp_path):
     assert taesd.load_decoder(str(path16))[1].in_channels == 16  # channels read from the file
     with pytest.raises(ValueError, match="decodes 16-channel latents, this model's have 4"):
         taesd.load_decoder(str(path16), latent_channels=4)
+
+
+def test_taesd_layout_for_an_f4_vae_is_read_from_the_keys(tmp_path):
+    """Two ×2 stages and width 32 (the default model's tiny decoder): the same layout with the last stage
+    gone, so the output conv is key 14; stages and width come from the file."""
+    net = taesd.decoder(4, upsamples=2, width=32)
+    keys = {k.split(".")[0] for k in net.state_dict()}
+    assert max(int(k) for k in keys) == 14 and taesd.upscale(net) == 4
+    sd = {k: torch.randn(v.shape) for k, v in net.state_dict().items()}
+    save_file(sd, str(tmp_path / "tiny.safetensors"))
+    back = taesd.load_decoder(str(tmp_path / "tiny.safetensors"))
+    assert taesd.upscale(back) == 4 and back[1].out_channels == 32
+    z = torch.randn(2, 4, 16, 16)
+    assert taesd.decode(back, z).shape == (2, 3, 64, 64)
 
 
 def test_taesd_refuses_other_layouts(tmp_path):
@@ -204,9 +221,6 @@ def test_cli_writes_preview_files(tmp_path, capsys):
         "--preview-every", "-1"
     )
     assert "--preview-dir needs --preview-every N" in error("--preview-dir", str(prev))
-    assert "--preview-method taesd needs --taesd PATH" in error(
-        "--preview-every", "1", "--preview-method", "taesd"
-    )
     pth = tmp_path / "taesd_decoder.pth"
     pth.write_bytes(b"x")
     msg = error("--preview-every", "1", "--preview-method", "taesd", "--taesd", str(pth))

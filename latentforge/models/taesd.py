@@ -35,6 +35,11 @@ from torch import nn
 
 UPSCALE = 8  # three ×2 upsamples: one latent pixel is 8×8 image pixels, as in the SD VAEs
 
+# The same architecture for other VAEs (the default model's: f = 4), written here: `decoder(c, upsamples=2,
+# width=32)` keeps the layout (index = key) with one stage of five modules fewer and narrower convolutions:
+# 0 Clamp, 1 conv C → w, 2 ReLU, 3-7 stage, 8-12 stage, 13 Block, 14 conv w → 3. `load_decoder` reads the
+# stage count and the width from the file's keys.
+
 
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
@@ -62,16 +67,21 @@ class Block(nn.Module):
         return self.fuse(self.conv(x) + self.skip(x))
 
 
-def decoder(latent_channels: int = 4) -> nn.Sequential:
-    """The TAESD decoder: latents [B, C, h, w] (denoiser space) -> RGB [B, 3, 8h, 8w] in about [0, 1]."""
-    c = 64
+def decoder(latent_channels: int = 4, upsamples: int = 3, width: int = 64) -> nn.Sequential:
+    """The TAESD decoder: latents [B, C, h, w] (denoiser space) -> RGB [B, 3, 2^u·h, 2^u·w] in about [0, 1]
+    (u = upsamples; the published files: u = 3, width 64)."""
+    c = width
 
     def stage() -> list[nn.Module]:  # three blocks, then ×2 nearest and a bias-free conv
         return [Block(c, c), Block(c, c), Block(c, c), nn.Upsample(scale_factor=2), _conv(c, c, bias=False)]
 
-    return nn.Sequential(
-        Clamp(), _conv(latent_channels, c), nn.ReLU(), *stage(), *stage(), *stage(), Block(c, c), _conv(c, 3)
-    )
+    stages = [m for _ in range(upsamples) for m in stage()]
+    return nn.Sequential(Clamp(), _conv(latent_channels, c), nn.ReLU(), *stages, Block(c, c), _conv(c, 3))
+
+
+def upscale(net: nn.Sequential) -> int:
+    """The decoder's pixels per latent pixel along a side (8 for the published files)."""
+    return 2 ** sum(isinstance(m, nn.Upsample) for m in net)
 
 
 def load_decoder(path: str, latent_channels: int | None = None) -> nn.Sequential:
@@ -98,7 +108,10 @@ def load_decoder(path: str, latent_channels: int | None = None) -> nn.Sequential
             f"TAESD file {path!r} decodes {found}-channel latents, this model's have {latent_channels} "
             "(taesd/taesdxl: 4, taesd3/taef1: 16)"
         )
-    net = decoder(latent_channels or found or 4)
+    last = max((int(k.split(".")[0]) for k in sd if k.split(".")[0].isdigit()), default=19)
+    stages = max((last - 4) // 5, 0)  # 4 + 5·stages is the index of the output conv
+    width = int(first.shape[0]) if first is not None and first.ndim == 4 else 64
+    net = decoder(latent_channels or found or 4, stages, width)
     want = net.state_dict()
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in want.items()
@@ -109,13 +122,13 @@ def load_decoder(path: str, latent_channels: int | None = None) -> nn.Sequential
                                     ("wrong shapes", wrong)) if keys]  # fmt: skip
         raise ValueError(
             f"{path!r} is not a TAESD decoder in the published layout (taesd_decoder.safetensors: keys "
-            f"1.weight … 19.bias); {'; '.join(parts)}"
+            f"1.weight … {4 + 5 * stages}.bias); {'; '.join(parts)}"
         )
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return net.eval().requires_grad_(False)
 
 
 def decode(net: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Denoiser-space latents [B, C, h, w] -> RGB [B, 3, 8h, 8w]: TAESD's [0, 1] mapped to [-1, 1]."""
+    """Denoiser-space latents [B, C, h, w] -> RGB [B, 3, f·h, f·w]: TAESD's [0, 1] mapped to [-1, 1]."""
     p = next(net.parameters())
     return net(latents.to(p.device, p.dtype)).float() * 2 - 1
