@@ -269,3 +269,31 @@ def test_stream_raises_the_workers_error_and_stops_when_closed(pipe):
     assert next(gen).kind == "preview"
     gen.close()  # stops the sampling at the next step and joins the worker
     assert threading.active_count() == before and len(steps) < 50
+
+
+def test_the_shipped_tiny_decoder_previews_the_default_model(pipe, tmp_path):
+    """latentforge/data/shapes64.taesd_decoder.safetensors (scripts/train_tiny_decoder.py, MODEL_CARD.md):
+    found beside the model with no file given; its PSNR against the full VAE decoder on 64 validation scenes
+    is within 1 dB of the figure it records for 256 (the subset's spread: 31.4 / 31.2 / 31.0 dB at 32 / 64
+    / 256 scenes when it was made), and at least the 30 dB the model card states."""
+    import json
+    import math
+
+    from latentforge.checkpoint_io import read_metadata
+
+    path = previews.tiny_decoder_path(pipe.source)
+    recorded = json.loads(read_metadata(path)["latentforge.tiny_decoder"])["psnr_vs_full_decoder_db"]
+    assert recorded >= 30
+    prev = previews.Previewer("taesd").prepare(pipe)
+    assert prev.taesd == path and taesd.upscale(prev._decoder) == 4
+    x = previews.shapes_images(64, seed=0, split="validation")
+    with torch.no_grad():
+        z = pipe.vae.encode(x).mean
+        full = ((pipe.vae.decode(z) + 1) / 2).clamp(0, 1)
+        tiny = ((taesd.decode(prev._decoder, pipe.latent_format.process_in(z)) + 1) / 2).clamp(0, 1)
+    got = 10 * math.log10(1 / F.mse_loss(tiny, full).item())
+    assert abs(got - recorded) < 1.0, (got, recorded)
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--steps", "4", "--quiet", "--out", str(out)]
+    assert main([*args, "--preview-every", "2", "--preview-method", "taesd"]) == 0
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["preview-0-002.png", "preview-0-004.png"]
