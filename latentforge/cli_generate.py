@@ -269,8 +269,10 @@ def check_device_flags(args) -> None:
 
 
 def place(pipe, args):
-    """Pipeline.place from the device flags (check_device_flags first)."""
-    return pipe.place(args.device, args.offload, args.channels_last, args.compile or False)
+    """Pipeline.place from the device flags (check_device_flags first); nothing when none is given."""
+    if args.device or args.offload or args.channels_last or args.compile:
+        pipe.place(args.device, args.offload, args.channels_last, args.compile or False)
+    return pipe
 
 
 SPEEDUP_ARGS = ("cache_interval", "cache_depth", "cache_threshold", "tome_ratio", "tome_max_downsample")
