@@ -213,7 +213,7 @@ class Previewer:
         if self._decoder is None:  # the tiny decoder stored beside the model
             path = tiny_decoder_path(pipe.source)
             if path is None or not os.path.isfile(path):
-                where = "this pipeline was not loaded from a file" if path is None else f"{path} does not exist"
+                where = f"{path} does not exist" if path else "this pipeline was not loaded from a file"
                 raise ValueError(
                     f"the taesd preview needs a TAESD decoder file: none beside the model ({where}); give "
                     "one (--taesd PATH, Previewer('taesd', taesd=PATH)) or use the linear preview"

@@ -108,7 +108,7 @@ def test_preview_arguments_are_checked(pipe):
         pipe(PROMPT, steps=1, progress=False, preview_every=-2, on_preview=print)
     bare = copy.copy(pipe)
     bare.source = None  # built in Python, not read from a file: nothing beside it
-    with pytest.raises(ValueError, match="needs a TAESD decoder file: none beside the model .this pipeline was"):
+    with pytest.raises(ValueError, match="needs a TAESD decoder file: none beside the model .this pipeline"):
         previews.Previewer("taesd").prepare(bare)
 
 
