@@ -144,8 +144,9 @@ def test_replay_our_png_is_pixel_identical_and_flags_win(tmp_path, capsys):
         == 0
     )
     text = Image.open(other / "00000-20.png").text["parameters"]
+    cfg = _shipped_defaults()["cfg"]  # made[0] used the model's CFG; the replay keeps it
     assert text.startswith(
-        "a small green star\nSteps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: 4.0"
+        f"a small green star\nSteps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: {float(cfg)}"
     )
 
 
@@ -210,3 +211,13 @@ def test_token_merging_ratio_replays():
     assert gen["tome_ratio"] == 0.3 and ignored == []
     gen, ignored = infotext.generation(infotext.parse(line + ", Token merging ratio hr: 0.5"))
     assert gen["tome_ratio"] == 0.3 and ignored == ["Token merging ratio hr"]
+
+
+def _shipped_defaults() -> dict:
+    """The generation defaults the shipped model's file states (latentforge.defaults; MODEL_CARD.md)."""
+    import json
+
+    from latentforge.checkpoint_io import read_metadata
+    from latentforge.pipeline import DEFAULT_MODEL
+
+    return json.loads(read_metadata(DEFAULT_MODEL)["latentforge.defaults"])
