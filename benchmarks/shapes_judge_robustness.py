@@ -13,6 +13,8 @@ captions. Printed:
 - per resolution, the shape confusion tables of small and of large objects over all degraded conditions
   (true shape -> detected shape at the same cell; "miss": no object there, "amb": reported ambiguous, not
   counted as the best guess);
+- the second judge (``cnn_judge.py``) on the same images: its all-correct rate, its exact-scene rate and
+  the share of images where the two judges' verdicts agree;
 - detect throughput on clean 64x64 renders (one process).
 
     .venv/bin/python benchmarks/shapes_judge_robustness.py [--n 300] [--res 64 32] [--conditions ...]
@@ -33,7 +35,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from latentforge.shapes import SHAPES, SIZES, render, sample_scene, satisfies  # noqa: E402
+from latentforge.shapes import SHAPES, SIZES, cnn_judge, render, sample_scene, satisfies  # noqa: E402
 from latentforge.shapes.captions import describe  # noqa: E402
 from latentforge.shapes.detection import analyze  # noqa: E402
 from latentforge.shapes.scoring import score, wilson  # noqa: E402
@@ -73,9 +75,17 @@ def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None]
     rng = np.random.default_rng(seed)
     out = dict.fromkeys(("ok", "exact", "decided", "ok_decided", "objects", "ambiguous"), 0)
     conf: dict[tuple[str, str, str], int] = {}
-    for scene, spec in zip(scenes, specs, strict=True):
-        det = analyze(soften(render(scene, res), rng, blur, noise, quality))
+    images = [soften(render(scene, res), rng, blur, noise, quality) for scene in scenes]
+    seen = cnn_judge.judge(images) if cnn_judge.available() else [None] * len(images)
+    out |= dict.fromkeys(("cnn_ok", "cnn_exact", "agree"), 0)
+    for scene, spec, img, cnn in zip(scenes, specs, images, seen, strict=True):
+        det = analyze(img)
         s = score(det.scene, spec, det.shape_ambiguous)
+        if cnn is not None:  # the second judge (cnn_judge.py) on the same image
+            ok2 = score(cnn, spec)["correct"]
+            out["cnn_ok"] += ok2
+            out["cnn_exact"] += satisfies(cnn, scene) and len(cnn.objects) == len(scene.objects)
+            out["agree"] += ok2 == s["correct"]
         out["ok"] += s["correct"]
         out["exact"] += satisfies(det.scene, scene)
         out["decided"] += s["decided"]
@@ -134,6 +144,7 @@ def main() -> None:
         head = (
             f"  {'condition':<24}{'all-correct % [95% CI]':<24}{'exact %':>8}{'decided %':>11}"
             f"   {'all-correct|decided [95% CI]':<30}{'amb. objects %':>15}"
+            f"   {'CNN all-correct [95% CI]':<24}{'CNN exact %':>12}{'agree %':>9}"
         )
         print(head)
         print("  " + "-" * (len(head) - 2))
@@ -142,7 +153,8 @@ def main() -> None:
             c = run_condition(scenes, specs, r, CONDITIONS[name], seed)
             print(
                 f"  {name:<24}{_pct(c['ok'], n):<24}{100 * c['exact'] / n:8.2f}{100 * c['decided'] / n:11.2f}"
-                f"   {_pct(c['ok_decided'], c['decided']):<30}{100 * c['ambiguous'] / c['objects']:15.2f}",
+                f"   {_pct(c['ok_decided'], c['decided']):<30}{100 * c['ambiguous'] / c['objects']:15.2f}"
+                f"   {_pct(c['cnn_ok'], n):<24}{100 * c['cnn_exact'] / n:12.2f}{100 * c['agree'] / n:9.2f}",
                 flush=True,
             )
             if name != "clean":

@@ -73,16 +73,18 @@ def _check_generation(args) -> None:
 
 
 def _check_model(name: str) -> str:
-    """`--model`: "default" (the shipped model) or a checkpoint file."""
-    from latentforge.pipeline import DEFAULT_MODEL
+    """`--model`: "default" (the shipped model), "default-fast" (its few-step student) or a checkpoint
+    file."""
+    from latentforge.pipeline import MODEL_NAMES
 
-    if name == "default":
-        if not os.path.isfile(DEFAULT_MODEL):
-            raise FileNotFoundError(
-                f"the default model {DEFAULT_MODEL} is missing from this install; reinstall latentforge "
-                "or give --model PATH"
-            )
-        return DEFAULT_MODEL
+    if name in MODEL_NAMES:
+        for path in {MODEL_NAMES["default"], MODEL_NAMES[name]}:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"the shipped model {path} is missing from this install; reinstall latentforge "
+                    "or give --model PATH"
+                )
+        return MODEL_NAMES[name]
     return check.checkpoint("--model", name)
 
 
@@ -403,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         default="default",
-        help="single-file checkpoint (.safetensors, .ckpt, .pt), or 'default': latentforge's shapes model",
+        help="single-file checkpoint (.safetensors, .ckpt, .pt), 'default': latentforge's shapes model, or "
+        "'default-fast': its few-step student (4 steps, CFG 1)",
     )
     g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     g.add_argument(
@@ -587,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--images", help="folder of images with .txt captions or metadata.jsonl")
     es.add_argument(
         "--model",
-        help="a checkpoint file or 'default' (the shipped model): generate from held-out prompts, then score",
+        help="a checkpoint file, 'default' (the shipped model) or 'default-fast' (its few-step student): "
+        "generate from held-out prompts, then score",
     )
     es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model), >= 1")
     es.add_argument(
@@ -723,7 +727,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="the JSON file (default: beside the model, <model>.schedule-<sampler>-<steps>.json)",
     )
     ts.set_defaults(func=_tune_schedule)
+
+    rp = sub.add_parser(
+        "reflow-pairs",
+        help="(noise, teacher sample) pairs of a rectified-flow model, to train a few-step student on",
+        description="Write reflow pairs (training/reflow.py) into a folder; then train the student with "
+        "`latentforge train denoiser --init_from MODEL --data FOLDER --caption_dropout 0`.",
+    )
+    rp.add_argument("--model", default="default", help="the teacher: a checkpoint file or 'default'")
+    rp.add_argument("--out", required=True, help="the pairs folder (continued if it holds the same recipe)")
+    rp.add_argument("--n", type=int, default=20000, help="pairs, >= 1 (default 20000)")
+    rp.add_argument("--steps", type=int, default=None, help="the teacher's steps (default: the model's)")
+    rp.add_argument("--sampler", default=None, help="the teacher's sampler (default: the model's)")
+    rp.add_argument("--scheduler", default=None, help="the teacher's schedule (default: the model's)")
+    rp.add_argument(
+        "--cfg", type=float, default=None, help="guidance baked into the pairs (default: the model's)"
+    )
+    rp.add_argument("--seed", type=int, default=0, help="seed of the prompts and noises, >= 0")
+    rp.add_argument("--batch", type=int, default=32, help="images sampled at once, 1..256")
+    rp.set_defaults(func=_reflow_pairs)
     return p
+
+
+def _reflow_pairs(args) -> int:
+    """`latentforge reflow-pairs`: the teacher's (noise, sample) pairs (training/reflow.py)."""
+    from tqdm import tqdm
+
+    from latentforge.pipeline import MAX_BATCH, MAX_CFG, MAX_STEPS, Pipeline
+    from latentforge.samplers import get_sampler
+    from latentforge.training.reflow import make_pairs
+
+    check.int_in("--n", args.n, 1, 10_000_000)
+    check.int_in("--seed", args.seed, 0, 2**40)
+    check.int_in("--batch", args.batch, 1, MAX_BATCH)
+    if args.steps is not None:
+        check.int_in("--steps", args.steps, 1, MAX_STEPS)
+    if args.cfg is not None:
+        check.float_in("--cfg", args.cfg, 0.0, MAX_CFG)
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    _check_model(args.model)
+    pipe = Pipeline.from_single_file(args.model)
+    d = pipe.defaults
+    steps, cfg = args.steps or d["steps"], d["cfg"] if args.cfg is None else args.cfg
+    sampler, scheduler = args.sampler or d["sampler"], args.scheduler or d["scheduler"]
+    with tqdm(total=args.n, unit="pair", desc="reflow pairs") as bar:
+        index = make_pairs(pipe, args.out, args.n, steps, cfg, sampler, scheduler, args.seed,
+                           batch=args.batch, teacher=args.model, progress=bar.update)  # fmt: skip
+    _say(f"wrote {args.n} pairs in {len(index['shards'])} shards to {args.out} "
+         f"({steps} steps, {sampler}/{scheduler}, CFG {cfg:g})")  # fmt: skip
+    return 0
 
 
 def _tune_schedule(args) -> int:

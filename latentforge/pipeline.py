@@ -46,6 +46,10 @@ MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
 # latentforge's own text-to-image model (MODEL_CARD.md), shipped in the package: what "default" names
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64.safetensors")
+# its reflowed few-step student (training/reflow.py, MODEL_CARD.md), what "default-fast" names: the UNet alone
+# (model.diffusion_model.*), run with the default model's text tower and VAE, which it was trained beside
+FAST_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64-fast.safetensors")
+MODEL_NAMES = {"default": DEFAULT_MODEL, "default-fast": FAST_MODEL}
 
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
@@ -59,8 +63,9 @@ HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "h
 
 
 def model_file(name: str) -> str:
-    """A `--model` value as a file: "default" is the shipped model, anything else a path."""
-    return DEFAULT_MODEL if name == "default" else name
+    """A `--model` value as a file: "default" is the shipped model, "default-fast" its few-step student,
+    anything else a path."""
+    return MODEL_NAMES.get(name, name)
 
 
 class FirstChannels(nn.Module):
@@ -260,9 +265,10 @@ class Pipeline:
         return cls(name, components, **kw)
 
     @classmethod
-    def default(cls, dtype: torch.dtype = torch.float32) -> Pipeline:
-        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download."""
-        return cls.from_single_file(DEFAULT_MODEL, dtype=dtype)
+    def default(cls, dtype: torch.dtype = torch.float32, fast: bool = False) -> Pipeline:
+        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download.
+        `fast`: with its reflowed few-step student's UNet (4 steps, CFG 1 by default)."""
+        return cls.from_single_file("default-fast" if fast else DEFAULT_MODEL, dtype=dtype)
 
     @classmethod
     def from_single_file(
@@ -281,6 +287,9 @@ class Pipeline:
         (checkpoints.load_checkpoint); "default" as the path is the shipped model."""
         from latentforge.checkpoints import load_checkpoint
 
+        if path == "default-fast":  # the default model with its student's UNet
+            pipe = cls.from_single_file(DEFAULT_MODEL, dtype, vae, text_encoders, t5, t5_tokenizer, **kw)
+            return pipe.load_denoiser(FAST_MODEL)
         path = model_file(path)
         if t5 is not None:
             text_encoders = {**(text_encoders or {}), "t5xxl": t5}
@@ -372,6 +381,29 @@ class Pipeline:
             net = self.net
             return net.config.in_channels
         return self.vae.latent_channels
+
+    def load_denoiser(self, path: str) -> Pipeline:
+        """Replace the denoising network's weights by those of a denoiser-only file (its
+        `model.diffusion_model.*` keys, strictly: e.g. a distilled student of this model) and take the
+        generation defaults it states; returns self."""
+        from latentforge.checkpoint_io import read_metadata, read_state_dict
+
+        prefix = "model.diffusion_model."
+        sd = read_state_dict(path)
+        other = sorted(k for k in sd if not k.startswith(prefix))
+        if other or not sd:
+            raise ValueError(f"{path}: not a denoiser-only file (keys outside {prefix}*: {other[:3]})")
+        dtype = next(self.net.parameters()).dtype
+        try:
+            self.net.load_state_dict({k[len(prefix) :]: v.to(dtype) for k, v in sd.items()}, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its UNet does not fit this model's: {str(e)[:300]}") from None
+        meta = read_metadata(path)
+        if "latentforge.defaults" in meta:
+            d = json.loads(meta["latentforge.defaults"])
+            self.defaults, self.model_defaults = {**self.defaults, **d}, {**self.model_defaults, **d}
+        self.source = path  # tuned schedules lie beside the student
+        return self
 
     @property
     def default_size(self) -> tuple[int, int]:

@@ -20,27 +20,32 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path, write_text
+from . import cnn_judge
 from .captions import parse
 from .detection import analyze, features
 from .render import Scene, check_resolution, render
 from .report import Tally, complete_spec, failure_grid, fsd
-from .scoring import score
+from .scoring import rate, score
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0) -> dict:
+def evaluate(
+    images, prompts, names=None, reference: bool = True, seed: int = 0, second_judge: bool = True
+) -> dict:
     """Score images against prompts (caption strings, or partial ``Scene`` specs); see ``evaluate_folder``
     for the report's layout. Prompts the grammar cannot parse are counted in ``unparsed``, never scored.
     ``reference=True`` adds ``fsd``: generated images vs renders of random scenes satisfying the same
-    prompts, at the images' resolution."""
+    prompts, at the images' resolution. ``second_judge=True`` adds ``second_judge``: the CNN judge's verdicts
+    (``cnn_judge.py``) beside the analytic judge's, and whether the two agree well enough to trust the
+    report (``second_judge_report``)."""
     images = list(images)
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     names = list(names) if names is not None else [str(i) for i in range(len(images))]
     tally = Tally()
-    unparsed, records, feats, specs_ok = [], [], [], []
+    unparsed, records, feats, specs_ok, scored, verdicts = [], [], [], [], [], []
     for img, prompt, name in zip(images, prompts, names, strict=True):
         spec = prompt if isinstance(prompt, Scene) else parse(prompt)
         text = prompt if isinstance(prompt, str) else None
@@ -52,6 +57,8 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
         n_wrong = tally.add(spec, d.scene, s)
         feats.append(d.features)
         specs_ok.append(spec)
+        scored.append(img)
+        verdicts.append(s["correct"])
         if not s["correct"]:
             records.append(
                 {
@@ -63,9 +70,17 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
                     "errors": n_wrong,
                     "extra": s["extra"],
                     "_image": img,
+                    "_k": len(scored) - 1,
                 }
             )
     report = tally.report(unparsed)
+    if second_judge and scored and cnn_judge.available():
+        report["second_judge"] = second = second_judge_report(scored, specs_ok, verdicts)
+        mine = second.pop("_verdicts")
+        for r in records:
+            r["second_judge_correct"] = mine[r["_k"]]
+    for r in records:
+        del r["_k"]
     if reference and len(feats) >= 2:
         rng = np.random.default_rng(seed)
         res = np.asarray(images[0]).shape[0]
@@ -74,6 +89,37 @@ def evaluate(images, prompts, names=None, reference: bool = True, seed: int = 0)
     records.sort(key=lambda r: -r["errors"])
     report["failures"] = records
     return report
+
+
+def second_judge_report(images, specs, verdicts, model=None) -> dict:
+    """The CNN judge's verdicts on scored images (``specs``: their parsed prompts; ``verdicts``: the analytic
+    judge's all-correct per image): ``judge``, ``all_correct`` (rate, k, n, ci95), ``by_objects``,
+    ``attributes``, ``agreement`` (share of images where the two judges' verdicts agree), ``disagree_both``
+    (the images each judge alone calls correct: ``{"analytic_only", "cnn_only"}``) and ``trustworthy``:
+    False when they disagree on more than ``cnn_judge.MAX_DISAGREEMENT`` of the images."""
+    seen = cnn_judge.judge([np.asarray(im) for im in images], model=model)
+    tally = Tally()
+    mine = []
+    for spec, det in zip(specs, seen, strict=True):
+        s = score(det, spec)
+        tally.add(spec, det, s)
+        mine.append(s["correct"])
+    r = tally.report([])
+    n = len(mine)
+    agree = sum(a == b for a, b in zip(mine, verdicts, strict=True))
+    return {
+        "judge": "cnn",
+        "all_correct": rate(sum(mine), n),
+        "by_objects": r["by_objects"],
+        "attributes": r["attributes"],
+        "agreement": rate(agree, n),
+        "disagree": {
+            "analytic_only": sum(b and not a for a, b in zip(mine, verdicts, strict=True)),
+            "cnn_only": sum(a and not b for a, b in zip(mine, verdicts, strict=True)),
+        },
+        "trustworthy": n - agree <= cnn_judge.MAX_DISAGREEMENT * n,
+        "_verdicts": mine,
+    }
 
 
 def _read_text(path: Path) -> str:
@@ -151,6 +197,7 @@ def evaluate_folder(
     size: int = 64,
     max_failures: int = 64,
     reference: bool = True,
+    second_judge: bool = True,
 ) -> dict:
     """Evaluate a folder of generated images against their prompts (the CLI's entry point).
 
@@ -164,7 +211,9 @@ def evaluate_folder(
     ``shape_ambiguous``, ``shape_decided``, ``decided``, ``all_correct_decided`` (ambiguous shapes counted
     apart, never as a guess: see ``report.py``), ``confusion`` (attribute -> prompted -> detected -> count;
     "missing" when no object was found), ``fsd``, ``unparsed``, ``unreadable``, ``missing_prompt``,
-    ``resized``, and ``failures`` (worst first).
+    ``resized``, ``second_judge`` (the CNN judge's rates and its agreement with the analytic one; see
+    ``second_judge_report``), and ``failures`` (worst first; each says whether the CNN judge found it
+    correct).
     With ``json_path`` the report is written there, and a PNG grid of the worst ``max_failures`` failures
     (in ``failures`` order) to ``grid_path`` (default: beside the JSON, ``<stem>_failures.png``); both
     atomically.
@@ -193,7 +242,7 @@ def evaluate_folder(
             f"{len(resized)} image(s) are not {size}x{size} and were resized (e.g. {resized[0]})",
             stacklevel=2,
         )
-    report = evaluate(images, texts, names, reference=reference)
+    report = evaluate(images, texts, names, reference=reference, second_judge=second_judge)
     if not report["n"]:
         raise ValueError(
             f"{folder}: none of the {len(texts)} captions is a shapes prompt (e.g. {texts[0][:80]!r}); "

@@ -139,6 +139,15 @@ def format_report(report: dict) -> str:
         lines.append(row("all correct (decided)", report["all_correct_decided"]))
     if "fsd" in report:
         lines.append(f"  {'FSD':<22} {report['fsd']:8.4f}")
+    if "second_judge" in report:
+        j = report["second_judge"]
+        lines.append(row("CNN judge: all correct", j["all_correct"]))
+        for key, r in j["by_objects"].items():
+            lines.append(row(f"  {key}-object prompts", r))
+        lines.append(row("judges agree", j["agreement"]))
+        if not j["trustworthy"]:
+            off = 100 * (1 - j["agreement"]["rate"])
+            lines.append(f"  UNTRUSTWORTHY: the judges disagree on {off:.1f}% of the images (more than 3%)")
     lines += _notes(report)
     for a in CONFUSION_ATTRIBUTES:
         errs = [(c, w, g) for w, row_ in report["confusion"][a].items() for g, c in row_.items() if g != w]

@@ -90,6 +90,28 @@ def dataset_for(cfg, world: dist.World):
     G = cfg.batch_size * world.world_size
     if cfg.data == "shapes":
         return ShapesTrain(cfg.resolution, cfg.seed, getattr(cfg, "crop", 0))
+    from latentforge.training import reflow
+
+    if reflow.is_pairs_folder(cfg.data):  # reflow: (noise, teacher sample) pairs, reflow.py
+        for bad, why in (
+            (
+                getattr(cfg, "caption_dropout", 0) > 0,
+                "caption_dropout must be 0 (a pair belongs to its prompt)",
+            ),
+            (getattr(cfg, "cache_latents", False), "cache_latents does not apply (the pairs are latents)"),
+            (getattr(cfg, "pixel_space", False), "pixel_space does not apply (the pairs are latents)"),
+        ):
+            if bad:
+                raise ValueError(f"data {cfg.data} is a folder of reflow pairs: {why}")
+        pairs = reflow.PairsTrain(cfg.data, G, cfg.seed)
+        if world.main:
+            r = pairs.index["recipe"]
+            how = f"{r['steps']} steps, {r['sampler']}/{r['scheduler']}, CFG {r['cfg']:g}"
+            print(
+                f"data {cfg.data}: {len(pairs)} reflow pairs of {r['teacher'] or 'a teacher'} ({how})",
+                flush=True,
+            )
+        return pairs
     from latentforge.training.data import ImageFolder
 
     folder = ImageFolder(

@@ -279,6 +279,8 @@ class DenoiserTask(loop.Task):
         sigma = sample_sigmas(cfg.objective, self.ms, G, gen, "cpu")[r::W]
         x0, f = self._x0(mb.batch, gen, G)
         noise = torch.randn((G, *x0.shape[1:]), generator=gen)[r::W].to(dev)
+        if "noise" in mb.batch:  # reflow pairs (reflow.py): the noise the teacher's sample came from
+            noise = mb.batch["noise"].to(dev, non_blocking=True)
         h, w = x0.shape[-2:]
         size = (h * f, w * f)
         model_fn = _Bound(mb.nets["model"], captions, size, self._cached_cond(mb.batch, drop, size))
@@ -292,6 +294,8 @@ class DenoiserTask(loop.Task):
         """x₀ and the VAE's downscale factor: a posterior draw (cached moments or the frozen VAE's encoding)
         through the latent format, or the images themselves in pixel space (factor 1)."""
         setup, dev, r, W = self.setup, self.world.device, self.world.rank, self.world.world_size
+        if "latent" in batch:  # reflow pairs: the teacher's sample, already in the denoiser's latent space
+            return batch["latent"].to(dev, non_blocking=True), setup.vae.downscale
         if "latent_mean" in batch:  # cached posterior moments
             mean, std = batch["latent_mean"].to(dev), batch["latent_std"].to(dev)
         elif setup.vae is not None:
