@@ -73,18 +73,17 @@ def _check_generation(args) -> None:
 
 
 def _check_model(name: str) -> str:
-    """`--model`: "default" (the shipped model), "default-fast" (its few-step student) or a checkpoint
-    file."""
+    """`--model`: "default" (the shipped model) or a checkpoint file."""
     from latentforge.pipeline import MODEL_NAMES
 
     if name in MODEL_NAMES:
-        for path in {MODEL_NAMES["default"], MODEL_NAMES[name]}:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"the shipped model {path} is missing from this install; reinstall latentforge "
-                    "or give --model PATH"
-                )
-        return MODEL_NAMES[name]
+        path = MODEL_NAMES[name]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"the default model {path} is missing from this install; reinstall latentforge "
+                "or give --model PATH"
+            )
+        return path
     return check.checkpoint("--model", name)
 
 
@@ -405,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         default="default",
-        help="single-file checkpoint (.safetensors, .ckpt, .pt), 'default': latentforge's shapes model, or "
-        "'default-fast': its few-step student (4 steps, CFG 1)",
+        help="single-file checkpoint (.safetensors, .ckpt, .pt), or 'default': latentforge's shapes model",
     )
     g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     g.add_argument(
@@ -590,8 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--images", help="folder of images with .txt captions or metadata.jsonl")
     es.add_argument(
         "--model",
-        help="a checkpoint file, 'default' (the shipped model) or 'default-fast' (its few-step student): "
-        "generate from held-out prompts, then score",
+        help="a checkpoint file or 'default' (the shipped model): generate from held-out prompts, then score",
     )
     es.add_argument("--n", type=int, default=500, help="prompts to generate (with --model), >= 1")
     es.add_argument(

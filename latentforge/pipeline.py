@@ -46,10 +46,7 @@ MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
 # latentforge's own text-to-image model (MODEL_CARD.md), shipped in the package: what "default" names
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64.safetensors")
-# its reflowed few-step student (training/reflow.py, MODEL_CARD.md), what "default-fast" names: the UNet alone
-# (model.diffusion_model.*), run with the default model's text tower and VAE, which it was trained beside
-FAST_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64-fast.safetensors")
-MODEL_NAMES = {"default": DEFAULT_MODEL, "default-fast": FAST_MODEL}
+MODEL_NAMES = {"default": DEFAULT_MODEL}
 
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
@@ -63,8 +60,7 @@ HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "h
 
 
 def model_file(name: str) -> str:
-    """A `--model` value as a file: "default" is the shipped model, "default-fast" its few-step student,
-    anything else a path."""
+    """A `--model` value as a file: "default" is the shipped model, anything else a path."""
     return MODEL_NAMES.get(name, name)
 
 
@@ -265,10 +261,9 @@ class Pipeline:
         return cls(name, components, **kw)
 
     @classmethod
-    def default(cls, dtype: torch.dtype = torch.float32, fast: bool = False) -> Pipeline:
-        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download.
-        `fast`: with its reflowed few-step student's UNet (4 steps, CFG 1 by default)."""
-        return cls.from_single_file("default-fast" if fast else DEFAULT_MODEL, dtype=dtype)
+    def default(cls, dtype: torch.dtype = torch.float32) -> Pipeline:
+        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download."""
+        return cls.from_single_file(DEFAULT_MODEL, dtype=dtype)
 
     @classmethod
     def from_single_file(
@@ -287,9 +282,6 @@ class Pipeline:
         (checkpoints.load_checkpoint); "default" as the path is the shipped model."""
         from latentforge.checkpoints import load_checkpoint
 
-        if path == "default-fast":  # the default model with its student's UNet
-            pipe = cls.from_single_file(DEFAULT_MODEL, dtype, vae, text_encoders, t5, t5_tokenizer, **kw)
-            return pipe.load_denoiser(FAST_MODEL)
         path = model_file(path)
         if t5 is not None:
             text_encoders = {**(text_encoders or {}), "t5xxl": t5}
@@ -402,7 +394,7 @@ class Pipeline:
         if "latentforge.defaults" in meta:
             d = json.loads(meta["latentforge.defaults"])
             self.defaults, self.model_defaults = {**self.defaults, **d}, {**self.model_defaults, **d}
-        self.source = path  # tuned schedules lie beside the student
+        self.source = path  # tuned schedules lie beside the denoiser file
         return self
 
     @property

@@ -8,13 +8,6 @@ for both) and the trainer's metadata, adds `latentforge.defaults` (the generatio
 `demo` and `Pipeline.default()` use where the caller gives none) and `latentforge.latent_rgb` (the linear
 preview's latent->RGB factors, fit by least squares on the shipped VAE: previews.fit_linear on 64 rendered
 training scenes) and writes latentforge/data/shapes64.safetensors atomically (or --out).
-
-`--fast` ships a reflowed student of the default model (training/reflow.py) instead: its UNet alone
-(`model.diffusion_model.*`, the text tower and VAE being the default model's, which its run kept frozen and
-is checked against) with its own defaults, as latentforge/data/shapes64-fast.safetensors, what
-`--model default-fast` and `Pipeline.default(fast=True)` load.
-
-    python scripts/ship_default_model.py RUN/checkpoints/last.safetensors --fast --steps 4 --cfg 1
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from latentforge.checkpoint_io import read_metadata, read_state_dict, save_state_dict  # noqa: E402
-from latentforge.pipeline import DEFAULT_MODEL, FAST_MODEL, Pipeline  # noqa: E402
+from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
 from latentforge.previews import fit_linear, shapes_images  # noqa: E402
 from latentforge.samplers import get_sampler  # noqa: E402
 from latentforge.schedules import SCHEDULERS  # noqa: E402
@@ -38,8 +31,7 @@ from latentforge.schedules import SCHEDULERS  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="the run's checkpoints/last.safetensors (EMA weights)")
-    p.add_argument("--out", default=None, help="default: the shipped file's place")
-    p.add_argument("--fast", action="store_true", help="ship a reflowed student's UNet (see above)")
+    p.add_argument("--out", default=DEFAULT_MODEL)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float16")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="euler")
@@ -54,9 +46,6 @@ def main() -> int:
     meta = dict(read_metadata(args.checkpoint))
     defaults = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg}
     meta["latentforge.defaults"] = json.dumps(defaults)
-    if args.fast:
-        return _ship_fast(sd, meta, args.out or FAST_MODEL, args.dtype)
-    args.out = args.out or DEFAULT_MODEL
     meta["latentforge.name"] = "shapes64"
     save_state_dict(sd, args.out, metadata=meta)
     # the preview factors are fit on the VAE as shipped (cast to --dtype, loaded as Pipeline.default() loads
@@ -69,25 +58,6 @@ def main() -> int:
         f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, {args.dtype}, defaults {defaults}, "
         f"latent_rgb {meta['latentforge.latent_rgb']})"
     )
-    return 0
-
-
-def _ship_fast(sd: dict, meta: dict, out: str, dtype: str) -> int:
-    """The student's UNet alone; everything else must equal the default model's, which it is used with."""
-    base = read_state_dict(DEFAULT_MODEL)
-    prefix = "model.diffusion_model."
-    for k, v in sd.items():
-        if not k.startswith(prefix) and (k not in base or not torch.equal(v.to(base[k].dtype), base[k])):
-            raise SystemExit(
-                f"{k} differs from the default model's: the student must keep its text tower and VAE"
-            )
-    unet = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    keep = ("latentforge.defaults", "latentforge.model_sampling", "latentforge.configs", "latentforge.family")
-    meta = {k: v for k, v in meta.items() if k in keep} | {"latentforge.name": "shapes64-fast"}
-    save_state_dict(unet, out, metadata=meta)
-    pipe = Pipeline.default(fast=True) if out == FAST_MODEL else Pipeline.default().load_denoiser(out)
-    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, {dtype}, {len(unet)} tensors, defaults "
-          f"{pipe.model_defaults})")  # fmt: skip
     return 0
 
 
