@@ -1,8 +1,9 @@
 """Named training presets: plain dicts of config fields (training/config.py), applied before TOML and flags.
 
-Denoisers: `shapes64` (the default model's latent UNet, MODEL_CARD.md), `shapes-tiny` (a 32×32 pixel-space
-UNet in the SD1 layout with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a
-text DiT), and fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
+Denoisers: `shapes64` (the default model's latent UNet, MODEL_CARD.md), `shapes64-pixel` (the same recipe on
+64×64 pixels, for benchmarks/latent_vs_pixel.py), `shapes-tiny` (a 32×32 pixel-space UNet in the SD1 layout
+with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a text DiT), and
+fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
 `shapes64-vae` (the default model's), `shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
 """
 
@@ -125,8 +126,34 @@ SHAPES64 = dict(
     eval_n=64,
 )
 
+# `shapes64` on 64×64×3 pixels instead of 16×16×4 latents (benchmarks/latent_vs_pixel.py: the seed's question,
+# Rombach et al. 2022, §1 and §4.1). The same text tower, objective, batch, learning-rate schedule, EMA and
+# caption dropout. The UNet has two more ×2 levels (f = 4 is two halvings), both 32 channels wide, in front
+# of the latent UNet's three: 64² → 32² → 16² (32 ch) → 8² (64 ch) → 4² (128 ch). Attention runs at the
+# downsampling factors 8 and 16 (and in the middle), i.e. on the same 8×8 and 4×4 token grids with the same
+# widths as the latent UNet's (2, 4) on its 16×16 input, so the comparison is of spaces, not of attention
+# cost. 8 GroupNorm groups as in `shapes64` (every width here, and every decoder concat, divides by 8).
+SHAPES64_PIXEL = {
+    **SHAPES64,
+    "pixel_space": True,
+    "unet": UNetConfig(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 1, 1, 2, 4),
+        attention_resolutions=(8, 16),
+        num_head_channels=32,
+        transformer_depth=1,
+        context_dim=128,
+        use_linear_in_transformer=True,
+        norm_groups=8,
+    ),  # fmt: skip
+}
+
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
     "shapes64": SHAPES64,
+    "shapes64-pixel": SHAPES64_PIXEL,
     "shapes-tiny": SHAPES_TINY,
     "shapes-tiny-dit": SHAPES_TINY_DIT,
     # fine-tuning: the networks come from `init_from`; text encoders frozen, the checkpoint's VAE

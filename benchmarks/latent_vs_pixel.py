@@ -1,0 +1,534 @@
+"""The seed's question, measured: does diffusing in the VAE's latent space buy adherence per unit of compute?
+
+Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", §1, §3 and §4.1)
+claim that a diffusion model trained on the latents of a perceptual-compression autoencoder reaches a given
+quality with much less compute than one trained on pixels, and that with mild compression (f = 4 to 16) it
+loses little quality for it. Here both sides share everything but the space:
+
+- latent: preset `shapes64` (the default model's UNet and 3-layer CLIP text tower, MODEL_CARD.md) on the
+  16×16×4 latents of the shipped VAE (f = 4, frozen; taken out of latentforge/data/shapes64.safetensors into
+  `<work>/vae.safetensors`, since `--vae` wants a VAE file);
+- pixel: preset `shapes64-pixel`, the same recipe on 64×64×3 pixels, its UNet two ×2 levels deeper so that
+  attention runs on the same 8×8 and 4×4 token grids with the same widths.
+
+Method.
+1. Each model is trained from scratch by `latentforge train denoiser --data shapes` (scenes rendered on the
+   fly, the same `--seed`, so the same data and noise) for `--minutes` of the trainer's own step-loop wall
+   time, at a constant learning rate after the preset's warm-up (`--lr_schedule constant`: a checkpoint at
+   step N is then the export a run with `--max_steps N` would have written; the preset's cosine would
+   depend on a step count nobody knows in advance). The trainer exports its EMA weights every
+   `--checkpoint-every` steps (about every 40 s on an idle machine for both models); the benchmark keeps
+   (hard-links into `<work>/<model>/checkpoints/`, the trainer keeps only its newest two) the first export
+   at or past each multiple of `--minutes`/`--points` of training time, so each model gets `--points`
+   evaluation points spread evenly over its budget however fast the machine is (`--eval-every K` instead:
+   export and keep every K steps). When the budget is spent it stops the trainer (SIGINT; the trainer's
+   writes are atomic and its next start cleans up) and keeps the newest export too. A stopped benchmark
+   continues: the trainer resumes exactly from its newest state (`--resume`), and finished evaluations
+   are read back. Neither the stop nor a restart's loading counts as training time.
+2. Training cost at step N: wall time from metrics.jsonl (one record per step: within one trainer call
+   the loop's time is (N − N₀)/it_s, calls chained at their start steps N₀) and FLOPs = N × the dry run's
+   FLOPs per step (`train denoiser --dry-run`: torch's FLOP counter on one real batch, forward + backward,
+   the latent model's VAE encode and both models' text tower included).
+3. Every kept export is scored by `latentforge eval shapes --split validation` (`--n` prompts, 20 euler
+   steps, normal schedule, CFG 3, seed 1,000,000: the model card's setting): all-correct rate with its
+   Wilson 95% interval, per-attribute and by-object-count rates. The chance level of each evaluation is the
+   same images scored against another image's prompt (a cyclic shift, as the trainer's own evaluation).
+4. Equal adherence: for the highest level both curves reach (the smaller of their best rates), the FLOPs
+   and wall time each model needed (linear interpolation between evaluation points, first crossing), and
+   their ratio pixel / latent, next to the compression factor (64·64·3)/(16·16·4) = 12. A level not above
+   chance (the upper end of the pooled chance rate's Wilson interval) is reported as not measured, and a
+   crossing at the first evaluation point is only a bound. The same for the background and colour rates,
+   which move early, so a short budget still gives a measured ratio. The FLOPs ratio is split into its two
+   factors: FLOPs per step (pixel / latent) × steps needed (pixel / latent).
+5. Sampling cost per image of both final models: 20 steps, CFG 3, prompt encoding and the latent model's
+   VAE decode included, batch 1 and batch 16, the models alternating (`--repeats` rounds, median), and the
+   FLOPs of one batch-1 image (torch's FLOP counter).
+
+Outputs: `--json` (settings, dry runs, both curves, the equal-adherence ratios, sampling cost) and `--png`
+(adherence against training FLOPs, log x, and against wall time, one line per model with 95% bars).
+Training runs, evaluations and images stay under `--work` (about 1 GB: each trainer's two newest states).
+
+    nice -n 10 .venv/bin/python benchmarks/latent_vs_pixel.py [--minutes 60] [--n 200] \
+        [--work /tmp/latent-vs-pixel] [--json out/latent_vs_pixel.json] [--png out/latent_vs_pixel.png]
+
+The 60-minute default runs 2 hours of training, then about 2 × 11 evaluations (the pixel model samples
+about 4× more slowly) and the sampling timings. `--minutes 1 --n 8 --points 2 --checkpoint-every 2 1
+--repeats 1` is a smoke test of the whole path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentforge import plot  # noqa: E402
+from latentforge.checkpoints import configs_to_json, load_checkpoint, save_state_dict  # noqa: E402
+from latentforge.files import write_json  # noqa: E402
+from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
+from latentforge.shapes.evaluate import evaluate  # noqa: E402
+from latentforge.shapes.scoring import wilson  # noqa: E402
+from latentforge.training.metrics import read_metrics  # noqa: E402
+from latentforge.training.state import step_dirs  # noqa: E402
+
+MODELS = ("latent", "pixel")
+PRESETS = {"latent": "shapes64", "pixel": "shapes64-pixel"}
+COMPRESSION = (64 * 64 * 3) / (16 * 16 * 4)  # values per image, pixels / latents: 12
+EVAL = ["--split", "validation", "--steps", "20", "--sampler", "euler", "--scheduler", "normal", "--cfg", "3"]
+EVAL_SEED = 1_000_000
+SAMPLE = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 3.0}
+PROMPT = "a big red circle in the upper left corner on a black background"
+ATTRS = ("present", "shape", "color", "size", "position", "relation", "background")
+EASY = ("background", "color")  # attributes that move early: a short budget still reaches a common level
+EXPORT = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+def latentforge(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "latentforge", *argv]
+
+
+def child_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def extract_vae(work: str) -> str:
+    """The shipped model's VAE as a VAE file (weights, config and measured latent scale), which is what
+    `train denoiser --vae` reads; a single-file checkpoint given there is refused."""
+    path = os.path.join(work, "vae.safetensors")
+    if not os.path.exists(path):
+        ckpt = load_checkpoint(DEFAULT_MODEL, torch.float32)
+        vae = ckpt.components["vae"]
+        meta = {
+            "latentforge.configs": configs_to_json({"vae": vae.config}),
+            "latentforge.latent_format": ckpt.metadata["latentforge.latent_format"],
+        }
+        save_state_dict(vae.state_dict(), path, metadata=meta)
+    return path
+
+
+def train_flags(name: str, vae: str, seed: int, checkpoint_every: int) -> list[str]:
+    flags = ["--preset", PRESETS[name], "--data", "shapes", "--seed", str(seed), "--max_steps", "1000000"]
+    flags += ["--lr_schedule", "constant", "--log_every", "1", "--sample_every", "0", "--quiet"]
+    flags += ["--checkpoint_every", str(checkpoint_every)]
+    return flags + (["--vae", vae] if name == "latent" else [])
+
+
+def dry_run(name: str, vae: str, seed: int, folder: str, threads: int) -> dict:
+    """Parameters, GFLOP per step and seconds per step from `train denoiser --dry-run` (cached)."""
+    path = os.path.join(folder, "dry_run.json")
+    if os.path.exists(path):
+        return json.loads(Path(path).read_text())
+    cmd = latentforge("train", "denoiser", *train_flags(name, vae, seed, 1), "--dry-run")
+    out = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, check=True).stdout
+    counts = re.finditer(r"^(\w+)\s+([\d,]+) trainable\s+([\d,]+) frozen", out, re.M)
+    res = {
+        "command": " ".join(cmd[2:]),
+        "parameters": {m[1]: {"trainable": number(m[2]), "frozen": number(m[3])} for m in counts},
+        "gflop_per_step": float(re.search(r"FLOPs per step.*?: ([\d,.]+) GFLOP", out)[1].replace(",", "")),
+        "seconds_per_step": float(re.search(r"time per step: ([\d.]+) s", out)[1]),
+    }
+    write_json(path, res)
+    return res
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def loop_seconds(folder: str) -> dict[int, float]:
+    """Step -> seconds of the trainer's step loop up to it, over all the calls the benchmark made: within a
+    call that started at step N₀, (N − N₀) / it_s; each call continues from its start step's time. A
+    record belongs to the last call launched before it was written that started before its step."""
+    metrics = os.path.join(folder, "run", "metrics.jsonl")
+    calls_file = os.path.join(folder, "calls.json")
+    if not os.path.exists(metrics) or not os.path.exists(calls_file):
+        return {}
+    calls = json.loads(Path(calls_file).read_text())  # [start step, launch time], in launch order
+    wall = {0: 0.0}
+    for rec in sorted((r for r in read_metrics(metrics) if "it_s" in r), key=lambda r: r["step"]):
+        s = rec["step"]
+        s0 = next((c[0] for c in reversed(calls) if c[0] < s and c[1] <= rec["time"]), None)
+        if s0 in wall:  # a start step without a record: that call's time is unknown
+            wall[s] = wall[s0] + (s - s0) / rec["it_s"]
+    return wall
+
+
+def spent(folder: str) -> float:
+    return max(loop_seconds(folder).values(), default=0.0)
+
+
+def keep_exports(folder: str, every_s: float | None, newest: bool = False) -> None:
+    """Hard-link the trainer's exports worth evaluating into <folder>/checkpoints/ (the trainer prunes its
+    own to the newest two): all of them (`every_s` None), or the first at or past each multiple of `every_s`
+    seconds of training; with `newest`, also the newest."""
+    src, dst = os.path.join(folder, "run", "checkpoints"), os.path.join(folder, "checkpoints")
+    wall = loop_seconds(folder)
+
+    def slot(step: int) -> int | None:
+        return None if every_s is None else int(wall[step] // every_s)
+
+    taken = {slot(step) for step, _ in checkpoints(folder) if step in wall}
+    exports = [(step, os.path.basename(path)) for step, path in checkpoints(folder, src)]
+    os.makedirs(dst, exist_ok=True)
+    for step, f in exports:
+        if step not in wall or os.path.exists(os.path.join(dst, f)):
+            continue
+        if every_s is not None and slot(step) in taken and not (newest and step == exports[-1][0]):
+            continue
+        taken.add(slot(step))
+        try:
+            os.link(os.path.join(src, f), os.path.join(dst, f))
+        except FileNotFoundError:
+            pass  # pruned between the listing and the link
+        except OSError:  # a file system without hard links
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+
+
+def train(name: str, vae: str, args, folder: str, checkpoint_every: int, every_s: float | None) -> None:
+    """Train (or continue) `name` until its step loop has run `args.minutes` (or until its first export,
+    if that comes later), then stop the trainer; keep its exports as `keep_exports` says."""
+    budget = args.minutes * 60
+    run_dir = os.path.join(folder, "run")
+    if spent(folder) >= budget and checkpoints(folder):
+        return
+    states = step_dirs(os.path.join(run_dir, "state"))
+    start = states[-1][0] if states else 0
+    if start:
+        cmd = latentforge("train", "denoiser", "--resume", run_dir)
+    else:  # new, or stopped before its first checkpoint
+        leftover = os.path.isdir(run_dir) and os.listdir(run_dir)
+        cmd = latentforge(
+            "train", "denoiser", *train_flags(name, vae, args.seed, checkpoint_every), "--out", run_dir
+        )
+        cmd += ["--overwrite", "true"] if leftover else []
+    calls_file = os.path.join(folder, "calls.json")
+    calls = json.loads(Path(calls_file).read_text()) if start and os.path.exists(calls_file) else []
+    write_json(calls_file, [c for c in calls if c[0] < start] + [[start, time.time()]])
+    print(f"{name}: training from step {start} until {args.minutes:g} min of steps", flush=True)
+    exports = os.path.join(run_dir, "checkpoints")
+    with open(os.path.join(folder, "train.log"), "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(args.threads))
+        try:
+            while proc.poll() is None and (spent(folder) < budget or not checkpoints(folder, exports)):
+                time.sleep(1.0)
+                keep_exports(folder, every_s)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name}: the trainer stopped (exit {proc.returncode}); see {log.name}")
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C: its data-loader worker is shut down with it
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    keep_exports(folder, every_s, newest=True)
+
+
+def checkpoints(folder: str, d: str | None = None) -> list[tuple[int, str]]:
+    """(step, path) of the kept exports (or of the exports in folder `d`), oldest first."""
+    d = d or os.path.join(folder, "checkpoints")
+    found = os.listdir(d) if os.path.isdir(d) else []
+    return sorted((int(m[1]), os.path.join(d, f)) for f in found if (m := EXPORT.match(f)))
+
+
+def score(ckpt: str, out: str, n: int, threads: int) -> dict:
+    """`latentforge eval shapes` on `ckpt` (cached in out.json), and the chance level of its images."""
+    report, images = out + ".json", out + "-images"
+    if not os.path.exists(report):
+        cmd = latentforge("eval", "shapes", "--model", ckpt, "--n", str(n), *EVAL, "--seed", str(EVAL_SEED))
+        cmd += ["--json", report, "--out", images]
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".log", "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)).returncode
+        if rc:
+            raise RuntimeError(f"evaluating {ckpt} failed (exit {rc}); see {out}.log")
+    rep = json.loads(Path(report).read_text())
+    chance_file = out + ".chance.json"
+    if not os.path.exists(chance_file):
+        from PIL import Image
+
+        meta = [json.loads(line) for line in Path(images, "metadata.jsonl").read_text().splitlines() if line]
+        pics = [np.asarray(Image.open(os.path.join(images, m["file_name"])).convert("RGB")) for m in meta]
+        prompts = [m["text"] for m in meta]
+        ch = evaluate(pics, prompts[1:] + prompts[:1], reference=False)
+        write_json(
+            chance_file, {"all_correct": ch["all_correct"], "n": ch["n"], "attributes": ch["attributes"]}
+        )
+    chance = json.loads(Path(chance_file).read_text())
+    return {
+        "all_correct": rep["all_correct"],
+        "ci95": rep["all_correct_ci95"],
+        "n": rep["n"],
+        "attributes": {a: rep["attributes"][a] for a in ATTRS if a in rep["attributes"]},
+        "by_objects": rep["by_objects"],
+        "chance": {
+            "all_correct": chance["all_correct"],
+            "n": chance["n"],
+            "attributes": {a: chance["attributes"][a] for a in ATTRS if a in chance["attributes"]},
+        },
+    }
+
+
+def curve(name: str, folder: str, gflop: float, n: int, threads: int) -> list[dict]:
+    wall = loop_seconds(folder)
+    points = []
+    for step, ckpt in checkpoints(folder):
+        if step not in wall:
+            continue
+        t0 = time.perf_counter()
+        s = score(ckpt, os.path.join(folder, "evals", f"step-{step:08d}"), n, threads)
+        points.append({"step": step, "wall_s": wall[step], "flops": step * gflop * 1e9, **s})
+        lo, hi = s["ci95"]
+        print(
+            f"{name} step {step:6d}: {wall[step] / 60:6.1f} min, {step * gflop / 1e3:8.1f} TFLOP, "
+            f"all correct {100 * s['all_correct']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
+            f"background {rate_of(s, 'background'):.2f}, colour {rate_of(s, 'color'):.2f} "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    return points
+
+
+def rate_of(point: dict, metric: str, chance: bool = False) -> float:
+    p = point["chance"] if chance else point
+    if metric == "all_correct":
+        return p["all_correct"]
+    r = p["attributes"].get(metric, {}).get("rate")
+    return float("nan") if r is None else r
+
+
+def count_of(point: dict, metric: str) -> tuple[int, int]:
+    """(k, n) of the chance rate of `metric` at one evaluation."""
+    c = point["chance"]
+    if metric == "all_correct":
+        return round(c["all_correct"] * c["n"]), c["n"]
+    a = c["attributes"].get(metric, {})
+    return a.get("k", 0), a.get("n", 0)
+
+
+def crossing(xs: list[float], ys: list[float], level: float) -> tuple[float, bool] | None:
+    """Where the curve first reaches `level` (linear interpolation between evaluation points), and whether
+    that is measured (False: already at the first point, so it is only an upper bound); None: never."""
+    for i, y in enumerate(ys):
+        if y >= level:
+            if i == 0:
+                return xs[0], False
+            x0, y0, x1 = xs[i - 1], ys[i - 1], xs[i]
+            return x0 + (x1 - x0) * (level - y0) / (y - y0), True
+    return None
+
+
+def equal_adherence(curves: dict[str, list[dict]], metric: str) -> dict:
+    """The compute each model needed to reach the highest `metric` level both reach, and the ratios."""
+    ys = {m: [rate_of(p, metric) for p in curves[m]] for m in MODELS}
+    ys = {m: [y if math.isfinite(y) else 0.0 for y in v] for m, v in ys.items()}
+    k = sum(count_of(p, metric)[0] for m in MODELS for p in curves[m])
+    n = sum(count_of(p, metric)[1] for m in MODELS for p in curves[m])
+    chance = {"rate": k / n if n else None, "ci95": list(wilson(k, n))}
+    res: dict = {"metric": metric, "chance": chance}
+    if not all(ys.values()):
+        return {**res, "note": "a model has no evaluation point"}
+    if n == 0:
+        return {**res, "note": "the evaluator scored no prompt for it"}
+    level = min(max(v) for v in ys.values())
+    res["level"] = level
+    if level <= chance["ci95"][1]:
+        return {**res, "note": f"no common level above chance ({chance['ci95'][1]:.3f}): not measured"}
+    for axis in ("flops", "wall_s", "step"):  # FLOPs ratio = FLOPs-per-step ratio × steps ratio
+        cross = {m: crossing([p[axis] for p in curves[m]], ys[m], level) for m in MODELS}
+        (px, p_measured), (lx, l_measured) = cross["pixel"], cross["latent"]
+        # a crossing at a model's first evaluation is an upper bound on what it needed
+        kind = {(True, True): "=", (True, False): "≥", (False, True): "≤", (False, False): None}
+        res[axis] = {
+            **{m: {"value": x, "measured": ok} for m, (x, ok) in cross.items()},
+            "pixel_over_latent": px / lx,
+            "ratio_is": kind[p_measured, l_measured]
+            or "unknown: both reached the level at their first point",
+        }
+    return res
+
+
+def sampling_cost(ckpts: dict[str, str], threads: int, repeats: int) -> dict:
+    """Seconds per image at batch 1 and 16 (models alternating, the order turned every round; median) and
+    GFLOP per batch-1 image, prompt encoding and the VAE decode included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    pipes = {m: Pipeline.from_single_file(p) for m, p in ckpts.items()}
+    res: dict = {m: {"batch1_s": [], "batch16_per_image_s": []} for m in MODELS}
+    for m, pipe in pipes.items():
+        pipe(PROMPT, **SAMPLE, seed=0, progress=False)  # warm-up
+        with FlopCounterMode(display=False) as fc:
+            pipe(PROMPT, **SAMPLE, seed=0, progress=False)
+        res[m]["gflop_per_image"] = fc.get_total_flops() / 1e9
+    for r in range(repeats):
+        for m in MODELS[r % 2 :] + MODELS[: r % 2]:
+            t0 = time.perf_counter()
+            pipes[m](PROMPT, **SAMPLE, seed=r, progress=False)
+            t1 = time.perf_counter()
+            pipes[m](PROMPT, **SAMPLE, seed=r, batch_size=16, progress=False)
+            t2 = time.perf_counter()
+            res[m]["batch1_s"].append(t1 - t0)
+            res[m]["batch16_per_image_s"].append((t2 - t1) / 16)
+    for m in MODELS:
+        res[m]["batch1_median_s"] = statistics.median(res[m]["batch1_s"])
+        res[m]["batch16_per_image_median_s"] = statistics.median(res[m]["batch16_per_image_s"])
+    res["ratio_pixel_over_latent"] = {
+        k: res["pixel"][k] / res["latent"][k]
+        for k in ("batch1_median_s", "batch16_per_image_median_s", "gflop_per_image")
+    }
+    return res
+
+
+def save_plot(curves: dict[str, list[dict]], path: str) -> None:
+    fig = plot.figure(
+        (1100, 1000), rows=2, title="latent (f = 4) vs pixel-space UNet: adherence vs training cost"
+    )
+    panels = (("flops", 1e12, "training TFLOP", True), ("wall_s", 60.0, "training wall time (min)", False))
+    for ax, (key, unit, label, logx) in zip(fig.axes, panels, strict=True):
+        for k, m in enumerate(MODELS):
+            pts = curves[m]
+            xs = [p[key] / unit for p in pts]
+            ys = [100 * p["all_correct"] for p in pts]
+            lo = [100 * (p["all_correct"] - p["ci95"][0]) for p in pts]
+            hi = [100 * (p["ci95"][1] - p["all_correct"]) for p in pts]
+            style = plot.curve_style(k)
+            ax.errorbar(xs, ys, yerr=[lo, hi], label=f"{m} ({PRESETS[m]})", capsize=3, **style)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation all correct (%), 95% interval")
+        ax.grid(True, color="0.88")
+        ax.legend(loc="upper left", fontsize="small")
+    plot.save_figure(fig, path)
+
+
+def describe(e: dict) -> str:
+    """One line per metric: the level, what each model needed ("≤": reached at its first evaluation) and
+    the ratios pixel / latent ("≥"/"≤": bounds)."""
+    if "flops" not in e:
+        return f"{e['metric']}: {e['note']}"
+    parts = [f"{e['metric']} {100 * e['level']:.1f}% (chance {100 * e['chance']['rate']:.1f}%):"]
+    for axis, unit, what in (("flops", 1e12, "TFLOP"), ("wall_s", 60.0, "min"), ("step", 1.0, "steps")):
+        d = e[axis]
+        need = ", ".join(f"{m} {'' if d[m]['measured'] else '≤ '}{d[m]['value'] / unit:.4g}" for m in MODELS)
+        ratio = "unknown" if len(d["ratio_is"]) > 1 else f"{d['ratio_is']} {d['pixel_over_latent']:.2f}"
+        parts.append(f"{what} {need} (pixel/latent {ratio});")
+    return " ".join(parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=60.0, help="training wall time per model")
+    p.add_argument(
+        "--work", default="/tmp/latent-vs-pixel", help="run folders, evaluations (outside the repo)"
+    )
+    p.add_argument("--n", type=int, default=200, help="validation prompts per evaluation")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=10,
+        help="evaluation points per model, evenly spaced in training time (and the last checkpoint)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        nargs=2,
+        default=(20, 5),
+        metavar=("LATENT", "PIXEL"),
+        help="steps between the trainers' exports, which the evaluation points are taken from",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="instead of --points: export and evaluate every K steps, both models",
+    )
+    p.add_argument("--seed", type=int, default=0, help="training seed, both models")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the sampling-cost measurement")
+    p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None)
+    args = p.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    vae = extract_vae(args.work)
+    folders = {m: os.path.join(args.work, m) for m in MODELS}
+    dry = {m: dry_run(m, vae, args.seed, folders[m], args.threads) for m in MODELS}
+    for m in MODELS:
+        d = dry[m]
+        print(f"{m}: {d['parameters']}; {d['gflop_per_step']:.2f} GFLOP per step; "
+              f"{d['seconds_per_step']:.2f} s per step in the dry run", flush=True)  # fmt: skip
+
+    every_s = None if args.eval_every else args.minutes * 60 / args.points
+    checkpoint_every = {}
+    for m, default in zip(MODELS, args.checkpoint_every, strict=True):
+        saved = os.path.join(folders[m], "run", "config.json")
+        if os.path.exists(saved):  # a started run keeps its interval
+            checkpoint_every[m] = json.loads(Path(saved).read_text())["checkpoint_every"]
+        else:
+            checkpoint_every[m] = args.eval_every or default
+    for m in MODELS:
+        train(m, vae, args, folders[m], checkpoint_every[m], every_s)
+
+    curves = {m: curve(m, folders[m], dry[m]["gflop_per_step"], args.n, args.threads) for m in MODELS}
+    equal = {metric: equal_adherence(curves, metric) for metric in ("all_correct", *EASY)}
+    print(f"compression factor (64·64·3)/(16·16·4) = {COMPRESSION:g}; FLOPs per step pixel/latent = "
+          f"{dry['pixel']['gflop_per_step'] / dry['latent']['gflop_per_step']:.2f}")  # fmt: skip
+    for e in equal.values():
+        print("equal adherence, " + describe(e), flush=True)
+
+    finals = {m: checkpoints(folders[m])[-1][1] for m in MODELS if curves[m]}
+    sampling = sampling_cost(finals, args.threads, args.repeats) if len(finals) == 2 else None
+    if sampling:
+        for m in MODELS:
+            s = sampling[m]
+            print(
+                f"sampling {m}: {s['batch1_median_s']:.3f} s per image at batch 1, "
+                f"{s['batch16_per_image_median_s']:.3f} s at batch 16, "
+                f"{s['gflop_per_image']:.1f} GFLOP per image"
+            )
+    res = {
+        "settings": {
+            "minutes": args.minutes,
+            "n": args.n,
+            "points": None if args.eval_every else args.points,
+            "eval_every": args.eval_every or None,
+            "checkpoint_every": checkpoint_every,
+            "seed": args.seed,
+            "threads": args.threads,
+            "lr_schedule": "constant",
+            "eval": " ".join([*EVAL, "--seed", str(EVAL_SEED)]),
+            "sampling": SAMPLE,
+            "work": args.work,
+        },
+        "compression_factor": COMPRESSION,
+        "dry_run": dry,
+        "flops_per_step_ratio": dry["pixel"]["gflop_per_step"] / dry["latent"]["gflop_per_step"],
+        "curves": curves,
+        "equal_adherence": equal,
+        "sampling": sampling,
+    }
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    if args.png and all(curves.values()):
+        save_plot(curves, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
