@@ -9,6 +9,7 @@ fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, UNetConfig
@@ -136,19 +137,13 @@ SHAPES64 = dict(
 SHAPES64_PIXEL = {
     **SHAPES64,
     "pixel_space": True,
-    "unet": UNetConfig(
+    "unet": dataclasses.replace(
+        SHAPES64["unet"],
         in_channels=3,
         out_channels=3,
-        model_channels=32,
-        num_res_blocks=1,
         channel_mult=(1, 1, 1, 2, 4),
         attention_resolutions=(8, 16),
-        num_head_channels=32,
-        transformer_depth=1,
-        context_dim=128,
-        use_linear_in_transformer=True,
-        norm_groups=8,
-    ),  # fmt: skip
+    ),
 }
 
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
