@@ -277,14 +277,21 @@ def load_component(name, cfg, sd, dtype, source) -> torch.nn.Module:
 
 def component_file(name: str, path: str) -> dict[str, torch.Tensor]:
     """A separately distributed component (a VAE, a text encoder) in any of its usual namings: inside a
-    single-file prefix, bare (ComfyUI's `clip_l.safetensors`: `text_model.*`), or exactly our keys."""
+    single-file prefix, bare (ComfyUI's `clip_l.safetensors`: `text_model.*`), or exactly our keys; or the
+    component taken out of a whole single-file checkpoint (e.g. its VAE: `first_stage_model.*`)."""
     sd, _ = strip_stray(read_state_dict(path))
     prefixes = {f.prefixes[name] for f in FAMILIES.values() if name in f.prefixes}
     prefixes |= {"first_stage_model.", "vae."}
-    for pre in sorted(prefixes, key=len, reverse=True):
-        if pre and all(k.startswith(pre) for k in sd):
+    ordered = [pre for pre in sorted(prefixes, key=len, reverse=True) if pre]
+    for pre in ordered:
+        if all(k.startswith(pre) for k in sd):
             sd = {k[len(pre) :]: v for k, v in sd.items()}
             break
+    else:  # a whole checkpoint: the component's keys under its single-file prefix, the rest left out
+        for pre in ordered:
+            if any(k.startswith(pre) for k in sd):
+                sd = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
+                break
     if name == "t5xxl" and any(k.startswith(("shared.", "encoder.")) for k in sd):  # HF T5EncoderModel file
         sd = {"transformer." + k: v for k, v in sd.items()}
     if name.startswith("clip_"):

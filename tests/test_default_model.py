@@ -113,3 +113,16 @@ def test_reproduces_the_model_cards_one_object_validation_cell(tmp_path):
     one = report["by_objects"]["1"]
     assert one["n"] >= 60
     assert lo - 0.1 <= one["rate"] <= hi + 0.1
+
+
+def test_the_shipped_file_serves_as_a_vae_file(pipe):
+    # `train denoiser --vae FILE` / `generate --vae FILE` take a whole single-file checkpoint too: its VAE
+    # (first_stage_model.*) and the file's measured latent scale, the rest left out
+    from latentforge.checkpoints import load_vae_file
+
+    vae, fmt = load_vae_file(DEFAULT_MODEL)
+    assert fmt == pipe.latent_format
+    mine = pipe.vae.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in vae.state_dict().items()) and len(mine) == len(
+        vae.state_dict()
+    )
