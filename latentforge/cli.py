@@ -74,16 +74,15 @@ def _check_generation(args) -> None:
 
 def _check_model(name: str) -> str:
     """`--model`: "default" (the shipped model) or a checkpoint file."""
-    from latentforge.pipeline import MODEL_NAMES
+    from latentforge.pipeline import DEFAULT_MODEL
 
-    if name in MODEL_NAMES:
-        path = MODEL_NAMES[name]
-        if not os.path.isfile(path):
+    if name == "default":
+        if not os.path.isfile(DEFAULT_MODEL):
             raise FileNotFoundError(
-                f"the default model {path} is missing from this install; reinstall latentforge "
+                f"the default model {DEFAULT_MODEL} is missing from this install; reinstall latentforge "
                 "or give --model PATH"
             )
-        return path
+        return DEFAULT_MODEL
     return check.checkpoint("--model", name)
 
 

@@ -46,7 +46,6 @@ MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
 # latentforge's own text-to-image model (MODEL_CARD.md), shipped in the package: what "default" names
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64.safetensors")
-MODEL_NAMES = {"default": DEFAULT_MODEL}
 
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
@@ -61,7 +60,7 @@ HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "h
 
 def model_file(name: str) -> str:
     """A `--model` value as a file: "default" is the shipped model, anything else a path."""
-    return MODEL_NAMES.get(name, name)
+    return DEFAULT_MODEL if name == "default" else name
 
 
 class FirstChannels(nn.Module):

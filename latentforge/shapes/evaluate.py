@@ -94,10 +94,10 @@ def evaluate(
 def second_judge_report(images, specs, verdicts, model=None) -> dict:
     """The CNN judge's verdicts on scored images (``specs``: their parsed prompts; ``verdicts``: the analytic
     judge's all-correct per image): ``judge``, ``all_correct`` (rate, k, n, ci95), ``by_objects``,
-    ``attributes``, ``agreement`` (share of images where the two judges' verdicts agree), ``disagree_both``
-    (the images each judge alone calls correct: ``{"analytic_only", "cnn_only"}``) and ``trustworthy``:
+    ``attributes``, ``agreement`` (share of images where the two judges' verdicts agree), ``disagree``
+    (how many images each judge alone calls correct: ``{"analytic_only", "cnn_only"}``) and ``trustworthy``:
     False when they disagree on more than ``cnn_judge.MAX_DISAGREEMENT`` of the images."""
-    seen = cnn_judge.judge([np.asarray(im) for im in images], model=model)
+    seen = cnn_judge.judge(images, model=model)
     tally = Tally()
     mine = []
     for spec, det in zip(specs, seen, strict=True):

@@ -63,6 +63,8 @@ def make_pairs(
     docstring); shards already there and matching the recipe are kept (whatever ``n`` made them: pair i
     depends only on the seed and i, so a set can be extended or cut short at a shard's end). Returns the
     index."""
+    from safetensors.torch import save_file
+
     from latentforge.files import atomic_path, write_text
     from latentforge.noise import variation_noise
 
@@ -107,8 +109,6 @@ def make_pairs(
             if progress is not None:
                 progress(len(idx))
         meta = {"prompts": json.dumps(prompts[s0 : s0 + shard]), "first": str(s0)}
-        from safetensors.torch import save_file
-
         with atomic_path(out / name) as tmp:
             save_file({"noise": torch.cat(noises), "latent": torch.cat(latents)}, str(tmp), metadata=meta)
     index["complete"] = True
