@@ -375,6 +375,29 @@ def test_half_precision_group_norms_compute_in_float32(dtype):
         assert ((out.float() - ref).abs() <= u * ref.abs() + tiny_abs).all(), (mode, m)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_group_norm_in_pieces_is_bit_identical(dtype, memory_format, monkeypatch):
+    # GroupNorm32 normalizes a large half-precision input a few whole groups at a time to bound its float32
+    # copies; each group's statistics and output depend on that group alone, so the pieces must give the
+    # whole-input float32 result rounded once, bit for bit. Pieces forced small: 2 groups of 8 per piece
+    # (and a last, shorter piece: 5 groups of 24 channels in all, 3 channels per group, 2 per piece).
+    from latentforge.models import embeddings
+
+    torch.manual_seed(0)
+    norm = embeddings.GroupNorm32(8, 24, eps=1e-6)
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 24, 9, 7) * 3 + 40).to(dtype).contiguous(memory_format=memory_format)
+    whole = F.group_norm(x.float(), 8, norm.weight, norm.bias, 1e-6).to(dtype)
+    monkeypatch.setattr(embeddings, "GROUP_NORM_PIECE", 2 * 2 * 3 * 9 * 7 // 2 + 1)  # just over 1 group
+    pieces = norm(x)
+    assert pieces.dtype == dtype and torch.equal(pieces, whole)
+    norm5 = embeddings.GroupNorm32(5, 15, eps=1e-6)
+    y = torch.randn(1, 15, 6, 6).to(dtype)
+    monkeypatch.setattr(embeddings, "GROUP_NORM_PIECE", 2 * 3 * 36)  # 2 groups per piece: 2, 2, 1
+    assert torch.equal(norm5(y), F.group_norm(y.float(), 5, norm5.weight, norm5.bias, 1e-6).to(dtype))
+
+
 def _record(part: nn.Module, fn, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # The (mean, var) [B, G] of every GroupNorm of `part` while fn(x) runs, in module order.
     norms = [m for m in part.modules() if isinstance(m, GroupNorm)]
