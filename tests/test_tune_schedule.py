@@ -209,3 +209,50 @@ def test_tuned_file_for_another_step_count_is_refused(tmp_path):
         ts.load_tuned(model, "euler", 3)
     with pytest.raises(FileNotFoundError, match=r"m\.schedule-euler-3\.json"):  # lists what exists
         ts.load_tuned(model, "euler", 4)
+
+
+def test_shifted_evaluation_recovers_the_exact_one_step_answer():
+    # One Euler step from σ_max to 0 returns D(x, σ'); for a single Gaussian N(m, s²) the probability-flow
+    # ODE's answer is m + (x − m)·s/√(s² + σ_max²) (closed form, gmm.py) and D(x, σ') = m + (x − m)·s²/(s² +
+    # σ'²), so the one step is exact at σ'² = s·√(s² + σ_max²) − s²: δ = ½·log(σ'²/σ_max²). The tuner, given
+    # the shift as its only free parameter, must find that δ (to 1e-3: Nelder–Mead's xatol is 1e-4) and
+    # drive the error from the plain step's to ~0.
+    g = GaussianMixture.single(dim=4, mean=0.5, std=0.3)
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = g.ode_solution_ve(noise * SIGMA_MAX, SIGMA_MAX, 0.0)
+    plain = ts.tune(g.denoiser(), "euler", 1, SIGMA_MIN, SIGMA_MAX, noise, ref)
+    res = ts.tune(g.denoiser(), "euler", 1, SIGMA_MIN, SIGMA_MAX, noise, ref, shifts=True, max_evals=200)
+    s = 0.3
+    exact = 0.5 * np.log((s * np.sqrt(s**2 + SIGMA_MAX**2) - s**2) / SIGMA_MAX**2)
+    assert len(res.shifts) == 1 and abs(res.shifts[0] - exact) < 1e-3
+    assert plain.rmse > 0.1 and res.rmse < 1e-3 * plain.rmse
+    assert res.sigmas == plain.sigmas == [SIGMA_MAX, 0.0]
+
+
+def test_shifted_denoiser_interpolates_in_log_sigma_and_zero_is_plain():
+    g = GaussianMixture.random(k=2, dim=3, seed=1)
+    sig = torch.tensor([10.0, 1.0, 0.1, 0.0], dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    plain = ts.ShiftedDenoiser(g.denoiser(), sig, [0.0, 0.0, 0.0])
+    for s in (10.0, 3.0, 0.1, 20.0, 0.01):
+        t = torch.full((5,), s, dtype=torch.float64)
+        assert torch.equal(plain(x, t), g.denoiser()(x, t))
+    sh = ts.ShiftedDenoiser(g.denoiser(), sig, [0.2, -0.4, 0.6])
+    # at the knots the knot values; halfway in log σ (√10) the mean of its neighbours; constant outside
+    got = sh.shift(torch.tensor([10.0, 1.0, 0.1, 10**0.5, 100.0, 1e-3], dtype=torch.float64))
+    assert torch.allclose(got, torch.tensor([0.2, -0.4, 0.6, -0.1, 0.2, 0.6], dtype=torch.float64))
+    t = torch.full((5,), 1.0, dtype=torch.float64)
+    assert torch.allclose(sh(x, t), g.denoiser()(x, t * np.exp(-0.4)))
+    with pytest.raises(ValueError, match="3 finite values"):
+        ts.ShiftedDenoiser(g.denoiser(), sig, [0.0, 0.1])
+    with pytest.raises(ValueError, match="3 finite values"):
+        ts.ShiftedDenoiser(g.denoiser(), sig, [0.0, float("nan"), 0.1])
+
+
+def test_a_schedule_file_with_shifts_is_refused_by_generation(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    res = ts.TuneResult("euler", 2, [14.6, 0.03, 0.0], 0.1, {}, "karras", 1, shifts=[0.1, 0.0])
+    ts.save(ts.schedule_path(str(model), "euler", 2), res)
+    with pytest.raises(ValueError, match="evaluation shifts"):
+        ts.load_tuned(str(model), "euler", 2)
