@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.embeddings import GroupNorm32, attention, timestep_embedding
+from latentforge.models.upsample import upsample_conv
 
 
 @dataclass
@@ -317,6 +318,10 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
         # Nearest ×2; `size` (the next skip's H, W) also handles latents not divisible by 2^levels, where
         # the original would fail at the skip concatenation (diffusers and ComfyUI do the same).
+        b, _, h, w = x.shape
+        exact2x = size is None or tuple(size) == (2 * h, 2 * w)
+        if exact2x and b * 4 * h * w > GEMM_CONV_MAX_PIXELS:
+            return upsample_conv(self.conv, x)  # the same, on x itself (models/upsample.py)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
