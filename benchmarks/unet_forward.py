@@ -107,12 +107,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one forward per side")
     ap.add_argument("--contended", action="store_true", help="a competing 1-thread process runs throughout")
     args = ap.parse_args()
+    with_rival(run, args, args.contended)
+
+
+def with_rival(fn, args, contended: bool) -> None:
+    """fn(args), with one core busy with float32 matmuls until it returns when `contended`."""
     rival = None
-    if args.contended:  # one core busy with float32 matmuls until we are done
+    if contended:
         code = "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\nwhile True: a @ a"
         rival = subprocess.Popen([sys.executable, "-c", code])
     try:
-        run(args)
+        fn(args)
     finally:
         if rival is not None:
             rival.kill()

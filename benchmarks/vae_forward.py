@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unet_forward import randomize  # noqa: E402
+from unet_forward import randomize, with_rival  # noqa: E402
 
 from latentforge.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 
@@ -56,15 +55,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--contended", action="store_true", help="a competing 1-thread process runs throughout")
     args = ap.parse_args()
-    rival = None
-    if args.contended:
-        code = "import torch; torch.set_num_threads(1); a = torch.randn(1024, 1024)\nwhile True: a @ a"
-        rival = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        run(args)
-    finally:
-        if rival is not None:
-            rival.kill()
+    with_rival(run, args, args.contended)
 
 
 @torch.inference_mode()
