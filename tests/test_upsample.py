@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.unet import Upsample as UNetUpsample
-from latentforge.models.upsample import upsample_conv
+from latentforge.models.upsample import upsample_conv, use_phases
 from latentforge.models.vae import Upsample as VAEUpsample
 
 
@@ -62,8 +62,11 @@ def test_unet_and_vae_upsample_modules():
     torch.manual_seed(3)
     for up in (UNetUpsample(8), VAEUpsample(8)):
         up = up.double()
-        x = torch.randn(2, 8, 9, 9, dtype=torch.float64)  # 2·18·18 outputs: above the UNet's GEMM cutoff
-        assert (up(x) - two_step(up.conv, x)).abs().max() <= 1e-12
+        x = torch.randn(2, 8, 23, 23, dtype=torch.float64)  # 1058 input pixels: the phase path
+        assert use_phases(x) and (up(x) - two_step(up.conv, x)).abs().max() <= 1e-12
+        small = torch.randn(1, 8, 9, 9, dtype=torch.float64)  # below PHASE_MIN_PIXELS: the two-step form
+        assert not use_phases(small)
+        assert torch.equal(up(small), up.conv(F.interpolate(small, scale_factor=2.0, mode="nearest")))
     # the UNet's `size` that is not 2× (latents not divisible by 2^levels) keeps the two-step form
     up = UNetUpsample(8).double()
     x = torch.randn(1, 8, 9, 9, dtype=torch.float64)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.embeddings import GroupNorm32, attention, timestep_embedding
-from latentforge.models.upsample import upsample_conv
+from latentforge.models.upsample import upsample_conv, use_phases
 
 
 @dataclass
@@ -320,7 +320,7 @@ class Upsample(nn.Module):
         # the original would fail at the skip concatenation (diffusers and ComfyUI do the same).
         b, _, h, w = x.shape
         exact2x = size is None or tuple(size) == (2 * h, 2 * w)
-        if exact2x and b * 4 * h * w > GEMM_CONV_MAX_PIXELS:
+        if exact2x and use_phases(x):
             return upsample_conv(self.conv, x)  # the same, on x itself (models/upsample.py)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.embeddings import GroupNorm32
-from latentforge.models.upsample import upsample_conv
+from latentforge.models.upsample import upsample_conv, use_phases
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, 2H, 2W]
         # conv(nearest ×2 of x), computed on x itself (models/upsample.py: 16 instead of 36 MACs per pixel)
-        return upsample_conv(self.conv, x)
+        if use_phases(x):
+            return upsample_conv(self.conv, x)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
