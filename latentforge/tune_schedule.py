@@ -157,8 +157,8 @@ class ShiftedDenoiser:
         return y[i - 1] + t * (y[i] - y[i - 1])
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        factor = self.shift(sigma).exp().to(device=torch.as_tensor(sigma).device)
-        return self.model(x, sigma * factor.to(torch.as_tensor(sigma).dtype), **kwargs)
+        s = torch.as_tensor(sigma)
+        return self.model(x, sigma * self.shift(s).exp().to(s.device, s.dtype), **kwargs)
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -294,9 +294,10 @@ def tune(
         m = model if delta is None else ShiftedDenoiser(model, sig, delta)
         return schedule_error(m, sampler, sig, noise, reference, extra_args, options)
 
-    if steps <= 2:  # no free σ: [σ_max, 0] or [σ_max, σ_min, 0]
-        sig = torch.tensor([sigma_max, *([sigma_min] if steps == 2 else []), 0.0], dtype=torch.float64)
-        e = error(sig)
+    # no free σ at ≤ 2 steps: [σ_max, 0] or [σ_max, σ_min, 0]
+    fixed = torch.tensor([sigma_max, *([sigma_min] if steps == 2 else []), 0.0], dtype=torch.float64)
+    if steps <= 2:
+        e = error(fixed)
         stock, start, theta, best, rounds = {"fixed": e}, "fixed", np.zeros(0), e, [e]
     else:
         cands = dict(starts if starts is not None else stock_schedules(steps, sigma_min, sigma_max))
@@ -321,9 +322,7 @@ def tune(
     k = len(theta)
 
     def schedule(p: np.ndarray) -> torch.Tensor:
-        if k == 0:
-            return torch.tensor([sigma_max, *([sigma_min] if steps == 2 else []), 0.0], dtype=torch.float64)
-        return schedule_from_logits(p[:k], sigma_min, sigma_max)
+        return fixed if k == 0 else schedule_from_logits(p[:k], sigma_min, sigma_max)
 
     delta = []
     if shifts:
