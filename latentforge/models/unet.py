@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.conv3x3 import conv3x3
 from latentforge.models.embeddings import GroupNorm32, attention, timestep_embedding
 from latentforge.models.upsample import upsample_conv, use_phases
+from latentforge.models.winograd import workspace
 
 
 @dataclass
@@ -123,28 +125,6 @@ def _vector(pooled: torch.Tensor, groups: list) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Building blocks (ldm/modules/diffusionmodules/openaimodel.py, ldm/modules/attention.py)
-
-
-# 3×3 convolutions on few pixels: oneDNN's direct kernel reorders the whole weight on every call, which
-# dominates when B·H·W is small (SD1.5 at a 32×32 latent: 1280-channel 3×3 convs at 8×8 and 4×4 ran at
-# ~35-100 GFLOP/s against ~180 for 320 channels at 32×32). There, im2col + one GEMM on the weight as it is
-# stored is 1.3-4× faster (~5e-7 relative apart: another summation order). 1×1 convs gain nothing this way.
-# Inference only: training keeps the ordinary, memory-lean conv.
-GEMM_CONV_MAX_PIXELS = 128  # B·H·W of the output at or below which `conv3x3` takes the GEMM path (2 × 8×8)
-
-
-def conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` for a padding-1 3×3 `conv` (stride 1 or 2), by im2col + GEMM when B·H_out·W_out is small."""
-    b, _, h, w = x.shape
-    stride = conv.stride[0]
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # (H + 2·1 − 3) // stride + 1
-    if torch.is_grad_enabled() or b * ho * wo > GEMM_CONV_MAX_PIXELS or not conv.weight.is_contiguous():
-        return conv(x)  # (channels-last weights, Pipeline.optimize: the layout the conv kernels want)
-    weight = conv.weight.view(conv.out_channels, -1)  # (C_out, C_in·9), unfold's (c, ky, kx) order
-    cols = F.unfold(x, 3, padding=1, stride=stride)  # (B, C_in·9, H_out·W_out)
-    cols = cols.transpose(0, 1).reshape(weight.shape[1], -1)  # (C_in·9, B·H_out·W_out)
-    out = torch.addmm(conv.bias[:, None], weight, cols)  # (C_out, B·H_out·W_out)
-    return out.view(-1, b, ho, wo).transpose(0, 1).contiguous()  # (B, C_out, H_out, W_out)
 
 
 class ResBlock(nn.Module):
@@ -283,22 +263,36 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.norm(x)
-        if not self.linear:
-            t = self.proj_in(t)
-        t = t.flatten(2).transpose(1, 2)  # (B, HW, C)
-        if self.linear:
-            t = self.proj_in(t)
+        if not self.linear and not _hooked(self.proj_in):
+            # SD1's 1×1 conv as one batched GEMM straight into token-major memory: (B, HW, C) @ Wᵀ, reading
+            # the normalized map through a transposed view (no layout conversion, no (B, HW, C) copy).
+            wt = self.proj_in.weight.flatten(1).T  # (C, inner)
+            t = torch.baddbmm(self.proj_in.bias, t.flatten(2).transpose(1, 2), wt.expand(b, *wt.shape))
+        elif not self.linear:
+            t = self.proj_in(t).flatten(2).transpose(1, 2)
+        else:
+            t = self.proj_in(t.flatten(2).transpose(1, 2))  # (B, HW, inner)
         for block in self.transformer_blocks:
             t = block(t, context)
         if self.linear:
             t = self.proj_out(t)
+        elif not _hooked(self.proj_out):
+            # the 1×1 conv back, W (inner → C) @ tokensᵀ per image, straight into (B, C, HW) memory
+            wo = self.proj_out.weight.flatten(1)  # (C, inner)
+            t = torch.baddbmm(self.proj_out.bias[:, None], wo.expand(b, *wo.shape), t.transpose(1, 2))
+            return x + t.view(b, c, h, w)
         # (B, HW, C) → (B, C, H, W) contiguous: the blocks return token-major (B, HW, C) memory, whose
-        # transposed view would reach the 1x1 conv as channels_last and pick another oneDNN kernel (not
-        # bit-identical); diffusers also makes it contiguous here.
+        # transposed view would reach the 1x1 conv as channels_last and pick another oneDNN kernel;
+        # diffusers also makes it contiguous here.
         t = t.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.linear:
             t = self.proj_out(t)
         return x + t
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calls to `module` must go through module(...) (a LoRA or another hook is attached to it)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Downsample(nn.Module):
@@ -480,17 +474,18 @@ class UNet(nn.Module):
                 "(one per input block and one for the middle block)"
             )
 
-        h, skips = x.to(dtype), []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
-            skips.append(h)
-        h = self.middle_block(h, emb, context)
-        if control is not None:
-            h = h + control[-1].to(dtype)
-        for block in self.output_blocks:
-            skip = skips.pop()
+        with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
+            h, skips = x.to(dtype), []
+            for block in self.input_blocks:
+                h = block(h, emb, context)
+                skips.append(h)
+            h = self.middle_block(h, emb, context)
             if control is not None:
-                skip = skip + control[len(skips)].to(dtype)  # the residual of input block len(skips)
-            h = torch.cat([h, skip], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+                h = h + control[-1].to(dtype)
+            for block in self.output_blocks:
+                skip = skips.pop()
+                if control is not None:
+                    skip = skip + control[len(skips)].to(dtype)  # the residual of input block len(skips)
+                h = torch.cat([h, skip], dim=1)
+                h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            return self.out(h).to(x.dtype)

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.conv3x3 import conv3x3
 from latentforge.models.embeddings import GroupNorm32
 from latentforge.models.upsample import upsample_conv, use_phases
+from latentforge.models.winograd import workspace
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, H, W] -> [B, Cout, H, W]
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = conv3x3(self.conv1, F.silu(self.norm1(x)))
+        h = conv3x3(self.conv2, F.silu(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -298,6 +300,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f]
+        with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, ch, H, W]
         for level in self.down:
             h = level.run_blocks(h)
@@ -332,6 +338,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, h·f, w·f]
+        with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
+            return self._forward(z)
+
+    def _forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # [B, ch·ch_mult[-1], h, w]
         for level in reversed(self.up):  # execution order: lowest resolution first
             h = level.run_blocks(h)
