@@ -73,16 +73,17 @@ def _check_generation(args) -> None:
 
 
 def _check_model(name: str) -> str:
-    """`--model`: "default" (the shipped model) or a checkpoint file."""
-    from latentforge.pipeline import DEFAULT_MODEL
+    """`--model`: "default" (the shipped model), "default-fast" (its few-step student) or a checkpoint."""
+    from latentforge.pipeline import DEFAULT_MODEL, FAST_MODEL
 
-    if name == "default":
-        if not os.path.isfile(DEFAULT_MODEL):
-            raise FileNotFoundError(
-                f"the default model {DEFAULT_MODEL} is missing from this install; reinstall latentforge "
-                "or give --model PATH"
-            )
-        return DEFAULT_MODEL
+    if name in ("default", "default-fast"):
+        for f in (DEFAULT_MODEL, FAST_MODEL) if name == "default-fast" else (DEFAULT_MODEL,):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(
+                    f"the {name} model's file {f} is missing from this install; reinstall latentforge "
+                    "or give --model PATH"
+                )
+        return FAST_MODEL if name == "default-fast" else DEFAULT_MODEL
     return check.checkpoint("--model", name)
 
 

@@ -46,6 +46,9 @@ MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
 # latentforge's own text-to-image model (MODEL_CARD.md), shipped in the package: what "default" names
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64.safetensors")
+# its few-step student (reflow, MODEL_CARD.md "Few steps"): a denoiser-only file, what "default-fast" names
+# (the default model with this UNet in place: 4 Euler steps on sgm_uniform, CFG 1)
+FAST_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64-fast.safetensors")
 
 
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0}
@@ -59,8 +62,9 @@ HIRES_DEFAULTS = {"hires_scale": 2.0, "hires_denoise": 0.7, "hires_steps": 0, "h
 
 
 def model_file(name: str) -> str:
-    """A `--model` value as a file: "default" is the shipped model, anything else a path."""
-    return DEFAULT_MODEL if name == "default" else name
+    """A `--model` value as a file: "default" is the shipped model, "default-fast" its student's
+    denoiser-only file (where its tuned schedules lie), anything else a path."""
+    return {"default": DEFAULT_MODEL, "default-fast": FAST_MODEL}.get(name, name)
 
 
 class FirstChannels(nn.Module):
@@ -260,9 +264,10 @@ class Pipeline:
         return cls(name, components, **kw)
 
     @classmethod
-    def default(cls, dtype: torch.dtype = torch.float32) -> Pipeline:
-        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download."""
-        return cls.from_single_file(DEFAULT_MODEL, dtype=dtype)
+    def default(cls, dtype: torch.dtype = torch.float32, fast: bool = False) -> Pipeline:
+        """latentforge's own 64×64 shapes model, shipped in the package (MODEL_CARD.md); no download.
+        fast: its few-step student (4 steps, CFG 1) in place of its denoiser."""
+        return cls.from_single_file("default-fast" if fast else DEFAULT_MODEL, dtype=dtype)
 
     @classmethod
     def from_single_file(
@@ -278,9 +283,14 @@ class Pipeline:
         """A single-file checkpoint (family detected from its keys); `vae`: a VAE file replacing its own;
         `text_encoders`: {"clip_l": path, ...} replacing or supplying its text encoders; `t5`: SD3's T5-XXL
         file (t5xxl_fp16.safetensors), `t5_tokenizer`: its tokenizer.json when not beside it
-        (checkpoints.load_checkpoint); "default" as the path is the shipped model."""
+        (checkpoints.load_checkpoint); "default" as the path is the shipped model, "default-fast" its
+        few-step student."""
         from latentforge.checkpoints import load_checkpoint
 
+        if path == "default-fast":
+            return cls.from_single_file(
+                DEFAULT_MODEL, dtype, vae, text_encoders, t5, t5_tokenizer, **kw
+            ).load_denoiser(FAST_MODEL)
         path = model_file(path)
         if t5 is not None:
             text_encoders = {**(text_encoders or {}), "t5xxl": t5}
