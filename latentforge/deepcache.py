@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from latentforge.models.unet import UNet, embed
+from latentforge.models.winograd import workspace
 from latentforge.speedups import Interval, Stats, replaced_forward
 
 
@@ -41,6 +42,10 @@ def patch(unet: UNet, depth: int, policy: Interval, stats: Stats) -> Iterator[No
     cache: dict[str, torch.Tensor] = {}
 
     def forward(x: torch.Tensor, timesteps, context=None, y=None) -> torch.Tensor:
+        with workspace():  # as UNet.forward: its 3×3 convolutions take the same (Winograd) path
+            return run(x, timesteps, context, y)
+
+    def run(x: torch.Tensor, timesteps, context, y) -> torch.Tensor:
         emb, context, dtype = embed(unet, x, timesteps, context, y)  # UNet.forward's prologue
         key = (tuple(x.shape), x.dtype, x.device)
         full = policy.full(timesteps, key) or "features" not in cache
