@@ -163,6 +163,23 @@ def test_full_passes_are_bit_identical_to_the_model(name):
         assert torch.equal(out, plain) and stats.full == stats.calls == 1
 
 
+def test_full_passes_stay_bit_identical_where_convolutions_take_winograd(monkeypatch):
+    """DeepCache's own forward opens the Winograd workspace as UNet.forward does (models/winograd.py), so
+    its full pass takes the same convolution path: here the tiny UNet's convolutions are made to qualify."""
+    from latentforge.models import conv3x3 as conv3x3_module
+
+    used = []
+    real = conv3x3_module.winograd_conv3x3
+    monkeypatch.setattr(conv3x3_module, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(conv3x3_module, "winograd_conv3x3", lambda *a: used.append(a[3]) or real(*a))
+    case = _case("sd1")
+    plain, _ = _sample(case, 1)
+    assert used  # the plain forward took the Winograd path
+    used.clear()
+    out, stats = _sample(case, 1, ON["sd1"][0])
+    assert used and torch.equal(out, plain) and stats.full == stats.calls == 1
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_on_does_fewer_full_passes_and_beats_fewer_steps(name):
     case = _case(name)
