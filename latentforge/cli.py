@@ -74,16 +74,16 @@ def _check_generation(args) -> None:
 
 def _check_model(name: str) -> str:
     """`--model`: "default" (the shipped model), "default-fast" (its few-step student) or a checkpoint."""
-    from latentforge.pipeline import DEFAULT_MODEL, FAST_MODEL
+    from latentforge.pipeline import DEFAULT_MODEL, model_file
 
     if name in ("default", "default-fast"):
-        for f in (DEFAULT_MODEL, FAST_MODEL) if name == "default-fast" else (DEFAULT_MODEL,):
+        for f in dict.fromkeys((DEFAULT_MODEL, model_file(name))):  # default-fast needs both files
             if not os.path.isfile(f):
                 raise FileNotFoundError(
                     f"the {name} model's file {f} is missing from this install; reinstall latentforge "
                     "or give --model PATH"
                 )
-        return FAST_MODEL if name == "default-fast" else DEFAULT_MODEL
+        return model_file(name)
     return check.checkpoint("--model", name)
 
 
