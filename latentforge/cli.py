@@ -719,6 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--max-evals", type=int, default=300, help="schedules tried (each runs the sampler once)")
     ts.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the reference solution")
     ts.add_argument(
+        "--shifts",
+        action="store_true",
+        help="also fit one evaluation shift per step (the network queried at σ_i·e^δ_i; up to --max-evals "
+        "more sampler runs); generation applies them",
+    )
+    ts.add_argument(
         "--out",
         default=None,
         help="the JSON file (default: beside the model, <model>.schedule-<sampler>-<steps>.json)",
@@ -814,13 +820,15 @@ def _tune_schedule(args) -> int:
     w, h = pipe.default_size
     size = (args.width or w, args.height or h)
     (res,), info = tune_pipeline(
-        pipe, prompts, sampler, [args.steps], args.seed, args.cfg, ref_steps, evals, size, log=_say
+        pipe, prompts, sampler, [args.steps], args.seed, args.cfg, ref_steps, evals, size, _say, args.shifts
     )
     path = args.out or schedule_path(model_file(args.model), sampler, args.steps)
     save(path, res, model=os.path.basename(model_file(args.model)), **info)
     for name, e in sorted(res.stock.items(), key=lambda kv: kv[1]):
         _say(f"{name:14s} RMSE {e:.4g}")
     _say(f"{'tuned':14s} RMSE {res.rmse:.4g}  σ = {', '.join(f'{v:.4g}' for v in res.sigmas)}")
+    if res.shifts:
+        _say(f"{'':14s} evaluation shifts δ = {', '.join(f'{v:.4g}' for v in res.shifts)}")
     _say(f"wrote {path} (use it with --scheduler tuned --sampler {sampler} --steps {args.steps})")
     return 0
 

@@ -40,7 +40,7 @@ from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
 from latentforge.speedups import Speedups
 from latentforge.textual_inversion import TextualInversions
-from latentforge.tune_schedule import TUNED, load_tuned
+from latentforge.tune_schedule import TUNED, ShiftedDenoiser, load_tuned, read_tuned
 
 MAX_STEPS, MAX_BATCH, MAX_CFG, MAX_SIZE = 10_000, 256, 100.0, 16_384
 
@@ -796,7 +796,19 @@ class Pipeline:
                 n = max(n, families.chunk_count(self.family, enc, negatives, weighting))
             cond = self.encode_prompt(prompts, width, height, weighting=weighting, chunks=n)
             uncond = None if cfg == 1 else self.encode_prompt(negatives, width, height, True, weighting, n)
-        model = CFGDenoiser(self.denoiser(), scale=float(cfg))
+        # the schedule stays on the host (samplers read σ's as numbers: no device sync per step); a tuned one
+        # may carry evaluation shifts δ_i: the network is then queried at σ_i·e^{δ_i} (tune_schedule.py)
+        if scheduler == TUNED:
+            sigmas, shifts = read_tuned(self.source, sampler, steps)
+        else:
+            sigmas, shifts = self.schedule(sampler, scheduler, steps), []
+        sigmas = sigmas.cpu()
+        shift = ShiftedDenoiser(None, sigmas, shifts).shift if shifts else None  # δ(σ), any σ
+
+        def guided(model, tuned=sigmas):  # as the tuner measured it: CFG inside, the shift outside
+            return model if shift is None else ShiftedDenoiser(model, tuned, shifts)
+
+        model = guided(CFGDenoiser(self.denoiser(), scale=float(cfg)))
 
         f, c = self.downscale, self.latent_channels
         subseeds = None if subseed is None else [subseed + k for k in range(batch_size)]
@@ -809,8 +821,6 @@ class Pipeline:
         gen_device = "cpu" if rng == "cpu" else self.device
         noise = variation_noise(shape, seeds, subseeds, subseed_strength, from_latent, gen_device)
         noise = noise.to(self.device)
-        # the schedule stays on the host (samplers read σ's as numbers: no device sync per step)
-        sigmas = self.schedule(sampler, scheduler, steps).cpu()
         x, job = noise * sigmas[0], None
         if init_image is not None:  # img2img/inpainting start later on the same schedule (img2img.py)
             job = img2img.prepare(
@@ -832,11 +842,15 @@ class Pipeline:
             if concat is None:
                 blank = torch.zeros(batch_size, 3, height, width, device=self.device)
                 concat = img2img.inpaint_conditioning(self, blank, None)
-            model = CFGDenoiser(self.denoiser(concat), scale=float(cfg))
+            model = guided(CFGDenoiser(self.denoiser(concat), scale=float(cfg)))
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
         # step caching / token merging for this pass only (speedups.py); the cache counts steps by σ
-        ts = self.model_sampling.timestep(sigmas[sigmas > 0].float().cpu()) if speed.active else None
-        controls = controls_applied(control, self.net, self.model_sampling, sigmas)  # on for this pass only
+        # the σ's the network is called with (the schedule's, or shifted), by which those passes count steps
+        queried = sigmas
+        if shift is not None:
+            queried = torch.where(sigmas > 0, sigmas * shift(sigmas).exp(), 0).to(sigmas.dtype)
+        ts = self.model_sampling.timestep(queried[queried > 0].float().cpu()) if speed.active else None
+        controls = controls_applied(control, self.net, self.model_sampling, queried)  # on for this pass only
         self._use(self.spec.net)
         try:
             with speed.applied(self.net, ts), controls:

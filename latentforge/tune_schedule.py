@@ -384,9 +384,11 @@ def tune_pipeline(
     max_evals: int = 300,
     size: tuple[int, int] | None = None,
     log: Callable[[str], None] | None = None,
+    shifts: bool = False,
 ) -> tuple[list[TuneResult], dict]:
     """Tune `pipe`'s schedule for `sampler` at each step count in `steps` on `pipeline_problem(pipe,
     prompts, seed, cfg, size)`; the reference (`reference_solution`) is computed once for all step counts.
+    shifts: also fit one evaluation shift per step (`tune(shifts=True)`; up to `max_evals` more runs each).
     Returns the results and what the schedule files record about the run."""
     say = log or (lambda _: None)
     p = pipeline_problem(pipe, prompts, seed, cfg, size)
@@ -400,7 +402,9 @@ def tune_pipeline(
         starts = stock_schedules(n, p.sigma_min, p.sigma_max, pipe.model_sampling)
         rounds = max(50, max_evals // 3)
         args = (p.model, sampler, n, p.sigma_min, p.sigma_max, p.noise, ref, p.extra_args)
-        results.append(tune(*args, starts=starts, max_evals=max_evals, round_evals=rounds, log=say))
+        results.append(
+            tune(*args, starts=starts, max_evals=max_evals, round_evals=rounds, log=say, shifts=shifts)
+        )
     info = {
         "prompts": len(prompts),
         "seed": seed,
@@ -436,6 +440,12 @@ def tuned_files(model_path: str) -> list[str]:
 def load_tuned(model_path: str | None, sampler: str, steps: int) -> torch.Tensor:
     """The tuned σ schedule (float32, N + 1 values ending in 0) of `sampler` at `steps` steps for the model
     file `model_path`; a clear error naming the file and the command that makes it when it is missing."""
+    return read_tuned(model_path, sampler, steps)[0]
+
+
+def read_tuned(model_path: str | None, sampler: str, steps: int) -> tuple[torch.Tensor, list[float]]:
+    """`load_tuned`'s schedule and the file's evaluation shifts δ_i (N finite values, one per positive σ_i,
+    for `ShiftedDenoiser`; [] when it has none: `tune-schedule` without `--shifts`)."""
     if model_path is None:
         raise ValueError(
             "scheduler 'tuned' reads a schedule stored beside the model file; this pipeline was not loaded "
@@ -463,9 +473,11 @@ def load_tuned(model_path: str | None, sampler: str, steps: int) -> torch.Tensor
             f"{path} holds a schedule for sampler {data.get('sampler')!r} at {data.get('steps')!r} steps "
             f"({len(sig) - 1} σ steps), not {sampler!r} at {steps}: re-run `latentforge tune-schedule`"
         )
-    if any(data.get("shifts") or []):
+    shifts = data.get("shifts") or []
+    ok = isinstance(shifts, list) and all(type(v) in (int, float) for v in shifts)
+    if not ok or (shifts and (len(shifts) != steps or not all(math.isfinite(v) for v in shifts))):
         raise ValueError(
-            f"{path} also holds evaluation shifts (tune(shifts=True)), which generation does not apply: "
-            "re-run `latentforge tune-schedule` for a schedule alone"
+            f"{path} holds evaluation shifts {shifts!r}: expected {steps} finite numbers (one per step) or "
+            "none; re-run `latentforge tune-schedule`"
         )
-    return sig
+    return sig, [float(v) for v in shifts] if any(shifts) else []

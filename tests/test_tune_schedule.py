@@ -134,6 +134,8 @@ def tiny_model(tmp_path_factory):
     }
     torch.manual_seed(0)
     pipe = Pipeline.from_preset("sd15", configs, size=(32, 32))
+    with torch.no_grad():  # the UNet's last conv starts at zero (as SD's), which makes x̂₀ = x whatever σ
+        pipe.net.out[-1].weight.normal_(0, 0.05)
     path = str(tmp_path_factory.mktemp("tuned") / "tiny.safetensors")
     save_checkpoint(path, "sd15", pipe.components, configs)
     return path
@@ -249,10 +251,79 @@ def test_shifted_denoiser_interpolates_in_log_sigma_and_zero_is_plain():
         ts.ShiftedDenoiser(g.denoiser(), sig, [0.0, float("nan"), 0.1])
 
 
-def test_a_schedule_file_with_shifts_is_refused_by_generation(tmp_path):
-    model = tmp_path / "m.safetensors"
-    model.write_bytes(b"")
-    res = ts.TuneResult("euler", 2, [14.6, 0.03, 0.0], 0.1, {}, "karras", 1, shifts=[0.1, 0.0])
-    ts.save(ts.schedule_path(str(model), "euler", 2), res)
-    with pytest.raises(ValueError, match="evaluation shifts"):
-        ts.load_tuned(str(model), "euler", 2)
+def test_bad_evaluation_shifts_in_a_file_are_refused(tmp_path):
+    model = str(tmp_path / "m.safetensors")
+    for bad in ([0.1], [0.1, "x"], [0.1, True], "0.1", [0.1, float("nan")]):
+        with open(ts.schedule_path(model, "euler", 2), "w") as f:
+            json.dump({"sampler": "euler", "steps": 2, "sigmas": [14.6, 0.03, 0.0], "shifts": bad}, f)
+        with pytest.raises(ValueError, match="evaluation shifts .* expected 2 finite numbers"):
+            ts.load_tuned(model, "euler", 2)
+    res = ts.TuneResult("euler", 2, [14.6, 0.03, 0.0], 0.1, {}, "karras", 1, shifts=[0.0, 0.0])
+    ts.save(ts.schedule_path(model, "euler", 2), res)
+    assert ts.read_tuned(model, "euler", 2)[1] == []  # all zero: the plain solver
+
+
+def test_generation_queries_the_network_at_the_tuned_shifts(tiny_model):
+    # One Euler step from σ_max to 0 returns the guided denoiser's x̂₀ = D(x, σ'): with a shift δ the
+    # network must be asked at σ' = σ_max·e^δ, CFG inside (what the tuner measured: pipeline_problem).
+    from latentforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_single_file(tiny_model)
+    sig_max = float(pipe.model_sampling.sigma_max)
+    res = ts.TuneResult("euler", 1, [sig_max, 0.0], 0.1, {}, "fixed", 1, shifts=[-0.7])
+    ts.save(ts.schedule_path(tiny_model, "euler", 1), res)
+    seen = []
+    kw = dict(steps=1, sampler="euler", cfg=3, width=32, height=32, seed=5, progress=False)
+    out = pipe.sample("a red circle", scheduler="tuned", callback=lambda d: seen.append(d["x"].clone()), **kw)
+    p = ts.pipeline_problem(pipe, ["a red circle"], cfg=3, size=(32, 32))
+    at = lambda s: p.model(seen[0], torch.full((1,), s), **p.extra_args)  # noqa: E731
+    torch.testing.assert_close(out, at(sig_max * np.exp(-0.7)), rtol=1e-5, atol=1e-5)
+    assert float((at(sig_max) - out).abs().max()) > 1e-2  # the shift made a difference
+    plain = pipe.sample("a red circle", scheduler="normal", **kw)  # same start noise, σ_max unshifted
+    torch.testing.assert_close(plain, at(sig_max), rtol=1e-5, atol=1e-5)
+
+
+def test_step_caching_counts_steps_by_the_shifted_sigmas(tiny_model, monkeypatch):
+    # DeepCache's clock (and ControlNet's) map the timestep a call gets back to its step: with shifts that
+    # timestep is t(σ_i·e^{δ_i}), so the clock must be given those, or every call lands in the wrong step.
+    from latentforge import speedups
+    from latentforge.pipeline import Pipeline
+
+    pipe = Pipeline.from_single_file(tiny_model)
+    res = ts.TuneResult("euler", 4, pipe.schedule("euler", "karras", 4).tolist(), 0.1, {}, "karras", 1,
+                        shifts=[0.3, -0.2, 0.1, 0.4])  # fmt: skip
+    ts.save(ts.schedule_path(tiny_model, "euler", 4), res)
+    clocks, calls, real = [], [], speedups.applied
+
+    def applied(net, options, timesteps=None):
+        clocks.append([float(t) for t in timesteps])
+        return real(net, options, timesteps)
+
+    monkeypatch.setattr(speedups, "applied", applied)
+    hook = pipe.net.register_forward_pre_hook(lambda m, a: calls.append(float(a[1].reshape(-1)[0])))
+    try:
+        pipe.sample("a red circle", steps=4, sampler="euler", scheduler="tuned", cfg=1, width=32, height=32,
+                    cache_interval=2, progress=False)  # fmt: skip
+    finally:
+        hook.remove()
+    sh = ts.ShiftedDenoiser(None, torch.tensor(res.sigmas), res.shifts)
+    sig = torch.tensor(res.sigmas[:-1], dtype=torch.float64)
+    want = pipe.model_sampling.timestep((sig * sh.shift(sig).exp()).float()).tolist()
+    assert len(clocks) == 1 and len(calls) == 4
+    np.testing.assert_allclose(clocks[0], want, rtol=1e-5)
+    np.testing.assert_allclose(calls, want, rtol=1e-4)  # each call is at its own step's timestep
+
+
+def test_cli_shifts_are_written_and_generation_uses_them(tiny_model, capsys):
+    from latentforge.pipeline import Pipeline
+
+    argv = ["tune-schedule", "--model", tiny_model, "--steps", "3", "--sampler", "euler", "--shifts", *TUNE]
+    assert main(argv) == 0 and "evaluation shifts δ =" in capsys.readouterr().out
+    data = json.loads(open(ts.schedule_path(tiny_model, "euler", 3)).read())
+    assert len(data["shifts"]) == 3 and any(data["shifts"]) and data["rmse"] <= min(data["stock"].values())
+    sig, shifts = ts.read_tuned(tiny_model, "euler", 3)
+    assert shifts == data["shifts"]
+    out = Pipeline.from_single_file(tiny_model)(
+        "a red circle", steps=3, sampler="euler", scheduler="tuned", width=32, height=32, progress=False
+    )
+    assert len(out) == 1 and out[0].size == (32, 32)
