@@ -31,7 +31,9 @@ from unet_forward import randomize, with_rival  # noqa: E402
 from latentforge.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 
 
-def to_diffusers(model: AutoencoderKL):
+def to_diffusers(model: AutoencoderKL, sample_size: int | None = None):
+    """diffusers' AutoencoderKL holding `model`'s weights (its own converter); sample_size: its config's
+    (the tile size of its tiling; default `model.config.resolution`)."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -41,7 +43,7 @@ def to_diffusers(model: AutoencoderKL):
         in_channels=cfg.in_channels, out_channels=cfg.out_ch, down_block_types=["DownEncoderBlock2D"] * n,
         up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
         layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups,
-        sample_size=cfg.resolution,
+        sample_size=sample_size or cfg.resolution,
     )  # fmt: skip
     theirs = DiffusersAutoencoderKL(**dcfg).eval().requires_grad_(False)
     ckpt = {"first_stage_model." + k: v for k, v in model.state_dict().items()}

@@ -37,6 +37,8 @@ a nearby noise level than its own), here one learned δ_i per step, fitted with 
 reference as LD3 fits its per-step parameters to a teacher (Tong et al., ICLR 2025, arXiv 2405.15506, Eq. 6).
 The N extra parameters let the fit absorb part of each step's truncation error (on the mixture oracle at 10
 calls: RMSE 0.037 -> 0.019 on the bench's noises; benchmarks/tuned_schedule.py). δ = 0 is the plain solver.
+The shifts are saved with the schedule (`read_tuned`) and generation applies them (Pipeline: the guided
+denoiser wrapped in `ShiftedDenoiser`, and the step clocks of DeepCache and ControlNet given the shifted σ's).
 """
 
 from __future__ import annotations
