@@ -14,16 +14,17 @@ of 384² plus one 384² pass (1.47 Mpx) against 512, 512 and 256 wide tiles (1.6
 
 Time: after a warm-up the two alternate, N repeats; median seconds and the median of the per-repeat ratios
 diffusers / ours [min, max]. Memory: each (side, job) once more in its own subprocess; its peak RSS
-(ru_maxrss) minus the RSS after building the model and the input: what the tiled job adds at its peak.
+(VmHWM, reset once the model and the input are built and the other side's model dropped) minus the RSS at
+that point: what the tiled job adds at its peak.
 
-    .venv/bin/python benchmarks/vae_tiled.py [--size 1024] [--repeat 3] [--no-memory]
+    .venv/bin/python benchmarks/vae_tiled.py [--size 1024] [--repeat 3] [--no-memory | --no-timing]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,18 +66,22 @@ def jobs(ours, theirs, x, z) -> dict:
     }
 
 
-def rss() -> int:  # bytes resident now (Linux)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(key: str) -> int:  # /proc/self/status's VmRSS (resident now) or VmHWM (peak since reset), bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 @torch.inference_mode()
 def child(size: int, job: str, side: str) -> None:
-    fn = jobs(*build(size))[job][side]
-    before = rss()
+    ours, theirs, x, z = build(size)
+    fn = jobs(ours if side == "ours" else None, theirs if side == "diffusers" else None, x, z)[job][side]
+    del ours, theirs  # only the side measured stays alive (in fn)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the resident set (Linux >= 4.0)
+        f.write("5")
+    before = status("VmRSS")
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"added": peak - before}))
+    print(json.dumps({"added": status("VmHWM") - before}))
 
 
 def memory(size: int) -> None:
@@ -115,13 +120,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="image size S (S×S pixels), a multiple of 8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="time only")
+    ap.add_argument("--no-timing", action="store_true", help="memory only")
     ap.add_argument("--child", nargs=2, metavar=("JOB", "SIDE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.size < 8 or args.size % 8:
         raise SystemExit(f"--size must be a positive multiple of 8, got {args.size}")
     if args.child:
         return child(args.size, *args.child)
-    timing(args.size, args.repeat)
+    if not args.no_timing:
+        timing(args.size, args.repeat)
     if not args.no_memory:
         memory(args.size)
 
