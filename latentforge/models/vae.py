@@ -301,7 +301,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 2z, H/f, W/f]
         with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
-            return in_channels_last(self._forward, x)
+            return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, ch, H, W]
@@ -311,18 +311,6 @@ class Encoder(nn.Module):
                 h = level.downsample(h)  # halves H and W
         h = self.mid(h)  # [B, ch·ch_mult[-1], H/f, W/f]
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# oneDNN's CPU convolutions are faster on NHWC activations than on NCHW ones, with the weights left as they
-# are (oneDNN reorders them per call). Measured on a 2-core AVX2 machine, NCHW -> NHWC: the SD VAE at 512²
-# encode 16.4 -> 13.5 s, decode 29.3 -> 25.0 s; at 128² 0.94 -> 0.80 and 1.67 -> 1.63 s; the default model's
-# VAE at 64², batch 16, 0.162 -> 0.142 and 0.401 -> 0.311 s. So on the CPU an NCHW input runs through the
-# network in channels-last and comes back NCHW; the two conversions touch only the 3- and 4-channel ends.
-# Same arithmetic in another summation order: outputs differ by float32 rounding (~1e-5 of the range).
-def in_channels_last(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu" or not x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return run(x)  # GPU (the caller's format choice), or an input already channels-last (or 1×1 / 1-ch)
-    return run(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -351,7 +339,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, h, w] -> [B, 3, h·f, w·f]
         with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
-            return in_channels_last(self._forward, z)
+            return self._forward(z)
 
     def _forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # [B, ch·ch_mult[-1], h, w]
