@@ -516,6 +516,7 @@ class Pipeline:
         z = torch.cat([vae.encode(x[k : k + 1].to(dtype).contiguous()).mean.float() for k in range(len(x))])
         return self.latent_format.process_in(z)
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Denoiser latents [B, C, h, w] -> images [B, 3, h·f, w·f] in [-1, 1] (not clamped).
         tiled: use the VAE's tiled decode; None: when the untiled one would not fit (`check_memory`)."""

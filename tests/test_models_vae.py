@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from latentforge.models.vae import (
     LATENT_FORMATS,
@@ -354,8 +356,8 @@ def test_half_precision_group_norms_compute_in_float32(dtype):
     norms = [m for m in model.modules() if isinstance(m, GroupNorm)]
     calls = []
 
-    def hook(m, args, out):
-        calls.append((m, args[0], m.mode, m.stats if m.mode == "fixed" else None, out))
+    def hook(m, args, out):  # (a copy of the output: without autograd the swish after it runs in place)
+        calls.append((m, args[0], m.mode, m.stats if m.mode == "fixed" else None, out.clone()))
 
     handles = [m.register_forward_hook(hook) for m in norms]
     torch.manual_seed(0)
@@ -646,3 +648,60 @@ def test_attention_peak_memory_is_linear_in_pixels():
     out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, check=True)
     extra = int(out.stdout.split()[-1])
     assert extra < 100 * 2**20, extra
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a decode holds at once, against diffusers on the same weights
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the tensor storages made inside this mode and still alive, and their peak: what a forward
+    holds at once in tensors (allocator slack and kernels' internal scratch apart). Storages that existed
+    before (the modules' parameters, the inputs given) and views of them do not count."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        tensors = [t for e in existing for t in (e.parameters() if isinstance(e, nn.Module) else [e])]
+        self.known = {t.untyped_storage().data_ptr() for t in tensors}
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                key = s.data_ptr()
+                if s.nbytes() and key not in self.known and key not in self.live:
+                    self.live[key] = s.nbytes()
+                    self.now += s.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(s, self._free, key)  # (storages keep their Python object while alive)
+        return out
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+
+def peak_bytes(fn, *existing) -> int:
+    with torch.no_grad(), LiveTensors(*existing) as live:
+        fn()
+    return live.peak
+
+
+def test_decode_holds_no_more_at_once_than_diffusers():
+    # The SD VAE's topology at half its width (64-128-256-256 channels: the 256-channel levels take the
+    # Winograd path, models/winograd.py, with its workspace). Ours frees that workspace before each
+    # upsampling, runs the swish after each norm in place, frees each block's input when the block returns,
+    # and in a tiled decode normalizes with the recorded statistics in place; measured here: 80 against
+    # diffusers' 96 MiB untiled, 39 tiled against 54 for diffusers' one tile (before those changes: 140 MiB
+    # untiled, 61 tiled). Diffusers holds each block's input, the norm's output and its swish at once.
+    torch.manual_seed(0)
+    ours = AutoencoderKL(AutoencoderKLConfig(ch=64)).eval()
+    theirs = diffusers_twin(ours, "")
+    z = torch.randn(1, 4, 32, 32)
+    assert peak_bytes(lambda: ours.decode(z), ours, z) <= peak_bytes(lambda: theirs.decode(z), theirs, z)
+    # Tiled (tiles of at most 24², GroupNorm statistics recorded once): no more than diffusers holds for the
+    # untiled decode of one 24² tile.
+    tile = z[..., :24, :24].clone()
+    tiled = peak_bytes(lambda: ours.decode_tiled(z, tile=24, overlap=8), ours, z)
+    assert tiled <= peak_bytes(lambda: theirs.decode(tile), theirs, tile)

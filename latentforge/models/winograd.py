@@ -110,6 +110,12 @@ def workspace():
             _LOCAL.__dict__.pop("buffers", None)
 
 
+def release_workspace() -> None:
+    """Free this thread's workspace buffers now (e.g. before a layer that needs the memory); the next
+    Winograd call inside `workspace()` allocates afresh."""
+    _LOCAL.__dict__.pop("buffers", None)
+
+
 def in_workspace() -> bool:
     """Whether this thread is inside `workspace()` (where `conv3x3` takes the Winograd path)."""
     return getattr(_LOCAL, "depth", 0) > 0
@@ -124,7 +130,7 @@ def _buffers(device: torch.device, dtype: torch.dtype, sizes: list[int]) -> list
         buffers = _LOCAL.__dict__.setdefault("buffers", {})
         buf = buffers.get((device, dtype))
         if buf is None or buf.numel() < total:
-            buffers[(device, dtype)] = None  # (free the old one before allocating the larger)
+            buf = buffers[(device, dtype)] = None  # (free the old one before allocating the larger)
             buffers[(device, dtype)] = buf = torch.empty(total, dtype=dtype, device=device)
     out, at = [], 0
     for n in sizes:
