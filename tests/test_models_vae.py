@@ -325,6 +325,15 @@ def test_group_norm_record_and_fixed_statistics():
         want = ((other.reshape(2, 4, -1) - mu) / torch.sqrt(var + 1e-6)).reshape(other.shape)
         want = want * norm.weight[:, None, None] + norm.bias[:, None, None]
         torch.testing.assert_close(norm(other), want, rtol=1e-12, atol=1e-12)
+        # channels-last in, channels-last out (the VAE runs so on the CPU), same numbers
+        out = norm(other.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        norm.mode = "record"
+        norm(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(norm.stats[0], g.mean(-1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm.stats[1], g.var(-1, unbiased=False), rtol=1e-12, atol=1e-12)
+        norm.mode = "fixed"
         norm.stats = None
         with pytest.raises(RuntimeError, match="no recorded statistics"):
             norm(other)

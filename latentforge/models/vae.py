@@ -145,25 +145,29 @@ class GroupNorm(GroupNorm32):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         if self.mode is None:
             return super().forward(x)
-        B, C = x.shape[:2]
+        # Per channel, in x's own memory format (a channels-last x is not group-contiguous, so reshaping it
+        # to [B, G, C/G·H·W] would copy the whole map): the groups are a view, [B, G, C/G, H, W].
+        B, C, G = x.shape[0], x.shape[1], self.num_groups
         dt = torch.promote_types(x.dtype, torch.float32)
-        g = x.reshape(B, self.num_groups, -1).to(dt)  # [B, G, C/G·H·W]
         if self.mode == "record":
-            var, mean = torch.var_mean(g, dim=-1, correction=0)  # [B, G]
+            dims = tuple(range(2, x.dim() + 1))
+            var, mean = torch.var_mean(x.unflatten(1, (G, C // G)).to(dt), dim=dims, correction=0)  # [B, G]
             self.stats = (mean, var)
             return super().forward(x)
         if self.stats is None:
             raise RuntimeError("GroupNorm in mode 'fixed' has no recorded statistics")
         mean, var = self.stats
-        shift, scale = mean[..., None].to(dt), torch.rsqrt(var[..., None] + self.eps).to(dt)
-        w, b = self.weight.to(dt)[:, None, None], self.bias.to(dt)[:, None, None]
+        per_channel = (B, C) + (1,) * (x.dim() - 2)  # each group's value repeated over its C/G channels
+        shift = mean.to(dt).repeat_interleave(C // G, dim=1).view(per_channel)
+        scale = torch.rsqrt(var + self.eps).to(dt).repeat_interleave(C // G, dim=1).view(per_channel)
+        w, b = (p.to(dt).view(per_channel[1:]) for p in (self.weight, self.bias))
+        h = torch.sub(x, shift)  # x − μ in dt and in x's memory format: the one full-size result
         if torch.is_grad_enabled():
-            return torch.addcmul(b, ((g - shift) * scale).reshape(x.shape), w).to(x.dtype)
-        # Inference (every tile of a tiled decode): one full-size result, scaled and shifted in place (out of
-        # place, (g − μ), its product and the affine output are three maps of x's size: 546 MB at the SD
-        # decoder's [1, 256, 432, 432]).
-        h = torch.sub(g, shift).mul_(scale)  # [B, G, C/G·H·W]
-        return h.view(x.shape).mul_(w).add_(b).to(x.dtype)
+            return (h * scale * w + b).to(x.dtype)
+        # Inference (every tile of a tiled decode): scaled and shifted in place (out of place, (x − μ), its
+        # products and the affine output would be four maps of x's size: 728 MB at the SD decoder's
+        # [1, 256, 432, 432]). Same operations in the same order as out of place: the same numbers.
+        return h.mul_(scale).mul_(w).add_(b).to(x.dtype)
 
 
 def Normalize(channels: int, groups: int = 32) -> GroupNorm:
