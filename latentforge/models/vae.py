@@ -193,7 +193,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, H, W] -> [B, Cout, H, W]
         h = conv3x3(self.conv1, swish(self.norm1(x)))
-        h = conv3x3(self.conv2, swish(self.norm2(h)))
+        h = swish(self.norm2(h))  # (conv1's output freed here, not held through conv2)
+        h = conv3x3(self.conv2, h)
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -273,13 +274,6 @@ class Level(nn.Module):
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
 
-    def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn) > 0:
-                h = self.attn[i](h)
-        return h
-
 
 class Mid(nn.Module):
     # block_1 -> attn_1 -> block_2 at the lowest resolution (keys `mid.block_1`, `mid.attn_1`, `mid.block_2`)
@@ -320,8 +314,11 @@ class Encoder(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, ch, H, W]
-        for level in self.down:
-            h = level.run_blocks(h)
+        for level in self.down:  # (one loop, `h` the only reference: see Decoder._forward)
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)  # halves H and W
         h = self.mid(h)  # [B, ch·ch_mult[-1], H/f, W/f]
