@@ -1002,8 +1002,7 @@ class Pipeline:
 
     def _decode_images(self, latents, job, latents_path, latents_metadata) -> list[Image.Image]:
         try:
-            with torch.no_grad():
-                return to_pil(img2img.composite(job, self.decode(latents)))
+            return to_pil(img2img.composite(job, self.decode(latents)))  # (decode runs under no_grad)
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             path = latents_path or os.path.join(
                 tempfile.gettempdir(), f"latentforge-latents-{os.getpid()}-{time.time_ns()}.safetensors"
