@@ -1,9 +1,12 @@
-"""SD1.5 UNet forward time against diffusers' `UNet2DConditionModel` holding the same weights, same run.
+"""SD1.5 (or SDXL-base) UNet forward time against diffusers' `UNet2DConditionModel` holding the same
+weights, same run.
 
-Our `UNet(PRESETS["sd15"])` with seeded random weights is converted with diffusers' own single-file
-converter (`create_unet_diffusers_config_from_ldm` + `convert_ldm_unet_checkpoint`, as in
-tests/test_models_unet.py), so both sides run the same network on the same inputs: batch 2, latents
-4×S×S (S = 32, 64), context [2, 77, 768], float32, CPU, `torch.inference_mode()`. After a warm-up the two
+Our `UNet(PRESETS["sd15"])` (`--preset sdxl-base`: the SDXL base UNet, context [2, 77, 2048] and the
+vector y of a pooled embedding + size/crop numbers, diffusers' `text_time` conditioning) with seeded
+random weights is converted with diffusers' own single-file converter
+(`create_unet_diffusers_config_from_ldm` + `convert_ldm_unet_checkpoint`, as in tests/test_models_unet.py),
+so both sides run the same network on the same inputs: batch 2, latents 4×S×S (S = 32, 64), context
+[2, 77, 768], float32, CPU, `torch.inference_mode()`. After a warm-up the two
 forwards alternate, N repeats each; the table gives the median ms per forward, the ratio diffusers / ours
 (> 1: we are faster), achieved GFLOP/s (FLOPs counted once on our model with `FlopCounterMode`) and the
 fraction of a measured float32 matmul peak (best of several n×n @ n×n, 2n³ / t).
@@ -12,7 +15,8 @@ With `--contended`, a competing process (one thread of float32 matmuls) runs on 
 whole measurement, as when the machine also serves another job. The ratio column is the median of the
 per-pair ratios, with their [min, max].
 
-    .venv/bin/python benchmarks/unet_forward.py [--sizes 32 64 96] [--repeat 5] [--contended] [--profile]
+    .venv/bin/python benchmarks/unet_forward.py [--preset sd15|sdxl-base] [--sizes 32 64 96] [--repeat 5] \\
+        [--contended] [--profile]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentforge.models.unet import PRESETS, UNet
+from latentforge.models.unet import PRESETS, UNet, sdxl_vector
 
 PREFIX = "model.diffusion_model."
 
@@ -101,6 +105,7 @@ def timed(fn, *args, **kwargs) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["sd15", "sdxl-base"], default="sd15", help="the UNet (our PRESETS)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sizes S (S×S)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="timed forwards per side and size")
@@ -129,7 +134,7 @@ def run(args) -> None:
 
     t0 = time.perf_counter()
     with torch.device("meta"):
-        ours = UNet(PRESETS["sd15"])
+        ours = UNet(PRESETS[args.preset])
     ours = randomize(ours.to_empty(device="cpu")).eval().requires_grad_(False)
     theirs = to_diffusers(ours)
     gc.collect()
@@ -142,24 +147,21 @@ def run(args) -> None:
 
     rows = []
     for s in args.sizes:
-        g = torch.Generator().manual_seed(s)
-        x = torch.randn(args.batch, 4, s, s, generator=g)
-        ctx = torch.randn(args.batch, 77, 768, generator=g)
-        t = torch.tensor([999.0, 500.0] * args.batch)[: args.batch]
+        fwd_ours, fwd_theirs = forwards(ours, theirs, args.batch, s)
         with torch.inference_mode():
             with FlopCounterMode(display=False) as fc:
-                ref_out = ours(x, t, ctx)
+                ref_out = fwd_ours()
             flops = fc.get_total_flops()
-            their_out = theirs(x, t, encoder_hidden_states=ctx).sample  # doubles as warm-up
+            their_out = fwd_theirs()  # doubles as warm-up
             diff = (ref_out - their_out).abs().max().item() / ref_out.abs().max().item()
-            ours(x, t, ctx)  # warm-up (the FLOP-counting call ran under a dispatch mode)
-            theirs(x, t, encoder_hidden_states=ctx)
+            del ref_out, their_out
+            fwd_ours()  # warm-up (the FLOP-counting call ran under a dispatch mode)
             t_ours, t_theirs = [], []
             for _ in range(args.repeat):  # alternate so that machine load hits both alike
-                t_ours.append(timed(ours, x, t, ctx))
-                t_theirs.append(timed(theirs, x, t, encoder_hidden_states=ctx))
+                t_ours.append(timed(fwd_ours))
+                t_theirs.append(timed(fwd_theirs))
             if args.profile:
-                profile(ours, theirs, x, t, ctx, s)
+                profile(fwd_ours, fwd_theirs, s)
         mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
         pairs = [b / a for a, b in zip(t_ours, t_theirs, strict=True)]
         rows.append((s, flops, mo, mt, min(t_ours), min(t_theirs), diff, pairs))
@@ -168,7 +170,8 @@ def run(args) -> None:
 
     peak = max(peak, matmul_peak())  # the peak again, after the forwards (the machine may be shared)
     load = os.getloadavg()[0]
-    print(f"\nbatch {args.batch}, context [{args.batch}, 77, 768], {args.repeat} forwards each; load average "
+    print(f"\n{args.preset}, batch {args.batch}, context [{args.batch}, 77, {ours.config.context_dim}], "
+          f"{args.repeat} forwards each; load average "
           f"now {load:.2f} (above ~2 on 2 cores: timings are inflated by other work)"
           f"{'; contended: a 1-thread rival process ran throughout' if args.contended else ''}")  # fmt: skip
     head = (
@@ -192,11 +195,33 @@ def run(args) -> None:
     )
 
 
-def profile(ours, theirs, x, t, ctx, s) -> None:
+def forwards(ours, theirs, batch: int, s: int):
+    """Seeded inputs for latents s×s and one zero-argument forward per side. SDXL's vector y (pooled
+    text embedding + the six size/crop numbers, `sdxl_vector`) is diffusers' `text_time` conditioning."""
+    g = torch.Generator().manual_seed(s)
+    x = torch.randn(batch, 4, s, s, generator=g)
+    ctx = torch.randn(batch, 77, ours.config.context_dim, generator=g)
+    t = torch.tensor([999.0, 500.0] * batch)[:batch]
+    if ours.config.num_classes != "sequential":
+        return lambda: ours(x, t, ctx), lambda: theirs(x, t, encoder_hidden_states=ctx).sample
+    pooled = torch.randn(batch, 1280, generator=g)
+    px = 8 * s
+    y = sdxl_vector(pooled, (px, px), (0, 0), (px, px))
+    cond = {
+        "text_embeds": pooled,
+        "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * batch, dtype=torch.float32),
+    }
+    return (
+        lambda: ours(x, t, ctx, y=y),
+        lambda: theirs(x, t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample,
+    )
+
+
+def profile(fwd_ours, fwd_theirs, s) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    for name, fn in (("ours", lambda: ours(x, t, ctx)), ("diffusers", lambda: theirs(x, t, ctx))):
+    for name, fn in (("ours", fwd_ours), ("diffusers", fwd_theirs)):
         with prof(activities=[ProfilerActivity.CPU]) as p:
             fn()
         print(f"\n--- profile {name}, {s}x{s} ---")

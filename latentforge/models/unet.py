@@ -263,9 +263,10 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.norm(x)
-        if not self.linear and not _hooked(self.proj_in):
-            # SD1's 1×1 conv as one batched GEMM straight into token-major memory: (B, HW, C) @ Wᵀ, reading
-            # the normalized map through a transposed view (no layout conversion, no (B, HW, C) copy).
+        if not _hooked(self.proj_in):
+            # SD1's 1×1 conv or SD2/XL's Linear (the same (inner, C) matrix) as one batched GEMM straight
+            # into token-major memory: (B, HW, C) @ Wᵀ, reading the normalized map through a transposed view
+            # (no layout conversion, no (B, HW, C) copy).
             wt = self.proj_in.weight.flatten(1).T  # (C, inner)
             t = torch.baddbmm(self.proj_in.bias, t.flatten(2).transpose(1, 2), wt.expand(b, *wt.shape))
         elif not self.linear:
@@ -274,13 +275,13 @@ class SpatialTransformer(nn.Module):
             t = self.proj_in(t.flatten(2).transpose(1, 2))  # (B, HW, inner)
         for block in self.transformer_blocks:
             t = block(t, context)
-        if self.linear:
-            t = self.proj_out(t)
-        elif not _hooked(self.proj_out):
-            # the 1×1 conv back, W (inner → C) @ tokensᵀ per image, straight into (B, C, HW) memory
+        if not _hooked(self.proj_out):
+            # back: W (inner → C) @ tokensᵀ per image, straight into (B, C, HW) memory
             wo = self.proj_out.weight.flatten(1)  # (C, inner)
             t = torch.baddbmm(self.proj_out.bias[:, None], wo.expand(b, *wo.shape), t.transpose(1, 2))
             return x + t.view(b, c, h, w)
+        if self.linear:
+            t = self.proj_out(t)
         # (B, HW, C) → (B, C, H, W) contiguous: the blocks return token-major (B, HW, C) memory, whose
         # transposed view would reach the 1x1 conv as channels_last and pick another oneDNN kernel;
         # diffusers also makes it contiguous here.
