@@ -9,7 +9,12 @@ random in the order a generator's output meets such things:
 - Gaussian blur, sigma uniform in [0, 1.8] px at either size (probability 0.7);
 - per-channel colour offsets uniform in +-12 levels (probability 0.5);
 - additive Gaussian noise, std uniform in [0, 14] levels (probability 0.6);
-- a JPEG round trip at quality uniform in 25..95 with 4:2:0 chroma (probability 0.6).
+- a JPEG round trip at quality uniform in 25..95 with 4:2:0 chroma (probability 0.6);
+- a horizontal mirror of the image and of the scene's columns (probability 0.5; exact: the renderer's shapes
+  are symmetric about their vertical axis, and the grid's left and right cells swap).
+
+The batches are made in ``--workers`` separate processes (one core renders while the other trains), and
+``--init`` continues from an earlier judge file of the same config (a longer schedule without starting over).
 
 AdamW, lr with linear warm-up and cosine decay, the four cross-entropies of ``cnn_judge.loss``. Every
 ``--eval-every`` steps it reports the exact-scene rate (every object, attribute and the background) on a
@@ -18,6 +23,8 @@ fixed set of ``--eval-n`` (512) degraded scenes drawn from another seed. The wei
 
     .venv/bin/python scripts/train_cnn_judge.py --steps 8000 --seed 0 \
         --out latentforge/data/shapes_judge.safetensors
+    .venv/bin/python scripts/train_cnn_judge.py --steps 9000 --lr 1e-3 --seed 1 --flip --workers 1 \
+        --threads 1 --init latentforge/data/shapes_judge.safetensors --out judge2.safetensors
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from latentforge.shapes import render, sample_scene
-from latentforge.shapes.cnn_judge import CnnJudge, JudgeConfig, decode, loss, prepare, save, targets
+from latentforge.shapes.cnn_judge import CnnJudge, JudgeConfig, decode, load, loss, prepare, save, targets
 from latentforge.shapes.render import POSITION_NAMES
 
 SPLIT_WEIGHTS = {"train": 0.6, "validation": 0.2, "heldout": 0.2}
@@ -74,6 +81,35 @@ def batch(rng: np.random.Generator, n: int):
     return torch.stack(images), scenes
 
 
+def train_batch(rng: np.random.Generator, n: int, flip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``batch`` with its targets, each image mirrored left-right with probability 0.5 when ``flip``: the
+    image's last axis and the targets' grid columns reverse together."""
+    x, scenes = batch(rng, n)
+    tgt = targets(scenes)
+    if flip:
+        m = torch.from_numpy(rng.random(n) < 0.5)
+        x[m] = x[m].flip(-1)
+        for k in ("shape", "color", "size"):
+            tgt[k][m] = tgt[k][m].flip(-1)  # [n, 3 rows, 3 columns]
+    return x, tgt
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless training batches. The trainer itself or a DataLoader's first worker draws from ``seed`` (so
+    ``--workers`` 0 and 1 give the same batches), worker ``i`` > 0 from ``(seed, i)``."""
+
+    def __init__(self, seed: int, n: int, flip: bool):
+        self.seed, self.n, self.flip = seed, n, flip
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)
+        i = info.id if info else 0
+        rng = np.random.default_rng((self.seed, i) if i else self.seed)
+        while True:
+            yield train_batch(rng, self.n, self.flip)
+
+
 def exact_rate(model: CnnJudge, x: torch.Tensor, scenes) -> float:
     model.eval()
     with torch.inference_mode():
@@ -93,6 +129,13 @@ def _cell(o) -> int:
     return POSITION_NAMES.index(o.position)
 
 
+def _recipe_of(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("recipe", f"(unknown recipe: {path})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=8000)
@@ -106,14 +149,25 @@ def main() -> None:
         "--eval-n", type=int, default=512, help="fixed degraded scenes the progress is measured on"
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--workers", type=int, default=0, help="processes making batches (0: the trainer's own)")
+    ap.add_argument("--flip", action="store_true", help="mirror half the images and their grids")
+    ap.add_argument("--init", help="start from this judge file (its config is kept)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
-    xv, sv = batch(np.random.default_rng(10_000 + a.seed), a.eval_n)
-    model = CnnJudge(JudgeConfig())
+    # the fixed progress set of seed 0's run whatever the seed, so runs compare on the same 512 scenes
+    xv, sv = batch(np.random.default_rng(10_000), a.eval_n)
+    model = load(a.init).train().requires_grad_(True) if a.init else CnnJudge(JudgeConfig())
+    if a.init:
+        print(f"from {a.init}: exact scenes {100 * exact_rate(model, xv, sv):.1f}%")
+    loader = torch.utils.data.DataLoader(
+        Batches(a.seed, a.batch, a.flip),
+        batch_size=None,
+        num_workers=a.workers,
+        prefetch_factor=4 if a.workers else None,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
@@ -125,11 +179,10 @@ def main() -> None:
         return a.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
     t0, run = time.perf_counter(), 0.0
-    for step in range(a.steps):
+    for step, (x, tgt) in zip(range(a.steps), loader, strict=False):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        x, scenes = batch(rng, a.batch)
-        lo = loss(model(x), targets(scenes))
+        lo = loss(model(x), tgt)
         opt.zero_grad(set_to_none=True)
         lo.backward()
         opt.step()
@@ -142,6 +195,10 @@ def main() -> None:
                 flush=True,
             )
     recipe = f"scripts/train_cnn_judge.py --steps {a.steps} --batch {a.batch} --lr {a.lr} --seed {a.seed}"
+    if a.flip:
+        recipe += " --flip"
+    if a.init:  # the chain of recipes that made the starting point
+        recipe = f"{_recipe_of(a.init)}; then {recipe} --init <that file>"
     save(model, a.out, extra={"recipe": recipe, "exact_scenes_degraded": f"{rate:.4f}"})
     print(f"wrote {a.out}")
 

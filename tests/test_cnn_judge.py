@@ -7,6 +7,7 @@ images; as in test_shapes_robust.py, a test asserting at least 98% fails at 5 wr
 whose true rate is 99.5% does with probability 0.0036.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from shapes_degrade import soften
 from latentforge.shapes import cnn_judge, render, sample_scene, satisfies
 from latentforge.shapes.captions import describe
 from latentforge.shapes.evaluate import evaluate, second_judge_report
+from latentforge.shapes.render import POSITION_NAMES, Scene
 from latentforge.shapes.report import format_report
 
 N = 200
@@ -149,3 +151,49 @@ def test_the_training_script_runs_and_writes_a_loadable_judge(tmp_path):
     assert "exact scenes" in r.stdout
     model = cnn_judge.load(out)
     assert len(cnn_judge.judge([render(sample_scene(np.random.default_rng(0)), 64)], model=model)) == 1
+    # continued from that file, mirrored batches made by a worker process; the recipe chain is kept
+    more = tmp_path / "judge2.safetensors"
+    cmd[cmd.index("--out") + 1] = str(more)
+    r = subprocess.run([*cmd, "--init", str(out), "--flip", "--workers", "1"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"from {out}: exact scenes" in r.stdout
+    with safe_open(str(more), "pt") as f:
+        recipe = f.metadata()["recipe"]
+    assert recipe.startswith("scripts/train_cnn_judge.py --steps 2 ") and recipe.endswith(
+        "--flip --init <that file>"
+    )
+
+
+def _mirrored(scene):
+    """The scene with its grid's columns reversed."""
+    col = {p: POSITION_NAMES[3 * (i // 3) + 2 - i % 3] for i, p in enumerate(POSITION_NAMES)}
+    return Scene(
+        tuple(dataclasses.replace(o, position=col[o.position]) for o in scene.objects), scene.background
+    )
+
+
+def test_a_mirrored_render_is_the_render_of_the_mirrored_scene():
+    # what the training script's --flip relies on: every shape is symmetric about its vertical axis and the
+    # renderer places it symmetrically, so the mirror image of a render is exactly another scene's render
+    rng = np.random.default_rng(3)
+    for i in range(60):
+        s = sample_scene(rng, split=("train", "validation", "heldout")[i % 3])
+        for res in (64, 32):
+            np.testing.assert_array_equal(render(s, res)[:, ::-1], render(_mirrored(s), res))
+
+
+def test_mirrored_training_batches_mirror_their_targets():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_cnn_judge as tr
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    x0, t0 = tr.train_batch(np.random.default_rng(4), 16, flip=False)
+    x1, t1 = tr.train_batch(np.random.default_rng(4), 16, flip=True)
+    m = (x0 != x1).flatten(1).any(1)  # the images the flip mirrored
+    assert 0 < m.sum() < 16
+    torch.testing.assert_close(x1[m], x0[m].flip(-1), rtol=0, atol=0)
+    for k in ("shape", "color", "size"):
+        assert torch.equal(t1[k][m], t0[k][m].flip(-1)) and torch.equal(t1[k][~m], t0[k][~m])
+    assert torch.equal(t1["background"], t0["background"])
