@@ -120,19 +120,24 @@ def extract_vae(work: str) -> str:
     return path
 
 
-def train_flags(name: str, vae: str, seed: int, checkpoint_every: int) -> list[str]:
-    flags = ["--preset", PRESETS[name], "--data", "shapes", "--seed", str(seed), "--max_steps", "1000000"]
+def train_flags(
+    preset: str, vae: str | None, seed: int, checkpoint_every: int, data: str = "shapes", extra=()
+) -> list[str]:
+    """`train denoiser` flags: `preset` on `data` (scenes rendered on the fly, or a folder) at a constant
+    learning rate, exporting every `checkpoint_every` steps, then `extra`; `vae` None: pixel space."""
+    flags = ["--preset", preset, "--data", data, "--seed", str(seed), "--max_steps", "1000000", *extra]
     flags += ["--lr_schedule", "constant", "--log_every", "1", "--sample_every", "0", "--quiet"]
     flags += ["--checkpoint_every", str(checkpoint_every)]
-    return flags + (["--vae", vae] if name == "latent" else [])
+    return flags + (["--vae", vae] if vae else [])
 
 
-def dry_run(name: str, vae: str, seed: int, folder: str, threads: int) -> dict:
-    """Parameters, GFLOP per step and seconds per step from `train denoiser --dry-run` (cached)."""
+def dry_run(flags: list[str], folder: str, threads: int) -> dict:
+    """Parameters, GFLOP per step and seconds per step from `train denoiser FLAGS --dry-run` (cached)."""
     path = os.path.join(folder, "dry_run.json")
     if os.path.exists(path):
         return json.loads(Path(path).read_text())
-    cmd = latentforge("train", "denoiser", *train_flags(name, vae, seed, 1), "--dry-run")
+    os.makedirs(folder, exist_ok=True)
+    cmd = latentforge("train", "denoiser", *flags, "--dry-run")
     out = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, check=True).stdout
     counts = re.finditer(r"^(\w+)\s+([\d,]+) trainable\s+([\d,]+) frozen", out, re.M)
     res = {
@@ -198,9 +203,10 @@ def keep_exports(folder: str, every_s: float | None, newest: bool = False) -> No
             shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
-def train(name: str, vae: str, args, folder: str, checkpoint_every: int, every_s: float | None) -> None:
-    """Train (or continue) `name` until its step loop has run `args.minutes` (or until its first export,
-    if that comes later), then stop the trainer; keep its exports as `keep_exports` says."""
+def train(name: str, flags: list[str], args, folder: str, every_s: float | None) -> None:
+    """Train (or continue) `name` (`train denoiser FLAGS`) until its step loop has run `args.minutes` (or
+    until its first export, if that comes later), then stop the trainer; keep its exports as
+    `keep_exports` says."""
     budget = args.minutes * 60
     run_dir = os.path.join(folder, "run")
     if spent(folder) >= budget and checkpoints(folder):
@@ -211,9 +217,7 @@ def train(name: str, vae: str, args, folder: str, checkpoint_every: int, every_s
         cmd = latentforge("train", "denoiser", "--resume", run_dir)
     else:  # new, or stopped before its first checkpoint
         leftover = os.path.isdir(run_dir) and os.listdir(run_dir)
-        cmd = latentforge(
-            "train", "denoiser", *train_flags(name, vae, args.seed, checkpoint_every), "--out", run_dir
-        )
+        cmd = latentforge("train", "denoiser", *flags, "--out", run_dir)
         cmd += ["--overwrite", "true"] if leftover else []
     calls_file = os.path.join(folder, "calls.json")
     calls = json.loads(Path(calls_file).read_text()) if start and os.path.exists(calls_file) else []
@@ -331,14 +335,18 @@ def crossing(xs: list[float], ys: list[float], level: float) -> tuple[float, boo
     return None
 
 
-def equal_adherence(curves: dict[str, list[dict]], metric: str) -> dict:
-    """The compute each model needed to reach the highest `metric` level both reach, and the ratios."""
-    ys = {m: [rate_of(p, metric) for p in curves[m]] for m in MODELS}
+def equal_adherence(
+    curves: dict[str, list[dict]], metric: str, num: str = "pixel", den: str = "latent"
+) -> dict:
+    """The compute models `num` and `den` each needed to reach the highest `metric` level both reach, and
+    the ratios num / den (key "ratio")."""
+    pair = (num, den)
+    ys = {m: [rate_of(p, metric) for p in curves[m]] for m in pair}
     ys = {m: [y if math.isfinite(y) else 0.0 for y in v] for m, v in ys.items()}
-    k = sum(count_of(p, metric)[0] for m in MODELS for p in curves[m])
-    n = sum(count_of(p, metric)[1] for m in MODELS for p in curves[m])
+    k = sum(count_of(p, metric)[0] for m in pair for p in curves[m])
+    n = sum(count_of(p, metric)[1] for m in pair for p in curves[m])
     chance = {"rate": k / n if n else None, "ci95": list(wilson(k, n))}
-    res: dict = {"metric": metric, "chance": chance}
+    res: dict = {"metric": metric, "pair": list(pair), "chance": chance}
     if not all(ys.values()):
         return {**res, "note": "a model has no evaluation point"}
     if n == 0:
@@ -348,13 +356,13 @@ def equal_adherence(curves: dict[str, list[dict]], metric: str) -> dict:
     if level <= chance["ci95"][1]:
         return {**res, "note": f"no common level above chance ({chance['ci95'][1]:.3f}): not measured"}
     for axis in ("flops", "wall_s", "step"):  # FLOPs ratio = FLOPs-per-step ratio × steps ratio
-        cross = {m: crossing([p[axis] for p in curves[m]], ys[m], level) for m in MODELS}
-        (px, p_measured), (lx, l_measured) = cross["pixel"], cross["latent"]
+        cross = {m: crossing([p[axis] for p in curves[m]], ys[m], level) for m in pair}
+        (px, p_measured), (lx, l_measured) = cross[num], cross[den]
         # a crossing at a model's first evaluation is an upper bound on what it needed
         kind = {(True, True): "=", (True, False): "≥", (False, True): "≤", (False, False): None}
         res[axis] = {
             **{m: {"value": x, "measured": ok} for m, (x, ok) in cross.items()},
-            "pixel_over_latent": px / lx,
+            "ratio": px / lx,
             "ratio_is": kind[p_measured, l_measured]
             or "unknown: both reached the level at their first point",
         }
@@ -362,20 +370,22 @@ def equal_adherence(curves: dict[str, list[dict]], metric: str) -> dict:
 
 
 def sampling_cost(ckpts: dict[str, str], threads: int, repeats: int) -> dict:
-    """Seconds per image at batch 1 and 16 (models alternating, the order turned every round; median) and
-    GFLOP per batch-1 image, prompt encoding and the VAE decode included."""
+    """Per model of `ckpts` (name -> file): seconds per image at batch 1 and 16 (models alternating, the
+    order turned every round; median) and GFLOP per batch-1 image, prompt encoding and the VAE decode
+    included."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(threads)
     pipes = {m: Pipeline.from_single_file(p) for m, p in ckpts.items()}
-    res: dict = {m: {"batch1_s": [], "batch16_per_image_s": []} for m in MODELS}
+    names = list(ckpts)
+    res: dict = {m: {"batch1_s": [], "batch16_per_image_s": []} for m in names}
     for m, pipe in pipes.items():
         pipe(PROMPT, **SAMPLE, seed=0, progress=False)  # warm-up
         with FlopCounterMode(display=False) as fc:
             pipe(PROMPT, **SAMPLE, seed=0, progress=False)
         res[m]["gflop_per_image"] = fc.get_total_flops() / 1e9
     for r in range(repeats):
-        for m in MODELS[r % 2 :] + MODELS[: r % 2]:
+        for m in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             pipes[m](PROMPT, **SAMPLE, seed=r, progress=False)
             t1 = time.perf_counter()
@@ -383,30 +393,36 @@ def sampling_cost(ckpts: dict[str, str], threads: int, repeats: int) -> dict:
             t2 = time.perf_counter()
             res[m]["batch1_s"].append(t1 - t0)
             res[m]["batch16_per_image_s"].append((t2 - t1) / 16)
-    for m in MODELS:
+    for m in names:
         res[m]["batch1_median_s"] = statistics.median(res[m]["batch1_s"])
         res[m]["batch16_per_image_median_s"] = statistics.median(res[m]["batch16_per_image_s"])
-    res["ratio_pixel_over_latent"] = {
-        k: res["pixel"][k] / res["latent"][k]
-        for k in ("batch1_median_s", "batch16_per_image_median_s", "gflop_per_image")
-    }
     return res
 
 
-def save_plot(curves: dict[str, list[dict]], path: str) -> None:
-    fig = plot.figure(
-        (1100, 1000), rows=2, title="latent (f = 4) vs pixel-space UNet: adherence vs training cost"
-    )
+def cost_ratio(sampling: dict, num: str, den: str) -> dict:
+    return {
+        k: sampling[num][k] / sampling[den][k]
+        for k in ("batch1_median_s", "batch16_per_image_median_s", "gflop_per_image")
+    }
+
+
+def save_plot(
+    curves: dict[str, list[dict]],
+    path: str,
+    presets: dict[str, str] = PRESETS,
+    title: str = "latent (f = 4) vs pixel-space UNet: adherence vs training cost",
+) -> None:
+    fig = plot.figure((1100, 1000), rows=2, title=title)
     panels = (("flops", 1e12, "training TFLOP", True), ("wall_s", 60.0, "training wall time (min)", False))
     for ax, (key, unit, label, logx) in zip(fig.axes, panels, strict=True):
-        for k, m in enumerate(MODELS):
+        for k, m in enumerate(curves):
             pts = curves[m]
             xs = [p[key] / unit for p in pts]
             ys = [100 * p["all_correct"] for p in pts]
             lo = [100 * (p["all_correct"] - p["ci95"][0]) for p in pts]
             hi = [100 * (p["ci95"][1] - p["all_correct"]) for p in pts]
             style = plot.curve_style(k)
-            ax.errorbar(xs, ys, yerr=[lo, hi], label=f"{m} ({PRESETS[m]})", capsize=3, **style)
+            ax.errorbar(xs, ys, yerr=[lo, hi], label=f"{m} ({presets[m]})", capsize=3, **style)
         if logx:
             ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -417,16 +433,19 @@ def save_plot(curves: dict[str, list[dict]], path: str) -> None:
 
 
 def describe(e: dict) -> str:
-    """One line per metric: the level, what each model needed ("≤": reached at its first evaluation) and
-    the ratios pixel / latent ("≥"/"≤": bounds)."""
+    """One line per metric: the level, what each model of the pair needed ("≤": reached at its first
+    evaluation) and the ratios num / den ("≥"/"≤": bounds)."""
     if "flops" not in e:
         return f"{e['metric']}: {e['note']}"
+    num, den = e["pair"]
     parts = [f"{e['metric']} {100 * e['level']:.1f}% (chance {100 * e['chance']['rate']:.1f}%):"]
     for axis, unit, what in (("flops", 1e12, "TFLOP"), ("wall_s", 60.0, "min"), ("step", 1.0, "steps")):
         d = e[axis]
-        need = ", ".join(f"{m} {'' if d[m]['measured'] else '≤ '}{d[m]['value'] / unit:.4g}" for m in MODELS)
-        ratio = "unknown" if len(d["ratio_is"]) > 1 else f"{d['ratio_is']} {d['pixel_over_latent']:.2f}"
-        parts.append(f"{what} {need} (pixel/latent {ratio});")
+        need = ", ".join(
+            f"{m} {'' if d[m]['measured'] else '≤ '}{d[m]['value'] / unit:.4g}" for m in e["pair"]
+        )
+        ratio = "unknown" if len(d["ratio_is"]) > 1 else f"{d['ratio_is']} {d['ratio']:.2f}"
+        parts.append(f"{what} {need} ({num}/{den} {ratio});")
     return " ".join(parts)
 
 
@@ -466,7 +485,10 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     vae = extract_vae(args.work)
     folders = {m: os.path.join(args.work, m) for m in MODELS}
-    dry = {m: dry_run(m, vae, args.seed, folders[m], args.threads) for m in MODELS}
+    vaes = {"latent": vae, "pixel": None}
+    dry = {
+        m: dry_run(train_flags(PRESETS[m], vaes[m], args.seed, 1), folders[m], args.threads) for m in MODELS
+    }
     for m in MODELS:
         d = dry[m]
         print(f"{m}: {d['parameters']}; {d['gflop_per_step']:.2f} GFLOP per step; "
@@ -481,7 +503,7 @@ def main() -> int:
         else:
             checkpoint_every[m] = args.eval_every or default
     for m in MODELS:
-        train(m, vae, args, folders[m], checkpoint_every[m], every_s)
+        train(m, train_flags(PRESETS[m], vaes[m], args.seed, checkpoint_every[m]), args, folders[m], every_s)
 
     curves = {m: curve(m, folders[m], dry[m]["gflop_per_step"], args.n, args.threads) for m in MODELS}
     equal = {metric: equal_adherence(curves, metric) for metric in ("all_correct", *EASY)}
@@ -493,6 +515,7 @@ def main() -> int:
     finals = {m: checkpoints(folders[m])[-1][1] for m in MODELS if curves[m]}
     sampling = sampling_cost(finals, args.threads, args.repeats) if len(finals) == 2 else None
     if sampling:
+        sampling["ratio_pixel_over_latent"] = cost_ratio(sampling, "pixel", "latent")
         for m in MODELS:
             s = sampling[m]
             print(

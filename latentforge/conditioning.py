@@ -13,7 +13,8 @@ Sources: architectures.md §1.5 (SD1/SD2/SDXL: ldm `FrozenCLIPEmbedder`, `Frozen
                   [, t5xxl]                                  tokens (77 zeros without a T5 encoder)
                                     y [B, 2048]              L pooled (unprojected) ‖ G projected pooled
     dit           (none)            y [B] long               class index; the null class = num_classes
-    dit-text      clip_l            context [B, L, D], y [B, D]  last layer + final LN, EOS pooled
+    dit-text,     clip_l            context [B, L, D], y [B, D]  last layer + final LN, EOS pooled
+    mmdit-text
 
 Every function has the signature the `Family` entries (families.py) call:
 `(encoders, prompts, width, height, negative, net) -> kwargs`, with `net` the denoising network's config.
@@ -370,12 +371,14 @@ def sd3(
     return {"context": context, "y": y}
 
 
-def dit_text(
+def clip_text(
     encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
 ) -> dict:
-    """Our text-conditioned DiT: context = CLIP last layer after the final LN [B, n·L, D] (as SD1), y = the
-    first chunk's pooled EOS state [B, D] (the DiT adds it to the timestep embedding if pooled_dim > 0)."""
-    enc = _encoder(encoders, "clip_l", "dit-text")
+    """Our text-conditioned transformers (dit-text, mmdit-text): context = CLIP last layer after the final LN
+    [B, n·L, D] (as SD1), y = the first chunk's pooled EOS state [B, D]. The DiT cross-attends to the context
+    and adds y to the timestep embedding (if pooled_dim > 0); the MMDiT puts the context tokens in its joint
+    attention and adds y through its y_embedder (SD3's two paths, with one CLIP tower)."""
+    enc = _encoder(encoders, "clip_l", "a text transformer (dit-text, mmdit-text)")
     out = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
     return {"context": out.hidden, "y": out.pooled}
 

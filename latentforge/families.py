@@ -15,6 +15,8 @@ adding one entry to `FAMILIES`; no other module tests family names.
                            (+ t5xxl, optional)
     dit-xl-2-*      dit    (class labels)    DDPM eps, linear 1e-4..0.02        0.18215            config
     dit-text        dit    clip_l            DDPM eps (files carry their own)   0.18215            config
+    mmdit-text      mmdit  clip_l            rectified flow, shift 1 (files     0.18215            config
+                                             carry their own)
 """
 
 from __future__ import annotations
@@ -136,6 +138,16 @@ def _dit_text() -> dict[str, Any]:
     return {"dit": dit, "vae": VAE_PRESETS["sd"], "clip_l": TEXT_PRESETS["clip-l"]}
 
 
+def _mmdit_text() -> dict[str, Any]:
+    # no released model: an SD3-style MMDiT of 12 blocks (hidden 768) reading one CLIP-L tower's tokens and
+    # pooled vector, for 256² images (32² latents in 2×2 patches); files carry their own configs
+    mmdit = dataclasses.replace(
+        MMDIT_PRESETS["sd3-medium"], depth=12, in_channels=4, out_channels=4, adm_in_channels=768,
+        context_dim=768, pos_embed_max_size=16, num_patches=256,
+    )  # fmt: skip
+    return {"mmdit": mmdit, "vae": VAE_PRESETS["sd"], "clip_l": TEXT_PRESETS["clip-l"]}
+
+
 def _entries() -> dict[str, Family]:
     sd1, sd2, sdxl = LATENT_FORMATS["sd1"], LATENT_FORMATS["sd2"], LATENT_FORMATS["sdxl"]
     out = [
@@ -206,7 +218,24 @@ def _entries() -> dict[str, Family]:
             configs=_dit_text,
             sampling=_vp("eps"),
             latent_format=LatentFormat(0.18215),
-            condition=conditioning.dit_text,
+            condition=conditioning.clip_text,
+            trainable=True,
+        )  # fmt: skip
+    )
+    # our text-conditioned MMDiT (SD3's joint attention with one CLIP tower) in the LDM single-file layout
+    out.append(
+        Family(
+            "mmdit-text",
+            net="mmdit",
+            prefixes={
+                "mmdit": "model.diffusion_model.",
+                "vae": "first_stage_model.",
+                "clip_l": "cond_stage_model.",
+            },
+            configs=_mmdit_text,
+            sampling=_flow(1.0),
+            latent_format=LatentFormat(0.18215),
+            condition=conditioning.clip_text,
             trainable=True,
         )  # fmt: skip
     )

@@ -185,3 +185,21 @@ def test_meta_build_loads_original_layout_with_assign():
     loaded.load_state_dict(sd, strict=True, assign=True)
     x, t, y, context = inputs(cfg, (8, 4), torch.float32)
     assert torch.equal(loaded(x, t, y=y, context=context), model(x, t, y=y, context=context))
+
+
+@torch.no_grad()
+def test_a_fresh_mmdit_is_adaln_zero_with_a_sincos_position_table():
+    # from-scratch init (DiT's, Peebles & Xie 2023 §3.2): every block's modulation and the final linear are
+    # zero, so a fresh network outputs exactly zero whatever its inputs; the P×P position table is the fixed
+    # 2-D sin-cos embedding (MAE's form: its first half encodes the column, the second the row)
+    cfg = TINY_CONFIGS["rms"]
+    model = MMDiT(cfg)
+    x, t, y, context = inputs(cfg, (8, 8), torch.float32)
+    assert torch.equal(model(x, t, y=y, context=context), torch.zeros_like(x))
+    P, D = cfg.pos_embed_max_size, cfg.hidden_size
+    table = model.pos_embed.view(P, P, D)
+    omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D / 4.0))
+    pos = torch.arange(P, dtype=torch.float64)[:, None] * omega  # [P, D/4]
+    want = torch.cat([pos.sin(), pos.cos()], dim=1)  # [P, D/2]: position p's embedding
+    torch.testing.assert_close(table[3, :, : D // 2].double(), want, rtol=0, atol=1e-6)  # along a row: j
+    torch.testing.assert_close(table[:, 5, D // 2 :].double(), want, rtol=0, atol=1e-6)  # down a column: i

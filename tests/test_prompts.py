@@ -229,7 +229,7 @@ def test_no_syntax_is_bit_identical_to_before(weighting):
     lg = torch.nn.functional.pad(torch.cat([lo.hidden, go.hidden], -1), (0, 16))
     assert torch.equal(out["context"], torch.cat([lg, lg.new_zeros(3, 77, 80)], 1))
     assert torch.equal(out["y"], torch.cat([lo.pooled, go.projected], -1))
-    out = conditioning.dit_text({"clip_l": l}, PLAIN, 64, 64, False, None, **kw)
+    out = conditioning.clip_text({"clip_l": l}, PLAIN, 64, 64, False, None, **kw)
     do = old_encode(l, PLAIN, "eos", "last", True, True)
     assert torch.equal(out["context"], do.hidden) and torch.equal(out["y"], do.pooled)
 
@@ -306,7 +306,7 @@ def test_long_prompt_chunks_concatenate_and_pool_from_the_first():
     pieces = [" ".join(["cat"] * 14), " ".join(["cat"] * 6), " ".join(["dog"] * 5)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", tokenizer.PromptTruncatedWarning)  # nothing is cut any more
-        out = conditioning.dit_text({"clip_l": enc}, [LONG], 64, 64, False, None)
+        out = conditioning.clip_text({"clip_l": enc}, [LONG], 64, 64, False, None)
     ref = old_encode(enc, pieces, "eos", "last", True, True)
     assert out["context"].shape == (1, 3 * 16, 32)
     assert torch.allclose(out["context"][0], ref.hidden.reshape(48, 32), atol=1e-6)

@@ -534,6 +534,31 @@ def test_text_dit_preset_trains_and_generates(tmp_path):
     assert img.size == (32, 32)
 
 
+def test_text_mmdit_preset_trains_and_generates(tmp_path):
+    # shapes64-mmdit (benchmarks/architectures.py) made tiny: SD3's joint attention reading one CLIP tower
+    from latentforge.checkpoints import configs_to_json, load_checkpoint, save_state_dict
+    from latentforge.pipeline import DEFAULT_MODEL
+
+    ckpt = load_checkpoint(DEFAULT_MODEL, torch.float32)  # the shipped VAE (f = 4) as a VAE file
+    vae = str(tmp_path / "vae.safetensors")
+    meta = {"latentforge.configs": configs_to_json({"vae": ckpt.configs["vae"]}),
+            "latentforge.latent_format": ckpt.metadata["latentforge.latent_format"]}  # fmt: skip
+    save_state_dict(ckpt.components["vae"].state_dict(), vae, metadata=meta)
+    over = {"mmdit.depth": 1, "mmdit.context_dim": 32, "mmdit.adm_in_channels": 32,
+            "text.hidden_size": 32, "text.intermediate_size": 64, "text.num_hidden_layers": 1,
+            "text.max_position_embeddings": 16, "batch_size": 4, "num_workers": 0, "max_steps": 2,
+            "eval_n": 2, "sample_steps": 2, "vae": vae}  # fmt: skip
+    out = str(tmp_path / "run")
+    train_denoiser(resolve("denoiser", "shapes64-mmdit", overrides=over), out, progress=False)
+    sd = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight" in sd
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd
+    pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
+    assert pipe.family == "mmdit-text" and not pipe.pixel_space
+    (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
+    assert img.size == (64, 64)
+
+
 def test_aspect_ratio_buckets_from_a_folder(tmp_path):
     from PIL import Image
 

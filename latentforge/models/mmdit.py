@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from latentforge.models.dit import sincos_pos_embed_2d
 from latentforge.models.embeddings import (
     FinalLayer,
     Mlp,
@@ -36,6 +37,7 @@ from latentforge.models.embeddings import (
     attention,
     modulate,
 )
+from latentforge.models.init import normal_
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,35 @@ class MMDiT(nn.Module):
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        """For training from scratch, DiT's init (Peebles & Xie 2023, §3.2 and `models.py` L182-216), which
+        SD3 builds on (Esser et al. 2024, §4): xavier-uniform Linears with zero bias, the patch conv as a
+        flattened Linear, N(0, 0.02) timestep MLP, and adaLN-Zero: every modulation and the final linear are
+        zero, so each joint block starts as the identity on both streams and a fresh MMDiT outputs exactly
+        zero. The position table is the fixed 2-D sin-cos embedding of its P×P grid (MAE form, as DiT's);
+        released files carry their own. Draws from `generator` (None: the global RNG)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1), generator=generator)
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        normal_(self.t_embedder.mlp[0].weight, 0.02, generator)
+        normal_(self.t_embedder.mlp[2].weight, 0.02, generator)
+        zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for block in self.joint_blocks:
+            zero += [block.context_block.adaLN_modulation[-1], block.x_block.adaLN_modulation[-1]]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        if self.pos_embed.device.type != "meta":
+            table = sincos_pos_embed_2d(self.config.hidden_size, self.config.pos_embed_max_size)
+            self.pos_embed.copy_(table[None].to(self.pos_embed.dtype))
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         # centre h×w window (in patches) of the P×P table: [1, P², D] -> [1, h·w, D]

@@ -1,9 +1,10 @@
 """Named training presets: plain dicts of config fields (training/config.py), applied before TOML and flags.
 
 Denoisers: `shapes64` (the default model's latent UNet, MODEL_CARD.md), `shapes64-pixel` (the same recipe on
-64×64 pixels, for benchmarks/latent_vs_pixel.py), `shapes-tiny` (a 32×32 pixel-space UNet in the SD1 layout
-with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a text DiT), and
-fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
+64×64 pixels, for benchmarks/latent_vs_pixel.py), `shapes64-dit` and `shapes64-mmdit` (the same recipe with a
+DiT or an MMDiT of the UNet's FLOPs, for benchmarks/architectures.py), `shapes-tiny` (a 32×32 pixel-space
+UNet in the SD1 layout with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a
+text DiT), and fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
 `shapes64-vae` (the default model's), `shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, UNetConfig
+from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, DiTConfig, MMDiTConfig, UNetConfig
 from latentforge.training.objectives import ObjectiveConfig
 
 # A 32×32 pixel-space text-to-image UNet with a jointly trained 2-layer CLIP text tower, in the SD1 layout
@@ -146,9 +147,55 @@ SHAPES64_PIXEL = {
     ),
 }
 
+# `shapes64` with a transformer of the same forward FLOPs in place of the UNet (benchmarks/architectures.py:
+# issue 10's "choose the architecture by measurement"), on the same 16×16×4 latents, text tower, objective,
+# batch, schedule, EMA and caption dropout. 2×2 patches: 64 image tokens, as the UNet's 8×8 attention level.
+# Forward FLOPs at batch 1 with 48 text tokens (torch's counter): UNet 272 M (4.2 M parameters), DiT 286 M
+# (3.4 M), MMDiT 271 M (3.8 M).
+# - DiT: the text reaches the image by cross-attention in every block and by the pooled EOS state added to the
+#   timestep embedding (adaLN path; PixArt-α's cross-attention with DiT's adaLN-Zero; Peebles & Xie 2023).
+# - MMDiT: the text tokens join the image tokens in one attention per block, each stream with its own
+#   weights, and the pooled state enters through y_embedder (SD3, Esser et al. 2024, Fig. 2). SD3's
+#   convention sets the width: hidden = 64·depth, so depth 3 is 192 wide with 3 heads of 64.
+SHAPES64_DIT = {
+    **SHAPES64,
+    "family": "dit-text",
+    "net": "dit",
+    "unet": None,
+    # SHAPES_TINY_DIT's network on the 16×16×4 latents, 3 heads of 64, the 128-wide text tower
+    "dit": dataclasses.replace(
+        SHAPES_TINY_DIT["dit"],
+        input_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=192,
+        depth=4,
+        num_heads=3,
+        context_dim=128,
+        pooled_dim=128,
+    ),  # fmt: skip
+}
+SHAPES64_MMDIT = {
+    **SHAPES64,
+    "family": "mmdit-text",
+    "net": "mmdit",
+    "unet": None,
+    "mmdit": MMDiTConfig(
+        depth=3,
+        in_channels=4,
+        out_channels=4,
+        adm_in_channels=128,
+        context_dim=128,
+        pos_embed_max_size=8,
+        num_patches=64,
+    ),  # fmt: skip
+}
+
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
     "shapes64": SHAPES64,
     "shapes64-pixel": SHAPES64_PIXEL,
+    "shapes64-dit": SHAPES64_DIT,
+    "shapes64-mmdit": SHAPES64_MMDIT,
     "shapes-tiny": SHAPES_TINY,
     "shapes-tiny-dit": SHAPES_TINY_DIT,
     # fine-tuning: the networks come from `init_from`; text encoders frozen, the checkpoint's VAE
