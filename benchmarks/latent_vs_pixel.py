@@ -210,6 +210,7 @@ def train(name: str, flags: list[str], args, folder: str, every_s: float | None)
     budget = args.minutes * 60
     run_dir = os.path.join(folder, "run")
     if spent(folder) >= budget and checkpoints(folder):
+        keep_exports(folder, every_s, newest=True)  # in case the last call stopped before keeping it
         return
     states = step_dirs(os.path.join(run_dir, "state"))
     start = states[-1][0] if states else 0
@@ -225,7 +226,16 @@ def train(name: str, flags: list[str], args, folder: str, every_s: float | None)
     print(f"{name}: training from step {start} until {args.minutes:g} min of steps", flush=True)
     exports = os.path.join(run_dir, "checkpoints")
     with open(os.path.join(folder, "train.log"), "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(args.threads))
+        # Ctrl-C's default action restored in the child: a shell starts background jobs with SIGINT ignored
+        # (POSIX, without job control), which the trainer would inherit, and Python then installs no
+        # KeyboardInterrupt handler, so `nohup benchmark &` could never stop its trainer
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(args.threads),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             while proc.poll() is None and (spent(folder) < budget or not checkpoints(folder, exports)):
                 time.sleep(1.0)
@@ -233,7 +243,10 @@ def train(name: str, flags: list[str], args, folder: str, every_s: float | None)
             if proc.poll() is not None:
                 raise RuntimeError(f"{name}: the trainer stopped (exit {proc.returncode}); see {log.name}")
             proc.send_signal(signal.SIGINT)  # as Ctrl-C: its data-loader worker is shut down with it
-            proc.wait(timeout=120)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # killed below; its writes are atomic (a state or none)
+                print(f"{name}: the trainer did not stop within 120 s of SIGINT; killed", flush=True)
         finally:
             if proc.poll() is None:
                 proc.kill()
