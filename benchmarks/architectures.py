@@ -22,8 +22,10 @@ of the trainer's own step-loop time (stopped and continued with --resume: a late
 scored by `latentforge eval shapes` on `--n` validation prompts (20 euler steps, CFG 3, seed 1,000,000), the
 training cost at each point is counted in FLOPs (the trainer's dry run, text tower included) and wall time,
 and the compute each model needs to reach the highest level both of a pair reach is compared (all correct,
-and the background and colour rates, which move early). Sampling cost per image of the final models
-(batch 1 and 16, VAE decode included) closes it.
+and the background and colour rates, which move early). The training loss, averaged over windows of 50
+steps, is compared too: the runs share the seed, hence the batches and the noise, so it ranks the networks
+on the same targets before any of them follows prompts. Sampling cost per image of the final models
+(batch 1 and 16, VAE decode included; kept in <work>/sampling.json) closes it.
 
     nice -n 10 .venv/bin/python benchmarks/architectures.py [--minutes 30] [--n 150] [--points 4] \\
         [--data /work/runs/shapes64-train4 --cache-dir /work/runs/unet7-cache] \\
@@ -48,6 +50,35 @@ from latentforge.files import write_json  # noqa: E402
 
 PRESETS = {"unet": "shapes64", "dit": "shapes64-dit", "mmdit": "shapes64-mmdit"}
 PAIRS = (("dit", "unet"), ("mmdit", "unet"), ("mmdit", "dit"))
+WINDOW = 50  # steps per training-loss average
+
+
+def loss_curve(folder: str, gflop: float) -> list[dict]:
+    """The training loss averaged over windows of WINDOW steps, with the TFLOP spent at each window's end.
+    The three runs share the seed, so the same batches and noise: their losses at equal steps compare the
+    networks on the same flow-matching targets (a signal long before prompts are followed)."""
+    recs = [r for r in lvp.read_metrics(os.path.join(folder, "run", "metrics.jsonl")) if "loss" in r]
+    by_step = {r["step"]: r["loss"] for r in recs}  # a resumed run's repeated steps: the last record
+    out = []
+    for start in range(1, max(by_step, default=0) + 1, WINDOW):
+        steps = [s for s in range(start, start + WINDOW) if s in by_step]
+        if len(steps) == WINDOW:
+            out.append({"steps": [start, start + WINDOW - 1], "tflop": (start + WINDOW - 1) * gflop / 1e3,
+                        "loss": sum(by_step[s] for s in steps) / WINDOW})  # fmt: skip
+    return out
+
+
+def cached_sampling_cost(work: str, finals: dict[str, str], threads: int, repeats: int) -> dict:
+    """lvp.sampling_cost, kept in <work>/sampling.json for the same final exports, threads and repeats."""
+    path = os.path.join(work, "sampling.json")
+    key = {"finals": finals, "threads": threads, "repeats": repeats}
+    if os.path.exists(path):
+        saved = json.loads(Path(path).read_text())
+        if saved.get("key") == key:
+            return saved["sampling"]
+    sampling = lvp.sampling_cost(finals, threads, repeats)
+    write_json(path, {"key": key, "sampling": sampling})
+    return sampling
 
 
 def main() -> int:
@@ -100,7 +131,12 @@ def main() -> int:
         for e in rows.values():
             print(f"equal adherence {pair}, " + lvp.describe(e), flush=True)
     finals = {m: lvp.checkpoints(folders[m])[-1][1] for m in PRESETS if curves[m]}
-    sampling = lvp.sampling_cost(finals, args.threads, args.repeats) if len(finals) == len(PRESETS) else None
+    losses = {m: loss_curve(folders[m], dry[m]["gflop_per_step"]) for m in PRESETS}
+    for i in range(min(len(v) for v in losses.values())):
+        row = ", ".join(f"{m} {losses[m][i]['loss']:.4f}" for m in PRESETS)
+        print(f"training loss, steps {losses['unet'][i]['steps']}: {row}", flush=True)
+    full = len(finals) == len(PRESETS)
+    sampling = cached_sampling_cost(args.work, finals, args.threads, args.repeats) if full else None
     if sampling:
         for m in PRESETS:
             s = sampling[m]
@@ -126,6 +162,7 @@ def main() -> int:
         },
         "dry_run": dry,
         "curves": curves,
+        "training_loss": losses,
         "equal_adherence": equal,
         "sampling": sampling,
     }
