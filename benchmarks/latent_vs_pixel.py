@@ -432,8 +432,9 @@ def save_plot(
             pts = curves[m]
             xs = [p[key] / unit for p in pts]
             ys = [100 * p["all_correct"] for p in pts]
-            lo = [100 * (p["all_correct"] - p["ci95"][0]) for p in pts]
-            hi = [100 * (p["ci95"][1] - p["all_correct"]) for p in pts]
+            # (a rate of 0 has a lower Wilson bound of 0 up to rounding: clipped, matplotlib refuses < 0)
+            lo = [max(0.0, 100 * (p["all_correct"] - p["ci95"][0])) for p in pts]
+            hi = [max(0.0, 100 * (p["ci95"][1] - p["all_correct"])) for p in pts]
             style = plot.curve_style(k)
             ax.errorbar(xs, ys, yerr=[lo, hi], label=f"{m} ({presets[m]})", capsize=3, **style)
         if logx:
