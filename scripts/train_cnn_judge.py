@@ -23,7 +23,7 @@ fixed set of ``--eval-n`` (512) degraded scenes drawn from another seed. The wei
 
     .venv/bin/python scripts/train_cnn_judge.py --steps 8000 --seed 0 \
         --out latentforge/data/shapes_judge.safetensors
-    .venv/bin/python scripts/train_cnn_judge.py --steps 9000 --lr 1e-3 --seed 1 --flip --workers 1 \
+    .venv/bin/python scripts/train_cnn_judge.py --steps 7500 --lr 1e-3 --seed 1 --flip --workers 1 \
         --threads 1 --init latentforge/data/shapes_judge.safetensors --out judge2.safetensors
 """
 
@@ -103,7 +103,8 @@ class Batches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        torch.set_num_threads(1)
+        if info:  # a worker renders; the trainer keeps its --threads
+            torch.set_num_threads(1)
         i = info.id if info else 0
         rng = np.random.default_rng((self.seed, i) if i else self.seed)
         while True:
