@@ -80,7 +80,9 @@ def _oracle_set(gmm: GaussianMixture, seed: int, n: int):
     return noise, gmm.ode_reference(noise * SIGMA_MAX, fine, substeps=8)
 
 
-def oracle(max_evals: int, n_train: int, log, solvers=SOLVERS) -> dict:
+def oracle(
+    max_evals: int, n_train: int, log, solvers=SOLVERS, n_solver: int = 32768, solver_iters: int = 1500
+) -> dict:
     gmm = GaussianMixture.random(k=4, dim=8, seed=0)
     D = gmm.denoiser()
     bench = _oracle_set(gmm, 1234, 1024)  # bench.py's noise_det draws first from this generator
@@ -153,6 +155,7 @@ def oracle(max_evals: int, n_train: int, log, solvers=SOLVERS) -> dict:
         "sigmas": r.sigmas,
     }
     log(f"in-sample (tuned on the bench's own noises) {best}: {r.rmse:.4f} (pop {insample['pop']:.4f})")
+    solver = tuned_solver_rows(gmm, bench, pop, n_solver, solver_iters, log)
     return {
         "nfe": NFE,
         "n_train": n_train,
@@ -163,7 +166,51 @@ def oracle(max_evals: int, n_train: int, log, solvers=SOLVERS) -> dict:
         "best": best,
         "shifts": shifts,
         "in_sample": insample,
+        "solver": solver,
     }
+
+
+def _flips(gmm: GaussianMixture, x: torch.Tensor, reference: torch.Tensor) -> int:
+    """Start noises whose sample ends nearer (in each component's own scale) another mode than the exact
+    solution does: the rare mode switches that set the RMSE at few steps."""
+
+    def mode(y):
+        return ((y[:, None, :] - gmm.means[None]) / gmm.stds[None]).pow(2).sum(-1).argmin(1)
+
+    return int((mode(x) != mode(reference)).sum())
+
+
+def tuned_solver_rows(gmm: GaussianMixture, bench, pop, n_train: int, iters: int, log) -> dict:
+    """ipndm at 10 calls fitted by gradient (latentforge.tune_solver) on n_train noises (seed 7): the schedule
+    alone, with evaluation shifts, and with shifts and step coefficients; scored with the real sampler on
+    the bench's noises and the fresh population, with the count of mode switches there (Karras as the
+    baseline)."""
+    from latentforge.tune_solver import tune_solver
+
+    D = gmm.denoiser()
+    train = _oracle_set(gmm, 7, n_train)
+    karras = get_sigmas_karras(NFE, SIGMA_MIN, SIGMA_MAX).double()
+    rows = {}
+
+    def score(name, sig, shifts, options, t0=None, train_rmse=None):
+        m = ts.ShiftedDenoiser(D, sig, shifts) if shifts else D
+        row = {"sigmas": sig.tolist(), "shifts": shifts, **options}
+        for part, (noise, ref) in (("bench", bench), ("pop", pop)):
+            x = ts.solve(m, "ipndm", sig, noise, options=options)
+            row[part] = ts.rmse(x, ref)
+            row[f"{part}_flips"] = _flips(gmm, x, ref)
+        row |= {"train": train_rmse, "seconds": None if t0 is None else round(time.perf_counter() - t0, 1)}
+        rows[name] = row
+        log(f"ipndm {name:28s} bench {row['bench']:.4f} ({row['bench_flips']} flips in {len(bench[0])}), "
+            f"pop {row['pop']:.4f} ({row['pop_flips']} in {len(pop[0])})")  # fmt: skip
+
+    score("karras", karras, [], {})
+    for name, shifts, coef in (("schedule", False, False), ("schedule+shifts", True, False),
+                               ("schedule+shifts+coefficients", True, True)):  # fmt: skip
+        t0 = time.perf_counter()
+        r = tune_solver(D, NFE, SIGMA_MIN, SIGMA_MAX, *train, iters=iters, shifts=shifts, coefficients=coef)
+        score(name, torch.tensor(r.sigmas, dtype=torch.float64), r.shifts, r.options, t0, r.rmse)
+    return {"n_train": n_train, "iters": iters, "batch": 4096, "robust": 0.003, "rows": rows}
 
 
 def oracle_table(res: dict) -> str:
@@ -181,6 +228,11 @@ def oracle_table(res: dict) -> str:
         lines.append(
             f"{sh['solver']} with one shifted evaluation σ per step, fitted with its schedule "
             f"(ts.ShiftedDenoiser): {sh['tuned']:.4f} on the bench's noises (pop {sh['tuned_pop']:.4f})"
+        )
+    for name, r in res.get("solver", {}).get("rows", {}).items():
+        lines.append(
+            f"ipndm, {name} (gradient, latentforge.tune_solver): {r['bench']:.4f} on the bench's noises "
+            f"({r['bench_flips']} mode switches), pop {r['pop']:.4f} ({r['pop_flips']} in {res['n_pop']})"
         )
     ins = res["in_sample"]
     lines.append(
@@ -338,6 +390,8 @@ def main() -> int:
     )
     p.add_argument("--oracle-evals", type=int, default=1500)
     p.add_argument("--oracle-train", type=int, default=8192)
+    p.add_argument("--solver-train", type=int, default=32768, help="oracle noises the tuned solver fits")
+    p.add_argument("--solver-iters", type=int, default=1500, help="its Adam steps (batches of 4096)")
     p.add_argument("--model-evals", type=int, default=200)
     p.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the model's reference")
     p.add_argument("--out", default="/tmp/tuned-eval", help="generated images and per-run reports")
@@ -355,7 +409,9 @@ def main() -> int:
             res = json.load(f)
     res["threads"] = torch.get_num_threads()
     if not args.skip_oracle:
-        res["oracle"] = oracle(args.oracle_evals, args.oracle_train, log, args.solvers)
+        res["oracle"] = oracle(
+            args.oracle_evals, args.oracle_train, log, args.solvers, args.solver_train, args.solver_iters
+        )
         write_json(args.json, res)
     if not args.skip_model:
         res["default_model"] = default_model(

@@ -725,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
         "more sampler runs); generation applies them",
     )
     ts.add_argument(
+        "--coefficients",
+        action="store_true",
+        help="sampler ipndm: also fit each step's multistep coefficients, by gradient through the network "
+        "(tune_solver.py, --iters steps); generation uses them",
+    )
+    ts.add_argument("--iters", type=int, default=200, help="gradient steps with --coefficients (default 200)")
+    ts.add_argument(
         "--out",
         default=None,
         help="the JSON file (default: beside the model, <model>.schedule-<sampler>-<steps>.json)",
@@ -796,6 +803,7 @@ def _tune_schedule(args) -> int:
     check.int_in("--seed", args.seed, 0, 2**63 - 1)
     check.int_in("--max-evals", args.max_evals, 1)
     check.int_in("--reference-steps", args.reference_steps, 2, MAX_STEPS)
+    check.int_in("--iters", args.iters, 1, 100_000)
     check.int_in("--width", args.width, 1, MAX_SIZE)
     check.int_in("--height", args.height, 1, MAX_SIZE)
     if args.cfg is not None:
@@ -813,6 +821,10 @@ def _tune_schedule(args) -> int:
     _check_model(args.model)
     pipe = Pipeline.from_single_file(args.model)
     sampler = args.sampler or pipe.defaults["sampler"]
+    if args.coefficients and (sampler != "ipndm" or args.steps < 3):
+        raise ValueError(
+            f"--coefficients tunes sampler ipndm at --steps >= 3, got {sampler!r} at {args.steps}"
+        )
     if prompts is None:  # the shapes benchmark's training split: never the prompts it is evaluated on
         rng = np.random.default_rng(args.seed)
         prompts = [caption(sample_scene(rng, split="train"), rng) for _ in range(args.prompts)]
@@ -820,8 +832,9 @@ def _tune_schedule(args) -> int:
     w, h = pipe.default_size
     size = (args.width or w, args.height or h)
     (res,), info = tune_pipeline(
-        pipe, prompts, sampler, [args.steps], args.seed, args.cfg, ref_steps, evals, size, _say, args.shifts
-    )
+        pipe, prompts, sampler, [args.steps], args.seed, args.cfg, ref_steps, evals, size, _say, args.shifts,
+        args.coefficients, args.iters,
+    )  # fmt: skip
     path = args.out or schedule_path(model_file(args.model), sampler, args.steps)
     save(path, res, model=os.path.basename(model_file(args.model)), **info)
     for name, e in sorted(res.stock.items(), key=lambda kv: kv[1]):
@@ -829,6 +842,8 @@ def _tune_schedule(args) -> int:
     _say(f"{'tuned':14s} RMSE {res.rmse:.4g}  σ = {', '.join(f'{v:.4g}' for v in res.sigmas)}")
     if res.shifts:
         _say(f"{'':14s} evaluation shifts δ = {', '.join(f'{v:.4g}' for v in res.shifts)}")
+    for i, row in enumerate(res.options.get("coefficients") or []):
+        _say(f"{'':14s} step {i + 1} coefficients b = {', '.join(f'{v:.4g}' for v in row)}")
     _say(f"wrote {path} (use it with --scheduler tuned --sampler {sampler} --steps {args.steps})")
     return 0
 

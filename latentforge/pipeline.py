@@ -800,9 +800,9 @@ class Pipeline:
         # the schedule stays on the host (samplers read σ's as numbers: no device sync per step); a tuned one
         # may carry evaluation shifts δ_i: the network is then queried at σ_i·e^{δ_i} (tune_schedule.py)
         if scheduler == TUNED:
-            sigmas, shifts = read_tuned(self.source, sampler, steps)
+            sigmas, shifts, coefficients = read_tuned(self.source, sampler, steps)
         else:
-            sigmas, shifts = self.schedule(sampler, scheduler, steps), []
+            sigmas, shifts, coefficients = self.schedule(sampler, scheduler, steps), [], None
         sigmas = sigmas.cpu()
         shift = ShiftedDenoiser(None, sigmas, shifts).shift if shifts else None  # δ(σ), any σ
 
@@ -845,6 +845,14 @@ class Pipeline:
                 concat = img2img.inpaint_conditioning(self, blank, None)
             model = guided(CFGDenoiser(self.denoiser(concat), scale=float(cfg)))
         options = {"seed": seeds} if _accepts(sample_fn, "seed") else {}
+        if coefficients is not None:  # a tuned solver's steps (tune_solver.py) are for the whole schedule
+            if len(sigmas) != steps + 1:
+                raise ValueError(
+                    f"the tuned {sampler} schedule at {steps} steps carries solver coefficients for the "
+                    "whole schedule; img2img, inpainting and the hires fix start part-way: use a schedule "
+                    "tuned without --coefficients, or another scheduler"
+                )
+            options["coefficients"] = coefficients
         # step caching / token merging for this pass only (speedups.py); the cache counts steps by σ
         # the σ's the network is called with (the schedule's, or shifted), by which those passes count steps
         queried = sigmas

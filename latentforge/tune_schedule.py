@@ -387,11 +387,17 @@ def tune_pipeline(
     size: tuple[int, int] | None = None,
     log: Callable[[str], None] | None = None,
     shifts: bool = False,
+    coefficients: bool = False,
+    iters: int = 200,
 ) -> tuple[list[TuneResult], dict]:
     """Tune `pipe`'s schedule for `sampler` at each step count in `steps` on `pipeline_problem(pipe,
     prompts, seed, cfg, size)`; the reference (`reference_solution`) is computed once for all step counts.
     shifts: also fit one evaluation shift per step (`tune(shifts=True)`; up to `max_evals` more runs each).
-    Returns the results and what the schedule files record about the run."""
+    coefficients: fit ipndm's schedule, shifts (if `shifts`) and step coefficients by gradient instead
+    (tune_solver.py; `iters` Adam steps on all the prompts, each a forward and backward pass through every
+    step). Returns the results and what the schedule files record about the run."""
+    if coefficients and sampler != "ipndm":
+        raise ValueError(f"solver coefficients are tuned for sampler 'ipndm' only, got {sampler!r}")
     say = log or (lambda _: None)
     p = pipeline_problem(pipe, prompts, seed, cfg, size)
     say(f"reference: heun, {reference_steps} steps on {len(prompts)} prompts (and {reference_steps // 2})")
@@ -403,6 +409,9 @@ def tune_pipeline(
     for n in steps:
         starts = stock_schedules(n, p.sigma_min, p.sigma_max, pipe.model_sampling)
         rounds = max(50, max_evals // 3)
+        if coefficients:
+            results.append(_tune_pipeline_solver(pipe, p, n, ref, starts, iters, shifts, say))
+            continue
         args = (p.model, sampler, n, p.sigma_min, p.sigma_max, p.noise, ref, p.extra_args)
         results.append(
             tune(*args, starts=starts, max_evals=max_evals, round_evals=rounds, log=say, shifts=shifts)
@@ -415,6 +424,34 @@ def tune_pipeline(
         "reference": {"sampler": "heun", "steps": reference_steps, "rmse_estimate": ref_err},
     }
     return results, info
+
+
+def _tune_pipeline_solver(
+    pipe, p: Problem, steps: int, ref, starts, iters: int, shifts: bool, say
+) -> TuneResult:
+    """tune_solver on the pipeline's problem: gradients through the network's steps, its weights frozen.
+    The start is the best stock schedule, scored as tune() does; the loss is the plain MSE (robust=0: a few
+    prompts have no rare mode switches to discount) at a rate sized to a network's smoother error."""
+    from latentforge.tune_solver import tune_solver
+
+    if steps < 3:
+        raise ValueError(f"solver coefficients need --steps >= 3 (fewer leave no σ to tune), got {steps}")
+    scores = {k: schedule_error(p.model, "ipndm", s, p.noise, ref, p.extra_args) for k, s in starts.items()}
+    first = min(scores, key=scores.get)
+    frozen = [(q, q.requires_grad) for q in pipe.net.parameters()]
+    try:
+        for q, _ in frozen:
+            q.requires_grad_(False)
+        with torch.enable_grad():
+            res = tune_solver(
+                p.model, steps, p.sigma_min, p.sigma_max, p.noise, ref, p.extra_args, start=starts[first],
+                iters=iters, lr=0.02, coefficient_lr=0.005, robust=0.0, shifts=shifts, log=say,
+            )  # fmt: skip
+    finally:
+        for q, flag in frozen:
+            q.requires_grad_(flag)
+    res.stock, res.start = scores, first
+    return res
 
 
 # -- files: `<model>.schedule-<sampler>-<steps>.json` beside the model -------------------------------------
@@ -445,9 +482,12 @@ def load_tuned(model_path: str | None, sampler: str, steps: int) -> torch.Tensor
     return read_tuned(model_path, sampler, steps)[0]
 
 
-def read_tuned(model_path: str | None, sampler: str, steps: int) -> tuple[torch.Tensor, list[float]]:
-    """`load_tuned`'s schedule and the file's evaluation shifts δ_i (N finite values, one per positive σ_i,
-    for `ShiftedDenoiser`; [] when it has none: `tune-schedule` without `--shifts`)."""
+def read_tuned(
+    model_path: str | None, sampler: str, steps: int
+) -> tuple[torch.Tensor, list[float], list | None]:
+    """`load_tuned`'s schedule, the file's evaluation shifts δ_i (N finite values, one per positive σ_i,
+    for `ShiftedDenoiser`; [] when it has none: `tune-schedule` without `--shifts`) and its solver
+    coefficients (ipndm's `coefficients` option, tune_solver.py; None when it has none)."""
     if model_path is None:
         raise ValueError(
             "scheduler 'tuned' reads a schedule stored beside the model file; this pipeline was not loaded "
@@ -482,4 +522,15 @@ def read_tuned(model_path: str | None, sampler: str, steps: int) -> tuple[torch.
             f"{path} holds evaluation shifts {shifts!r}: expected {steps} finite numbers (one per step) or "
             "none; re-run `latentforge tune-schedule`"
         )
-    return sig, [float(v) for v in shifts] if any(shifts) else []
+    coefficients = (data.get("options") or {}).get("coefficients")
+    if coefficients is not None:
+        rows = coefficients if isinstance(coefficients, list) else [None]
+        ok = all(
+            isinstance(r, list) and all(type(v) in (int, float) and math.isfinite(v) for v in r) for r in rows
+        )
+        if sampler != "ipndm" or not ok or len(rows) != steps - 1:
+            raise ValueError(
+                f"{path} holds solver coefficients {coefficients!r}: expected ipndm's, {steps - 1} lists of "
+                "finite numbers; re-run `latentforge tune-schedule`"
+            )
+    return sig, [float(v) for v in shifts] if any(shifts) else [], coefficients

@@ -118,6 +118,11 @@ def test_bad_arguments():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tuned") / "tiny.safetensors"))
+
+
+def make_tiny_model(path: str) -> str:
+    """A tiny SD1-layout checkpoint (UNet, VAE, one CLIP tower) at `path`, random but not degenerate."""
     from latentforge.checkpoints import save_checkpoint
     from latentforge.models import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
     from latentforge.pipeline import Pipeline
@@ -136,7 +141,6 @@ def tiny_model(tmp_path_factory):
     pipe = Pipeline.from_preset("sd15", configs, size=(32, 32))
     with torch.no_grad():  # the UNet's last conv starts at zero (as SD's), which makes x̂₀ = x whatever σ
         pipe.net.out[-1].weight.normal_(0, 0.05)
-    path = str(tmp_path_factory.mktemp("tuned") / "tiny.safetensors")
     save_checkpoint(path, "sd15", pipe.components, configs)
     return path
 
@@ -321,7 +325,7 @@ def test_cli_shifts_are_written_and_generation_uses_them(tiny_model, capsys):
     assert main(argv) == 0 and "evaluation shifts δ =" in capsys.readouterr().out
     data = json.loads(open(ts.schedule_path(tiny_model, "euler", 3)).read())
     assert len(data["shifts"]) == 3 and any(data["shifts"]) and data["rmse"] <= min(data["stock"].values())
-    sig, shifts = ts.read_tuned(tiny_model, "euler", 3)
+    sig, shifts, _ = ts.read_tuned(tiny_model, "euler", 3)
     assert shifts == data["shifts"]
     out = Pipeline.from_single_file(tiny_model)(
         "a red circle", steps=3, sampler="euler", scheduler="tuned", width=32, height=32, progress=False

@@ -78,7 +78,9 @@ _AB_FIXED = {
 
 
 @torch.no_grad()
-def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+def sample_ipndm(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, coefficients=None
+):
     """iPNDM: Adams–Bashforth in σ on d = (x − D)/σ with the fixed (uniform-step) coefficients.
 
     PNDM's pseudo linear multistep part (Liu et al. 2022: the 4th-order Adams–Bashforth formula)
@@ -89,9 +91,15 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     order = min(max_order, i + 1). The coefficients ignore the actual step ratios, so on a
     non-uniform schedule the method is formally 2nd order (`ipndm_v_exact` keeps full order).
     A step to σ = 0 is the final denoise x ← D.
+
+    coefficients: the b_j of each step that moves x instead of the fixed ones, one list per step (newest
+    first, as many as that step's order): a solver tuned to a model and schedule (tune_solver.py, after
+    S4S, Frankel et al. 2025, arXiv 2502.17423: a multistep solver's coefficients fitted with its time
+    steps). None: the fixed ones.
     """
     _check_order(max_order, 4)
     extra_args = extra_args or {}
+    b = _step_coefficients(coefficients, sigmas, max_order)
     ds: list[torch.Tensor] = []  # d at σ_i, σ_{i−1}, … (newest first)
     for i in trange(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -102,8 +110,27 @@ def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None,
             continue
         ds = [to_d(x, sigma, denoised), *ds][:max_order]
         dt = float(sigma_next) - float(sigma)
-        x = x + dt * _combine(_AB_FIXED[len(ds)], ds)
+        x = x + dt * _combine(b[i], ds)
     return x
+
+
+def _step_coefficients(coefficients, sigmas, max_order: int) -> list[tuple[float, ...]]:
+    """iPNDM's b_j per step: the fixed ones (order min(max_order, i + 1) at step i), or `coefficients`
+    checked to give exactly that many finite numbers for each step that moves x (σ_{i+1} > 0)."""
+    moves = sum(1 for v in sigmas[1:].tolist() if v != 0)
+    fixed = [_AB_FIXED[min(max_order, i + 1)] for i in range(moves)]
+    if coefficients is None:
+        return fixed
+    rows = [tuple(float(c) for c in row) for row in coefficients]
+    if [len(r) for r in rows] != [len(r) for r in fixed] or not all(
+        math.isfinite(c) for r in rows for c in r
+    ):
+        raise ValueError(
+            f"ipndm coefficients must be {moves} lists of {[len(r) for r in fixed]} finite numbers (one per "
+            f"step that moves x, as many as its order) for this {len(sigmas) - 1}-step schedule, got "
+            f"{[list(r) for r in rows]}"
+        )
+    return rows
 
 
 def _ipndm_v_coeffs(h: list[float]) -> list[float]:
