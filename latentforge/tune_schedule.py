@@ -16,19 +16,20 @@ the N − 2 interior values are the parameters, through a softmax of increments 
 so any θ is a strictly decreasing schedule with the right ends (no constraint to handle), and a stock
 schedule is the start θ = log(its gaps in log σ).
 
-The optimiser is Nelder–Mead (the adaptive parameters of Gao & Han 2012) restarted from its own result with
-a fresh simplex until a restart no longer helps. Chosen by measurement on the mixture oracle (bench.py, 8192
+The optimiser is Nelder–Mead (the adaptive parameters of Gao & Han 2012) restarted from its own result with a
+fresh simplex until a restart no longer helps. Chosen by measurement on the mixture oracle (bench.py, 8192
 start noises, ipndm_v, N = 10): AYS's own scheme, coordinate descent with a golden-section search per σ_i
 between its neighbours, stalls at RMSE 0.073 from 0.127 (Karras) after 4 sweeps (385 evaluations), because
 neighbouring σ's are coupled (a multistep solver's coefficients depend on several step ratios; a point can
 only move as far as its neighbours let it); Nelder–Mead moves them together and reaches 0.049 in 800
 evaluations and 0.040 in 2000 with restarts (a single run's simplex collapses: each restart gains). Gradients
-are not available (samplers take σ as Python floats in their coefficients), and finite differences suffer
-from the objective's small-scale roughness (a few start noises near a boundary between modes of the data
-switch mode as σ moves: steep steps in L), which the simplex steps over. Deterministic: no randomness
-beyond the start noises the caller passes. Tune on many noises: those mode switches dominate the RMSE at
-few steps and a schedule fit to a few hundred noises fits their particular ones (benchmarks/tuned_schedule.py
-has the measurements: the mixture oracle, tuned against stock, and the default model).
+are not available here (samplers take σ as Python floats in their coefficients; tune_solver.py restates iPNDM
+in differentiable torch to fit its schedule, shifts and coefficients by gradient), and finite differences
+suffer from the objective's small-scale roughness (a few start noises near a boundary between modes of the
+data switch mode as σ moves: steep steps in L), which the simplex steps over. Deterministic: no randomness
+beyond the start noises the caller passes. Tune on many noises: those mode switches dominate the RMSE at few
+steps and a schedule fit to a few hundred noises fits their particular ones (benchmarks/tuned_schedule.py has
+the measurements: the mixture oracle, tuned against stock, and the default model).
 
 `shifts=True` also tunes where the denoiser is queried: the solver still steps over σ, but at each of its N
 positive σ_i the network is asked for D(x, σ_i·e^{δ_i}) (`ShiftedDenoiser`): the shifted time step of Li et
