@@ -20,23 +20,26 @@ import numpy as np
 import torch
 
 from latentforge.pipeline import Pipeline
-from latentforge.shapes.captions import parse
+from latentforge.shapes.captions import RELATION_WORDS, parse
 from latentforge.shapes.data import sample
 from latentforge.shapes.detection import analyze
 from latentforge.shapes.scoring import score, wilson
 
-# Relation words of captions.RELATION_WORDS and their reverses; longest first so "to the left of" wins.
-REVERSE = {
-    "to the left of": "to the right of",
-    "to the right of": "to the left of",
-    "beneath": "above",
-    "left of": "right of",
-    "right of": "left of",
-    "above": "below",
-    "below": "above",
-    "under": "over",
-    "over": "under",
-}
+OPPOSITE = {"above": "below", "below": "above", "left_of": "right_of", "right_of": "left_of"}
+
+
+def _reversals() -> dict[str, str]:
+    """Each relation word of captions.RELATION_WORDS -> the opposite relation's word of the same rank (its
+    first where it has fewer: "beneath" -> "above"), longest first so "to the left of" wins over "left of"."""
+    out = {}
+    for rel, words in RELATION_WORDS.items():
+        other = RELATION_WORDS[OPPOSITE[rel]]
+        for k, word in enumerate(words):
+            out[word] = other[k] if k < len(other) else other[0]
+    return dict(sorted(out.items(), key=lambda kv: -len(kv[0])))
+
+
+REVERSE = _reversals()
 
 
 def relation_prompts(n: int, seed: int = 1_000_000) -> tuple[list[str], list[str]]:

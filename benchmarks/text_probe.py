@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from latentforge.pipeline import Pipeline
+from latentforge.shapes.captions import RELATION_WORDS
 from latentforge.shapes.render import COLOR_NAMES, SHAPES
 
-UP, DOWN = ("above", "over"), ("below", "under", "beneath")
+UP, DOWN = RELATION_WORDS["above"], RELATION_WORDS["below"]
 
 
 def prompts(n: int, rng: np.random.Generator) -> tuple[list[str], dict[str, torch.Tensor], torch.Tensor]:
