@@ -1,7 +1,7 @@
-"""Grow a trained UNet checkpoint without changing what it computes: add cross-attention at more levels.
+"""Grow a trained UNet checkpoint without changing what it computes: transformers at more levels, or deeper.
 
     python scripts/grow_unet.py latentforge/data/shapes64.safetensors --attention_resolutions 1,2,4 \
-        --out grown.safetensors [--seed 0]
+        [--transformer_depth 2] --out grown.safetensors [--seed 0]
 
 A function-preserving growth (Net2Net, Chen, Goodfellow & Shlens 2016, §2): the new levels' transformer
 blocks (SpatialTransformer: GN → proj_in → self-attention, cross-attention to the text, GEGLU → proj_out,
@@ -9,6 +9,10 @@ added to the input) are drawn as a fresh model draws them (`init_weights` from `
 `proj_out` is zero as SD's zero_module makes it, so every new block adds exactly zero at the start: the
 grown network's output equals the old one's (checked here on random inputs before the file is written).
 Training then starts from the old model's function with the new blocks' gradients open.
+
+`--transformer_depth N` appends blocks inside every transformer (`transformer_blocks.1`, …; the middle one
+too). Such a block adds three residual branches (x += attn1, attn2, ff), so its three output layers
+(`attn1.to_out.0`, `attn2.to_out.0`, `ff.net.2`) start at zero instead, which again makes it add nothing.
 
 In the SD1 layout the new blocks fill the empty `.1` slot of the level's input and output blocks
 (`input_blocks.1.1`, `output_blocks.4.1`, … for level 0); no existing key moves. Every old tensor is copied
@@ -23,6 +27,7 @@ import os
 import sys
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -35,12 +40,16 @@ from latentforge.checkpoints import (  # noqa: E402
     load_checkpoint,
 )
 from latentforge.models.init import init_weights  # noqa: E402
+from latentforge.models.unet import SpatialTransformer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a single-file checkpoint with its configs in the metadata")
     p.add_argument("--attention_resolutions", required=True, help="downsampling factors, e.g. 1,2,4")
+    p.add_argument(
+        "--transformer_depth", type=int, default=None, help="blocks per transformer (default: as is)"
+    )
     p.add_argument("--out", required=True, help="the grown .safetensors file")
     p.add_argument("--seed", type=int, default=0, help="draws the new blocks' weights")
     args = p.parse_args(argv)
@@ -62,9 +71,24 @@ def main(argv: list[str] | None = None) -> int:
             f"--attention_resolutions {res}: must keep the old ones {tuple(old_cfg.attention_resolutions)} "
             f"and name this UNet's levels {levels}"
         )
-    new_cfg = dataclasses.replace(old_cfg, attention_resolutions=res)
+    depth = old_cfg.transformer_depth if args.transformer_depth is None else args.transformer_depth
+    if not isinstance(old_cfg.transformer_depth, int) or old_cfg.transformer_depth_middle is not None:
+        if args.transformer_depth is not None:
+            raise SystemExit(
+                "--transformer_depth: this UNet's depth is set per level; only a single depth grows"
+            )
+    elif depth < old_cfg.transformer_depth:
+        raise SystemExit(f"--transformer_depth {depth}: at least the old depth {old_cfg.transformer_depth}")
+    new_cfg = dataclasses.replace(old_cfg, attention_resolutions=res, transformer_depth=depth)
     prefix = families.get(family).prefixes["unet"]
     grown = init_weights(build_component("unet", new_cfg), torch.Generator().manual_seed(args.seed))
+    old_depth = old_cfg.transformer_depth if isinstance(old_cfg.transformer_depth, int) else None
+    for m in grown.modules():  # appended blocks: their three residual branches' output layers at zero
+        if old_depth is not None and isinstance(m, SpatialTransformer):
+            for block in m.transformer_blocks[old_depth:]:
+                for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
     new_sd = grown.state_dict()
     sd = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(args.checkpoint).items()}
     old_unet = {k[len(prefix) :] for k in sd if k.startswith(prefix)}
@@ -90,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     err = (a - b).abs().max().item()
     n_new = sum(new_sd[k].numel() for k in added)
     print(
-        f"wrote {args.out}: attention at {res} (was {tuple(c.attention_resolutions)}), {len(added)} new "
+        f"wrote {args.out}: attention at {res} (was {tuple(c.attention_resolutions)}), depth {depth} "
+        f"(was {c.transformer_depth}), {len(added)} new "
         f"tensors, {n_new / 1e6:.3f} M new parameters; max |old - grown| output {err:.2e}"
     )
     if err > 1e-5:

@@ -75,6 +75,33 @@ def test_grown_unet_computes_the_same_function_and_its_new_blocks_are_live(tmp_p
     assert read_metadata(out)["latentforge.family"] == "sd15"
 
 
+def test_deeper_transformers_compute_the_same_function_and_their_new_blocks_are_live(tmp_path):
+    src, out = _tiny(tmp_path), str(tmp_path / "deeper.safetensors")
+    args = [src, "--attention_resolutions", "4", "--transformer_depth", "2", "--out", out]
+    assert _script().main(args) == 0
+    old, new = load_checkpoint(src), load_checkpoint(out)
+    assert new.configs["unet"].transformer_depth == 2
+    a, b = read_state_dict(src), read_state_dict(out)
+    assert set(a) <= set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # a second block in each of the four transformers (level 2's input block, the middle, two output blocks)
+    added = {k.split(".", 2)[2].split(".transformer_blocks.")[0] + "/" + k.split(".transformer_blocks.")[1][0]
+             for k in set(b) - set(a)}  # fmt: skip
+    assert added == {"input_blocks.5.1/1", "middle_block.1/1", "output_blocks.0.1/1", "output_blocks.1.1/1"}
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([50.0, 700.0])
+    ctx = torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        y_old = old.components["unet"](x, t, context=ctx)
+        assert torch.equal(y_old, new.components["unet"](x, t, context=ctx))  # the three branches add zero
+        for branch in ("attn1", "attn2", "ff"):  # each branch is in the forward path
+            deeper = load_checkpoint(out).components["unet"]
+            block = deeper.middle_block[1].transformer_blocks[1]
+            layer = block.ff.net[2] if branch == "ff" else getattr(block, branch).to_out[0]
+            torch.nn.init.normal_(layer.weight, std=0.5, generator=g)
+            # (a branch outside the forward path would leave the output bit-identical)
+            assert (deeper(x, t, context=ctx) - y_old).abs().max() > 1e-6, branch
+
+
 @pytest.mark.parametrize("res, why", [("2,8", "must keep the old ones"), ("1,2", "must keep the old ones"),
                                       ("a,b", "integers and commas"),
                                       ("2,4", "would move")])  # fmt: skip
@@ -82,4 +109,11 @@ def test_grow_unet_refuses_bad_resolutions(tmp_path, res, why):
     src, out = _tiny(tmp_path), str(tmp_path / "grown.safetensors")
     with pytest.raises(SystemExit, match=why):
         _script().main([src, "--attention_resolutions", res, "--out", out])
+    assert not os.path.exists(out)
+
+
+def test_grow_unet_refuses_a_shallower_transformer(tmp_path):
+    src, out = _tiny(tmp_path), str(tmp_path / "grown.safetensors")
+    with pytest.raises(SystemExit, match="at least the old depth 1"):
+        _script().main([src, "--attention_resolutions", "4", "--transformer_depth", "0", "--out", out])
     assert not os.path.exists(out)
