@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     new_cfg = dataclasses.replace(old_cfg, attention_resolutions=res, transformer_depth=depth)
     prefix = families.get(family).prefixes["unet"]
     grown = init_weights(build_component("unet", new_cfg), torch.Generator().manual_seed(args.seed))
-    old_depth = old_cfg.transformer_depth if isinstance(old_cfg.transformer_depth, int) else None
-    for m in grown.modules():  # appended blocks: their three residual branches' output layers at zero
-        if old_depth is not None and isinstance(m, SpatialTransformer):
-            for block in m.transformer_blocks[old_depth:]:
-                for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
-                    nn.init.zeros_(layer.weight)
-                    nn.init.zeros_(layer.bias)
+    if depth != old_cfg.transformer_depth:  # appended blocks: their three residual branches' outputs at zero
+        for m in grown.modules():
+            if isinstance(m, SpatialTransformer):
+                for block in m.transformer_blocks[old_cfg.transformer_depth :]:
+                    for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+                        nn.init.zeros_(layer.weight)
+                        nn.init.zeros_(layer.bias)
     new_sd = grown.state_dict()
     sd = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(args.checkpoint).items()}
     old_unet = {k[len(prefix) :] for k in sd if k.startswith(prefix)}
