@@ -66,6 +66,7 @@ def adherence(model: str, split: str, steps: int, n: int, seed: int, out: str) -
         "counting",
         "counting_prompts",
         "no_extra_objects",
+        "background_took_object_colour",
         "shape_ambiguous",
         "decided",
         "all_correct_decided",

@@ -105,7 +105,7 @@ def _eval_generate(args) -> str:
 
     from latentforge.files import atomic_path, write_text
     from latentforge.pipeline import Pipeline
-    from latentforge.shapes import caption, sample_scene
+    from latentforge.shapes import caption, complete_background, sample_scene
 
     speed = cli_generate.speedup_options(args)  # step caching / token merging (speedups.py), if given
     pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
@@ -115,17 +115,24 @@ def _eval_generate(args) -> str:
     _say(f"loaded {args.model}: {pipe.detection}")
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
+    sampled = list(prompts)  # what the model is given; images are scored against `prompts`
+    if getattr(args, "complete_background", False):  # image k's background: seed + k
+        draws = (np.random.default_rng(args.seed + k) for k in range(len(prompts)))
+        sampled = [complete_background(p, g) for p, g in zip(prompts, draws, strict=True)]
     lines = []
     for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
-        chunk = prompts[start : start + EVAL_BATCH]
+        chunk = sampled[start : start + EVAL_BATCH]
         images = pipe(chunk, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
                       seed=args.seed + start, width=args.width, height=args.height, batch_size=len(chunk),
                       progress=False, **speed)  # fmt: skip
-        for k, (prompt, img) in enumerate(zip(chunk, images, strict=True), start):
+        for k, img in enumerate(images, start):
             name = f"{k:06d}.png"
             with atomic_path(os.path.join(out, name)) as tmp:
                 img.save(tmp, format="PNG")
-            lines.append(json.dumps({"file_name": name, "text": prompt}))
+            line = {"file_name": name, "text": prompts[k]}
+            if sampled[k] != prompts[k]:
+                line["sampled_with"] = sampled[k]
+            lines.append(json.dumps(line))
     write_text(os.path.join(out, "metadata.jsonl"), "\n".join(lines) + "\n")
     return out
 
@@ -603,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at, 32..512")
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
+    es.add_argument(
+        "--complete-background",
+        action="store_true",
+        help="give the model each prompt that leaves the background unstated with one drawn as the training "
+        "data draws it (a colour no object has; shapes.complete_background); images are scored against the "
+        "prompt as written",
+    )
     cli_generate.add_speedup_flags(es)
     es.set_defaults(func=_eval)
 

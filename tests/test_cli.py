@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from latentforge.cli import main
 
 
@@ -50,7 +52,7 @@ def test_eval_shapes_folder(tmp_path, capsys):
     assert main(["eval", "shapes"]) == 2
 
 
-def test_eval_shapes_generates_from_a_model(tmp_path):
+def test_eval_shapes_generates_from_a_model(tmp_path, monkeypatch):
     import torch
 
     from latentforge.checkpoints import save_checkpoint
@@ -78,3 +80,39 @@ def test_eval_shapes_generates_from_a_model(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["n"] == 3 and 0.0 <= report["all_correct"] <= 1.0
     assert len(list(out.glob("*.png"))) == 3 and (out / "metadata.jsonl").exists()
+
+    # --complete-background: the model is given each unstated background drawn from the free colours, the
+    # images are scored against the prompt as written, and an image whose prompt is unchanged is unchanged
+    from PIL import Image
+
+    from latentforge.shapes import parse
+
+    given, real_call = [], Pipeline.__call__
+
+    def spy(self, prompt, *a, **kw):  # the real sampler, with the prompts it was given recorded
+        given.extend(prompt)
+        return real_call(self, prompt, *a, **kw)
+
+    runs = {}
+    for flag in ((), ("--complete-background",)):
+        folder = tmp_path / f"gen{len(flag)}"
+        argv = ["eval", "shapes", "--model", path, "--n", "8", "--steps", "2", "--width", "64",
+                "--height", "64", "--out", str(folder), "--split", "validation", *flag]  # fmt: skip
+        given.clear()
+        monkeypatch.setattr(Pipeline, "__call__", spy)
+        assert main(argv) == 0
+        meta = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+        runs[flag] = [(m, p, np.asarray(Image.open(folder / m["file_name"])).astype(int))
+                      for m, p in zip(meta, given, strict=True)]  # fmt: skip
+    changed = 0
+    for (plain, p0, img0), (done, p1, img1) in zip(runs[()], runs[("--complete-background",)], strict=True):
+        assert "sampled_with" not in plain and p0 == plain["text"] == done["text"]
+        spec = parse(done["text"])
+        if spec.background is not None:
+            assert "sampled_with" not in done and p1 == p0 and np.abs(img1 - img0).max() <= 1
+            continue
+        got = parse(done["sampled_with"])
+        assert p1 == done["sampled_with"] and got.objects == spec.objects
+        assert got.background not in {o.color for o in spec.objects}
+        changed += 1
+    assert changed >= 1

@@ -168,3 +168,34 @@ def test_parse_examples(text, spec):
 )
 def test_parse_rejects(text):
     assert parse(text) is None
+
+
+def test_complete_background_draws_what_the_data_draws():
+    from latentforge.shapes import complete_background
+    from latentforge.shapes.render import COLOR_NAMES
+
+    # every caption form the grammar generates, background unstated: the completion parses back to the same
+    # statement plus a background that no stated object has
+    done = 0
+    for _, text, spec in _pairs(1500, "validation", seed=3):
+        out = complete_background(text, np.random.default_rng(0))
+        if spec.background is not None:
+            assert out == text
+            continue
+        got = parse(out)
+        assert got == Scene(spec.objects, got.background, spec.relations), (text, out)
+        assert got.background in COLOR_NAMES and got.background not in {o.color for o in spec.objects}
+        done += 1
+    assert done > 400  # ~40% of captions leave the background unstated (captions.describe)
+    # uniform over the colours not named: 9 free colours for these two objects, 4000 draws (~444 each; the
+    # bound is ±5 binomial standard deviations, 5·√(4000·(1/9)·(8/9)) ≈ 99)
+    rng = np.random.default_rng(1)
+    counts = Counter(
+        parse(complete_background("a red star and a blue circle", rng)).background for _ in range(4000)
+    )
+    assert set(counts) == set(COLOR_NAMES) - {"red", "blue"}
+    assert all(abs(c - 4000 / 9) < 99 for c in counts.values()), counts
+    # text outside the grammar and a stated background come back as given
+    stated = ("a red star on a white background", "top left: a red star; background: blue")
+    for text in ("a photograph of a cat", *stated):
+        assert complete_background(text, rng) == text

@@ -79,3 +79,25 @@ def test_report_counts_ambiguous_shapes_apart():
     assert (r["decided"]["k"], r["decided"]["n"]) == (2, 4)
     assert (r["all_correct_decided"]["k"], r["all_correct_decided"]["n"]) == (1, 2)
     assert "all correct (decided)" in format_report({**r, "all_correct_ci95": [0.0, 1.0]})
+
+
+def test_report_counts_backgrounds_flooded_by_an_objects_colour():
+    # Of the prompts that leave the background unstated, an image counts when its background has the colour
+    # of a prompted object that was not found in that colour (MODEL_CARD "Known failure modes").
+    from latentforge.shapes.report import Tally, format_report
+
+    star = Obj("star", "red", "large", "top_left")
+    cases = [
+        ("a purple heart and a red star", Scene((star,), "purple"), True),  # the heart's colour filled it
+        ("a purple heart", Scene((Obj("heart", "pink", "small", "center"),), "purple"), True),  # wrong colour
+        ("a purple heart and a red star", Scene((star,), "white"), False),  # missing, but not the background
+        ("a purple heart", Scene((Obj("heart", "purple", "small", "center"),), "white"), False),  # right
+        ("a purple heart on a green background", Scene((star,), "purple"), None),  # stated: not counted
+    ]
+    tally = Tally()
+    for prompt, det, _ in cases:
+        tally.add(parse(prompt), det, score(det, parse(prompt)))
+    r = tally.report([])["background_took_object_colour"]
+    flooded = [f for _, _, f in cases if f is not None]
+    assert (r["k"], r["n"]) == (sum(flooded), len(flooded)) == (2, 4)
+    assert "bg took object colour" in format_report({**tally.report([]), "all_correct_ci95": [0.0, 1.0]})

@@ -7,7 +7,7 @@ the evaluator's entry points, built from ``detection.py`` (with ``color.py``, ``
 ``scoring.py`` and ``report.py``.
 """
 
-from .captions import caption, describe, parse
+from .captions import caption, complete_background, describe, parse
 from .data import ShapesDataset, collate, export, sample
 from .render import (
     COLORS,
@@ -44,6 +44,7 @@ __all__ = [
     "ShapesDataset",
     "caption",
     "collate",
+    "complete_background",
     "describe",
     "export",
     "heldout_combos",

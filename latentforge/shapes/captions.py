@@ -383,3 +383,32 @@ def parse(prompt: str) -> Scene | None:
     except ValueError:
         return None
     return spec
+
+
+def complete_background(prompt: str, rng: np.random.Generator) -> str:
+    """``prompt`` with the background it leaves unstated drawn as the data draws it, or ``prompt`` unchanged.
+
+    The renderer (``render.sample_scene``) never gives the background an object's colour, so for a caption
+    stating colours C and no background, the background is uniform over the colours not in C: that is
+    p(b | caption) exactly, and p(x | caption) = Σ_b p(b | caption)·p(x | caption, b). Sampling b here and
+    the image given both is exact ancestral sampling of that sum, with the model left to do only the second
+    factor (caption upsampling in the sense of Betker et al. 2023, "Improving Image Generation with Better
+    Captions", §3.5, with the completion known in closed form). The default model chooses the background
+    itself about as if it ignored the exclusion (MODEL_CARD "Known failure modes"), which hides an object in
+    a background of its own colour. Text outside the grammar, a stated background, and a completion that
+    would not parse back to the same statement plus the background return ``prompt`` as given.
+    """
+    spec = parse(prompt)
+    if spec is None or spec.background is not None:
+        return prompt
+    named = {o.color for o in spec.objects}
+    free = [c for c in COLOR_NAMES if c not in named]
+    bg = free[int(rng.integers(len(free)))]
+    base = prompt.rstrip().rstrip(".").rstrip()
+    labelled = f"{base}; background: {bg}"  # the labelled form's own ending
+    listed = f"{base} on {_article(bg)} {bg} background"
+    want = Scene(spec.objects, bg, spec.relations)
+    for text in (labelled, listed) if ":" in base else (listed,):
+        if parse(text) == want:
+            return text
+    return prompt

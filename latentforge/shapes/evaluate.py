@@ -209,11 +209,13 @@ def evaluate_folder(
     ``by_objects`` ("1", "2", "3" prompted objects), ``attributes`` (present, shape, color, size, position,
     relation, background: rate, k, n, ci95), ``counting``, ``counting_prompts``, ``no_extra_objects``,
     ``shape_ambiguous``, ``shape_decided``, ``decided``, ``all_correct_decided`` (ambiguous shapes counted
-    apart, never as a guess: see ``report.py``), ``confusion`` (attribute -> prompted -> detected -> count;
-    "missing" when no object was found), ``fsd``, ``unparsed``, ``unreadable``, ``missing_prompt``,
-    ``resized``, ``second_judge`` (the CNN judge's rates and its agreement with the analytic one; see
-    ``second_judge_report``), and ``failures`` (worst first; each says whether the CNN judge found it
-    correct).
+    apart, never as a guess: see ``report.py``), ``background_took_object_colour`` (of the prompts that leave
+    the background unstated, those whose image's background has the colour of a prompted object that was
+    not found in it: the object's colour flooded the background), ``confusion`` (attribute -> prompted ->
+    detected -> count; "missing" when no object was found), ``fsd``, ``unparsed``, ``unreadable``,
+    ``missing_prompt``, ``resized``, ``second_judge`` (the CNN judge's rates and its agreement with the
+    analytic one; see ``second_judge_report``), and ``failures`` (worst first; each says whether the CNN
+    judge found it correct).
     With ``json_path`` the report is written there, and a PNG grid of the worst ``max_failures`` failures
     (in ``failures`` order) to ``grid_path`` (default: beside the JSON, ``<stem>_failures.png``); both
     atomically.

@@ -40,6 +40,8 @@ class Tally:
         self.ambiguous = [0, 0]  # found prompted objects: [shape ambiguous, n]
         self.shape_decided = [0, 0]  # found prompted objects, shape not ambiguous: [shape correct, n]
         self.decided = [0, 0]  # images with no ambiguous prompted object: [all correct, n]
+        # background unstated: [it took the colour of a prompted object not found in that colour, n]
+        self.flooded = [0, 0]
 
     def _confuse(self, attr: str, want: str, got: str) -> None:
         row = self.confusion[attr].setdefault(want, {})
@@ -89,6 +91,12 @@ class Tally:
             self.attr["background"][1] += 1
             n_wrong += not s["background"]
             self._confuse("background", spec.background, detected.background)
+        else:  # the model chose the background: did an object's colour fill it instead of the object?
+            self.flooded[0] += any(
+                w.color == detected.background and not o["color"]
+                for w, o in zip(spec.objects, s["objects"], strict=True)
+            )
+            self.flooded[1] += 1
         return n_wrong + s["extra"] + abs(len(detected.objects) - n_obj) * (not s["count"])
 
     def report(self, unparsed: list[dict]) -> dict:
@@ -107,6 +115,7 @@ class Tally:
             "shape_decided": rate(*self.shape_decided),
             "decided": rate(self.decided[1], n),
             "all_correct_decided": rate(*self.decided),
+            "background_took_object_colour": rate(*self.flooded),
             "confusion": self.confusion,
             "unparsed": {"count": len(unparsed), "items": unparsed},
         }
@@ -132,6 +141,8 @@ def format_report(report: dict) -> str:
     lines.append(row("counting", report["counting"]))
     lines.append(row("counting prompts", report["counting_prompts"]))
     lines.append(row("no extra objects", report["no_extra_objects"]))
+    if "background_took_object_colour" in report:
+        lines.append(row("bg took object colour", report["background_took_object_colour"]))
     if "shape_ambiguous" in report:
         lines.append(row("shape ambiguous", report["shape_ambiguous"]))
         lines.append(row("shape (decided)", report["shape_decided"]))
