@@ -286,10 +286,19 @@ def sd15(
     encoders: dict, prompts: list[str], width: int, height: int, negative: bool, net, weighting: str = "a1111"
 ) -> dict:
     """SD1: HF CLIPTextModel `last_hidden_state` (after final_layer_norm), EOS padding
-    (ldm FrozenCLIPEmbedder)."""
+    (ldm FrozenCLIPEmbedder). A UNet of this layout trained here with SDXL's `label_emb`
+    (num_classes="sequential", adm_in_channels = the tower's width; scripts/grow_unet.py --pooled_text) also
+    gets y = the first chunk's pooled EOS state [B, D] in its timestep embedding, as dit-text does; released
+    SD1 files have no label_emb."""
     enc = _encoder(encoders, "clip_l", "sd15")
-    out = _encode(enc, "clip_l", prompts, "eos", "last", True, False, weighting)
-    return {"context": out.hidden}  # [B, n·77, 768]
+    pooled = getattr(net, "num_classes", None) == "sequential"
+    if pooled and net.adm_in_channels != enc.config.hidden_size:
+        raise ValueError(
+            f"this UNet's label_emb takes y of width {net.adm_in_channels}, but the clip_l tower's pooled "
+            f"output is {enc.config.hidden_size} wide"
+        )
+    out = _encode(enc, "clip_l", prompts, "eos", "last", True, pooled, weighting)
+    return {"context": out.hidden, "y": out.pooled} if pooled else {"context": out.hidden}  # [B, n·77, 768]
 
 
 def sd21(

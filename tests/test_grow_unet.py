@@ -1,4 +1,5 @@
-"""scripts/grow_unet.py: cross-attention added at more UNet levels without changing the network's function."""
+"""scripts/grow_unet.py: cross-attention at more UNet levels, deeper transformers, a pooled-text path, each
+without changing the network's function."""
 
 from __future__ import annotations
 
@@ -117,3 +118,40 @@ def test_grow_unet_refuses_a_shallower_transformer(tmp_path):
     with pytest.raises(SystemExit, match="at least the old depth 1"):
         _script().main([src, "--attention_resolutions", "4", "--transformer_depth", "0", "--out", out])
     assert not os.path.exists(out)
+
+
+def test_pooled_text_path_keeps_the_function_and_the_pipeline_feeds_it(tmp_path):
+    from latentforge import families, tokenizer
+    from latentforge.pipeline import Pipeline
+
+    src, out = _tiny(tmp_path), str(tmp_path / "pooled.safetensors")
+    assert _script().main([src, "--pooled_text", "--out", out]) == 0
+    old, new = load_checkpoint(src), load_checkpoint(out)
+    cfg = new.configs["unet"]
+    assert (cfg.num_classes, cfg.adm_in_channels) == ("sequential", 32)
+    assert cfg.attention_resolutions == old.configs["unet"].attention_resolutions  # left as is
+    a, b = read_state_dict(src), read_state_dict(out)
+    assert sorted({k.split(".")[2] for k in set(b) - set(a)}) == ["label_emb"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the text tower's pooled EOS state is y (SD1's context unchanged); a released SD1 UNet gets no y
+    enc = {"clip_l": new.components["clip_l"]}
+    prompts = ["a red star", "two blue hearts on a white background"]
+    cond = families.encode("sd15", enc, prompts, 32, 32, False, cfg)
+    plain = families.encode("sd15", enc, prompts, 32, 32, False, old.configs["unet"])
+    assert set(plain) == {"context"} and torch.equal(cond["context"], plain["context"])
+    ids = tokenizer.tokenize(prompts, 77, pad="eos")  # one chunk each, EOS padded as SD1
+    pooled = new.components["clip_l"](ids, layer="last", final_norm=True, pooled=True).pooled
+    torch.testing.assert_close(cond["y"], pooled)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([100.0, 900.0])
+    unet = new.components["unet"]
+    with torch.no_grad():
+        y_old = old.components["unet"](x, t, context=cond["context"])
+        assert torch.equal(unet(x, t, **cond), y_old)  # label_emb's last layer is zero: it adds nothing
+        torch.nn.init.normal_(unet.label_emb[0][2].weight, std=0.5, generator=g)  # opened: y now matters
+        assert (unet(x, t, **cond) - y_old).abs().max() > 1e-3
+    # the whole pipeline samples with it (the conditioning carries y into both CFG branches)
+    img = Pipeline.from_single_file(out)("a red star", steps=2, width=32, height=32, seed=0, progress=False)
+    assert img[0].size == (32, 32)
+    with pytest.raises(SystemExit, match="already has label_emb"):
+        _script().main([out, "--pooled_text", "--out", str(tmp_path / "twice.safetensors")])
