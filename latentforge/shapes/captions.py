@@ -405,10 +405,9 @@ def complete_background(prompt: str, rng: np.random.Generator) -> str:
     free = [c for c in COLOR_NAMES if c not in named]
     bg = free[int(rng.integers(len(free)))]
     base = prompt.rstrip().rstrip(".").rstrip()
-    labelled = f"{base}; background: {bg}"  # the labelled form's own ending
-    listed = f"{base} on {_article(bg)} {bg} background"
     want = Scene(spec.objects, bg, spec.relations)
-    for text in (labelled, listed) if ":" in base else (listed,):
+    # the labelled form's own ending, else the lists' (only the form the prompt is in parses)
+    for text in (f"{base}; background: {bg}", f"{base} on {_article(bg)} {bg} background"):
         if parse(text) == want:
             return text
     return prompt
