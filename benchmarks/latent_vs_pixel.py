@@ -40,6 +40,10 @@ Method.
    crossing at the first evaluation point is only a bound. The same for the background and colour rates,
    which move early, so a short budget still gives a measured ratio. The FLOPs ratio is split into its two
    factors: FLOPs per step (pixel / latent) × steps needed (pixel / latent).
+   Because an untrained network's images can sit a little above chance, each model's onset is reported
+   too: its first evaluation from which every later one is above chance (the rate's and the chance rate's
+   Wilson intervals apart), and the interval (or, for a model that never leaves chance, the bound) that
+   this puts on the compute ratio pixel / latent to leave chance.
 5. Sampling cost per image of both final models: 20 steps, CFG 3, prompt encoding and the latent model's
    VAE decode included, batch 1 and batch 16, the models alternating (`--repeats` rounds, median), and the
    FLOPs of one batch-1 image (torch's FLOP counter).
@@ -382,6 +386,79 @@ def equal_adherence(
     return res
 
 
+def above_chance(point: dict, metric: str) -> bool:
+    """Whether `metric` at this evaluation is above its own chance level: the two Wilson 95% intervals do
+    not overlap (conservative; an untrained network's images can sit a little above the shifted-prompt
+    chance when the evaluator finds few objects, and this must not count as learning)."""
+    if metric == "all_correct":
+        k, n = round(point["all_correct"] * point["n"]), point["n"]
+    else:
+        a = point["attributes"].get(metric, {})
+        k, n = a.get("k", 0), a.get("n", 0)
+    kc, nc = count_of(point, metric)
+    if n == 0 or nc == 0:
+        return False
+    return wilson(k, n)[0] > wilson(kc, nc)[1]
+
+
+def onset(curves: dict[str, list[dict]], metric: str, num: str = "pixel", den: str = "latent") -> dict:
+    """When each model's `metric` leaves chance for good: its first evaluation from which every later one
+    is above chance (`above_chance`), so the onset lies in (previous evaluation, that one]. The compute
+    ratio num / den to leave chance follows as an interval; a model that never leaves chance within its
+    budget only gives a bound (its onset is past its last evaluation)."""
+    res: dict = {"metric": metric, "pair": [num, den]}
+    for axis in ("flops", "wall_s", "step"):
+        span: dict = {}
+        for m in (num, den):
+            pts = curves[m]
+            up = [above_chance(p, metric) for p in pts]
+            i = next((i for i in range(len(pts)) if all(up[i:])), None)
+            if not pts:
+                span[m] = None
+            elif i is None:  # not yet: later than the last evaluation
+                span[m] = {"after": pts[-1][axis], "by": None}
+            else:
+                span[m] = {"after": pts[i - 1][axis] if i else 0.0, "by": pts[i][axis]}
+        a, b = span[num], span[den]
+        if a is None or b is None:
+            ratio = {"note": "a model has no evaluation point"}
+        elif a["by"] is None and b["by"] is None:
+            ratio = {"note": "neither left chance: not measured"}
+        elif a["by"] is None:  # num's onset is past its last point, den's no later than b["by"]
+            ratio = {"above": a["after"] / b["by"]}
+        elif b["by"] is None:
+            ratio = {"below": a["by"] / b["after"]}
+        else:  # num's onset in (a.after, a.by], den's in (b.after, b.by]
+            ratio = {"above": a["after"] / b["by"]}
+            if b["after"]:  # den left chance at its first evaluation: no upper bound
+                ratio["below"] = a["by"] / b["after"]
+        res[axis] = {**span, "ratio": ratio}
+    return res
+
+
+def describe_onset(o: dict) -> str:
+    """One line: where each model left chance and the ratio num / den it implies."""
+    num, den = o["pair"]
+    parts = [f"{o['metric']} leaves chance:"]
+    for axis, unit, what in (("flops", 1e12, "TFLOP"), ("wall_s", 60.0, "min"), ("step", 1.0, "steps")):
+        d = o[axis]
+        need = []
+        for m in (num, den):
+            s = d[m]
+            if s is None:
+                need.append(f"{m} -")
+            elif s["by"] is None:
+                need.append(f"{m} not by {s['after'] / unit:.4g}")
+            else:
+                need.append(f"{m} in ({s['after'] / unit:.4g}, {s['by'] / unit:.4g}]")
+        r = d["ratio"]
+        bounds = [f"> {r['above']:.2f}"] if "above" in r else []
+        bounds += [f"< {r['below']:.2f}"] if "below" in r else []
+        ratio = " and ".join(bounds) or r["note"]
+        parts.append(f"{what} {', '.join(need)} ({num}/{den} {ratio});")
+    return " ".join(parts)
+
+
 def sampling_cost(ckpts: dict[str, str], threads: int, repeats: int) -> dict:
     """Per model of `ckpts` (name -> file): seconds per image at batch 1 and 16 (models alternating, the
     order turned every round; median) and GFLOP per batch-1 image, prompt encoding and the VAE decode
@@ -525,6 +602,9 @@ def main() -> int:
           f"{dry['pixel']['gflop_per_step'] / dry['latent']['gflop_per_step']:.2f}")  # fmt: skip
     for e in equal.values():
         print("equal adherence, " + describe(e), flush=True)
+    onsets = {metric: onset(curves, metric) for metric in ("all_correct", *EASY)}
+    for o in onsets.values():
+        print(describe_onset(o), flush=True)
 
     finals = {m: checkpoints(folders[m])[-1][1] for m in MODELS if curves[m]}
     sampling = sampling_cost(finals, args.threads, args.repeats) if len(finals) == 2 else None
@@ -556,6 +636,7 @@ def main() -> int:
         "flops_per_step_ratio": dry["pixel"]["gflop_per_step"] / dry["latent"]["gflop_per_step"],
         "curves": curves,
         "equal_adherence": equal,
+        "onset": onsets,
         "sampling": sampling,
     }
     if args.json:

@@ -1,0 +1,63 @@
+"""benchmarks/latent_vs_pixel.py's reading of two adherence curves: where each model leaves chance for
+good, and the bounds that puts on the compute ratio. Synthetic curves whose answers follow by hand."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+from latentforge.shapes.scoring import wilson
+
+_spec = importlib.util.spec_from_file_location(
+    "latent_vs_pixel", Path(__file__).parent.parent / "benchmarks" / "latent_vs_pixel.py"
+)
+lvp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lvp)
+
+
+def point(step: int, flops: float, k: int, kc: int, n: int = 400) -> dict:
+    """An evaluation whose colour rate is k/n against a chance rate of kc/n."""
+    attr = lambda k: {"color": {"k": k, "n": n, "rate": k / n}}  # noqa: E731
+    return {
+        "step": step, "flops": flops, "wall_s": 10.0 * step, "n": 200, "all_correct": 0.0,
+        "attributes": attr(k), "chance": {"all_correct": 0.0, "n": 200, "attributes": attr(kc)},
+    }  # fmt: skip
+
+
+def test_intervals_apart_is_the_criterion():
+    # 100/400 against 80/400: 0.25 [0.21, 0.29] and 0.20 [0.165, 0.24] overlap; 140/400 does not
+    assert wilson(100, 400)[0] < wilson(80, 400)[1] < wilson(140, 400)[0]
+    assert not lvp.above_chance(point(1, 1.0, 100, 80), "color")
+    assert lvp.above_chance(point(1, 1.0, 140, 80), "color")
+    assert not lvp.above_chance(point(1, 1.0, 140, 80), "background")  # never scored: not above
+
+
+def test_one_model_never_leaves_chance_gives_a_lower_bound():
+    curves = {
+        # an untrained network's blip above chance at its first point is not an onset
+        "pixel": [point(5, 1.0, 150, 80), point(50, 10.0, 90, 80), point(100, 20.0, 85, 80)],
+        "latent": [point(10, 1.0, 82, 80), point(100, 4.0, 90, 80), point(200, 8.0, 150, 80),
+                   point(300, 12.0, 200, 80)],
+    }  # fmt: skip
+    o = lvp.onset(curves, "color")
+    assert o["flops"]["pixel"] == {"after": 20.0, "by": None}
+    assert o["flops"]["latent"] == {"after": 4.0, "by": 8.0}
+    # pixel needs more than 20, latent at most 8: ratio > 2.5, and nothing bounds it above
+    assert o["flops"]["ratio"] == {"above": 2.5}
+    assert o["step"]["ratio"] == {"above": 0.5}
+    assert "> 2.50" in lvp.describe_onset(o)
+
+
+def test_both_leave_chance_gives_an_interval():
+    curves = {
+        "pixel": [point(1, 10.0, 80, 80), point(2, 30.0, 150, 80), point(3, 60.0, 200, 80)],
+        "latent": [point(1, 2.0, 80, 80), point(2, 5.0, 150, 80)],
+    }
+    r = lvp.onset(curves, "color")["flops"]["ratio"]
+    # pixel's onset in (10, 30], latent's in (2, 5]: the ratio lies in (10/5, 30/2)
+    assert math.isclose(r["above"], 2.0) and math.isclose(r["below"], 15.0)
+    # a model above chance from its first point leaves no upper bound on the ratio
+    curves["latent"] = [point(1, 2.0, 150, 80)]
+    assert lvp.onset(curves, "color")["flops"]["ratio"] == {"above": 5.0}
+    # neither leaving chance is said plainly
+    flat = {m: [point(1, 1.0, 80, 80)] for m in ("pixel", "latent")}
+    assert "not measured" in lvp.onset(flat, "color")["flops"]["ratio"]["note"]
