@@ -57,7 +57,9 @@ Training runs, evaluations and images stay under `--work` (about 1 GB: each trai
 
 The 60-minute default runs 2 hours of training, then about 2 × 11 evaluations (the pixel model samples
 about 4× more slowly) and the sampling timings. `--minutes 1 --n 8 --points 2 --checkpoint-every 2 1
---repeats 1` is a smoke test of the whole path.
+--repeats 1` is a smoke test of the whole path. A finished run continues with a larger budget and the same
+`--work` (the trainers resume, finished evaluations are read back); `--minutes 45 100` gives the pixel
+model, say, 55 more minutes alone, to find where it leaves chance.
 """
 
 from __future__ import annotations
@@ -207,11 +209,11 @@ def keep_exports(folder: str, every_s: float | None, newest: bool = False) -> No
             shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
-def train(name: str, flags: list[str], args, folder: str, every_s: float | None) -> None:
-    """Train (or continue) `name` (`train denoiser FLAGS`) until its step loop has run `args.minutes` (or
+def train(name: str, flags: list[str], minutes: float, args, folder: str, every_s: float | None) -> None:
+    """Train (or continue) `name` (`train denoiser FLAGS`) until its step loop has run `minutes` (or
     until its first export, if that comes later), then stop the trainer; keep its exports as
     `keep_exports` says."""
-    budget = args.minutes * 60
+    budget = minutes * 60
     run_dir = os.path.join(folder, "run")
     if spent(folder) >= budget and checkpoints(folder):
         keep_exports(folder, every_s, newest=True)  # in case the last call stopped before keeping it
@@ -227,7 +229,7 @@ def train(name: str, flags: list[str], args, folder: str, every_s: float | None)
     calls_file = os.path.join(folder, "calls.json")
     calls = json.loads(Path(calls_file).read_text()) if start and os.path.exists(calls_file) else []
     write_json(calls_file, [c for c in calls if c[0] < start] + [[start, time.time()]])
-    print(f"{name}: training from step {start} until {args.minutes:g} min of steps", flush=True)
+    print(f"{name}: training from step {start} until {minutes:g} min of steps", flush=True)
     exports = os.path.join(run_dir, "checkpoints")
     with open(os.path.join(folder, "train.log"), "a") as log:
         # Ctrl-C's default action restored in the child: a shell starts background jobs with SIGINT ignored
@@ -542,7 +544,15 @@ def describe(e: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--minutes", type=float, default=60.0, help="training wall time per model")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        nargs="+",
+        default=[60.0],
+        metavar="MIN",
+        help="training wall time per model: one value for both, or LATENT PIXEL (a model still at chance "
+        "can be given longer to find its onset)",
+    )
     p.add_argument(
         "--work", default="/tmp/latent-vs-pixel", help="run folders, evaluations (outside the repo)"
     )
@@ -585,7 +595,12 @@ def main() -> int:
         print(f"{m}: {d['parameters']}; {d['gflop_per_step']:.2f} GFLOP per step; "
               f"{d['seconds_per_step']:.2f} s per step in the dry run", flush=True)  # fmt: skip
 
-    every_s = None if args.eval_every else args.minutes * 60 / args.points
+    if len(args.minutes) not in (1, 2) or min(args.minutes) <= 0:
+        p.error(
+            f"--minutes takes one value (both models) or two (latent, pixel), each > 0; got {args.minutes}"
+        )
+    minutes = dict(zip(MODELS, args.minutes * 2 if len(args.minutes) == 1 else args.minutes, strict=True))
+    every_s = {m: None if args.eval_every else minutes[m] * 60 / args.points for m in MODELS}
     checkpoint_every = {}
     for m, default in zip(MODELS, args.checkpoint_every, strict=True):
         saved = os.path.join(folders[m], "run", "config.json")
@@ -594,7 +609,8 @@ def main() -> int:
         else:
             checkpoint_every[m] = args.eval_every or default
     for m in MODELS:
-        train(m, train_flags(PRESETS[m], vaes[m], args.seed, checkpoint_every[m]), args, folders[m], every_s)
+        flags = train_flags(PRESETS[m], vaes[m], args.seed, checkpoint_every[m])
+        train(m, flags, minutes[m], args, folders[m], every_s[m])
 
     curves = {m: curve(m, folders[m], dry[m]["gflop_per_step"], args.n, args.threads) for m in MODELS}
     equal = {metric: equal_adherence(curves, metric) for metric in ("all_correct", *EASY)}
@@ -619,7 +635,7 @@ def main() -> int:
             )
     res = {
         "settings": {
-            "minutes": args.minutes,
+            "minutes": minutes,
             "n": args.n,
             "points": None if args.eval_every else args.points,
             "eval_every": args.eval_every or None,
