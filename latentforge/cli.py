@@ -415,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     g.add_argument(
+        "--complete-background",
+        action="store_true",
+        help="a shapes prompt that leaves the background unstated gets one drawn as the training data draws "
+        "it (a colour no object has; from --seed), so an object's colour cannot flood the background "
+        "(MODEL_CARD.md); the completed prompt is the one saved in the image",
+    )
+    g.add_argument(
         "--weighting",
         choices=["a1111", "comfy", "none"],
         default=None,

@@ -385,6 +385,21 @@ def _size_flag(flag: str, value) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def complete_prompt(args) -> None:
+    """--complete-background: a shapes prompt stating no background gets one, drawn from --seed as the
+    data draws it (shapes.complete_background: caption upsampling with the completion known exactly). One
+    draw for the whole call, so every image's saved prompt is the one it was made from and replays."""
+    import numpy as np
+
+    from latentforge.cli import _say
+    from latentforge.shapes import complete_background
+
+    done = complete_background(args.prompt, np.random.default_rng(args.seed))
+    if done != args.prompt:
+        _say(f"background completed: {done!r}")
+        args.prompt = done
+
+
 def generate(args) -> int:
     import torch
 
@@ -407,6 +422,8 @@ def generate(args) -> int:
         raise ValueError("give a prompt (or --from-image IMG.png, or --decode LATENTS.safetensors)")
     else:
         check.utf8("the prompt", args.prompt)
+        if getattr(args, "complete_background", False):
+            complete_prompt(args)
     check.utf8("--negative", args.negative)
     _check_generation(args)
     check_img2img(args)

@@ -60,6 +60,30 @@ def test_generate_without_model_uses_the_default(tmp_path):
     assert "Model: shapes64" in text and "Steps: 3" in text and "CFG scale" in text
 
 
+def test_generate_completes_an_unstated_background_and_saves_the_prompt_it_used(tmp_path):
+    from latentforge.shapes import complete_background, parse
+
+    prompt = "a big red circle"
+    flags = ["--steps", "2", "--seed", "7", "--quiet", "--complete-background"]
+    assert main(["generate", prompt, *flags, "--out", str(tmp_path / "a")]) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    saved = Image.open(png).info["parameters"].split("\n")[0]
+    # the saved prompt is the completion drawn from the seed: the same statement plus a free background
+    assert saved == complete_background(prompt, np.random.default_rng(7)) != prompt
+    scene = parse(saved)
+    assert scene.background not in (None, "red")
+    # replaying the saved prompt without the flag makes the same image
+    assert main(["generate", saved, *flags[:-1], "--out", str(tmp_path / "b")]) == 0
+    (again,) = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    # a stated background, or text outside the grammar, is given as written
+    for text in ("a big red circle on a blue background", "a cat on a sofa"):
+        out = tmp_path / str(len(text))
+        assert main(["generate", text, *flags, "--out", str(out)]) == 0
+        (png,) = out.glob("*.png")
+        assert Image.open(png).info["parameters"].split("\n")[0] == text
+
+
 def test_a_prompt_outside_the_grammar_still_generates_and_eval_counts_it_unparsed(tmp_path, pipe):
     from latentforge.shapes.evaluate import evaluate_folder
 
