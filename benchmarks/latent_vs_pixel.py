@@ -504,9 +504,9 @@ def save_plot(
     presets: dict[str, str] = PRESETS,
     title: str = "latent (f = 4) vs pixel-space UNet: adherence vs training cost",
 ) -> None:
-    fig = plot.figure((1100, 1000), rows=2, title=title)
+    fig = plot.figure((1100, 1450), rows=3, title=title)
     panels = (("flops", 1e12, "training TFLOP", True), ("wall_s", 60.0, "training wall time (min)", False))
-    for ax, (key, unit, label, logx) in zip(fig.axes, panels, strict=True):
+    for ax, (key, unit, label, logx) in zip(fig.axes[:2], panels, strict=True):
         for k, m in enumerate(curves):
             pts = curves[m]
             xs = [p[key] / unit for p in pts]
@@ -522,6 +522,20 @@ def save_plot(
         ax.set_ylabel("validation all correct (%), 95% interval")
         ax.grid(True, color="0.88")
         ax.legend(loc="upper left", fontsize="small")
+    # the rate that moves first: colour, with each evaluation's own chance level (dotted)
+    ax = fig.axes[2]
+    for k, m in enumerate(curves):
+        pts = [p for p in curves[m] if math.isfinite(rate_of(p, "color"))]
+        xs = [p["flops"] / 1e12 for p in pts]
+        style = plot.curve_style(k)
+        ax.plot(xs, [rate_of(p, "color") for p in pts], label=f"{m}: colour correct", **style)
+        chance = [rate_of(p, "color", chance=True) for p in pts]
+        ax.plot(xs, chance, label=f"{m}: its chance level", **{**style, "linestyle": ":", "marker": None})
+    ax.set_xscale("log")
+    ax.set_xlabel("training TFLOP")
+    ax.set_ylabel("colour rate (of objects asked for)")
+    ax.grid(True, color="0.88")
+    ax.legend(loc="upper left", fontsize="small")
     plot.save_figure(fig, path)
 
 
