@@ -333,9 +333,9 @@ def rate_of(point: dict, metric: str, chance: bool = False) -> float:
     return float("nan") if r is None else r
 
 
-def count_of(point: dict, metric: str) -> tuple[int, int]:
-    """(k, n) of the chance rate of `metric` at one evaluation."""
-    c = point["chance"]
+def count_of(point: dict, metric: str, chance: bool = True) -> tuple[int, int]:
+    """(k, n) of the chance rate of `metric` at one evaluation (`chance` False: of the rate itself)."""
+    c = point["chance"] if chance else point
     if metric == "all_correct":
         return round(c["all_correct"] * c["n"]), c["n"]
     a = c["attributes"].get(metric, {})
@@ -392,11 +392,7 @@ def above_chance(point: dict, metric: str) -> bool:
     """Whether `metric` at this evaluation is above its own chance level: the two Wilson 95% intervals do
     not overlap (conservative; an untrained network's images can sit a little above the shifted-prompt
     chance when the evaluator finds few objects, and this must not count as learning)."""
-    if metric == "all_correct":
-        k, n = round(point["all_correct"] * point["n"]), point["n"]
-    else:
-        a = point["attributes"].get(metric, {})
-        k, n = a.get("k", 0), a.get("n", 0)
+    k, n = count_of(point, metric, chance=False)
     kc, nc = count_of(point, metric)
     if n == 0 or nc == 0:
         return False
@@ -409,12 +405,14 @@ def onset(curves: dict[str, list[dict]], metric: str, num: str = "pixel", den: s
     ratio num / den to leave chance follows as an interval; a model that never leaves chance within its
     budget only gives a bound (its onset is past its last evaluation)."""
     res: dict = {"metric": metric, "pair": [num, den]}
+    first = {}  # each model's onset evaluation (None: not yet)
+    for m in (num, den):
+        up = [above_chance(p, metric) for p in curves[m]]
+        first[m] = next((i for i in range(len(up)) if all(up[i:])), None)
     for axis in ("flops", "wall_s", "step"):
         span: dict = {}
         for m in (num, den):
-            pts = curves[m]
-            up = [above_chance(p, metric) for p in pts]
-            i = next((i for i in range(len(pts)) if all(up[i:])), None)
+            pts, i = curves[m], first[m]
             if not pts:
                 span[m] = None
             elif i is None:  # not yet: later than the last evaluation
