@@ -272,3 +272,37 @@ def test_norm_groups_change_no_key_and_must_divide_the_channels():
     assert {m.num_groups for m in b.modules() if isinstance(m, nn.GroupNorm)} == {8}
     with pytest.raises(ValueError, match="divisible"):
         UNet(dataclasses.replace(SD2_LIKE, norm_groups=5))
+
+
+def test_feed_forward_inference_path_reuses_scratch_and_matches_the_modules():
+    # FeedForward's CPU inference path inside the workspace (two GEMMs into scratch memory, GELU and the
+    # product in place) computes net(x): the same products and GELU, another split of the projection, so
+    # float32 agrees to rounding (a few ulps of the output: 1e-6 relative) and float64 to 1e-13.
+    from latentforge.models.unet import FeedForward
+    from latentforge.models.winograd import workspace
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+        g = torch.Generator().manual_seed(7)
+        ff = FeedForward(24).to(dtype).eval()
+        for p in ff.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=dtype) * 0.3
+        x1 = torch.randn(2, 13, 24, generator=g, dtype=dtype)
+        x2 = torch.randn(3, 5, 24, generator=g, dtype=dtype)
+        with torch.no_grad():
+            want1, want2 = ff.net(x1), ff.net(x2)
+            assert torch.equal(ff(x1), want1)  # outside a workspace: the modules as they are
+            with workspace():
+                got1 = ff(x1)
+                kept = got1.clone()
+                got2 = ff(x2)  # the same scratch memory, reused
+        assert torch.equal(got1, kept)  # the output is a fresh tensor, not a view of the scratch
+        for got, want in ((got1, want1), (got2, want2)):
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= tol * want.abs().max()
+
+    # A hook on one of its layers (as a LoRA's) sees what it expects: the modules' own path.
+    seen = []
+    ff.net[2].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    with torch.no_grad(), workspace():
+        ff(x1)
+    assert len(seen) == 1 and torch.equal(seen[0], ff.net[1](ff.net[0](x1)))

@@ -91,15 +91,17 @@ def _kron(
 BAND_BYTES = 32 << 20
 
 # Each thread's workspace: inside `workspace()`, one buffer per (device, dtype), grown to the largest call
-# and reused by the calls after it, then freed at the exit. Large fresh allocations cost page faults on their
-# first touch (transforming 1280×1280 weights for F(2,3) into a new 105 MB tensor: 30 ms; into a reused
-# one: 6 ms), more than the transforms themselves. Outside `workspace()`, every call allocates afresh.
+# and reused by the calls after it (`scratch`), then freed at the exit. Large fresh allocations cost page
+# faults on their first touch (transforming 1280×1280 weights for F(2,3) into a new 105 MB tensor: 30 ms;
+# into a reused one: 6 ms), more than the transforms themselves. Outside `workspace()`, every call
+# allocates afresh.
 _LOCAL = threading.local()
 
 
 @contextlib.contextmanager
 def workspace():
-    """Reuse one working buffer across the Winograd convolutions run inside (e.g. one network forward)."""
+    """Reuse one working buffer across the Winograd convolutions (and other `scratch` users) run inside
+    (e.g. one network forward)."""
     depth = getattr(_LOCAL, "depth", 0)
     _LOCAL.depth = depth + 1
     try:
@@ -121,8 +123,11 @@ def in_workspace() -> bool:
     return getattr(_LOCAL, "depth", 0) > 0
 
 
-def _buffers(device: torch.device, dtype: torch.dtype, sizes: list[int]) -> list[torch.Tensor]:
-    """Flat tensors of the given sizes, carved from this thread's workspace for (`device`, `dtype`)."""
+def scratch(device: torch.device, dtype: torch.dtype, sizes: list[int]) -> list[torch.Tensor]:
+    """Flat tensors of the given sizes, carved from this thread's workspace for (`device`, `dtype`) (fresh
+    outside `workspace()`). They are valid until the next `scratch` call on this thread: a caller uses them
+    for its own intermediates and returns a fresh tensor (the Winograd convolution here, the UNet's GEGLU
+    feed-forward)."""
     total = sum(sizes)
     if getattr(_LOCAL, "depth", 0) == 0:
         buf = torch.empty(total, dtype=dtype, device=device)
@@ -155,7 +160,7 @@ def winograd_conv3x3(
     )  # tile rows per band
     wp = m * tw + 2
     t_max = b * rows * tw
-    ws_u, ws_x, ws_d, ws_v, ws_p, ws_y = _buffers(
+    ws_u, ws_x, ws_d, ws_v, ws_p, ws_y = scratch(
         x.device,
         x.dtype,
         [a * a * co * c, b * (m * rows + 2) * wp * c]
