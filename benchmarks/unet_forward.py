@@ -11,17 +11,22 @@ forwards alternate, N repeats each; the table gives the median ms per forward, t
 (> 1: we are faster), achieved GFLOP/s (FLOPs counted once on our model with `FlopCounterMode`) and the
 fraction of a measured float32 matmul peak (best of several n×n @ n×n, 2n³ / t).
 
+With `--sampling-pass`, ours' forwards of a size all run inside one `workspace()` (models/winograd.py),
+as `Pipeline` runs a sampling pass, so each forward reuses the working memory of the one before (without
+it each forward allocates it afresh, as a lone call does). diffusers' forwards are unchanged.
+
 With `--contended`, a competing process (one thread of float32 matmuls) runs on one of the cores for the
 whole measurement, as when the machine also serves another job. The ratio column is the median of the
 per-pair ratios, with their [min, max].
 
     .venv/bin/python benchmarks/unet_forward.py [--preset sd15|sdxl-base] [--sizes 32 64 96] [--repeat 5] \\
-        [--contended] [--profile]
+        [--contended] [--profile] [--sampling-pass]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -34,6 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge.models.unet import PRESETS, UNet, sdxl_vector
+from latentforge.models.winograd import workspace
 
 PREFIX = "model.diffusion_model."
 
@@ -111,6 +117,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed forwards per side and size")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one forward per side")
     ap.add_argument("--contended", action="store_true", help="a competing 1-thread process runs throughout")
+    ap.add_argument(
+        "--sampling-pass", action="store_true", help="ours share one workspace, as in a sampling pass"
+    )
     args = ap.parse_args()
     with_rival(run, args, args.contended)
 
@@ -148,7 +157,7 @@ def run(args) -> None:
     rows = []
     for s in args.sizes:
         fwd_ours, fwd_theirs = forwards(ours, theirs, args.batch, s)
-        with torch.inference_mode():
+        with torch.inference_mode(), workspace() if args.sampling_pass else contextlib.nullcontext():
             with FlopCounterMode(display=False) as fc:
                 ref_out = fwd_ours()
             flops = fc.get_total_flops()
@@ -173,7 +182,8 @@ def run(args) -> None:
     print(f"\n{args.preset}, batch {args.batch}, context [{args.batch}, 77, {ours.config.context_dim}], "
           f"{args.repeat} forwards each; load average "
           f"now {load:.2f} (above ~2 on 2 cores: timings are inflated by other work)"
-          f"{'; contended: a 1-thread rival process ran throughout' if args.contended else ''}")  # fmt: skip
+          f"{'; contended: a 1-thread rival process ran throughout' if args.contended else ''}"
+          f"{'; ours in one workspace per size' if args.sampling_pass else ''}")  # fmt: skip
     head = (
         f"{'latent':>7} {'stat':>6} {'GFLOP':>6} {'ours ms':>8} {'diffusers ms':>13} {'ratio':>6} "
         f"{'ours GF/s':>10} {'diff GF/s':>10} {'ours %peak':>11} {'diff %peak':>11} {'rel diff':>9}"

@@ -33,6 +33,7 @@ from latentforge.infotext import build as infotext  # noqa: F401  (re-exported: 
 from latentforge.lora_use import LoRAs, LoRAUse
 from latentforge.model_sampling import Denoiser
 from latentforge.models.vae import AutoencoderKL, LatentFormat
+from latentforge.models.winograd import workspace
 from latentforge.noise import variation_noise
 from latentforge.offload import Offload
 from latentforge.outputs import save_png  # noqa: F401  (re-exported)
@@ -862,7 +863,10 @@ class Pipeline:
         controls = controls_applied(control, self.net, self.model_sampling, queried)  # on for this pass only
         self._use(self.spec.net)
         try:
-            with speed.applied(self.net, ts), controls:
+            # one working buffer for the whole pass (models/winograd.py): every network call reuses the memory
+            # of the one before, instead of page-faulting fresh memory at each step (3% of an SD1.5 step at
+            # a 64×64 latent on the CPU); freed when the pass ends
+            with speed.applied(self.net, ts), controls, workspace():
                 latents = sample_fn(
                     model,
                     x,

@@ -407,3 +407,26 @@ def test_hires_fix_variation_seeds_and_batch_count_on_every_family(family):
         return
     up = run(pipe, family, hires_scale=2, hires_denoise=0.5)
     assert up.shape[-2:] == (2 * h // f, 2 * w // f)
+
+
+def test_a_sampling_pass_keeps_one_working_buffer_across_its_steps():
+    # The pass runs inside one workspace (models/winograd.py): the UNet's scratch users (its feed-forward's
+    # GEGLU here; the Winograd convolutions in wide networks) get the same memory at every step instead of
+    # fresh memory per network call, and it is freed when the pass ends.
+    from latentforge.models import winograd
+
+    pipe = tiny("sd15")
+    seen = []
+
+    def record(module, args, out):
+        buffers = winograd._LOCAL.__dict__.get("buffers", {})
+        seen.append((winograd.in_workspace(), [b.data_ptr() for b in buffers.values()]))
+
+    handle = pipe.net.register_forward_hook(record)
+    try:
+        run(pipe, "sd15", steps=3)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(inside for inside, _ in seen)
+    assert seen[0][1] and all(ptrs == seen[0][1] for _, ptrs in seen)  # one buffer, reused by every step
+    assert not winograd.in_workspace() and "buffers" not in winograd._LOCAL.__dict__

@@ -63,12 +63,33 @@ def test_unet_and_vae_upsample_modules():
     for up in (UNetUpsample(8), VAEUpsample(8)):
         up = up.double()
         x = torch.randn(2, 8, 23, 23, dtype=torch.float64)  # 1058 input pixels: the phase path
-        assert use_phases(x) and (up(x) - two_step(up.conv, x)).abs().max() <= 1e-12
+        assert use_phases(up.conv, x) and (up(x) - two_step(up.conv, x)).abs().max() <= 1e-12
         small = torch.randn(1, 8, 9, 9, dtype=torch.float64)  # below PHASE_MIN_PIXELS: the two-step form
-        assert not use_phases(small)
+        assert not use_phases(up.conv, small)
         assert torch.equal(up(small), up.conv(F.interpolate(small, scale_factor=2.0, mode="nearest")))
     # the UNet's `size` that is not 2× (latents not divisible by 2^levels) keeps the two-step form
     up = UNetUpsample(8).double()
     x = torch.randn(1, 8, 9, 9, dtype=torch.float64)
     ref = up.conv(F.interpolate(x, size=(17, 19), mode="nearest"))
     assert torch.equal(up(x, size=(17, 19)), ref)
+
+
+def test_wide_maps_take_the_two_step_form_where_its_convolution_is_winograd():
+    # From PHASE_MAX_WINOGRAD_CHANNELS channels the two-step form with a Winograd F(4,3) convolution does
+    # fewer multiply-adds than the phase kernels (models/upsample.py), so inside a workspace (where conv3x3
+    # takes that path) the modules take it; outside one, or with fewer channels, the phases stay.
+    from latentforge.models.upsample import PHASE_MAX_WINOGRAD_CHANNELS
+    from latentforge.models.winograd import workspace
+
+    wide = nn.Conv2d(PHASE_MAX_WINOGRAD_CHANNELS, PHASE_MAX_WINOGRAD_CHANNELS, 3, padding=1)
+    narrow = nn.Conv2d(256, 256, 3, padding=1)
+    x_wide, x_narrow = torch.randn(1, wide.in_channels, 32, 32), torch.randn(1, 256, 32, 32)
+    assert use_phases(wide, x_wide) and use_phases(narrow, x_narrow)
+    with torch.no_grad(), workspace():
+        assert not use_phases(wide, x_wide) and use_phases(narrow, x_narrow)
+        assert use_phases(wide.double(), x_wide.double())  # float64 never takes the Winograd path
+        up = UNetUpsample(wide.in_channels).float()
+        got = up(x_wide)
+    ref = two_step(up.conv.double(), x_wide.double())
+    # F(4,3) in float32: ~5e-6 of the range (tests/test_winograd.py)
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -337,7 +337,7 @@ class Upsample(nn.Module):
         # the original would fail at the skip concatenation (diffusers and ComfyUI do the same).
         b, _, h, w = x.shape
         exact2x = size is None or tuple(size) == (2 * h, 2 * w)
-        if exact2x and use_phases(x):
+        if exact2x and use_phases(self.conv, x):
             return upsample_conv(self.conv, x)  # the same, on x itself (models/upsample.py)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -23,16 +23,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.conv3x3 import winograd_tile
+
 # Input pixels B·H·W below which the modules keep the two-step form: building the four phase kernels costs
 # ~16·C_out·C_in memory writes per call, which the saved multiply-adds (20·C_out·C_in per input pixel) repay
 # only on larger maps. Measured on 2 cores, batch 2: 1280 channels at 4² input 19 ms two-step against 100 ms,
 # at 16² 188 against 206 ms; 640 channels at 32² 202 against 106 ms.
 PHASE_MIN_PIXELS = 1024
 
+# Channels from which the two-step form wins wherever its convolution takes the Winograd path
+# (models/conv3x3.py; the upsampled map has 4× the pixels, so it is F(4,3)), which does 2.25× fewer
+# multiply-adds than the phase kernels. Measured on 2 cores, idle, median of 5, phase / two-step:
+# 1280 channels at 24² input (batch 2) 567 / 329 ms, 640 at 48² 424 / 335, 640 at 32² 197 / 194, 512 at
+# 64² (batch 1) 244 / 229, 512 at 128² 1051 / 1004; with 256 channels the transforms cost more (256 at 256²:
+# 1217 / 1464 ms), so there the phases stay.
+PHASE_MAX_WINOGRAD_CHANNELS = 512
 
-def use_phases(x: torch.Tensor) -> bool:
-    """Whether `upsample_conv` pays off for x [B, C, H, W] (PHASE_MIN_PIXELS)."""
-    return x.shape[0] * x.shape[2] * x.shape[3] >= PHASE_MIN_PIXELS
+
+def use_phases(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `upsample_conv` pays off for `conv` on x [B, C, H, W] rather than conv3x3(conv, nearest ×2 of
+    x): from PHASE_MIN_PIXELS input pixels, unless that convolution would take the Winograd path with at
+    least PHASE_MAX_WINOGRAD_CHANNELS channels."""
+    if x.shape[0] * x.shape[2] * x.shape[3] < PHASE_MIN_PIXELS:
+        return False
+    winograd = winograd_tile(conv, x) > 0  # (x's shape decides F(2,3) or F(4,3) only; both > 0)
+    return not (winograd and min(conv.in_channels, conv.out_channels) >= PHASE_MAX_WINOGRAD_CHANNELS)
 
 
 def phase_kernels(weight: torch.Tensor) -> torch.Tensor:

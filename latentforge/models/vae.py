@@ -262,9 +262,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, 2H, 2W]
         # conv(nearest ×2 of x), computed on x itself (models/upsample.py: 16 instead of 36 MACs per pixel)
-        if use_phases(x):
+        if use_phases(self.conv, x):
             return upsample_conv(self.conv, x)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return conv3x3(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
