@@ -136,10 +136,10 @@ def _control_file(pipe, path, s: int, seen: set[str]) -> tuple[int, int]:
 HINT_CONV_TENSORS = 4
 
 
-def _controlnets(pipe, controls, h, w, b, B, skips, work, fused) -> tuple[int, int]:
+def _controlnets(pipe, controls, h, w, b, B, skips, work, fused, scratch) -> tuple[int, int]:
     """(peak bytes of sampling with these ControlNets, the UNet's own count included; the bytes of
     ControlNet weights this job loads). b: images, B: rows a denoiser call runs (b, ×2 with CFG); skips,
-    work: the UNet's terms (`estimate`), in elements per row.
+    work, scratch: the UNet's terms (`estimate`; work includes the scratch), in elements per row.
 
     A ControlNet is the UNet's encoder (models/controlnet.py: the same input blocks and middle block, at
     the same batch and resolution), so its levels are the UNet's. In a denoiser call every active
@@ -149,7 +149,8 @@ def _controlnets(pipe, controls, h, w, b, B, skips, work, fused) -> tuple[int, i
           the UNet's skips count them, plus the middle block's at the last level L);
       while a ControlNet runs: the sum of the earlier nets' residuals (R), its own so far (≤ R), its
           working set (work_c: the UNet's `work` over the same levels, and the middle block's 16·C_L·n_L
-          + [2·heads_L·n_L²]) and E(c) repeated to B rows (model_channels·n_0);
+          + [2·heads_L·n_L²], each with the scratch the feed-forwards of both share) and E(c) repeated to
+          B rows (model_channels·n_0);
       while scaling and summing its residuals: 3·R (the sum, its own, the new sum);
       while the UNet runs: the residuals R plus its own skips + work (≤ R + work_c);
         call = s·B·( 2·R + max(work_c + model_channels·n_0, R) ),
@@ -167,7 +168,7 @@ def _controlnets(pipe, controls, h, w, b, B, skips, work, fused) -> tuple[int, i
     mc, ds = cfg.model_channels, 2 ** (len(cfg.channel_mult) - 1)
     n0, nL, CL = h * w, math.ceil(h / ds) * math.ceil(w / ds), mc * cfg.channel_mult[-1]
     R = skips + CL * nL
-    work_c = max(work, 16 * CL * nL + (0 if fused else 2 * cfg.heads(CL)[0] * nL * nL))
+    work_c = max(work, 16 * CL * nL + (0 if fused else 2 * cfg.heads(CL)[0] * nL * nL) + scratch)
     pixels = HINT_DOWNSCALE**2 * n0  # the control map's, an image
     s, weights, held, encode, seen = s_unet, 0, 0, 0, set()
     for c in controls:
@@ -199,7 +200,10 @@ def estimate(
       level, plus the largest working set: a transformer block's [B, n_l, C_l] tokens through norm,
       q/k/v, attention output, GEGLU (8·C_l) and GELU (4·C_l), bounded by 16 such tensors; where
       attention is not fused (`_fused_attention`), its scores and softmax [B, heads_l, n_l, n_l] ×2:
-        s·B·( Σ_l (num_res_blocks+1)·C_l·n_l + max_l (16·C_l·n_l + [2·heads_l·n_l²]) ).
+        s·B·( Σ_l (num_res_blocks+1)·C_l·n_l + max_l (16·C_l·n_l + [2·heads_l·n_l²]) + [8·C_a·n_a] ),
+      the last term on the CPU only: the feed-forwards' scratch memory (models/unet.py FeedForward), the
+      GEGLU's two halves at the largest attention level a, held from the first feed-forward to the end of
+      the sampling pass.
     With ControlNets (`controlnet`, as Pipeline's: UNet families only) the UNet term is replaced by
     `_controlnets`'s count (the same quantities, plus the residuals, the hint maps and weights to load).
     DiT / MMDiT (n = (h/p)·(w/p) image tokens, + 154 context tokens for MMDiT; D = hidden size):
@@ -222,7 +226,7 @@ def estimate(
     control = cn_weights = 0
     if "unet" in pipe.components:
         what = "the UNet"
-        skips, work = 0, 0
+        skips, work, scratch = 0, 0, 0
         for lvl, mult in enumerate(cfg_net.channel_mult):
             ds = 2**lvl
             n, C = math.ceil(h / ds) * math.ceil(w / ds), cfg_net.model_channels * mult
@@ -230,11 +234,14 @@ def estimate(
             scores = 0
             if ds in cfg_net.attention_resolutions and not fused:
                 scores = 2 * cfg_net.heads(C)[0] * n * n
+            if ds in cfg_net.attention_resolutions and pipe.device.type == "cpu":
+                scratch = max(scratch, 8 * C * n)
             work = max(work, 16 * C * n + scores)
+        work += scratch  # (held throughout, beside whichever working set is the largest)
         den = s * B * (skips + work)
         controls = _as_controls(controlnet)
         if controls:
-            cn, cn_weights = _controlnets(pipe, controls, h, w, batch_size, B, skips, work, fused)
+            cn, cn_weights = _controlnets(pipe, controls, h, w, batch_size, B, skips, work, fused, scratch)
             count = len(controls)
             what = f"the UNet and its {count} ControlNets" if count > 1 else "the UNet and its ControlNet"
             control = cn - den

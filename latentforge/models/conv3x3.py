@@ -6,7 +6,8 @@ ways measured on the CPU (training, other dtypes and devices, and hooked modules
   1280-channel convs at 8×8 and 4×4 ran at ~35-100 GFLOP/s against ~180 for 320 channels at 32×32); the
   GEMM is 1.3-4× faster (~5e-7 relative apart: another summation order). 1×1 convs gain nothing this way.
 - Many channels (both ≥ WINOGRAD_MIN_CHANNELS), stride 1, float32, inside `winograd.workspace()` (which
-  the UNet's and the VAE's forwards open, so that the convolutions of one forward share a buffer):
+  the UNet's and the VAE's forwards open, and Pipeline around a whole sampling pass, so that the
+  convolutions of one forward, and of every step, share a buffer):
   Winograd F(2×2, 3×3) on small maps and F(4×4, 3×3) on larger ones (models/winograd.py: 2.25× and 4×
   fewer multiplications). Measured on 2 cores against the direct convolution, same memory format: 1280 ch
   at 16² (batch 2) 61 → 37 ms, 640 ch at 32² 40 → 25 ms, 320 ch at 64² 40 → 26 ms, 512 ch at 256²
