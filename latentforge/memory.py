@@ -232,10 +232,9 @@ def estimate(
             n, C = math.ceil(h / ds) * math.ceil(w / ds), cfg_net.model_channels * mult
             skips += (cfg_net.num_res_blocks + 1) * C * n
             scores = 0
-            if ds in cfg_net.attention_resolutions and not fused:
-                scores = 2 * cfg_net.heads(C)[0] * n * n
-            if ds in cfg_net.attention_resolutions and pipe.device.type == "cpu":
-                scratch = max(scratch, 8 * C * n)
+            if ds in cfg_net.attention_resolutions:
+                scores = 0 if fused else 2 * cfg_net.heads(C)[0] * n * n
+                scratch = max(scratch, 8 * C * n if pipe.device.type == "cpu" else 0)
             work = max(work, 16 * C * n + scores)
         work += scratch  # (held throughout, beside whichever working set is the largest)
         den = s * B * (skips + work)
