@@ -232,6 +232,56 @@ def test_logit_normal_with_shift(shift):
     assert abs(float(u.std()) - cfg.logit_std) < 4 / math.sqrt(2 * n)
 
 
+@pytest.mark.parametrize("sampling", ["logit_normal", "uniform"])
+def test_terminal_fraction_puts_its_share_at_snr_zero_and_leaves_the_rest(sampling):
+    base = ObjectiveConfig(prediction="flow", sigma_sampling=sampling, shift=3.0)
+    cfg = ObjectiveConfig(prediction="flow", sigma_sampling=sampling, shift=3.0, terminal_fraction=0.1)
+    ms = model_sampling_for(cfg)
+    s0 = sample_sigmas(base, ms, 64, torch.Generator().manual_seed(7))
+    s1 = sample_sigmas(cfg, ms, 64, torch.Generator().manual_seed(7))
+    assert (s1[:6] == 1.0).all()  # round(0.1 · 64) = 6 draws at σ = 1
+    torch.testing.assert_close(s1[6:], s0[6:], rtol=0, atol=0)  # the others: the same stream
+    assert float(s0.max()) < 1
+
+
+def test_at_snr_zero_the_flow_loss_is_minimised_by_the_data_mean():
+    """At σ = 1, x = ε: the best velocity is x − E[x₀], and its loss is the data's total variance per value
+    (trace of the mixture's covariance / D), from the mixture's parameters alone."""
+    gmm = GaussianMixture.random(k=3, dim=4, seed=0)
+    cfg = ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal", terminal_fraction=0.5)
+    ms = model_sampling_for(cfg)
+    n = 40_000
+    g = torch.Generator().manual_seed(8)
+    x0 = gmm.sample(n, g).reshape(n, 1, 2, 2)
+    sigma = sample_sigmas(cfg, ms, n, g).double()
+    at_one = sigma == 1.0
+    assert int(at_one.sum()) == n // 2
+    mean = gmm.mean().reshape(1, 1, 2, 2)
+
+    def best(x_in, t, sigma):  # v = ε − x₀ with ε = x at σ = 1; elsewhere anything finite
+        return x_in - mean
+
+    _, info = loss(cfg, ms, best, x0, {"sigma": sigma}, sigma=sigma, generator=g)
+    raw = info["loss_raw"][at_one]
+    expected = float(torch.diagonal(gmm.cov()).mean())
+    assert abs(float(raw.mean()) - expected) < 4 * float(raw.std()) / math.sqrt(raw.numel())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(terminal_fraction=1.0),
+        dict(terminal_fraction=-0.1),
+        dict(terminal_fraction=0.1, weighting="min_snr"),
+        dict(terminal_fraction=0.1, prediction="v", sigma_sampling="uniform_discrete"),
+    ],
+)
+def test_terminal_fraction_refuses_what_it_cannot_do(kw):
+    kw = {"prediction": "flow", "sigma_sampling": "logit_normal", **kw}
+    with pytest.raises(ValueError, match="terminal_fraction"):
+        ObjectiveConfig(**kw)
+
+
 def test_uniform_flow():
     n = 100_000
     cfg = ObjectiveConfig(prediction="flow", sigma_sampling="uniform")

@@ -41,6 +41,15 @@ Noise-level distributions (`sigma_sampling`):
   the resolution shift σ = α·t/(1 + (α − 1)·t) (Esser et al. 2024, §5.3.2, Eq. 23).
 - "uniform": t ~ U(0, 1) (rectified flow, Liu et al. 2022), then the same shift.
 
+`terminal_fraction` p (flow only): the first round(p·batch) draws of each batch are set to σ = 1, where
+x = ε carries no signal and the network must produce the text-conditional mean (SNR 0; Lin et al. 2024
+argue a model must be trained at the terminal SNR it is sampled from, §3.1). The other draws are as above
+(the generator's stream is unchanged). Why it matters: logit-normal t puts 0.04% of its mass above
+t = 0.966, yet below that a 16×16 latent's flat background is still readable from x's channel means, so a
+model learns to read its global colour from the noise and extrapolates that to σ = 1, where the sampler
+starts: it then draws a background the noise suggests, not the one the text states (MODEL_CARD.md, "Why
+adherence came slowly").
+
 All loss arithmetic is done in float32 (float64 when x₀ is float64) whatever dtype the network runs in;
 tensors follow x₀'s device.
 """
@@ -95,6 +104,7 @@ class ObjectiveConfig:
     shift: float = 1.0  # SD3 resolution shift α (Eq. 23); SD3 uses 3.0 at 1024²
     sigma_data: float = 0.5  # EDM preconditioning and λ(σ)
     zero_terminal_snr: bool = False  # DDPM only (Lin et al. 2024); pair it with prediction="v"
+    terminal_fraction: float = 0.0  # flow only: this share of each batch at σ = 1 (module docstring)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -110,6 +120,15 @@ class ObjectiveConfig:
             raise ValueError(
                 f"sigma_sampling={self.sigma_sampling!r} does not fit prediction={self.prediction!r}; "
                 f"expected one of {', '.join(map(repr, allowed))}"
+            )
+        tf = self.terminal_fraction
+        if not (isinstance(tf, int | float) and 0.0 <= tf < 1.0):
+            raise ValueError(f"terminal_fraction={tf!r} must be a number in [0, 1)")
+        if tf > 0 and (self.prediction != "flow" or self.weighting == "min_snr"):
+            raise ValueError(
+                f"terminal_fraction={tf!r} needs prediction='flow' and a weighting other than 'min_snr' "
+                f"(min(SNR, γ) is 0 at SNR 0); got prediction={self.prediction!r}, "
+                f"weighting={self.weighting!r}"
             )
         if self.zero_terminal_snr and self.prediction not in ("eps", "v"):
             raise ValueError(
@@ -186,7 +205,11 @@ def sample_sigmas(
             t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * u)
         else:  # rectified flow: t ~ U(0, 1)
             t = _draw(torch.rand, (batch,), generator, device)
-        return time_snr_shift(cfg.shift, t)  # Esser et al. 2024, Eq. 23
+        sigma = time_snr_shift(cfg.shift, t)  # Esser et al. 2024, Eq. 23
+        terminal = int(cfg.terminal_fraction * batch + 0.5)
+        if terminal:
+            sigma[:terminal] = 1.0  # SNR 0: x = ε (module docstring)
+        return sigma
     raise _bad("sigma_sampling", kind, SIGMA_SAMPLINGS)
 
 

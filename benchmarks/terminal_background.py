@@ -1,0 +1,105 @@
+"""Does a shapes model's first prediction follow the background the prompt states?
+
+A sampler's first model call is at σ = 1 (flow), where x = ε carries no information about the image, so the
+x₀ the model predicts there can only come from the text. This script asks for "a big red circle on a C
+background" (blue circle when C is red) for every palette colour C, with `--n` noises each, takes the
+model's x₀ prediction at each `--sigma` (one call, no sampling), decodes it, names the median colour of the
+top and bottom 4-pixel rows with the evaluator's palette rule (`shapes.color.nearest_palette`) and reports
+the share that equals C, at each `--cfg` (x₀ = u + w·(c − u)); chance is 1/11. The same noises serve every
+prompt, so it also reports how often one noise gives one colour whatever the prompt says.
+
+Why it exists (MODEL_CARD.md, "Why adherence came slowly"): a model can learn to read a flat background
+from the channel means of x, which stay informative up to t ≈ 0.97 on a 16×16 latent, and extrapolate that
+to σ = 1; it then draws a confident background that the noise suggests, whatever the text says, and its
+sampled images' background rate stays below chance. This call-level reading costs seconds, where the
+evaluator's takes minutes.
+
+    python benchmarks/terminal_background.py MODEL [MODEL ...] [--sigma 1 0.9] [--cfg 1 3] [--n 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from latentforge.pipeline import Pipeline
+from latentforge.shapes.color import nearest_palette
+from latentforge.shapes.render import COLOR_NAMES
+
+
+@torch.no_grad()
+def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> dict:
+    """{σ: {w: {"text": share of x₀ predictions whose background is the stated colour, "noise": share of
+    (noise, pair of stated colours) whose predictions name the same colour, "colours": distinct colours
+    predicted}}} over the 11 palette colours × the same n noises. A model that reads the text scores
+    text ≈ 1 and noise ≈ 0; one that reads the noise scores text ≈ 1/11 and noise ≈ 1 with several colours;
+    one that ignores both draws one colour (noise 1, colours 1)."""
+    den = pipe.denoiser()
+    w, h = pipe.default_size
+    f, c = pipe.downscale, pipe.latent_channels
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h // f, w // f, generator=g).to(pipe.device)  # the same noises for every prompt
+    uncond = pipe.encode_prompt([""] * n, w, h)
+    out = {}
+    for sigma in sigmas:
+        s = torch.full((n,), float(sigma), device=pipe.device)
+        du = den(x, s, **uncond)
+        named = {scale: [] for scale in cfgs}  # per scale: [colour][noise] -> predicted name
+        for color in COLOR_NAMES:
+            obj = "blue" if color == "red" else "red"
+            dc = den(x, s, **pipe.encode_prompt([f"a big {obj} circle on a {color} background"] * n, w, h))
+            for scale in cfgs:
+                img = (pipe.decode(du + scale * (dc - du)).float() + 1).div(2).clamp(0, 1)  # [n, 3, H, W]
+                rows = torch.cat([img[:, :, :4], img[:, :, -4:]], dim=2).flatten(2)  # [n, 3, 8·W]
+                rgb = rows.median(dim=2).values.cpu().numpy() * 255
+                named[scale].append([COLOR_NAMES[nearest_palette(v)] for v in rgb])
+        out[sigma] = {}
+        for scale, names in named.items():
+            text = sum(row.count(col) for col, row in zip(COLOR_NAMES, names, strict=True))
+            k = len(COLOR_NAMES)
+            pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+            same = sum(names[i][m] == names[j][m] for i, j in pairs for m in range(n))
+            out[sigma][scale] = {
+                "text": text / (n * k),
+                "noise": same / (n * len(pairs)),
+                "colours": len({name for row in names for name in row}),
+            }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", help="model files, or 'default'")
+    p.add_argument("--sigma", type=float, nargs="+", default=[1.0])
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--n", type=int, default=8, help="noises per colour")
+    p.add_argument("--json", help="write the rates here")
+    args = p.parse_args()
+    if args.n < 1 or any(not 0 < s <= 1 for s in args.sigma):
+        p.error(f"--n must be >= 1 and every --sigma in (0, 1]; got --n {args.n}, --sigma {args.sigma}")
+    report = {}
+    for m in args.models:
+        pipe = Pipeline.default() if m == "default" else Pipeline.from_single_file(m)
+        report[m] = background_reading(pipe, args.sigma, args.cfg, args.n)
+        for sigma, by_cfg in report[m].items():
+            for w, r in by_cfg.items():
+                print(
+                    f"{m}  σ {sigma:g} CFG {w:g}: background as stated {r['text']:.3f} (chance 0.091), "
+                    f"same colour for the same noise {r['noise']:.3f}, {r['colours']} colours drawn"
+                )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    m: {str(s): {str(w): x for w, x in v.items()} for s, v in r.items()}
+                    for m, r in report.items()
+                },
+                fh,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
