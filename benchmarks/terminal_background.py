@@ -42,6 +42,8 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h // f, w // f, generator=g).to(pipe.device)  # the same noises for every prompt
     uncond = pipe.encode_prompt([""] * n, w, h)
+    k = len(COLOR_NAMES)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]  # two stated colours, one noise
     out = {}
     for sigma in sigmas:
         s = torch.full((n,), float(sigma), device=pipe.device)
@@ -58,8 +60,6 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
         out[sigma] = {}
         for scale, names in named.items():
             text = sum(row.count(col) for col, row in zip(COLOR_NAMES, names, strict=True))
-            k = len(COLOR_NAMES)
-            pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
             same = sum(names[i][m] == names[j][m] for i, j in pairs for m in range(n))
             out[sigma][scale] = {
                 "text": text / (n * k),
@@ -89,16 +89,12 @@ def main() -> None:
                     f"{m}  σ {sigma:g} CFG {w:g}: background as stated {r['text']:.3f} (chance 0.091), "
                     f"same colour for the same noise {r['noise']:.3f}, {r['colours']} colours drawn"
                 )
-    if args.json:
+    if args.json:  # JSON keys are strings: σ and CFG as written by str()
+        rows = {
+            m: {str(s): {str(w): x for w, x in v.items()} for s, v in r.items()} for m, r in report.items()
+        }
         with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    m: {str(s): {str(w): x for w, x in v.items()} for s, v in r.items()}
-                    for m, r in report.items()
-                },
-                fh,
-                indent=1,
-            )
+            json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":
