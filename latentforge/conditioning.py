@@ -5,6 +5,7 @@ Sources: architectures.md §1.5 (SD1/SD2/SDXL: ldm `FrozenCLIPEmbedder`, `Frozen
 
     family        encoders          network kwargs
     sd15          clip_l            context [B, 77, 768]     last layer, final LN, EOS padding
+                                    context_mask [B, 77]     only for a UNet with mask_text_padding
     sd21          clip_h            context [B, 77, 1024]    penultimate, final LN (ln_final), zero padding
     sdxl-base     clip_l, clip_g    context [B, 77, 2048]    L ‖ G, both penultimate without final LN
                                     y [B, 2816]              G projected pooled ‖ size/crop/size embeddings
@@ -246,9 +247,10 @@ def _encode(
     pooled: bool,
     weighting: str,
     n: int | None = None,
-) -> CLIPTextOutput:
+) -> tuple[CLIPTextOutput, torch.Tensor]:
     """Chunked, weighted encoding: hidden [B, n·L, D] (L = max_position_embeddings), pooled / projected
-    from each prompt's first chunk. encoder: the tower's name ("clip_l", "clip_g", "clip_h"), which picks an
+    from each prompt's first chunk, and the tokens that are not padding [B, n·L] bool (each chunk's BOS, its
+    tokens and its EOS). encoder: the tower's name ("clip_l", "clip_g", "clip_h"), which picks an
     embedding's vectors. n: the chunk count (default: the most any prompt needs, at least the `pad_chunks`
     count)."""
     device = next(enc.parameters()).device
@@ -270,11 +272,13 @@ def _encode(
         hidden = prompt_syntax.apply_weights(hidden, weights, weighting, z_empty)
     B = len(prompts)
     hidden = hidden.reshape(B, n * L, hidden.shape[-1])
+    eos = (ids == tokenizer.EOS).int().argmax(dim=-1)  # [B·n]: each chunk's first EOS
+    keep = (torch.arange(L, device=ids.device) <= eos[:, None]).reshape(B, n * L)  # [B, n·L]
     if not pooled:
-        return CLIPTextOutput(hidden, None, None)
+        return CLIPTextOutput(hidden, None, None), keep
     first = torch.arange(B, device=hidden.device) * n  # each prompt's first chunk
     projected = out.projected[first] if out.projected is not None else None
-    return CLIPTextOutput(hidden, out.pooled[first], projected)
+    return CLIPTextOutput(hidden, out.pooled[first], projected), keep
 
 
 def _chunks_for(encoders: dict, names: tuple[str, ...], prompts: list[str], weighting: str) -> int:
@@ -289,7 +293,8 @@ def sd15(
     (ldm FrozenCLIPEmbedder). A UNet of this layout trained here with SDXL's `label_emb`
     (num_classes="sequential", adm_in_channels = the tower's width; scripts/grow_unet.py --pooled_text) also
     gets y = the first chunk's pooled EOS state [B, D] in its timestep embedding, as dit-text does; released
-    SD1 files have no label_emb."""
+    SD1 files have no label_emb. A UNet with `mask_text_padding` also gets context_mask [B, n·77] bool, True
+    on each chunk's BOS, tokens and EOS, so that its cross-attention leaves the padding out."""
     enc = _encoder(encoders, "clip_l", "sd15")
     pooled = getattr(net, "num_classes", None) == "sequential"
     if pooled and net.adm_in_channels != enc.config.hidden_size:
@@ -297,8 +302,13 @@ def sd15(
             f"this UNet's label_emb takes y of width {net.adm_in_channels}, but the clip_l tower's pooled "
             f"output is {enc.config.hidden_size} wide"
         )
-    out = _encode(enc, "clip_l", prompts, "eos", "last", True, pooled, weighting)
-    return {"context": out.hidden, "y": out.pooled} if pooled else {"context": out.hidden}  # [B, n·77, 768]
+    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, pooled, weighting)
+    cond = {"context": out.hidden}  # [B, n·77, 768]
+    if pooled:
+        cond["y"] = out.pooled
+    if getattr(net, "mask_text_padding", False):
+        cond["context_mask"] = keep.to(out.hidden.device)
+    return cond
 
 
 def sd21(
@@ -307,7 +317,7 @@ def sd21(
     """SD2: OpenCLIP ViT-H, resblocks 0..22 then ln_final (FrozenOpenCLIPEmbedder layer="penultimate"),
     open_clip's zero padding."""
     enc = _encoder(encoders, "clip_h", "sd21")
-    out = _encode(enc, "clip_h", prompts, "zero", "penultimate", True, False, weighting)
+    out, _ = _encode(enc, "clip_h", prompts, "zero", "penultimate", True, False, weighting)
     return {"context": out.hidden}  # [B, n·77, 1024]
 
 
@@ -317,7 +327,7 @@ def _bigg(
     """bigG penultimate without ln_final [B, n·77, 1280] and the projected pooled EOS state [B, 1280]
     (FrozenOpenCLIPEmbedder2 layer="penultimate", always_return_pooled=True, legacy=False)."""
     enc = _encoder(encoders, "clip_g", family)
-    out = _encode(enc, "clip_g", prompts, "zero", "penultimate", False, True, weighting, n)
+    out, _ = _encode(enc, "clip_g", prompts, "zero", "penultimate", False, True, weighting, n)
     return out.hidden, out.projected
 
 
@@ -327,7 +337,7 @@ def _clip_l_penultimate(
     """CLIP-L hidden_states[11] (the penultimate, no final LN) [B, n·77, 768] and the final-LN pooled
     EOS state [B, 768], EOS padding (sgm FrozenCLIPEmbedder layer="hidden", layer_idx=11; SD3 ClipL)."""
     enc = _encoder(encoders, "clip_l", family)
-    out = _encode(enc, "clip_l", prompts, "eos", "penultimate", False, True, weighting, n)
+    out, _ = _encode(enc, "clip_l", prompts, "eos", "penultimate", False, True, weighting, n)
     return out.hidden, out.pooled
 
 
@@ -388,7 +398,7 @@ def clip_text(
     and adds y to the timestep embedding (if pooled_dim > 0); the MMDiT puts the context tokens in its joint
     attention and adds y through its y_embedder (SD3's two paths, with one CLIP tower)."""
     enc = _encoder(encoders, "clip_l", "a text transformer (dit-text, mmdit-text)")
-    out = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
+    out, _ = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
     return {"context": out.hidden, "y": out.pooled}
 
 

@@ -279,7 +279,7 @@ class Prepared:
             v = float(torch.as_tensor(timesteps).reshape(-1)[0])
             return max(sum(1 for s in ts if s >= v - tol) - 1, 0)
 
-        def controlled(x, timesteps, context=None, y=None, control=None, **kw):
+        def controlled(x, timesteps, context=None, y=None, control=None, context_mask=None, **kw):
             i, rows = step(timesteps), x.shape[0]
             total = control  # residuals the caller passes itself are added to
             for net, c, g, ramp in units:
@@ -290,12 +290,14 @@ class Prepared:
                 t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(rows)[:r]
                 g = g if g.shape[0] == 1 else g.repeat(rows // g.shape[0], 1, 1, 1)[:r]
                 ctx = None if context is None else context[:r]
-                res = net(x[:r, : net.config.in_channels], None, t, ctx, None if y is None else y[:r], g)
+                mask = None if context_mask is None else context_mask[:r]
+                yr = None if y is None else y[:r]
+                res = net(x[:r, : net.config.in_channels], None, t, ctx, yr, g, context_mask=mask)
                 res = [v * s for v, s in zip(res, ramp, strict=True)]
                 if r < rows:  # no control on the unconditional half
                     res = [torch.cat([v, v.new_zeros(rows - r, *v.shape[1:])]) for v in res]
                 total = res if total is None else [a + b for a, b in zip(total, res, strict=True)]
-            return forward(unet, x, timesteps, context, y, control=total, **kw)
+            return forward(unet, x, timesteps, context, y, control=total, context_mask=context_mask, **kw)
 
         unet.forward = controlled
         try:

@@ -170,6 +170,56 @@ def test_matches_diffusers(cfg, hw):
     assert (out - expected).abs().max().item() < 1e-10 * expected.abs().max().item()
 
 
+def test_context_mask_matches_diffusers_encoder_attention_mask():
+    # A key mask on the cross-attention (mask_text_padding) ↔ diffusers' encoder_attention_mask (1 keep,
+    # 0 discard), per row: row 0 keeps its first 3 of 7 tokens, row 1 its first 6.
+    cfg = dataclasses.replace(SD2_LIKE_G8, mask_text_padding=True)
+    model = tiny(cfg)
+    ref = to_diffusers(model)
+    x, t, context = inputs(cfg, h=9, w=7)
+    keep = torch.arange(7)[None, :] < torch.tensor([[3], [6]])  # (2, 7) bool
+    with torch.no_grad():
+        out = model(x, t, context, context_mask=keep)
+        expected = ref(x, t, encoder_hidden_states=context, encoder_attention_mask=keep.double()).sample
+        unmasked = model(x, t, context)
+    assert (out - expected).abs().max().item() < 1e-10 * expected.abs().max().item()
+    assert (out - unmasked).abs().max().item() > 1e-3 * expected.abs().max().item()  # the mask does act
+
+
+def test_context_mask_is_the_same_as_leaving_the_tokens_out():
+    # softmax over the kept keys only: a row's masked tokens cannot change its output, whatever they hold,
+    # and a row that keeps all its tokens equals the unmasked call.
+    model = tiny(SD1_LIKE)
+    x, t, context = inputs(SD1_LIKE)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, 4:] = False
+    other = context.clone()
+    other[0, 4:] = torch.randn(3, SD1_LIKE.context_dim, dtype=context.dtype) * 10
+    with torch.no_grad():
+        a = model(x, t, context, context_mask=keep)
+        b = model(x, t, other, context_mask=keep)
+        short = model(x[:1], t[:1], context[:1, :4])
+        full = model(x, t, context)
+    assert (a - b).abs().max().item() < 1e-12
+    assert (a[:1] - short).abs().max().item() < 1e-10 * short.abs().max().item()
+    assert (a[1:] - full[1:]).abs().max().item() < 1e-10 * full.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "mask, why",
+    [
+        (torch.ones(2, 7), "bool"),  # float, not bool
+        (torch.ones(2, 6, dtype=torch.bool), "bool"),  # the wrong length
+        (torch.tensor([[True] * 7, [False] * 7]), "no token"),  # a row with nothing to attend to
+    ],
+)
+def test_context_mask_refuses_what_has_no_meaning(mask, why):
+    model = tiny(SD1_LIKE)
+    x, t, context = inputs(SD1_LIKE)
+    with pytest.raises(ValueError, match=why):
+        model(x, t, context, context_mask=mask)
+
+
 def test_matches_diffusers_float32_integer_timesteps():
     # float32: SDPA / conv accumulation order differs between the two models: ~1e-6 relative.
     model = tiny(SD1_LIKE, torch.float32)

@@ -379,3 +379,31 @@ def test_families_encode_passes_weighting_through():
     assert torch.equal(a["context"], b["context"]) and not torch.equal(a["context"], c["context"])
     dit = families.encode("dit-xl-2-256", {}, ["207"], 256, 256, weighting="comfy")
     assert dit["y"].tolist() == [207] and families.chunk_count("dit-xl-2-256", {}, ["207"]) == 1
+
+
+@torch.no_grad()
+def test_sd15_context_mask_keeps_each_chunks_bos_tokens_and_eos():
+    # A UNet with mask_text_padding gets context_mask [B, n·L]: in each chunk of L = 16 positions, BOS, the
+    # chunk's tokens and its EOS (1 + tokens + 1 positions, counted here with the tokenizer), nothing after;
+    # other UNets get no mask, and the context is the same either way.
+    l = tiny_clip(seed=11)
+    texts = [LONG, "a cat", ""]
+    net = SimpleNamespace(mask_text_padding=True)
+    out = conditioning.sd15({"clip_l": l}, texts, 64, 64, False, net)
+    plain = conditioning.sd15({"clip_l": l}, texts, 64, 64, False, SimpleNamespace(mask_text_padding=False))
+    assert "context_mask" not in plain and torch.equal(out["context"], plain["context"])
+    per_chunk = {  # tokens in each of the three chunks: 20 "cat" as 14 + 6, then BREAK and 5 "dog"
+        0: [14, 6, 5],
+        1: [len(enc_ids("a cat")), 0, 0],
+        2: [0, 0, 0],
+    }
+    expected = torch.zeros(3, 48, dtype=torch.bool)
+    for b, counts in per_chunk.items():
+        for k, c in enumerate(counts):
+            expected[b, 16 * k : 16 * k + c + 2] = True
+    assert out["context_mask"].dtype == torch.bool and torch.equal(out["context_mask"], expected)
+    # the prompt and its negative batch together (CFG): both masks as long as both contexts
+    cond, uncond = families.encode_pair("sd15", {"clip_l": l}, ["a cat"], [LONG], 64, 64, net)
+    assert cond["context_mask"].shape == uncond["context_mask"].shape == (1, 48)
+    assert torch.equal(cond["context_mask"][0], expected[1])
+    assert torch.equal(uncond["context_mask"][0], expected[0])

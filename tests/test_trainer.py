@@ -656,3 +656,73 @@ def test_torch_compile_trains_like_eager(tmp_path):
     lc = [r["loss"] for r in read_metrics(str(tmp_path / "comp" / "metrics.jsonl")) if "loss" in r]
     np.testing.assert_allclose(lc, le, rtol=1e-4)
     Pipeline.from_single_file(str(tmp_path / "comp" / "checkpoints" / "last.safetensors"))
+
+
+def test_mask_text_padding_is_trained_with_saved_and_sampled_with(tmp_path, monkeypatch):
+    # unet.mask_text_padding: every UNet call of the training (text encoded in the step, or read from the
+    # cache of a frozen tower) and of the exported file's sampling gets context_mask, True up to each
+    # caption's EOS; a fine-tune of an unmasked file may switch it on (not in the state dict).
+    from latentforge import tokenizer
+    from latentforge.models.unet import UNet
+    from latentforge.shapes import export
+
+    seen = []
+    forward = UNet.forward
+
+    def spy(self, x, timesteps, context=None, y=None, control=None, context_mask=None):
+        seen.append((self.config.mask_text_padding, context, context_mask))
+        return forward(self, x, timesteps, context, y, control, context_mask)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+
+    def check(expect_mask: bool):
+        assert seen
+        for flag, context, mask in seen:
+            assert flag == expect_mask and (mask is not None) == expect_mask
+            if expect_mask:  # BOS, the caption's tokens and EOS: at least 2 a row, fewer than all 16
+                assert mask.dtype == torch.bool and mask.shape == context.shape[:2]
+                assert bool((mask.sum(1) >= 2).all()) and not bool(mask.all())
+                chunks = mask.unflatten(1, (-1, 16))  # each chunk of 16 positions: a prefix of it
+                assert torch.equal(chunks, chunks.cummin(dim=2).values)
+        seen.clear()
+
+    plain = str(tmp_path / "plain")
+    train_denoiser(micro(max_steps=2, eval_n=0, sample_every=0), plain, progress=False)
+    check(False)
+    masked = str(tmp_path / "masked")
+    train_denoiser(
+        micro(max_steps=2, eval_n=0, sample_every=0, **{"unet.mask_text_padding": "true"}),
+        masked,
+        progress=False,
+    )
+    check(True)
+    pipe = Pipeline.from_single_file(os.path.join(masked, "checkpoints", "last.safetensors"))
+    assert pipe.components["unet"].config.mask_text_padding
+    pipe("a red circle", steps=2, cfg=2.0, progress=False)  # CFG: prompt and negative in one batch
+    assert [m.shape[0] for _, _, m in seen] == [2, 2]
+    n = len(tokenizer.encode(["a red circle"])[0])  # 3 tokens
+    assert seen[0][2][0].sum() == n + 2 and seen[0][2][1].sum() == 2  # the prompt, then the empty negative
+    check(True)
+    # fine-tuning the unmasked file with the flag masks (the file it writes says so); without, it does not
+    for flag in (True, False):
+        over = {
+            "init_from": os.path.join(plain, "checkpoints", "last.safetensors"),
+            "unet.mask_text_padding": str(flag),
+        }
+        ft = str(tmp_path / f"ft-{flag}")
+        train_denoiser(micro(max_steps=1, eval_n=0, sample_every=0, **over), ft, progress=False)
+        check(flag)
+        loaded = Pipeline.from_single_file(os.path.join(ft, "checkpoints", "last.safetensors"))
+        assert loaded.components["unet"].config.mask_text_padding == flag
+    # frozen text tower, latents and conditioning cached: the mask comes from the cache, as a bool
+    data = str(export(tmp_path / "data", n=4, size=32, seed=5))
+    vae = _tiny_vae_file(str(tmp_path / "vae.safetensors"))
+    clip = _tiny_clip_file(str(tmp_path / "c.safetensors"))
+    base = {**MICRO, "data": data, "pixel_space": "false", "vae": vae, "text_encoder": clip,
+            "train_text_encoder": "false", "unet.in_channels": 4, "unet.out_channels": 4, "max_steps": 2,
+            "eval_n": 0, "sample_every": 0, "unet.mask_text_padding": "true", "cache_latents": "true",
+            "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    train_denoiser(
+        resolve("denoiser", "shapes-tiny", overrides=base), str(tmp_path / "cached"), progress=False
+    )
+    check(True)

@@ -79,10 +79,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q kᵀ / √d_head [+ causal mask]) v: q (B, heads, L, d_head), k, v (B, heads, S, d_head) →
-    (B, L, heads·d_head), the heads merged back."""
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    (B, L, heads·d_head), the heads merged back. key_mask (B, S) bool: the keys each row may attend to
+    (False: left out of the softmax, as diffusers' `encoder_attention_mask`); every row needs one True."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S), broadcast over heads
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2).flatten(2)
 
 

@@ -45,6 +45,10 @@ class UNetConfig:
     # GroupNorm groups (ldm: 32, fixed; not in the state dict). A narrow UNet wants fewer: 32 groups on 32
     # channels is instance norm, which erases each channel's spatial mean (a flat background's level).
     norm_groups: int = 32
+    # Cross-attention leaves out each text chunk's tokens after its EOS (the padding): the conditioning then
+    # passes `context_mask` (B, L) (conditioning.py). Not in ldm and not in the state dict: a property of how
+    # a UNet was trained here (released SD files attend to all 77 tokens, padding included).
+    mask_text_padding: bool = False
 
     def depths(self) -> list[int]:
         d = self.transformer_depth
@@ -174,13 +178,15 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # (Fusing q/k/v into one (C, 3·inner) product measured no faster on CPU (≤ 0.5% of a forward)
         # and needs a cached weight copy (~225 MB for SD1.5), so the three products stay separate.)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|L, inner)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
-        return self.to_out(attention(q, k, v))  # (B, N, query_dim)
+        return self.to_out(attention(q, k, v, key_mask=key_mask))  # (B, N, query_dim)
 
 
 class GEGLU(nn.Module):
@@ -238,15 +244,17 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if torch.is_grad_enabled():
             x = x + self.attn1(self.norm1(x))
-            x = x + self.attn2(self.norm2(x), context)
+            x = x + self.attn2(self.norm2(x), context, context_mask)
             return x + self.ff(self.norm3(x))
         # Inference: add the residual into each sublayer's fresh output (B, N, C) instead of allocating.
         h = self.attn1(self.norm1(x))
         h += x
-        x = self.attn2(self.norm2(h), context)
+        x = self.attn2(self.norm2(h), context, context_mask)
         x += h
         h = self.ff(self.norm3(x))
         h += x
@@ -282,7 +290,9 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # zero_module
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.norm(x)
         if not _hooked(self.proj_in):
@@ -296,7 +306,7 @@ class SpatialTransformer(nn.Module):
         else:
             t = self.proj_in(t.flatten(2).transpose(1, 2))  # (B, HW, inner)
         for block in self.transformer_blocks:
-            t = block(t, context)
+            t = block(t, context, context_mask)
         if not _hooked(self.proj_out):
             # back: W (inner → C) @ tokensᵀ per image, straight into (B, C, HW) memory
             wo = self.proj_out.weight.flatten(1)  # (C, inner)
@@ -349,12 +359,12 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """An `input_blocks.N`, `output_blocks.N` or `middle_block`: routes emb and context to its layers."""
 
-    def forward(self, x, emb, context=None, upsample_size=None):
+    def forward(self, x, emb, context=None, upsample_size=None, context_mask=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, context_mask)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
@@ -422,9 +432,9 @@ def make_middle_block(cfg: UNetConfig) -> TimestepEmbedSequential:
     )
 
 
-def embed(net: nn.Module, x: torch.Tensor, timesteps, context, y):
+def embed(net: nn.Module, x: torch.Tensor, timesteps, context, y, context_mask=None):
     """The forward prologue of a UNet or ControlNet `net`: (emb (B, 4·mc), context, both in the weights'
-    dtype, that dtype)."""
+    dtype, that dtype). context_mask, if given, must be (B, L) bool for a context (B, L, D)."""
     dtype = net.time_embed[0].weight.dtype
     t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
     emb = net.time_embed(timestep_embedding(t, net.config.model_channels).to(dtype))  # (B, 4·mc)
@@ -434,7 +444,21 @@ def embed(net: nn.Module, x: torch.Tensor, timesteps, context, y):
         emb = emb + net.label_emb(y.to(dtype))
     if context is not None:
         context = context.to(dtype)
+    if context_mask is not None:
+        check_context_mask(context, context_mask)
     return emb, context, dtype
+
+
+def check_context_mask(context: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """A key mask for the cross-attention: (B, L) bool like the context's first two dimensions, with at least
+    one token kept per row (a row with none has no softmax)."""
+    if context is None or mask.dtype != torch.bool or tuple(mask.shape) != tuple(context.shape[:2]):
+        want = "no context" if context is None else f"(B, L) = {tuple(context.shape[:2])}"
+        raise ValueError(
+            f"context_mask must be a bool tensor of shape {want}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("context_mask leaves a row with no token to attend to; every row needs one True")
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,13 +508,16 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         control: Sequence[torch.Tensor] | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, H, W), timesteps (B,) or scalar in [0, 1000), context (B, L, context_dim),
         y (B, adm_in_channels) → (B, out_channels, H, W) in x's dtype; computed in the weights' dtype.
+        context_mask (B, L) bool: the context tokens the cross-attention may attend to (None: all).
         control: a ControlNet's residuals (controlnet.py), one per input block then one for the middle
         block, each shaped as that block's output: added to the middle block's output and to each skip as
         the decoder takes it (ControlNet's `ControlledUnetModel`). None: the plain UNet, unchanged."""
-        emb, context, dtype = embed(self, x, timesteps, context, y)
+        emb, context, dtype = embed(self, x, timesteps, context, y, context_mask)
+        m = context_mask
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(
                 f"control has {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
@@ -500,9 +527,9 @@ class UNet(nn.Module):
         with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
             h, skips = x.to(dtype), []
             for block in self.input_blocks:
-                h = block(h, emb, context)
+                h = block(h, emb, context, context_mask=m)
                 skips.append(h)
-            h = self.middle_block(h, emb, context)
+            h = self.middle_block(h, emb, context, context_mask=m)
             if control is not None:
                 h = h + control[-1].to(dtype)
             for block in self.output_blocks:
@@ -510,5 +537,5 @@ class UNet(nn.Module):
                 if control is not None:
                     skip = skip + control[len(skips)].to(dtype)  # the residual of input block len(skips)
                 h = torch.cat([h, skip], dim=1)
-                h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+                h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, m)
             return self.out(h).to(x.dtype)

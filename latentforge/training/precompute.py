@@ -86,6 +86,8 @@ def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) 
     text_fp = None
     if not cfg.train_text_encoder and frozen:
         text_fp = "text:" + ",".join(f"{n}={fingerprint(m)}" for n, m in sorted(frozen.items()))
+        if getattr(setup.model.parts[cfg.net].config, "mask_text_padding", False):
+            text_fp += ",context_mask"  # the cached conditioning then holds the mask too
     if world.main:
         cache = LatentCache(directory)
         todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -111,7 +113,9 @@ def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) 
                 net_config = setup.model.parts[cfg.net].config
                 with conditioning.first_chunk_only():  # as the trainer encodes (one context length)
                     cond = families.encode(cfg.family, enc, [cap], w, h, False, net_config, weighting="none")
-                cache.put(text_key(cap, (h, w), text_fp), {k: v[0].float().cpu() for k, v in cond.items()})
+                # floats as float32; the bool context_mask stays bool
+                row = {k: (v[0].float() if v.is_floating_point() else v[0]).cpu() for k, v in cond.items()}
+                cache.put(text_key(cap, (h, w), text_fp), row)
             n_text = len(missing)
         cache.flush()
         print(f"cache {directory}: {len(todo)} latents encoded, {len(keys) - len(todo)} reused; "

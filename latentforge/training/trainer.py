@@ -121,7 +121,12 @@ def build_models(cfg: DenoiserTrainConfig, device: torch.device) -> Setup:
         if cfg.net not in ckpt.components:
             raise ValueError(f"{cfg.init_from!r} holds no {cfg.net!r}; it has {sorted(ckpt.components)}")
         comps = ckpt.components
-        cfg.__dict__[cfg.net] = ckpt.configs[cfg.net]  # the loaded network's config, recorded with the run
+        net_cfg = ckpt.configs[cfg.net]
+        if getattr(cfg.net_config, "mask_text_padding", False) and not net_cfg.mask_text_padding:
+            # not in the state dict: a fine-tune may start masking the padding (models/unet.py)
+            net_cfg = dataclasses.replace(net_cfg, mask_text_padding=True)
+        cfg.__dict__[cfg.net] = net_cfg  # the loaded network's config, recorded with the run
+        comps[cfg.net].config = net_cfg
         if "clip_l" in ckpt.configs and cfg.text is None and "clip_l" in enc_names:
             cfg.text = ckpt.configs["clip_l"]
         vae = comps.get("vae") if not cfg.pixel_space else None
