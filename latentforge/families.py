@@ -280,6 +280,11 @@ def encode(
     prompts = _check_prompts(prompts)
     prompt_syntax.check_weighting(weighting)
     net_config = net_config if net_config is not None else fam.configs()[fam.net]
+    if getattr(net_config, "mask_text_padding", False) and fam.condition is not conditioning.sd15:
+        raise ValueError(
+            f"mask_text_padding is supported for the sd15 family's single CLIP tower only, not {family!r} "
+            "(set unet.mask_text_padding false)"
+        )
     return fam.condition(encoders, prompts, width, height, negative, net_config, weighting=weighting)
 
 

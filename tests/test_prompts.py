@@ -407,3 +407,10 @@ def test_sd15_context_mask_keeps_each_chunks_bos_tokens_and_eos():
     assert cond["context_mask"].shape == uncond["context_mask"].shape == (1, 48)
     assert torch.equal(cond["context_mask"][0], expected[1])
     assert torch.equal(uncond["context_mask"][0], expected[0])
+
+
+def test_mask_text_padding_is_refused_where_the_conditioning_cannot_make_it():
+    l, g = tiny_clip(seed=12), tiny_clip("open_clip", seed=13)
+    net = SimpleNamespace(mask_text_padding=True, context_dim=64)
+    with pytest.raises(ValueError, match="mask_text_padding.*sdxl-base"):
+        families.encode("sdxl-base", {"clip_l": l, "clip_g": g}, ["x"], 64, 64, False, net)
