@@ -307,7 +307,7 @@ def sd15(
     if pooled:
         cond["y"] = out.pooled
     if getattr(net, "mask_text_padding", False):
-        cond["context_mask"] = keep.to(out.hidden.device)
+        cond["context_mask"] = keep  # on the tower's device, as the context
     return cond
 
 

@@ -45,18 +45,18 @@ def patch(unet: UNet, depth: int, policy: Interval, stats: Stats) -> Iterator[No
         with workspace():  # as UNet.forward: its 3×3 convolutions take the same (Winograd) path
             return run(x, timesteps, context, y, context_mask)
 
-    def run(x: torch.Tensor, timesteps, context, y, m) -> torch.Tensor:
-        emb, context, dtype = embed(unet, x, timesteps, context, y, m)  # UNet.forward's prologue
+    def run(x: torch.Tensor, timesteps, context, y, context_mask) -> torch.Tensor:
+        emb, context, dtype = embed(unet, x, timesteps, context, y, context_mask)  # UNet.forward's prologue
         key = (tuple(x.shape), x.dtype, x.device)
         full = policy.full(timesteps, key) or "features" not in cache
         stats.calls += 1
         stats.full += full
         h, skips = x.to(dtype), []
         for block in unet.input_blocks if full else unet.input_blocks[: depth + 1]:
-            h = block(h, emb, context, context_mask=m)  # D_0 .. D_{n-1} (full) or D_0 .. D_depth
+            h = block(h, emb, context, context_mask=context_mask)  # D_0 .. D_{n-1} (full) or D_0 .. D_depth
             skips.append(h)
         if full:
-            h = unet.middle_block(h, emb, context, context_mask=m)
+            h = unet.middle_block(h, emb, context, context_mask=context_mask)
         for j in range(0 if full else join, n):
             if j == join:
                 if full:
@@ -64,7 +64,8 @@ def patch(unet: UNet, depth: int, policy: Interval, stats: Stats) -> Iterator[No
                 else:
                     h = cache["features"]
             h = torch.cat([h, skips.pop()], dim=1)
-            h = unet.output_blocks[j](h, emb, context, skips[-1].shape[-2:] if skips else None, m)
+            size = skips[-1].shape[-2:] if skips else None
+            h = unet.output_blocks[j](h, emb, context, size, context_mask)
         return unet.out(h).to(x.dtype)
 
     with replaced_forward(unet, forward):

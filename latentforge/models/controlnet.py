@@ -150,10 +150,9 @@ class ControlNet(nn.Module):
         dtype. guided_hint: `embed_hint(hint)` computed already (hint is then not read). context_mask: as
         `UNet.forward`'s (the UNet's `mask_text_padding`)."""
         emb, context, dtype = embed(self, x, timesteps, context, y, context_mask)
-        m = context_mask
         if guided_hint is None:
             guided_hint = self.embed_hint(hint)
-        h = self.input_blocks[0](x.to(dtype), emb, context, context_mask=m)
+        h = self.input_blocks[0](x.to(dtype), emb, context, context_mask=context_mask)
         if guided_hint.shape[-2:] != h.shape[-2:]:
             hh, hw = guided_hint.shape[-2:]
             raise ValueError(
@@ -164,8 +163,8 @@ class ControlNet(nn.Module):
         h = h + guided_hint.to(dtype)  # (B, mc, h, w): the condition enters after the first conv
         outs = [self.zero_convs[0](h, emb)]
         for block, zero in zip(self.input_blocks[1:], self.zero_convs[1:], strict=True):
-            h = block(h, emb, context, context_mask=m)
+            h = block(h, emb, context, context_mask=context_mask)
             outs.append(zero(h, emb))
-        h = self.middle_block(h, emb, context, context_mask=m)
+        h = self.middle_block(h, emb, context, context_mask=context_mask)
         outs.append(self.middle_block_out(h, emb))
         return outs

@@ -517,7 +517,6 @@ class UNet(nn.Module):
         block, each shaped as that block's output: added to the middle block's output and to each skip as
         the decoder takes it (ControlNet's `ControlledUnetModel`). None: the plain UNet, unchanged."""
         emb, context, dtype = embed(self, x, timesteps, context, y, context_mask)
-        m = context_mask
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise ValueError(
                 f"control has {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
@@ -527,9 +526,9 @@ class UNet(nn.Module):
         with workspace():  # one buffer for this forward's Winograd convolutions (models/winograd.py)
             h, skips = x.to(dtype), []
             for block in self.input_blocks:
-                h = block(h, emb, context, context_mask=m)
+                h = block(h, emb, context, context_mask=context_mask)
                 skips.append(h)
-            h = self.middle_block(h, emb, context, context_mask=m)
+            h = self.middle_block(h, emb, context, context_mask=context_mask)
             if control is not None:
                 h = h + control[-1].to(dtype)
             for block in self.output_blocks:
@@ -537,5 +536,5 @@ class UNet(nn.Module):
                 if control is not None:
                     skip = skip + control[len(skips)].to(dtype)  # the residual of input block len(skips)
                 h = torch.cat([h, skip], dim=1)
-                h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, m)
+                h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, context_mask)
             return self.out(h).to(x.dtype)
