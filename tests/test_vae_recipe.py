@@ -46,3 +46,37 @@ def test_narrow_posterior_sets_the_log_variance_half_of_the_moments():
     assert torch.allclose(post.logvar, torch.full_like(post.logvar, -6.0))
     assert torch.allclose(post.std, torch.full_like(post.std, float(torch.exp(torch.tensor(-3.0)))))
     assert VAETrainConfig().logvar_init is None and VAETrainConfig().crop == 0
+
+
+def test_decoder_only_training_keeps_the_encoder_and_the_latent_scale(tmp_path):
+    """--train_part decoder (the decoder-only fine-tune of SD's ft-EMA / ft-MSE VAEs): after a run from a
+    VAE file the encoder, quant_conv and the measured latent scale are bit-identical to the start, and the
+    decoder has moved, so latents of a denoiser trained on the first VAE still mean the same thing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from latentforge.training.config import resolve
+    from latentforge.training.vae_trainer import train_vae
+
+    over = {"max_steps": "3", "batch_size": "2", "resolution": "32", "eval_n": "4", "num_workers": "0",
+            "vae.ch_mult": "[1, 2]", "lr": "1e-3"}  # fmt: skip
+    first = str(tmp_path / "first")
+    train_vae(resolve("vae", "shapes-vae", overrides=over), first, progress=False)
+    start = f"{first}/checkpoints/last.safetensors"
+    over = {**over, "init_from": start, "train_part": "decoder", "seed": "1"}
+    second = str(tmp_path / "second")
+    train_vae(resolve("vae", "shapes-vae", overrides=over), second, progress=False)
+    end = f"{second}/checkpoints/last.safetensors"
+    a, b = load_file(start), load_file(end)
+    assert a.keys() == b.keys()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in a if k.startswith("decoder.") and not torch.equal(a[k], b[k])]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert len(moved) > len([k for k in a if k.startswith("decoder.")]) // 2
+    with safe_open(start, "pt") as f, safe_open(end, "pt") as g:
+        assert f.metadata()["latentforge.latent_format"] == g.metadata()["latentforge.latent_format"]
+
+
+def test_unknown_train_part_is_refused():
+    with pytest.raises(ValueError, match="train_part"):
+        VAETrainConfig(train_part="encoder")

@@ -156,6 +156,9 @@ class VAETrainConfig:
     crop: int = 0  # shapes data: train on random crop×crop windows of the scenes (0: whole scenes)
     recon: str = "l1"  # "l1" | "l2"
     logvar_init: float | None = None  # q(z|x)'s log-variance bias at the start (vae_trainer.narrow_posterior)
+    # "all" | "decoder": with "decoder" the encoder and quant_conv are frozen, so the latents (and a denoiser
+    # trained on them) stay valid: SD's ft-EMA / ft-MSE VAEs were made this way (vae_trainer.freeze_encoder)
+    train_part: str = "all"
     kl_weight: float = 1e-6
     disc_weight: float = 0.5
     disc_start: int = 50001  # the patch-GAN switches on at this step (after the warm-up)
@@ -187,6 +190,7 @@ class VAETrainConfig:
 
     def __post_init__(self):
         _choice("recon", self.recon, ("l1", "l2"))
+        _choice("train_part", self.train_part, ("all", "decoder"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every"):

@@ -97,10 +97,10 @@ def measure_scale(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> fl
     return latent_scale_factor(zs)
 
 
-def export_vae(path: str, vae: AutoencoderKL, scale: float | None) -> None:
+def export_vae(path: str, vae: AutoencoderKL, fmt: LatentFormat | None) -> None:
     meta = {"latentforge.configs": configs_to_json({"vae": vae.config})}
-    if scale is not None:
-        meta["latentforge.latent_format"] = LatentFormat(scale).to_json()
+    if fmt is not None:
+        meta["latentforge.latent_format"] = fmt.to_json()
     save_state_dict(vae.state_dict(), path, metadata=meta)
 
 
@@ -135,6 +135,15 @@ def narrow_posterior(vae: AutoencoderKL, logvar: float) -> None:
         last.bias[z:] = logvar  # moments = [mean (z channels), logvar (z channels)]
 
 
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Train the decoder only: the encoder and quant_conv stop taking gradients, so q(z|x) and the latent
+    scale are those of the starting VAE and a denoiser trained on its latents keeps working with the new
+    decoder (the decoder-only fine-tunes of SD's VAE, sd-vae-ft-ema / ft-mse, were made this way)."""
+    vae.encoder.requires_grad_(False)
+    if vae.quant_conv is not None:
+        vae.quant_conv.requires_grad_(False)
+
+
 class VAETask(loop.Task):
     """The VAE and its discriminator as one trained tree (`VAEAndDisc`), one AdamW over both (two groups),
     the autoencoder + discriminator micro-step, and the exported VAE file with its measured latent scale."""
@@ -145,9 +154,12 @@ class VAETask(loop.Task):
 
     def __init__(self, cfg: VAETrainConfig, world: dist.World):
         init_rng = torch.Generator().manual_seed(cfg.seed)  # initial weights: from this, not the global RNG
+        self.kept_format = None  # decoder only: the starting file's latent format, exported unchanged
         if cfg.init_from:
-            vae = load_vae_file(cfg.init_from)[0]
+            vae, fmt = load_vae_file(cfg.init_from)
             cfg.vae = vae.config
+            if cfg.train_part == "decoder":
+                self.kept_format = fmt
         else:
             vae = init_weights(AutoencoderKL(cfg.vae), init_rng)
         if cfg.logvar_init is not None:
@@ -157,11 +169,17 @@ class VAETask(loop.Task):
         if disc is not None and world.distributed:
             disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
         model = VAEAndDisc(vae.train().requires_grad_(True), disc).to(world.device)
+        if cfg.train_part == "decoder":
+            if not cfg.init_from:
+                raise ValueError("train_part 'decoder' fine-tunes a trained VAE: give --init_from a VAE file")
+            freeze_encoder(model.vae)
         if world.main:
             n_vae = sum(p.numel() for p in model.vae.parameters())
+            n_train = sum(p.numel() for p in model.vae.parameters() if p.requires_grad)
             n_disc = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
             batch = loop.describe_batch(cfg, world)
-            print(f"VAE {n_vae:,} parameters, discriminator {n_disc:,}; {batch}", flush=True)
+            sizes = f"VAE {n_vae:,} parameters ({n_train:,} trained), discriminator {n_disc:,}"
+            print(f"{sizes}; {batch}", flush=True)
         super().__init__(cfg, world, model, dataset_for(cfg, world))
 
     @functools.cached_property
@@ -171,7 +189,8 @@ class VAETask(loop.Task):
 
     def optimizer(self) -> torch.optim.Optimizer:
         cfg, model = self.cfg, self.model
-        groups = [{"params": list(model.vae.parameters()), "weight_decay": cfg.weight_decay}]
+        trained = [p for p in model.vae.parameters() if p.requires_grad]
+        groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
         if model.disc is not None:
             groups.append({"params": list(model.disc.parameters()), "weight_decay": 0.0})
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -211,9 +230,14 @@ class VAETask(loop.Task):
         """The VAE with `weights` (EMA) and the latent scale measured on the held-out images through them."""
         model, held = self.model, self.held
         with weights_swapped(model, weights):
-            scale = measure_scale(model.vae.eval(), held) if held is not None and len(held) > 1 else None
+            if self.kept_format is not None:  # the encoder did not train: its latents keep their format
+                fmt = self.kept_format
+            elif held is not None and len(held) > 1:
+                fmt = LatentFormat(measure_scale(model.vae.eval(), held))
+            else:
+                fmt = None
             model.vae.train()
-            export_vae(path, model.vae, scale)
+            export_vae(path, model.vae, fmt)
 
     def samples(self, path: str, weights) -> dict | None:
         """PSNR / SSIM of the held-out images through `weights` (EMA), and a grid (originals above)."""
