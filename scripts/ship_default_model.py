@@ -8,6 +8,10 @@ for both) and the trainer's metadata, adds `latentforge.defaults` (the generatio
 `demo` and `Pipeline.default()` use where the caller gives none) and `latentforge.latent_rgb` (the linear
 preview's latent->RGB factors, fit by least squares on the shipped VAE: previews.fit_linear on 64 rendered
 training scenes) and writes latentforge/data/shapes64.safetensors atomically (or --out).
+
+`--vae FILE` swaps in a VAE from `train vae` (bare LDM keys), e.g. one whose decoder alone was fine-tuned
+(`--train_part decoder`); its latent format must be the checkpoint's, or the denoiser's latents would mean
+something else, so any other is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +31,23 @@ from latentforge.previews import fit_linear, shapes_images  # noqa: E402
 from latentforge.samplers import get_sampler  # noqa: E402
 from latentforge.schedules import SCHEDULERS  # noqa: E402
 
+FORMAT = "latentforge.latent_format"
+
+
+def swap_vae(sd: dict, meta: dict, path: str, dtype: torch.dtype) -> None:
+    """Replace sd's `first_stage_model.*` tensors by the VAE file's (same keys, shapes and latent format)."""
+    theirs, ours = read_metadata(path).get(FORMAT), meta.get(FORMAT)
+    if theirs != ours:
+        raise SystemExit(
+            f"{path}: latent format {theirs} differs from the checkpoint's {ours}; only a VAE with the same "
+            "latents can be swapped in"
+        )
+    vae = {"first_stage_model." + k: v for k, v in read_state_dict(path).items()}
+    ours = {k for k in sd if k.startswith("first_stage_model.")}
+    if set(vae) != ours or any(vae[k].shape != sd[k].shape for k in ours):
+        raise SystemExit(f"{path}: its keys or shapes are not the checkpoint's VAE's")
+    sd.update({k: v.to(dtype) for k, v in vae.items()})
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,6 +58,7 @@ def main() -> int:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--vae", default=None, help="a VAE file to ship in place of the checkpoint's")
     args = p.parse_args()
     get_sampler(args.sampler)
     if args.scheduler not in SCHEDULERS:
@@ -44,6 +66,8 @@ def main() -> int:
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_state_dict(args.checkpoint).items()}
     meta = dict(read_metadata(args.checkpoint))
+    if args.vae:
+        swap_vae(sd, meta, args.vae, dtype)
     defaults = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg}
     meta["latentforge.defaults"] = json.dumps(defaults)
     meta["latentforge.name"] = "shapes64"

@@ -80,3 +80,37 @@ def test_decoder_only_training_keeps_the_encoder_and_the_latent_scale(tmp_path):
 def test_unknown_train_part_is_refused():
     with pytest.raises(ValueError, match="train_part"):
         VAETrainConfig(train_part="encoder")
+
+
+def test_ship_script_swaps_in_a_vae_with_the_same_latents_only(tmp_path):
+    """scripts/ship_default_model.py --vae: the shipped file's VAE exported and swapped back is the same
+    state dict; a VAE whose latent format differs is refused (the denoiser's latents would mean another
+    thing)."""
+    import importlib.util
+    import os
+
+    from latentforge.checkpoint_io import read_metadata, read_state_dict
+    from latentforge.checkpoints import load_vae_file
+    from latentforge.models.vae import LatentFormat
+    from latentforge.pipeline import DEFAULT_MODEL
+    from latentforge.training.vae_trainer import export_vae
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "ship_default_model.py")
+    spec = importlib.util.spec_from_file_location("ship_default_model", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sd, meta = read_state_dict(DEFAULT_MODEL), dict(read_metadata(DEFAULT_MODEL))
+    vae, fmt = load_vae_file(DEFAULT_MODEL)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    same, other = str(tmp_path / "same.safetensors"), str(tmp_path / "other.safetensors")
+    export_vae(same, vae, fmt)
+    export_vae(other, vae, LatentFormat(fmt.scale_factor * 2))
+    swapped = dict(sd)
+    mod.swap_vae(swapped, meta, same, torch.float16)
+    key = "first_stage_model.decoder.conv_out.bias"
+    changed = [k for k in sd if not torch.equal(sd[k], swapped[k])]
+    assert changed == [key] and swapped[key].dtype == torch.float16
+    torch.testing.assert_close(swapped[key].float(), sd[key].float() + 0.5, atol=1e-3, rtol=0)
+    with pytest.raises(SystemExit, match="latent format"):
+        mod.swap_vae(dict(sd), meta, other, torch.float16)
