@@ -419,11 +419,12 @@ def test_shapes_tiny_learns(tmp_path):
 
 def _tiny_vae_file(path: str) -> str:
     from latentforge.models import AutoencoderKL, AutoencoderKLConfig
+    from latentforge.models.vae import LatentFormat
     from latentforge.training.vae_trainer import export_vae
 
     torch.manual_seed(1)
     vae = AutoencoderKL(AutoencoderKLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32))
-    export_vae(path, vae, scale=0.5)
+    export_vae(path, vae, fmt=LatentFormat(0.5))
     return path
 
 
