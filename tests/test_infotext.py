@@ -144,9 +144,10 @@ def test_replay_our_png_is_pixel_identical_and_flags_win(tmp_path, capsys):
         == 0
     )
     text = Image.open(other / "00000-20.png").text["parameters"]
-    cfg = _shipped_defaults()["cfg"]  # made[0] used the model's CFG; the replay keeps it
+    shipped = _shipped_defaults()  # made[0] used the model's sampler and CFG; the replay keeps them
+    label, cfg = infotext.sampler_label(shipped["sampler"]), float(shipped["cfg"])
     assert text.startswith(
-        f"a small green star\nSteps: 2, Sampler: Euler, Schedule type: Normal, CFG scale: {float(cfg)}"
+        f"a small green star\nSteps: 2, Sampler: {label}, Schedule type: Normal, CFG scale: {cfg}"
     )
 
 
