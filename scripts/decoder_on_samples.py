@@ -28,7 +28,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,7 +88,7 @@ def train(args) -> None:
     pairs = {k: torch.cat([f[k] for f in files]) for k in ("latents", "index", "strength")}
     model = model_file(args.model)
     vae, fmt = load_vae_file(args.init or model)
-    if fmt != load_vae_file(model)[1]:
+    if args.init and fmt != load_vae_file(model)[1]:
         raise SystemExit(f"{args.init}: its latent format {fmt} is not the model's")
     vae.requires_grad_(True)
     freeze_encoder(vae)
@@ -113,8 +112,7 @@ def train(args) -> None:
         x_pair = torch.stack([scene(seed, int(pairs["index"][i]))[0] for i in pick])
         x_enc = torch.stack([scene(seed, fresh + step * half + k)[0] for k in range(half)])
         with torch.no_grad():
-            post = vae.encode(x_enc)
-            z_enc = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z_enc = vae.encode(x_enc).sample(g)
         z, x = windows(torch.cat([z_pair, z_enc]), torch.cat([x_pair, x_enc]), args.crop, f, g)
         loss = F.mse_loss(vae.decode(z), x)
         opt.zero_grad(set_to_none=True)
@@ -159,7 +157,6 @@ def main() -> int:
     b.add_argument("--out", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
-    np.random.seed(0)
     gen(args) if args.cmd == "gen" else train(args)
     return 0
 

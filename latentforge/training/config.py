@@ -191,6 +191,8 @@ class VAETrainConfig:
     def __post_init__(self):
         _choice("recon", self.recon, ("l1", "l2"))
         _choice("train_part", self.train_part, ("all", "decoder"))
+        if self.train_part == "decoder" and not self.init_from:
+            raise ValueError("train_part 'decoder' fine-tunes a trained VAE: give --init_from a VAE file")
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every"):

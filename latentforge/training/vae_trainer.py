@@ -170,8 +170,6 @@ class VAETask(loop.Task):
             disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
         model = VAEAndDisc(vae.train().requires_grad_(True), disc).to(world.device)
         if cfg.train_part == "decoder":
-            if not cfg.init_from:
-                raise ValueError("train_part 'decoder' fine-tunes a trained VAE: give --init_from a VAE file")
             freeze_encoder(model.vae)
         if world.main:
             n_vae = sum(p.numel() for p in model.vae.parameters())
