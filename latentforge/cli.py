@@ -46,8 +46,11 @@ def _shapes(args) -> int:
     check.int_in("--n", args.n, 1)
     check.int_in("--seed", args.seed, 0)
     check.int_in("--size", args.size, MIN_RES, MAX_RES)
+    check.float_in("--relation_share", args.relation_share, 0.0, 1.0)
     check.out_dir("DIR", args.dir)
-    out = export(args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split)
+    out = export(
+        args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split, relation_share=args.relation_share
+    )
     _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
     return 0
 
@@ -402,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", type=int, default=64, help="resolution, 32..512")
     ex.add_argument("--seed", type=int, default=0, help="an integer >= 0")
     ex.add_argument("--split", default="train", choices=["train", "validation", "heldout"])
+    ex.add_argument(
+        "--relation_share",
+        type=float,
+        default=0.0,
+        help="caption this share of the scenes of 2+ objects with a spatial relation (0: the usual mix)",
+    )
     ex.set_defaults(func=_shapes)
 
     g = sub.add_parser("generate", help="text to image from a single-file checkpoint")

@@ -172,6 +172,8 @@ CASES = [
     ("export-under-file", ["shapes", "export", "{file}/x", "--n", "1"], ["'{file}' is a file"]),
     ("export-n-0", ["shapes", "export", "{tmp}/x", "--n", "0"], ["--n 0", ">= 1"]),
     ("export-size", ["shapes", "export", "{tmp}/x", "--size", "1000"], ["--size 1000", "[32, 512]"]),
+    ("export-relation-share", ["shapes", "export", "{tmp}/x", "--relation_share", "1.5"],
+     ["--relation_share 1.5", "[0, 1]"]),
     ("bench-out-is-file", ["bench", "samplers", "--out", "{file}"], ["--out", "is a file"]),
 ]  # fmt: skip
 

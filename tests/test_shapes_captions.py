@@ -199,3 +199,38 @@ def test_complete_background_draws_what_the_data_draws():
     stated = ("a red star on a white background", "top left: a red star; background: blue")
     for text in ("a photograph of a cat", *stated):
         assert complete_background(text, rng) == text
+
+
+def test_relation_share_raises_the_share_of_relation_captions_and_they_still_parse():
+    # A scene of 2+ objects gets a relation caption with probability s + (1 - s) q, where q is the styles'
+    # own relation share (1 of 4 styles, or 1 of 6 when a count group exists): for s = 0.6 between 0.667
+    # and 0.70. 400 such scenes: a binomial sd of 0.024, so [0.59, 0.78] is a 3-sd band around both ends.
+    multi = rel = 0
+    for i in range(1000):
+        rng = np.random.default_rng([7, i])
+        scene = sample_scene(rng, split="train")
+        text, spec = describe(scene, rng, relation_share=0.6)
+        assert parse(text) == spec and satisfies(scene, spec), text
+        if len(scene.objects) >= 2:
+            multi += 1
+            rel += bool(spec.relations)
+        else:
+            assert not spec.relations
+    assert multi >= 400
+    assert 0.59 <= rel / multi <= 0.78, rel / multi
+    # share 1: every multi-object scene states exactly one relation
+    for i in range(200):
+        rng = np.random.default_rng([8, i])
+        scene = sample_scene(rng, split="train")
+        _, spec = describe(scene, rng, relation_share=1.0)
+        assert len(spec.relations) == (1 if len(scene.objects) >= 2 else 0)
+
+
+def test_relation_share_zero_is_the_usual_stream_and_bad_shares_are_refused():
+    for i in range(200):
+        scene = sample_scene(np.random.default_rng([9, i]), split="train")
+        assert describe(scene, np.random.default_rng(i)) == describe(scene, np.random.default_rng(i), 0.0)
+    scene = sample_scene(np.random.default_rng(0), split="train")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"relation_share must be in \[0, 1\], got"):
+            describe(scene, np.random.default_rng(0), relation_share=bad)

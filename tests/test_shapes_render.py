@@ -278,3 +278,12 @@ def test_export(tmp_path):
         assert (out / name).read_bytes() == (out2 / name).read_bytes()
     with pytest.raises(ValueError, match="size"):
         export(tmp_path / "bad", n=1, size=1000)
+    # relation_share: the same scenes (images), other captions for some, still exact
+    out3 = export(tmp_path / "ds3", n=5, size=48, seed=2, split="validation", relation_share=1.0)
+    for i, line in enumerate((out3 / "metadata.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        scene = Scene.from_dict(rec["scene"])
+        assert rec["scene"] == json.loads(lines[i])["scene"]
+        assert len(parse(rec["text"]).relations) == (len(scene.objects) >= 2)
+    with pytest.raises(ValueError, match="relation_share"):
+        export(tmp_path / "bad", n=1, relation_share=2.0)
