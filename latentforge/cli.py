@@ -49,7 +49,12 @@ def _shapes(args) -> int:
     check.float_in("--relation_share", args.relation_share, 0.0, 1.0)
     check.out_dir("DIR", args.dir)
     out = export(
-        args.dir, n=args.n, size=args.size, seed=args.seed, split=args.split, relation_share=args.relation_share
+        args.dir,
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        split=args.split,
+        relation_share=args.relation_share,
     )
     _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
     return 0

@@ -12,6 +12,11 @@ training scenes) and writes latentforge/data/shapes64.safetensors atomically (or
 `--vae FILE` swaps in a VAE from `train vae` (bare LDM keys), e.g. one whose decoder alone was fine-tuned
 (`--train_part decoder`); its latent format must be the checkpoint's, or the denoiser's latents would mean
 something else, so any other is refused.
+
+`--average FILE [FILE ...]` ships the uniform average of the checkpoint's and the files' denoiser and text
+tower weights (a "uniform soup": Wortsman et al. 2022, "Model soups", ICML, §2-3: fine-tunes of one
+starting point averaged weight by weight, in float32 before the cast), e.g. a fine-tune averaged with the
+model it started from; the VAE stays the checkpoint's. All must have the same keys and shapes.
 """
 
 from __future__ import annotations
@@ -49,6 +54,26 @@ def swap_vae(sd: dict, meta: dict, path: str, dtype: torch.dtype) -> None:
     sd.update({k: v.to(dtype) for k, v in vae.items()})
 
 
+SOUP = ("model.diffusion_model.", "cond_stage_model.")
+
+
+def average_with(sd: dict, paths: list[str]) -> int:
+    """sd's denoiser and text tower tensors <- the mean of sd's and the files' (float32); -> how many."""
+    keys = [k for k in sd if k.startswith(SOUP) and sd[k].is_floating_point()]
+    total = {k: sd[k].float() for k in keys}
+    for path in paths:
+        theirs = read_state_dict(path)
+        if set(theirs) != set(sd) or any(theirs[k].shape != sd[k].shape for k in sd):
+            raise SystemExit(
+                f"{path}: its keys or shapes are not the checkpoint's; only one model's fine-tunes average"
+            )
+        for k in keys:
+            total[k] += theirs[k].float()
+    for k in keys:
+        sd[k] = total[k] / (1 + len(paths))
+    return len(keys)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="the run's checkpoints/last.safetensors (EMA weights)")
@@ -59,12 +84,18 @@ def main() -> int:
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--vae", default=None, help="a VAE file to ship in place of the checkpoint's")
+    p.add_argument(
+        "--average", nargs="+", default=None, help="files whose denoiser and text tower to average with"
+    )
     args = p.parse_args()
     get_sampler(args.sampler)
     if args.scheduler not in SCHEDULERS:
         raise SystemExit(f"unknown scheduler {args.scheduler!r}; known: {sorted(SCHEDULERS)}")
     dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_state_dict(args.checkpoint).items()}
+    sd = read_state_dict(args.checkpoint)
+    if args.average:
+        average_with(sd, args.average)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     meta = dict(read_metadata(args.checkpoint))
     if args.vae:
         swap_vae(sd, meta, args.vae, dtype)

@@ -114,3 +114,42 @@ def test_ship_script_swaps_in_a_vae_with_the_same_latents_only(tmp_path):
     torch.testing.assert_close(swapped[key].float(), sd[key].float() + 0.5, atol=1e-3, rtol=0)
     with pytest.raises(SystemExit, match="latent format"):
         mod.swap_vae(dict(sd), meta, other, torch.float16)
+
+
+def test_ship_script_averages_the_denoiser_and_text_tower_only(tmp_path):
+    """scripts/ship_default_model.py --average (a uniform soup): the denoiser and text tower tensors become
+    the float32 mean of the two files', the VAE stays the checkpoint's; other keys or shapes are refused."""
+    import importlib.util
+    import os
+
+    from latentforge.checkpoint_io import read_state_dict, save_state_dict
+    from latentforge.pipeline import DEFAULT_MODEL
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "ship_default_model.py")
+    spec = importlib.util.spec_from_file_location("ship_default_model", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sd = read_state_dict(DEFAULT_MODEL)
+    g = torch.Generator().manual_seed(0)
+    other = {
+        k: v + torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
+        for k, v in sd.items()
+    }
+    path = str(tmp_path / "other.safetensors")
+    save_state_dict(other, path)
+    mine = dict(sd)
+    n = mod.average_with(mine, [path])
+    soup = [
+        k
+        for k in sd
+        if k.startswith(("model.diffusion_model.", "cond_stage_model.")) and sd[k].is_floating_point()
+    ]
+    assert n == len(soup) > 100
+    for k in sd:
+        want = (sd[k].float() + other[k].float()) / 2 if k in soup else sd[k]
+        assert torch.equal(mine[k], want), k
+    assert all(torch.equal(mine[k], sd[k]) for k in sd if k.startswith("first_stage_model."))
+    del other[soup[0]]
+    save_state_dict(other, path)
+    with pytest.raises(SystemExit, match="keys or shapes"):
+        mod.average_with(dict(sd), [path])
