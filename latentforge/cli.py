@@ -47,6 +47,7 @@ def _shapes(args) -> int:
     check.int_in("--seed", args.seed, 0)
     check.int_in("--size", args.size, MIN_RES, MAX_RES)
     check.float_in("--relation_share", args.relation_share, 0.0, 1.0)
+    check.float_in("--background_share", args.background_share, 0.0, 1.0)
     check.out_dir("DIR", args.dir)
     out = export(
         args.dir,
@@ -55,6 +56,7 @@ def _shapes(args) -> int:
         seed=args.seed,
         split=args.split,
         relation_share=args.relation_share,
+        background_share=args.background_share,
     )
     _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
     return 0
@@ -415,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="caption this share of the scenes of 2+ objects with a spatial relation (0: the usual mix)",
+    )
+    ex.add_argument(
+        "--background_share",
+        type=float,
+        default=0.6,
+        help="the share of captions that state the background (0.6: the usual mix)",
     )
     ex.set_defaults(func=_shapes)
 

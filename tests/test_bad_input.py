@@ -174,6 +174,8 @@ CASES = [
     ("export-size", ["shapes", "export", "{tmp}/x", "--size", "1000"], ["--size 1000", "[32, 512]"]),
     ("export-relation-share", ["shapes", "export", "{tmp}/x", "--relation_share", "1.5"],
      ["--relation_share 1.5", "[0, 1]"]),
+    ("export-background-share", ["shapes", "export", "{tmp}/x", "--background_share", "-1"],
+     ["--background_share -1.0", "[0, 1]"]),
     ("bench-out-is-file", ["bench", "samplers", "--out", "{file}"], ["--out", "is a file"]),
 ]  # fmt: skip
 

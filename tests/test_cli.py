@@ -33,6 +33,15 @@ def test_shapes_export(tmp_path, capsys):
     assert len(lines) == 3 and (tmp_path / "000002.png").exists() and (tmp_path / "000002.txt").exists()
     assert main(["shapes", "export", str(tmp_path), "--n", "3", "--size", "1000"]) == 2
     assert "[32, 512]" in capsys.readouterr().err
+    # the caption knobs: every 2+-object scene with a relation, no background stated
+    out = tmp_path / "knobs"
+    argv = ["shapes", "export", str(out), "--n", "12", "--relation_share", "1", "--background_share", "0"]
+    assert main(argv) == 0
+    for line in (out / "metadata.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        spec = rec["caption_spec"]
+        assert spec["background"] is None
+        assert len(spec["relations"]) == (len(rec["scene"]["objects"]) >= 2)
 
 
 def test_info(capsys):

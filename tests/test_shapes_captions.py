@@ -234,3 +234,22 @@ def test_relation_share_zero_is_the_usual_stream_and_bad_shares_are_refused():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"relation_share must be in \[0, 1\], got"):
             describe(scene, np.random.default_rng(0), relation_share=bad)
+
+
+def test_background_share_sets_how_often_the_background_is_stated():
+    # 0 and 1 are exact; the default 0.6 draws the same captions as before (one uniform draw either way)
+    for share, want in ((0.0, False), (1.0, True)):
+        for i in range(300):
+            rng = np.random.default_rng([10, i])
+            scene = sample_scene(rng, split="train")
+            text, spec = describe(scene, rng, background_share=share)
+            assert parse(text) == spec and satisfies(scene, spec), text
+            assert (spec.background is not None) == want, text
+    for i in range(200):
+        scene = sample_scene(np.random.default_rng([11, i]), split="train")
+        assert describe(scene, np.random.default_rng(i)) == describe(
+            scene, np.random.default_rng(i), 0.0, 0.6
+        )
+    scene = sample_scene(np.random.default_rng(0), split="train")
+    with pytest.raises(ValueError, match=r"background_share must be in \[0, 1\], got 1.2"):
+        describe(scene, np.random.default_rng(0), background_share=1.2)

@@ -116,14 +116,18 @@ def _np(rng, o: Obj, state_size: bool) -> tuple[str, Obj]:
     return _with_article(rng, form.format(z=size, c=color, s=shape)), Obj(o.shape, o.color, o.size)
 
 
-def describe(scene: Scene, rng: np.random.Generator, relation_share: float = 0.0) -> tuple[str, Scene]:
+def describe(
+    scene: Scene, rng: np.random.Generator, relation_share: float = 0.0, background_share: float = 0.6
+) -> tuple[str, Scene]:
     """A random caption of complete ``scene`` and the partial ``Scene`` it states (``parse(text)``).
 
     ``relation_share`` > 0: a scene of two or more objects is captioned with a relation with this
     probability (otherwise by the styles' own mix, in which a relation is 1 of 4 to 6 styles), for data
-    that teaches relations more often; 0 (the default) draws exactly as before."""
-    if not 0.0 <= relation_share <= 1.0:
-        raise ValueError(f"relation_share must be in [0, 1], got {relation_share}")
+    that teaches relations more often; 0 (the default) draws exactly as before. ``background_share``: the
+    probability that the caption states the background (0.6, the default, draws exactly as before)."""
+    for name, v in (("relation_share", relation_share), ("background_share", background_share)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
     scene.validate(complete=True)
     objs = list(scene.objects)
     n = len(objs)
@@ -142,7 +146,7 @@ def describe(scene: Scene, rng: np.random.Generator, relation_share: float = 0.0
 
     stated: list[Obj] = []
     relations: list[tuple[int, str, int]] = []
-    bg = scene.background if rng.random() < 0.6 else None
+    bg = scene.background if rng.random() < background_share else None
 
     if style == "labelled":
         parts = []
