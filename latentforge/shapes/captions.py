@@ -116,6 +116,13 @@ def _np(rng, o: Obj, state_size: bool) -> tuple[str, Obj]:
     return _with_article(rng, form.format(z=size, c=color, s=shape)), Obj(o.shape, o.color, o.size)
 
 
+def check_shares(relation_share: float, background_share: float) -> None:
+    """describe's caption knobs are probabilities; anything else is refused with its name."""
+    for name, v in (("relation_share", relation_share), ("background_share", background_share)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+
+
 def describe(
     scene: Scene, rng: np.random.Generator, relation_share: float = 0.0, background_share: float = 0.6
 ) -> tuple[str, Scene]:
@@ -125,9 +132,7 @@ def describe(
     probability (otherwise by the styles' own mix, in which a relation is 1 of 4 to 6 styles), for data
     that teaches relations more often; 0 (the default) draws exactly as before. ``background_share``: the
     probability that the caption states the background (0.6, the default, draws exactly as before)."""
-    for name, v in (("relation_share", relation_share), ("background_share", background_share)):
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    check_shares(relation_share, background_share)
     scene.validate(complete=True)
     objs = list(scene.objects)
     n = len(objs)

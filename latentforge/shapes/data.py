@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..files import atomic_path, write_text
-from .captions import describe
+from .captions import check_shares, describe
 from .render import SPLITS, Scene, check_resolution, normalize_split, render, sample_scene
 
 
@@ -125,9 +125,7 @@ def export(
     split = normalize_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    for name, v in (("relation_share", relation_share), ("background_share", background_share)):
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    check_shares(relation_share, background_share)  # before any file is written
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
