@@ -126,15 +126,19 @@ def _eval_generate(args) -> str:
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
     sampled = list(prompts)  # what the model is given; images are scored against `prompts`
-    if getattr(args, "complete_background", False):  # image k's background: seed + k
+    if args.complete_background is None:
+        args.complete_background = pipe.defaults["complete_background"]
+    if args.complete_background:  # image k's background: seed + k, as Pipeline draws it
         draws = (np.random.default_rng(args.seed + k) for k in range(len(prompts)))
         sampled = [complete_background(p, g) for p, g in zip(prompts, draws, strict=True)]
+        done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
+        _say(f"background completion: {done} of {len(prompts)} prompts completed (scored as written)")
     lines = []
     for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
         chunk = sampled[start : start + EVAL_BATCH]
         images = pipe(chunk, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
                       seed=args.seed + start, width=args.width, height=args.height, batch_size=len(chunk),
-                      progress=False, **speed)  # fmt: skip
+                      complete_background=False, progress=False, **speed)  # fmt: skip
         for k, img in enumerate(images, start):
             name = f"{k:06d}.png"
             with atomic_path(os.path.join(out, name)) as tmp:
@@ -211,20 +215,22 @@ def _demo(args) -> int:
     t_grid = time.perf_counter() - t0
     grid = os.path.join(args.out, "grid.png")
     save_grid(images, grid, cols=4, scale=2)
-    text = "\n".join(f"{k}: {p}" for k, p in enumerate(DEMO_PROMPTS)) + "\n"
+    used = pipe.image_prompts(list(DEMO_PROMPTS), seed=args.seed, batch_size=len(DEMO_PROMPTS))
+    text = "\n".join(f"{k}: {p}" for k, p in enumerate(used)) + "\n"  # as given, or completed
     from latentforge.files import write_text
 
     write_text(os.path.join(args.out, "grid.txt"), text)
     d = pipe.defaults
     _say(
         f"loaded {args.model} in {t_load:.2f} s; {len(images)} images ({d['steps']} steps, {d['sampler']}, "
-        f"cfg {d['cfg']:g}) in {t_grid:.1f} s\nwrote {grid} (prompts in grid.txt, row by row)"
+        f"cfg {d['cfg']:g}{', background completion' if d['complete_background'] else ''}) in {t_grid:.1f} s"
+        f"\nwrote {grid} (prompts in grid.txt, row by row)"
     )
     if args.n:
         t0 = time.perf_counter()
         ev = argparse.Namespace(model=args.model, out=os.path.join(args.out, "heldout"), n=args.n,
                                 seed=args.seed, split="heldout", steps=None, sampler=None, scheduler=None,
-                                cfg=None, width=None, height=None)  # fmt: skip
+                                cfg=None, width=None, height=None, complete_background=None)  # fmt: skip
         folder = _eval_generate(ev)
         report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"))
         _say(f"\nheld-out prompts (compositions never trained on), {args.n} images:")
@@ -438,10 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     g.add_argument(
         "--complete-background",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="a shapes prompt that leaves the background unstated gets one drawn as the training data draws "
-        "it (a colour no object has; from --seed), so an object's colour cannot flood the background "
-        "(MODEL_CARD.md); the completed prompt is the one saved in the image",
+        "it (a colour no object has; image k's from seed + k), so an object's colour cannot flood the "
+        "background (MODEL_CARD.md); the completed prompt is the one saved in the image. Default: the "
+        "model's (on for the default model); text to image only",
     )
     g.add_argument(
         "--weighting",
@@ -641,10 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
     es.add_argument(
         "--complete-background",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="give the model each prompt that leaves the background unstated with one drawn as the training "
         "data draws it (a colour no object has; shapes.complete_background); images are scored against the "
-        "prompt as written",
+        "prompt as written. Default: the model's (on for the default model)",
     )
     cli_generate.add_speedup_flags(es)
     es.set_defaults(func=_eval)

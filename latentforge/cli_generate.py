@@ -93,6 +93,7 @@ REPLAYED = {
     "inpaint_full_res_padding": "inpaint_full_res_padding", "rng": "rng",
     "cache_interval": "cache_interval", "cache_depth": "cache_depth", "cache_threshold": "cache_threshold",
     "tome_ratio": "tome_ratio", "tome_max_downsample": "tome_max_downsample",
+    "complete_background": "complete_background",
 }  # fmt: skip
 IMG2IMG_ONLY = ("strength", "mask_blur", "masked_content", "outpaint", "inpaint_full_res_padding")
 
@@ -385,21 +386,6 @@ def _size_flag(flag: str, value) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def complete_prompt(args) -> None:
-    """--complete-background: a shapes prompt stating no background gets one, drawn from --seed as the
-    data draws it (shapes.complete_background: caption upsampling with the completion known exactly). One
-    draw for the whole call, so every image's saved prompt is the one it was made from and replays."""
-    import numpy as np
-
-    from latentforge.cli import _say
-    from latentforge.shapes import complete_background
-
-    done = complete_background(args.prompt, np.random.default_rng(args.seed))
-    if done != args.prompt:
-        _say(f"background completed: {done!r}")
-        args.prompt = done
-
-
 def generate(args) -> int:
     import torch
 
@@ -422,8 +408,6 @@ def generate(args) -> int:
         raise ValueError("give a prompt (or --from-image IMG.png, or --decode LATENTS.safetensors)")
     else:
         check.utf8("the prompt", args.prompt)
-        if getattr(args, "complete_background", False):
-            complete_prompt(args)
     check.utf8("--negative", args.negative)
     _check_generation(args)
     check_img2img(args)
@@ -534,10 +518,21 @@ def generate(args) -> int:
     # A1111's "Lora hashes" (None: no LoRA)
     lora_hashes = pipe.lora_hashes(args.prompt, lora_files) if lora_files or lora_tags else None
 
+    call = dict(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
+                scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height,
+                batch_size=args.batch_size, batch_count=count, rng=args.rng, weighting=args.weighting,
+                complete_background=args.complete_background,
+                **variation, **hires_kw, **start, **lora_kw, **speed, **control)  # fmt: skip
+    prompts = pipe.image_prompts(**call)  # image i's prompt: as given, or its background completed
+    if prompts[0] != args.prompt:
+        _say(f"background completed: {prompts[0]!r}" + (" (each image its own)" if n > 1 else ""))
+    # the model completes by default, this call did not: the image says so, so that a replay does not either
+    completion_off = pipe.defaults["complete_background"] and args.complete_background is False
+
     def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
         hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None
         return infotext.build(
-            args.prompt,
+            prompts[i],
             args.negative,
             {
                 "Steps": args.steps,
@@ -567,17 +562,20 @@ def generate(args) -> int:
                 "Lora hashes": lora_hashes,
                 "Token merging ratio": speed.get("tome_ratio") or None,  # A1111's name
                 **control_infotext(control.get("controlnet", [])),
+                "Complete background": "False" if completion_off else None,
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )  # fmt: skip
 
     def exact(i: int) -> dict:  # the Pipeline arguments that make image i alone (batch of one)
-        out = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps,
+        out = {"prompt": prompts[i], "negative_prompt": args.negative, "steps": args.steps,
                "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed + i,
                "width": args.width, "height": args.height, "weighting": args.weighting,
                "batch_size": args.batch_size, "batch_index": i % args.batch_size, "rng": args.rng,
                "model": model_name, "model_hash": model_hash,
                "version": __import__("latentforge").__version__}  # fmt: skip
+        if completion_off:
+            out["complete_background"] = False
         if args.subseed is not None:
             out |= {"subseed": args.subseed + i, "subseed_strength": args.subseed_strength or 0.0}
         if lora_files:  # --lora files by name (the prompt keeps its tags), with their weights
@@ -598,7 +596,7 @@ def generate(args) -> int:
 
     def fields(i: int) -> dict:
         return {"seed": args.seed + i, "subseed": None if args.subseed is None else args.subseed + i,
-                "prompt": args.prompt, "negative": args.negative, "steps": args.steps,
+                "prompt": prompts[i], "negative": args.negative, "steps": args.steps,
                 "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "width": width,
                 "height": height,
                 "model": model_name, "model_hash": model_hash, "batch": i // args.batch_size,
@@ -607,27 +605,9 @@ def generate(args) -> int:
     latents_path = os.path.join(args.out, f"latents-{args.seed}-{os.getpid()}.safetensors")
     try:
         images = pipe(
-            args.prompt,
-            negative_prompt=args.negative,
-            steps=args.steps,
-            sampler=args.sampler,
-            scheduler=args.scheduler,
-            cfg=args.cfg,
-            seed=args.seed,
-            width=args.width,
-            height=args.height,
-            batch_size=args.batch_size,
-            batch_count=count,
-            rng=args.rng,
-            weighting=args.weighting,
+            **call,
             progress=not args.quiet,
-            **variation,
-            **hires_kw,
-            **start,
             **preview,
-            **lora_kw,
-            **speed,
-            **control,
             latents_path=latents_path,
             latents_metadata={
                 "latentforge.infotexts": json.dumps([a1111(i) for i in range(n)]),

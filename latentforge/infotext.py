@@ -234,6 +234,12 @@ def generation(fields: dict[str, str]) -> tuple[dict, list[str]]:
         )
     out["rng"] = "cpu" if rng == "CPU" else "device"
     used.add("RNG")
+    if "Complete background" in fields:  # ours: written when the model completes and the image did not
+        value = fields["Complete background"].strip()
+        if value not in ("True", "False"):
+            raise ValueError(f"the infotext's Complete background {value!r}; known: True, False")
+        out["complete_background"] = value == "True"
+        used.add("Complete background")
     if "Mask blur" in fields:
         out["mask_blur"] = _number(fields, "Mask blur", float)
     if "Token merging ratio" in fields:  # A1111's ToMe setting (written when > 0); ours has one ratio

@@ -83,6 +83,11 @@ def main() -> int:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument(
+        "--complete-background",
+        action="store_true",
+        help="store background completion as a default (Pipeline: shapes.complete_background; MODEL_CARD.md)",
+    )
     p.add_argument("--vae", default=None, help="a VAE file to ship in place of the checkpoint's")
     p.add_argument(
         "--average", nargs="+", default=None, help="files whose denoiser and text tower to average with"
@@ -100,6 +105,8 @@ def main() -> int:
     if args.vae:
         swap_vae(sd, meta, args.vae, dtype)
     defaults = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg}
+    if args.complete_background:
+        defaults["complete_background"] = True
     meta["latentforge.defaults"] = json.dumps(defaults)
     meta["latentforge.name"] = "shapes64"
     save_state_dict(sd, args.out, metadata=meta)

@@ -77,8 +77,9 @@ def test_batch_count_continues_the_seeds(pipe):
 
 def test_variation_seed_in_the_pipeline(pipe):
     # a deterministic sampler: the variation seed sets the initial noise only, so with an ancestral sampler
-    # (the default model's default) the later steps' noise still comes from the seed, as in A1111
-    kw = {"steps": 3, "sampler": "euler", "progress": False}
+    # (the default model's default) the later steps' noise still comes from the seed, as in A1111; and the
+    # prompt as written (the default model's background completion draws from the seed, not the subseed)
+    kw = {"steps": 3, "sampler": "euler", "progress": False, "complete_background": False}
     plain = pipe.sample("a red circle", seed=3, **kw)
     same = pipe.sample("a red circle", seed=3, subseed=40, subseed_strength=0.0, **kw)
     other = pipe.sample("a red circle", seed=40, **kw)
@@ -111,11 +112,14 @@ def test_hires_fix_second_pass_is_img2img_at_the_target_size(pipe):
     )
     assert images[0].size == (128, 128)
     assert len(calls) == 4 + img2img.steps_kept(6, 0.5)  # the first pass, then ⌈6·0.5⌉ = 3 steps
-    # the same second pass by hand: img2img from the upscaled latents, seeds' noise at the target size
+    # the same second pass by hand: img2img from the upscaled latents, seeds' noise at the target size, and
+    # both passes given the prompt the default model completed (its background drawn from the seed)
+    (prompt,) = pipe.image_prompts("a blue square", **kw)
+    assert prompt.startswith("a blue square on a")
     first = pipe.sample("a blue square", **kw)
     up = hires.upscale(pipe, first, "Latent", 128, 128)
     second = {"init_latent": up, "strength": 0.5, "width": 128, "height": 128}
-    by_hand = pipe.sample("a blue square", **(kw | second | {"steps": 6}))
+    by_hand = pipe.sample(prompt, **(kw | second | {"steps": 6}))
     want = pipe.sample("a blue square", hires_scale=2, hires_denoise=0.5, hires_steps=6, **kw)
     assert torch.equal(by_hand, want)
     assert not torch.equal(want, up)

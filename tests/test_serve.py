@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -180,6 +181,30 @@ def test_defaults_follow_the_model_where_a1111_follows_its_settings(server):
     stated = json.loads(read_metadata(DEFAULT_MODEL)["latentforge.defaults"])
     assert (info["width"], info["height"], info["steps"]) == (64, 64, stated["steps"])
     assert info["cfg_scale"] == stated["cfg"] != 7.0  # the model's, not A1111's default 7
+
+
+def test_background_completion_follows_the_model_and_the_infotext_says_what_each_image_used(server, pipe):
+    """The default model completes an unstated background (its file's default; Pipeline.image_prompts): the
+    response's all_prompts and each image's infotext carry the completed prompt, the pixels are the
+    in-process generation's, and `complete_background: false` turns it off and says so in the infotext."""
+    from latentforge.shapes import complete_background
+
+    url = server[0]
+    base = {"prompt": "a big red circle", "seed": 21, "steps": 2, "batch_size": 2, "width": 64, "height": 64}
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base, timeout=60)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    want = [complete_background(base["prompt"], np.random.default_rng(21 + k)) for k in range(2)]
+    assert info["all_prompts"] == want and all(w != base["prompt"] for w in want)
+    assert [t.split("\n")[0] for t in info["infotexts"]] == want
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in r.json()["images"]]
+    ours = pipe(want, steps=2, seed=21, batch_size=2, complete_background=False)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(images, ours, strict=True))
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"complete_background": False}, timeout=60)
+    info = json.loads(r.json()["info"])
+    assert info["all_prompts"] == [base["prompt"]] * 2
+    assert all(t.startswith(base["prompt"] + "\n") and "Complete background: False" in t
+               for t in info["infotexts"])  # fmt: skip
 
 
 def test_unsupported_a1111_features_are_refused_by_name(server):

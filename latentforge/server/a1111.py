@@ -142,6 +142,8 @@ class Txt2Img(BaseModel):
     cache_threshold: float | None = None
     tome_ratio: float | None = None
     tome_max_downsample: int | None = None
+    # latentforge's: background completion of shapes prompts (Pipeline; None: the model's default)
+    complete_background: bool | None = None
 
 
 class Img2Img(Txt2Img):
@@ -322,6 +324,8 @@ def pipeline_args(
                 "sampler": sampler_, "scheduler": scheduler, "seed": seed,
                 "cfg": pipe.defaults["cfg"] if req.cfg_scale is None else req.cfg_scale,
                 "width": w, "height": h, "batch_size": req.batch_size}  # fmt: skip
+    if req.complete_background is not None:
+        kw["complete_background"] = req.complete_background
     if req.subseed_strength > 0:
         kw["subseed"] = random_subseed if req.subseed is None or req.subseed < 0 else req.subseed
         kw["subseed_strength"] = req.subseed_strength
@@ -482,11 +486,12 @@ assert set(INPAINTING_FILL) == set(MASKED_CONTENT)
 
 def infotexts(
     kw: dict, n: int, model: str, model_hash: str | None, lora_hashes: str | None = None,
-    extra: dict | None = None,
+    extra: dict | None = None, prompts: list[str] | None = None,
 ) -> list[str]:  # fmt: skip
     """A1111's `parameters` text for each of the n images (image i: seed + i); the prompt keeps its LoRA
     tags, and lora_hashes ("name: hash, ...", Pipeline.lora_hashes) is A1111's "Lora hashes". extra: more
-    fields before "Version" (the "ControlNet k" ones)."""
+    fields before "Version" (the "ControlNet k" ones). prompts: each image's prompt where they differ from
+    kw's (Pipeline.image_prompts: a completed background)."""
     hr = "hires_denoise" in kw
     out = []
     for i in range(n):
@@ -516,22 +521,27 @@ def infotexts(
             "Token merging ratio hr": (kw.get("tome_ratio") or None) if hr else None,
             "RNG": "CPU",
             "Lora hashes": lora_hashes,
+            # off where the model's default may be on (ours, Pipeline's complete_background): replays off
+            "Complete background": "False" if kw.get("complete_background") is False else None,
             **(extra or {}),  # the ControlNet units' fields (controlnet_args)
             "Version": f"latentforge {latentforge.__version__}",
         }
-        out.append(infotext.build(kw["prompt"], kw["negative_prompt"], params))
+        prompt = kw["prompt"] if prompts is None else prompts[i]
+        out.append(infotext.build(prompt, kw["negative_prompt"], params))
     return out
 
 
 def info(req: Txt2Img, kw: dict, n: int, texts: list[str], model: str, model_hash: str | None,
-         interrupted: bool = False, extra: dict | None = None) -> dict:  # fmt: skip
+         interrupted: bool = False, extra: dict | None = None,
+         prompts: list[str] | None = None) -> dict:  # fmt: skip
     """`Processed.js()`: the `info` object of a txt2img/img2img response (sent as a JSON string); extra:
-    its `extra_generation_params` (the "ControlNet k" fields, as the extension adds them)."""
+    its `extra_generation_params` (the "ControlNet k" fields, as the extension adds them); prompts: each
+    image's prompt (`all_prompts`; a completed background), else the request's."""
     seeds = [kw["seed"] + i for i in range(n)]
     sub = kw.get("subseed", -1)
     subseeds = [sub + i if sub >= 0 else -1 for i in range(n)]
     return {
-        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
+        "prompt": req.prompt, "all_prompts": [req.prompt] * n if prompts is None else list(prompts),
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
         "seed": kw["seed"], "all_seeds": seeds, "subseed": sub, "all_subseeds": subseeds,
         "subseed_strength": kw.get("subseed_strength", 0.0), "width": kw["width"], "height": kw["height"],

@@ -490,7 +490,8 @@ class Server:
         except (ValueError, OSError):  # a file gone since the job ran: no hashes rather than no images
             lora_hashes = None
         extra = getattr(job, "controlnet_fields", None)  # make_job's
-        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra)
+        prompts = self._image_prompts(job, len(images))
+        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra, prompts)
         saved = []
         if job.request.get("save_images") and self.settings.outputs:
             for i, im in enumerate(images):
@@ -499,8 +500,18 @@ class Server:
         encoded = [a1111.encode_png(outputs.png_bytes(im, t, compress_level=1))
                    for im, t in zip(images, texts, strict=True)]  # fmt: skip
         req = job.request_model
-        info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted, extra)
+        info = a1111.info(req, job.kwargs, len(images), texts, name, short, job.interrupted, extra, prompts)
         return {"images": encoded if req.send_images else [], "info": info, "saved": len(saved)}
+
+    def _image_prompts(self, job: Job, n: int) -> list[str]:
+        """The prompt each of the job's first n images was made from (Pipeline.image_prompts: the request's,
+        or with its background completed), batch by batch as `_run` samples them."""
+        kw, b = job.kwargs, job.kwargs["batch_size"]
+        pipe, out = self.models.pipeline(job.model), []
+        for j in range(-(-n // b)):
+            kj = kw | {"seed": kw["seed"] + j * b}
+            out += pipe.image_prompts(**kj)
+        return out[:n]
 
     # requests -> jobs
     def make_job(self, kind: str, req: a1111.Txt2Img) -> Job:
