@@ -4,7 +4,7 @@
   FSD, on the validation split (unseen scenes of trained kinds) and the held-out split (compositions never
   trained on), at 20 steps on `--n` prompts and at 8 and 4 steps on `--n-small` prompts, with the model's
   default sampler and guidance;
-  background completion as the model's defaults say (on for the default model; `--no-complete-background`
+  prompt completion as the model's defaults say ("layout" for the default model; `--complete-prompt none`
   for the network's own tables);
 - speed (2 CPU cores, float32): load time, one 64×64 image at 20 steps (VAE decode included), a batch of 16
   per image, and the process's peak resident memory.
@@ -41,7 +41,9 @@ def _pct(r: dict) -> str:
     return f"{100 * r['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={r['n']})"
 
 
-def adherence(model: str, split: str, steps: int, n: int, seed: int, out: str, complete=None) -> dict:
+def adherence(
+    model: str, split: str, steps: int, n: int, seed: int, out: str, complete: str | None = None
+) -> dict:
     ns = argparse.Namespace(
         model=model,
         out=os.path.join(out, f"{split}-{steps}"),
@@ -54,7 +56,7 @@ def adherence(model: str, split: str, steps: int, n: int, seed: int, out: str, c
         cfg=None,
         width=None,
         height=None,
-        complete_background=complete,  # None: the model's default (on for the default model)
+        complete_prompt=complete,  # None: the model's default ("layout" for the default model)
     )
     t0 = time.perf_counter()
     folder = _eval_generate(ns)
@@ -77,7 +79,7 @@ def adherence(model: str, split: str, steps: int, n: int, seed: int, out: str, c
     )
     res = {k: rep[k] for k in keep if k in rep}
     res["generate_s"] = t_gen
-    res["complete_background"] = ns.complete_background  # as _eval_generate resolved it
+    res["complete_prompt"] = ns.complete_prompt  # as _eval_generate resolved it
     return res
 
 
@@ -115,10 +117,10 @@ def main() -> int:
     p.add_argument("--out", default="/tmp/shapes64-eval", help="generated images and per-run reports")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument(
-        "--complete-background",
-        action=argparse.BooleanOptionalAction,
+        "--complete-prompt",
+        choices=("none", "background", "layout"),
         default=None,
-        help="background completion of the prompts (default: the model's; the tables without it: --no-...)",
+        help="prompt completion (default: the model's; the network's own tables: none)",
     )
     args = p.parse_args()
     model = model_file(args.model)
@@ -137,7 +139,7 @@ def main() -> int:
         for steps, n in ((20, args.n), (8, args.n_small), (4, args.n_small)):
             if n <= 0:
                 continue
-            r = adherence(model, split, steps, n, args.seed, args.out, args.complete_background)
+            r = adherence(model, split, steps, n, args.seed, args.out, args.complete_prompt)
             res[split][str(steps)] = r
             by = r["by_objects"]
             overall = {"rate": r["all_correct"], "ci95": r["all_correct_ci95"], "n": r["n"]}

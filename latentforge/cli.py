@@ -97,6 +97,17 @@ def _check_model(name: str) -> str:
     return check.checkpoint("--model", name)
 
 
+def add_completion_flags(parser, help: str) -> None:
+    """--complete-prompt MODE; --complete-background and --no-complete-background: "background", "none"."""
+    from latentforge.shapes import PROMPT_COMPLETIONS
+
+    parser.add_argument("--complete-prompt", choices=PROMPT_COMPLETIONS, default=None, help=help)
+    parser.add_argument("--complete-background", dest="complete_prompt", action="store_const",
+                        const="background", help="--complete-prompt background")  # fmt: skip
+    parser.add_argument("--no-complete-background", dest="complete_prompt", action="store_const",
+                        const="none", help="--complete-prompt none: the prompt as written")  # fmt: skip
+
+
 def _fill_defaults(args, pipe) -> None:
     """Generation flags left unset take the model's own settings (Pipeline.defaults)."""
     for name in ("steps", "sampler", "scheduler", "cfg"):
@@ -115,7 +126,7 @@ def _eval_generate(args) -> str:
 
     from latentforge.files import atomic_path, write_text
     from latentforge.pipeline import Pipeline
-    from latentforge.shapes import caption, complete_background, sample_scene
+    from latentforge.shapes import caption, complete_prompt, sample_scene
 
     speed = cli_generate.speedup_options(args)  # step caching / token merging (speedups.py), if given
     pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
@@ -126,19 +137,20 @@ def _eval_generate(args) -> str:
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
     sampled = list(prompts)  # what the model is given; images are scored against `prompts`
-    if args.complete_background is None:
-        args.complete_background = pipe.defaults["complete_background"]
-    if args.complete_background:  # image k's background: seed + k, as Pipeline draws it
+    if args.complete_prompt is None:
+        args.complete_prompt = pipe.defaults["complete_prompt"]
+    if args.complete_prompt != "none":  # image k's completion: from seed + k, as Pipeline draws it
         draws = (np.random.default_rng(args.seed + k) for k in range(len(prompts)))
-        sampled = [complete_background(p, g) for p, g in zip(prompts, draws, strict=True)]
+        sampled = [complete_prompt(p, args.complete_prompt, g) for p, g in zip(prompts, draws, strict=True)]
         done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
-        _say(f"background completion: {done} of {len(prompts)} prompts completed (scored as written)")
+        _say(f"prompt completion ({args.complete_prompt}): {done} of {len(prompts)} prompts completed "
+             "(scored as written)")  # fmt: skip
     lines = []
     for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
         chunk = sampled[start : start + EVAL_BATCH]
         images = pipe(chunk, steps=args.steps, sampler=args.sampler, scheduler=args.scheduler, cfg=args.cfg,
                       seed=args.seed + start, width=args.width, height=args.height, batch_size=len(chunk),
-                      complete_background=False, progress=False, **speed)  # fmt: skip
+                      complete_prompt="none", progress=False, **speed)  # fmt: skip
         for k, img in enumerate(images, start):
             name = f"{k:06d}.png"
             with atomic_path(os.path.join(out, name)) as tmp:
@@ -223,14 +235,14 @@ def _demo(args) -> int:
     d = pipe.defaults
     _say(
         f"loaded {args.model} in {t_load:.2f} s; {len(images)} images ({d['steps']} steps, {d['sampler']}, "
-        f"cfg {d['cfg']:g}{', background completion' if d['complete_background'] else ''}) in {t_grid:.1f} s"
+        f"cfg {d['cfg']:g}, prompt completion {d['complete_prompt']}) in {t_grid:.1f} s"
         f"\nwrote {grid} (prompts in grid.txt, row by row)"
     )
     if args.n:
         t0 = time.perf_counter()
         ev = argparse.Namespace(model=args.model, out=os.path.join(args.out, "heldout"), n=args.n,
                                 seed=args.seed, split="heldout", steps=None, sampler=None, scheduler=None,
-                                cfg=None, width=None, height=None, complete_background=None)  # fmt: skip
+                                cfg=None, width=None, height=None, complete_prompt=None)  # fmt: skip
         folder = _eval_generate(ev)
         report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"))
         _say(f"\nheld-out prompts (compositions never trained on), {args.n} images:")
@@ -442,14 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="single-file checkpoint (.safetensors, .ckpt, .pt), or 'default': latentforge's shapes model",
     )
     g.add_argument("--negative", default=None, help="negative prompt (default: empty)")
-    g.add_argument(
-        "--complete-background",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="a shapes prompt that leaves the background unstated gets one drawn as the training data draws "
-        "it (a colour no object has; image k's from seed + k), so an object's colour cannot flood the "
-        "background (MODEL_CARD.md); the completed prompt is the one saved in the image. Default: the "
-        "model's (on for the default model); text to image only",
+    add_completion_flags(
+        g,
+        "what a shapes prompt leaves unstated is drawn as the training data draws it (image k's from seed "
+        "+ k) before the network sees it: 'background' (a colour no object has), 'layout' (every position "
+        "too), 'none' (MODEL_CARD.md); the completed prompt is the one saved in the image. Default: the "
+        "model's ('layout' for the default model); text to image only",
     )
     g.add_argument(
         "--weighting",
@@ -647,13 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("--size", type=int, default=64, help="resolution the evaluator scores at, 32..512")
     es.add_argument("--json", default=None, help="write the report here (and a failure grid next to it)")
-    es.add_argument(
-        "--complete-background",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="give the model each prompt that leaves the background unstated with one drawn as the training "
-        "data draws it (a colour no object has; shapes.complete_background); images are scored against the "
-        "prompt as written. Default: the model's (on for the default model)",
+    add_completion_flags(
+        es,
+        "what each prompt leaves unstated is drawn as the training data draws it before the model sees it "
+        "(shapes.complete_prompt: 'background', 'layout', 'none'); images are scored against the prompt as "
+        "written. Default: the model's ('layout' for the default model)",
     )
     cli_generate.add_speedup_flags(es)
     es.set_defaults(func=_eval)

@@ -93,7 +93,7 @@ REPLAYED = {
     "inpaint_full_res_padding": "inpaint_full_res_padding", "rng": "rng",
     "cache_interval": "cache_interval", "cache_depth": "cache_depth", "cache_threshold": "cache_threshold",
     "tome_ratio": "tome_ratio", "tome_max_downsample": "tome_max_downsample",
-    "complete_background": "complete_background",
+    "complete_prompt": "complete_prompt",
 }  # fmt: skip
 IMG2IMG_ONLY = ("strength", "mask_blur", "masked_content", "outpaint", "inpaint_full_res_padding")
 
@@ -521,13 +521,15 @@ def generate(args) -> int:
     call = dict(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler,
                 scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height,
                 batch_size=args.batch_size, batch_count=count, rng=args.rng, weighting=args.weighting,
-                complete_background=args.complete_background,
+                complete_prompt=args.complete_prompt,
                 **variation, **hires_kw, **start, **lora_kw, **speed, **control)  # fmt: skip
-    prompts = pipe.image_prompts(**call)  # image i's prompt: as given, or its background completed
+    prompts = pipe.image_prompts(**call)  # image i's prompt: as given, or completed (complete_prompt)
     if prompts[0] != args.prompt:
-        _say(f"background completed: {prompts[0]!r}" + (" (each image its own)" if n > 1 else ""))
-    # the model completes by default, this call did not: the image says so, so that a replay does not either
-    completion_off = pipe.defaults["complete_background"] and args.complete_background is False
+        _say(f"prompt completed: {prompts[0]!r}" + (" (each image its own)" if n > 1 else ""))
+    # the completion asked for, saved where it is in play (a model that completes, or a call that asks), so
+    # that a replay completes as this call did (a completed prompt is completed again to itself)
+    mode = args.complete_prompt or pipe.defaults["complete_prompt"]
+    completion = None if mode == pipe.defaults["complete_prompt"] == "none" else mode
 
     def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
         hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None
@@ -562,7 +564,7 @@ def generate(args) -> int:
                 "Lora hashes": lora_hashes,
                 "Token merging ratio": speed.get("tome_ratio") or None,  # A1111's name
                 **control_infotext(control.get("controlnet", [])),
-                "Complete background": "False" if completion_off else None,
+                "Complete prompt": completion,
                 "Version": f"latentforge {__import__('latentforge').__version__}",
             },
         )  # fmt: skip
@@ -574,8 +576,8 @@ def generate(args) -> int:
                "batch_size": args.batch_size, "batch_index": i % args.batch_size, "rng": args.rng,
                "model": model_name, "model_hash": model_hash,
                "version": __import__("latentforge").__version__}  # fmt: skip
-        if completion_off:
-            out["complete_background"] = False
+        if completion is not None:
+            out["complete_prompt"] = completion
         if args.subseed is not None:
             out |= {"subseed": args.subseed + i, "subseed_strength": args.subseed_strength or 0.0}
         if lora_files:  # --lora files by name (the prompt keeps its tags), with their weights

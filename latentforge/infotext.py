@@ -234,12 +234,15 @@ def generation(fields: dict[str, str]) -> tuple[dict, list[str]]:
         )
     out["rng"] = "cpu" if rng == "CPU" else "device"
     used.add("RNG")
-    if "Complete background" in fields:  # ours: written when the model completes and the image did not
-        value = fields["Complete background"].strip()
-        if value not in ("True", "False"):
-            raise ValueError(f"the infotext's Complete background {value!r}; known: True, False")
-        out["complete_background"] = value == "True"
-        used.add("Complete background")
+    if "Complete prompt" in fields:  # ours (Pipeline's complete_prompt), where a completion is in play
+        from latentforge.shapes.captions import PROMPT_COMPLETIONS
+
+        value = fields["Complete prompt"].strip()
+        if value not in PROMPT_COMPLETIONS:
+            known = ", ".join(PROMPT_COMPLETIONS)
+            raise ValueError(f"the infotext's Complete prompt {value!r}; known: {known}")
+        out["complete_prompt"] = value
+        used.add("Complete prompt")
     if "Mask blur" in fields:
         out["mask_blur"] = _number(fields, "Mask blur", float)
     if "Token merging ratio" in fields:  # A1111's ToMe setting (written when > 0); ours has one ratio

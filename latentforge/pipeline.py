@@ -39,6 +39,7 @@ from latentforge.offload import Offload
 from latentforge.outputs import save_png  # noqa: F401  (re-exported)
 from latentforge.samplers import get_sampler, sigmas_for
 from latentforge.schedules import SCHEDULERS, unknown_name_error
+from latentforge.shapes.captions import PROMPT_COMPLETIONS
 from latentforge.speedups import Speedups
 from latentforge.textual_inversion import TextualInversions
 from latentforge.tune_schedule import TUNED, ShiftedDenoiser, load_tuned, read_tuned
@@ -52,10 +53,11 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 FAST_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes64-fast.safetensors")
 
 
-# complete_background: text-to-image prompts in the shapes grammar that leave the background unstated get
-# one drawn as the training data draws it (shapes.complete_background; on for the default model: its file)
+# complete_prompt: what text-to-image prompts in the shapes grammar get before the network sees them: "none",
+# "background" (an unstated background drawn as the training data draws it) or "layout" (every unstated
+# position too; shapes.complete_prompt); "layout" for the default model (its file says so)
 GENERATION_DEFAULTS = {"steps": 20, "sampler": "euler", "scheduler": "normal", "cfg": 7.0,
-                       "complete_background": False}  # fmt: skip
+                       "complete_prompt": "none"}  # fmt: skip
 MAX_BATCH_COUNT = 10_000
 # where the initial noise is drawn: "cpu" (the default: a seed gives the same image on any device; A1111's
 # "CPU" RNG source) or "device" (the generators on the pipeline's device: A1111's "GPU" on CUDA)
@@ -635,11 +637,14 @@ class Pipeline:
             kw[k] = v if kw.get(k) is None else kw[k]
         # the completion is for text-to-image prompts as written (an init image has its background already;
         # a prompt with LoRA tags is outside the grammar): `_run` applies it batch by batch, seed by seed
-        if not isinstance(kw["complete_background"], bool):
-            got = kw["complete_background"]
-            raise ValueError(f"complete_background must be True, False or None, got {got!r}")
+        if kw["complete_prompt"] not in PROMPT_COMPLETIONS:
+            raise ValueError(
+                f"complete_prompt must be one of {', '.join(PROMPT_COMPLETIONS)} (or None: the model's "
+                f"default), got {kw['complete_prompt']!r}"
+            )
         img = kw["init_image"] is not None or kw["init_latent"] is not None
-        kw["complete_background"] = bool(kw["complete_background"]) and not img and kw["prompt"] == raw
+        if img or kw["prompt"] != raw:
+            kw["complete_prompt"] = "none"
         if isinstance(kw["seed"], (list, tuple)) and count != 1:
             raise ValueError("a list of seeds (one per image) is for one batch; batch_count must be 1")
         if kw.get("strength") is None:  # img2img: 0.75, 1 for an inpainting model
@@ -668,8 +673,9 @@ class Pipeline:
     @torch.no_grad()
     def _run(self, kw: dict, hr: dict | None) -> tuple[torch.Tensor, img2img.Job | None]:
         """One batch: `_sample`, then the hires fix's upscale and second pass (hires.py)."""
-        if kw["complete_background"]:  # both passes take the completed prompts
-            kw = {**kw, "prompt": self._completed(kw["prompt"], kw["seed"], kw["batch_size"])}
+        if kw["complete_prompt"] != "none":  # both passes take the completed prompts
+            completed = self._completed(kw["prompt"], kw["seed"], kw["batch_size"], kw["complete_prompt"])
+            kw = {**kw, "prompt": completed}
         latents, job = self._sample(**kw)
         if hr is None or (kw["stop"] is not None and kw["stop"]()):  # stopped: no second pass
             return latents, job
@@ -682,32 +688,33 @@ class Pipeline:
         second |= {"steps": hr["steps"] or kw["steps"], "sampler": hr["sampler"]}
         return self._sample(**{**kw, **second})
 
-    def _completed(self, prompt, seed, batch_size: int) -> list[str]:
-        """Each image's prompt with the background it leaves unstated drawn from its own seed (image k: seed
-        + k, or seed[k]), as the data draws it (shapes.complete_background; Betker et al. 2023, §3.5):
-        exact ancestral sampling of p(background | caption) first, so the image does not depend on the
-        batch. Text outside the shapes grammar, or stating a background, is kept as given."""
-        from latentforge.shapes import complete_background
+    def _completed(self, prompt, seed, batch_size: int, mode: str) -> list[str]:
+        """Each image's prompt completed from its own seed (image k: seed + k, or seed[k]), so that the image
+        does not depend on its batch: what it leaves unstated (the background; with "layout" every position
+        too) drawn as the training data draws it (shapes.complete_prompt): exact ancestral sampling of p(what
+        is unstated | caption) first, as caption upsampling (Betker et al. 2023, §3.5) and layout planning
+        (Lian et al. 2023) do with learned models. Text outside the shapes grammar is kept as given."""
+        from latentforge.shapes import complete_prompt
 
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
         prompts = self._prompts("prompt", prompt, batch_size)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + k for k in range(batch_size)]
         if len(seeds) != batch_size:
             raise ValueError(f"seed: give one per image ({batch_size}), got {len(seeds)}")
-        return [complete_background(p, np.random.default_rng(s)) for p, s in zip(prompts, seeds, strict=True)]
+        draws = (np.random.default_rng(s) for s in seeds)
+        return [complete_prompt(p, mode, g) for p, g in zip(prompts, draws, strict=True)]
 
     def image_prompts(self, *args, **kwargs) -> list[str]:
         """The prompt each image of a `__call__` with these arguments is made from, in order (what its
-        metadata should say): as given, or completed (complete_background, which the default model's file
-        turns on)."""
+        metadata should say): as given, or completed (complete_prompt, "layout" for the default model)."""
         kw, _, count, _ = self._plan(args, kwargs)
-        b = kw["batch_size"]
-        if not kw["complete_background"]:  # as given: LoRA tags kept (`_plan` took them out of kw)
+        b, mode = kw["batch_size"], kw["complete_prompt"]
+        if mode == "none":  # as given: LoRA tags kept (`_plan` took them out of kw)
             raw = args[0] if args else kwargs["prompt"]
             return [p for _ in range(count) for p in self._prompts("prompt", raw, b)]
         if isinstance(kw["seed"], (list, tuple)):
-            return self._completed(kw["prompt"], kw["seed"], b)
-        return [p for j in range(count) for p in self._completed(kw["prompt"], kw["seed"] + j * b, b)]
+            return self._completed(kw["prompt"], kw["seed"], b, mode)
+        return [p for j in range(count) for p in self._completed(kw["prompt"], kw["seed"] + j * b, b, mode)]
 
     def job_steps(self, *args, **kwargs) -> int:
         """Sampler steps a `__call__` with these arguments takes (all batches, both hires passes)."""
@@ -761,11 +768,11 @@ class Pipeline:
         tome_ratio: float = 0.0,
         tome_max_downsample: int = 1,
         controlnet=None,
-        complete_background: bool | None = None,
+        complete_prompt: str | None = None,
     ) -> tuple[torch.Tensor, img2img.Job | None]:
         """(latents [B, C, h, w], the img2img job or None). init_latent: img2img from these denoiser latents
         [B, C, h, w] at `strength` (the hires fix's second pass) instead of an encoded init_image.
-        complete_background is applied to the prompts before (`_run`)."""
+        complete_prompt is applied to the prompts before (`_run`)."""
         d = self.defaults
         steps = d["steps"] if steps is None else steps
         sampler = d["sampler"] if sampler is None else sampler
@@ -936,10 +943,11 @@ class Pipeline:
         """Generate `batch_size` images; image k uses seed + k, so it does not depend on the batch (seed
         may also be a list, one per image, with batch_count 1).
 
-        complete_background (None: the model's default, on for the default model): a text-to-image prompt in
-        the shapes grammar that leaves the background unstated gets one drawn from the image's seed as the
-        training data draws it, a colour no object has (shapes.complete_background); `image_prompts` says
-        which prompt each image was made from.
+        complete_prompt (None: the model's default, "layout" for the default model): what a text-to-image
+        prompt in the shapes grammar leaves unstated is drawn from the image's seed as the training data
+        draws it before the network sees it (shapes.complete_prompt): "background" (a colour no object has),
+        "layout" (every unstated position as well, in the labelled form), "none"; `image_prompts` says which
+        prompt each image was made from.
         prompt: text (a class index such as "207" for DiT), or one per image. negative_prompt: the
         unconditional prompt ("" by default). steps >= 1; sampler and scheduler under ComfyUI's names;
         cfg in [0, 100] (1 skips the unconditional pass); steps, sampler, scheduler, cfg left None take

@@ -35,6 +35,7 @@ from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
 from latentforge.previews import fit_linear, shapes_images  # noqa: E402
 from latentforge.samplers import get_sampler  # noqa: E402
 from latentforge.schedules import SCHEDULERS  # noqa: E402
+from latentforge.shapes.captions import PROMPT_COMPLETIONS  # noqa: E402
 
 FORMAT = "latentforge.latent_format"
 
@@ -84,9 +85,10 @@ def main() -> int:
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument(
-        "--complete-background",
-        action="store_true",
-        help="store background completion as a default (Pipeline: shapes.complete_background; MODEL_CARD.md)",
+        "--complete-prompt",
+        choices=PROMPT_COMPLETIONS,
+        default="none",
+        help="the prompt completion to store as a default (Pipeline: shapes.complete_prompt; MODEL_CARD.md)",
     )
     p.add_argument("--vae", default=None, help="a VAE file to ship in place of the checkpoint's")
     p.add_argument(
@@ -105,8 +107,8 @@ def main() -> int:
     if args.vae:
         swap_vae(sd, meta, args.vae, dtype)
     defaults = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg}
-    if args.complete_background:
-        defaults["complete_background"] = True
+    if args.complete_prompt != "none":
+        defaults["complete_prompt"] = args.complete_prompt
     meta["latentforge.defaults"] = json.dumps(defaults)
     meta["latentforge.name"] = "shapes64"
     save_state_dict(sd, args.out, metadata=meta)

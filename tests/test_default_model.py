@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from latentforge.cli import main
 from latentforge.pipeline import DEFAULT_MODEL, FAST_MODEL, Pipeline
+from latentforge.shapes.render import POSITIONS
 
 
 @pytest.fixture(scope="module")
@@ -60,36 +61,40 @@ def test_generate_without_model_uses_the_default(tmp_path):
     assert "Model: shapes64" in text and "Steps: 3" in text and "CFG scale" in text
 
 
-def test_generate_completes_an_unstated_background_and_saves_the_prompt_it_used(tmp_path):
-    from latentforge.shapes import complete_background, parse
+def test_generate_completes_the_prompt_and_saves_the_prompt_it_used(tmp_path):
+    from latentforge.shapes import complete_prompt, parse
 
-    prompt = "a big red circle"
-    flags = ["--steps", "2", "--seed", "7", "--quiet"]  # the default model completes by default
+    prompt = "a big red circle left of a blue star"
+    flags = ["--steps", "2", "--seed", "7", "--quiet"]  # the default model completes the layout by default
     assert main(["generate", prompt, *flags, "--batch-size", "2", "--out", str(tmp_path / "a")]) == 0
     pngs = sorted((tmp_path / "a").glob("*.png"))
-    saved = [Image.open(p).info["parameters"].split("\n")[0] for p in pngs]
-    # image k's saved prompt is the completion drawn from its seed 7 + k: the statement plus a free background
-    assert saved == [complete_background(prompt, np.random.default_rng(7 + k)) for k in range(2)]
-    assert all(parse(t).background not in (None, "red") for t in saved)
+    texts = [Image.open(p).info["parameters"] for p in pngs]
+    saved = [t.split("\n")[0] for t in texts]
+    # image k's saved prompt is the completion drawn from its seed 7 + k: every position and the background
+    assert saved == [complete_prompt(prompt, "layout", np.random.default_rng(7 + k)) for k in range(2)]
+    for t in saved:
+        big, star = parse(t).objects
+        assert parse(t).background not in (None, "red", "blue") and big.size == "large" and star.size is None
+        assert POSITIONS[big.position][1] < POSITIONS[star.position][1]  # left of: a smaller column
+    assert all("Complete prompt: layout" in t for t in texts)
     # replaying the saved prompt with completion off makes the same image (the batch of one's numerics)
-    assert main(["generate", saved[0], *flags, "--no-complete-background", "--out", str(tmp_path / "b")]) == 0
+    off = ["--complete-prompt", "none"]
+    assert main(["generate", saved[0], *flags, *off, "--out", str(tmp_path / "b")]) == 0
     (again,) = (tmp_path / "b").glob("*.png")
-    one = tmp_path / "c"
-    assert main(["generate", prompt, *flags, "--out", str(one)]) == 0
-    (first,) = one.glob("*.png")
+    assert main(["generate", prompt, *flags, "--out", str(tmp_path / "c")]) == 0
+    (first,) = (tmp_path / "c").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
-    # a stated background, or text outside the grammar, is given as written
+    # background only; a stated background then, or text outside the grammar, is given as written
     for text in ("a big red circle on a blue background", "a cat on a sofa"):
         out = tmp_path / str(len(text))
-        assert main(["generate", text, *flags, "--out", str(out)]) == 0
+        assert main(["generate", text, *flags, "--complete-background", "--out", str(out)]) == 0
         (png,) = out.glob("*.png")
         assert Image.open(png).info["parameters"].split("\n")[0] == text
     # off: the prompt as written, and the image says so, so that --from-image replays it off too
-    off = tmp_path / "off"
-    assert main(["generate", prompt, *flags, "--no-complete-background", "--out", str(off)]) == 0
-    (png,) = off.glob("*.png")
+    assert main(["generate", prompt, *flags, *off, "--out", str(tmp_path / "off")]) == 0
+    (png,) = (tmp_path / "off").glob("*.png")
     text = Image.open(png).info["parameters"]
-    assert text.split("\n")[0] == prompt and "Complete background: False" in text
+    assert text.split("\n")[0] == prompt and "Complete prompt: none" in text
     assert main(["generate", "--from-image", str(png), "--quiet", "--out", str(tmp_path / "re")]) == 0
     (re,) = (tmp_path / "re").glob("*.png")
     assert Image.open(re).info["parameters"].split("\n")[0] == prompt
@@ -97,23 +102,23 @@ def test_generate_completes_an_unstated_background_and_saves_the_prompt_it_used(
 
 
 def test_the_default_model_completes_text_to_image_prompts_only(pipe):
-    """Pipeline: the default model's file turns background completion on; each image's background is drawn
-    from its own seed (image_prompts says which), so the batch does not matter; off, an init image, a
-    stated background or text outside the grammar leave the prompt as given."""
-    from latentforge.shapes import complete_background
+    """Pipeline: the default model's file asks for the layout completion; each image's is drawn from its own
+    seed (image_prompts says which), so the batch does not matter; "none", an init image, or text outside
+    the grammar leave the prompt as given."""
+    from latentforge.shapes import complete_layout
 
-    assert pipe.defaults["complete_background"] is True
+    assert pipe.defaults["complete_prompt"] == "layout"
     prompt = "a small blue star and a big red circle"
     used = pipe.image_prompts(prompt, seed=40, batch_size=2, batch_count=2)
-    assert used == [complete_background(prompt, np.random.default_rng(40 + k)) for k in range(4)]
+    assert used == [complete_layout(prompt, np.random.default_rng(40 + k)) for k in range(4)]
     assert pipe.image_prompts([prompt, "a cat"], seed=[9, 3], batch_size=2)[1] == "a cat"
     done = pipe(prompt, seed=40, batch_size=2, steps=2)
-    given = pipe(used[:2], seed=40, batch_size=2, steps=2, complete_background=False)
+    given = pipe(used[:2], seed=40, batch_size=2, steps=2, complete_prompt="none")
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(done, given, strict=True))
-    assert pipe.image_prompts(prompt, seed=40, complete_background=False) == [prompt]
+    assert pipe.image_prompts(prompt, seed=40, complete_prompt="none") == [prompt]
     assert pipe.image_prompts(prompt, seed=40, init_image=done[0]) == [prompt]
-    with pytest.raises(ValueError, match="complete_background must be True, False or None, got 'yes'"):
-        pipe(prompt, complete_background="yes")
+    with pytest.raises(ValueError, match="complete_prompt must be one of none, background, layout .* 'yes'"):
+        pipe(prompt, complete_prompt="yes")
 
 
 def test_a_prompt_outside_the_grammar_still_generates_and_eval_counts_it_unparsed(tmp_path, pipe):
@@ -189,8 +194,8 @@ def test_the_few_step_student_ships_as_a_denoiser_only_file_and_all_weights_fit_
 
 def test_default_fast_is_the_default_model_with_the_students_denoiser(pipe):
     fast = Pipeline.default(fast=True)
-    # the student's file states its sampling; the background completion stays the default file's
-    assert fast.defaults == {**FAST_DEFAULTS, "complete_background": True} and fast.source == FAST_MODEL
+    # the student's file states its sampling; the prompt completion stays the default file's
+    assert fast.defaults == {**FAST_DEFAULTS, "complete_prompt": "layout"} and fast.source == FAST_MODEL
     with safe_open(FAST_MODEL, "pt") as f:  # its UNet is the student's (float16 weights, loaded as float32)
         w = f.get_tensor("model.diffusion_model.out.2.weight").float()
     assert torch.equal(fast.net.out[2].weight, w) and not torch.equal(pipe.net.out[2].weight, w)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from latentforge import hires, img2img
 from latentforge.noise import randn_seeded, slerp, variation_noise
 from latentforge.pipeline import Pipeline
+from latentforge.shapes import parse
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def test_batch_count_continues_the_seeds(pipe):
 def test_variation_seed_in_the_pipeline(pipe):
     # a deterministic sampler: the variation seed sets the initial noise only, so with an ancestral sampler
     # (the default model's default) the later steps' noise still comes from the seed, as in A1111; and the
-    # prompt as written (the default model's background completion draws from the seed, not the subseed)
-    kw = {"steps": 3, "sampler": "euler", "progress": False, "complete_background": False}
+    # prompt as written (the default model's prompt completion draws from the seed, not the subseed)
+    kw = {"steps": 3, "sampler": "euler", "progress": False, "complete_prompt": "none"}
     plain = pipe.sample("a red circle", seed=3, **kw)
     same = pipe.sample("a red circle", seed=3, subseed=40, subseed_strength=0.0, **kw)
     other = pipe.sample("a red circle", seed=40, **kw)
@@ -113,9 +114,9 @@ def test_hires_fix_second_pass_is_img2img_at_the_target_size(pipe):
     assert images[0].size == (128, 128)
     assert len(calls) == 4 + img2img.steps_kept(6, 0.5)  # the first pass, then ⌈6·0.5⌉ = 3 steps
     # the same second pass by hand: img2img from the upscaled latents, seeds' noise at the target size, and
-    # both passes given the prompt the default model completed (its background drawn from the seed)
+    # both passes given the prompt the default model completed (its layout drawn from the seed)
     (prompt,) = pipe.image_prompts("a blue square", **kw)
-    assert prompt.startswith("a blue square on a")
+    assert prompt.endswith("a blue square; background: " + parse(prompt).background)
     first = pipe.sample("a blue square", **kw)
     up = hires.upscale(pipe, first, "Latent", 128, 128)
     second = {"init_latent": up, "strength": 0.5, "width": 128, "height": 128}

@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from latentforge import infotext, outputs
 from latentforge.cli import main
-from latentforge.shapes import complete_background
+from latentforge.shapes import complete_layout
 
 DOCSTRING = (
     "girl with an artist's beret, determined, blue eyes, desert scene, computer monitors, heavy makeup, by "
@@ -147,8 +147,8 @@ def test_replay_our_png_is_pixel_identical_and_flags_win(tmp_path, capsys):
     text = Image.open(other / "00000-20.png").text["parameters"]
     shipped = _shipped_defaults()  # made[0] used the model's sampler and CFG; the replay keeps them
     label, cfg = infotext.sampler_label(shipped["sampler"]), float(shipped["cfg"])
-    # and its prompt with the background the model completed from seed 20 (the default model's default)
-    prompt = complete_background("a small green star", np.random.default_rng(20))
+    # and its prompt as the model completed it from seed 20 (the default model's default: the layout)
+    prompt = complete_layout("a small green star", np.random.default_rng(20))
     assert text.startswith(f"{prompt}\nSteps: 2, Sampler: {label}, Schedule type: Normal, CFG scale: {cfg}")
 
 
@@ -225,12 +225,9 @@ def _shipped_defaults() -> dict:
     return json.loads(read_metadata(DEFAULT_MODEL)["latentforge.defaults"])
 
 
-def test_complete_background_field_replays_and_bad_values_are_named():
-    gen, unused = infotext.generation(
-        infotext.parse("a red circle\nSteps: 3, Sampler: Euler, Seed: 1, Complete background: False")
-    )
-    assert gen["complete_background"] is False and "Complete background" not in unused
-    with pytest.raises(ValueError, match="Complete background 'maybe'; known: True, False"):
-        infotext.generation(
-            infotext.parse("a red circle\nSteps: 3, Sampler: Euler, Seed: 1, Complete background: maybe")
-        )
+def test_complete_prompt_field_replays_and_bad_values_are_named():
+    text = "a red circle\nSteps: 3, Sampler: Euler, Seed: 1, Complete prompt: {}"
+    gen, unused = infotext.generation(infotext.parse(text.format("none")))
+    assert gen["complete_prompt"] == "none" and "Complete prompt" not in unused
+    with pytest.raises(ValueError, match="Complete prompt 'maybe'; known: none, background, layout"):
+        infotext.generation(infotext.parse(text.format("maybe")))

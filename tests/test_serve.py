@@ -183,28 +183,31 @@ def test_defaults_follow_the_model_where_a1111_follows_its_settings(server):
     assert info["cfg_scale"] == stated["cfg"] != 7.0  # the model's, not A1111's default 7
 
 
-def test_background_completion_follows_the_model_and_the_infotext_says_what_each_image_used(server, pipe):
-    """The default model completes an unstated background (its file's default; Pipeline.image_prompts): the
+def test_prompt_completion_follows_the_model_and_the_infotext_says_what_each_image_used(server, pipe):
+    """The default model completes the prompt's layout (its file's default; Pipeline.image_prompts): the
     response's all_prompts and each image's infotext carry the completed prompt, the pixels are the
-    in-process generation's, and `complete_background: false` turns it off and says so in the infotext."""
-    from latentforge.shapes import complete_background
+    in-process generation's, and `complete_prompt: "none"` turns it off and says so in the infotext."""
+    from latentforge.shapes import complete_layout
 
     url = server[0]
     base = {"prompt": "a big red circle", "seed": 21, "steps": 2, "batch_size": 2, "width": 64, "height": 64}
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base, timeout=60)
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
-    want = [complete_background(base["prompt"], np.random.default_rng(21 + k)) for k in range(2)]
+    want = [complete_layout(base["prompt"], np.random.default_rng(21 + k)) for k in range(2)]
     assert info["all_prompts"] == want and all(w != base["prompt"] for w in want)
     assert [t.split("\n")[0] for t in info["infotexts"]] == want
+    assert all("Complete prompt: layout" in t for t in info["infotexts"])
     images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in r.json()["images"]]
-    ours = pipe(want, steps=2, seed=21, batch_size=2, complete_background=False)
+    ours = pipe(want, steps=2, seed=21, batch_size=2, complete_prompt="none")
     assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(images, ours, strict=True))
-    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"complete_background": False}, timeout=60)
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"complete_prompt": "none"}, timeout=60)
     info = json.loads(r.json()["info"])
     assert info["all_prompts"] == [base["prompt"]] * 2
-    assert all(t.startswith(base["prompt"] + "\n") and "Complete background: False" in t
+    assert all(t.startswith(base["prompt"] + "\n") and "Complete prompt: none" in t
                for t in info["infotexts"])  # fmt: skip
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json=base | {"complete_prompt": "all"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "complete_prompt"]
 
 
 def test_unsupported_a1111_features_are_refused_by_name(server):

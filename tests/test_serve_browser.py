@@ -200,7 +200,7 @@ def test_reuse_parameters_from_a_gallery_result(page):
     want = {"prompt": PROMPT, "negative": "blue", "steps": "12", "cfg": "3.5", "width": "64", "height": "64",
             "seed": str(second), "sampler": "DPM++ 2M", "scheduler": "karras"}  # fmt: skip
     assert _form(page) == want
-    assert page.input_value("#complete-bg") == ""  # the model's default (the prompt states its background)
+    assert page.input_value("#complete-bg") == "layout"  # as the image was made (the model's default)
     assert page.text_content("#error") == ""
     # generating again with them gives that image back (alone rather than second in a batch of 2: the batched
     # float arithmetic may round a few values one level differently)
@@ -214,23 +214,23 @@ def test_reuse_parameters_from_a_gallery_result(page):
     assert max(diff) <= 2 and sum(d > 0 for d in diff) < len(diff) / 100
 
 
-def test_background_completion_is_the_models_default_and_can_be_turned_off(page):
-    """The default model completes an unstated background (Pipeline.image_prompts): the gallery shows the
-    prompt each image was made from; "as written" sends complete_background false, which the infotext keeps
+def test_prompt_completion_is_the_models_default_and_can_be_turned_off(page):
+    """The default model completes the prompt's layout (Pipeline.image_prompts): the gallery shows the
+    prompt each image was made from; "as written" sends complete_prompt "none", which the infotext keeps
     and "reuse" brings back."""
     page.fill("#prompt", "a big red circle")
     page.fill("#steps", "2")
     _generate(page)
     params = page.locator("#gallery figure").first.locator(".params").text_content()
-    assert "a big red circle on a" in params and "Complete background" not in params
-    page.select_option("#complete-bg", "off")
+    assert "a large red circle; background: " in params and "Complete prompt: layout" in params
+    page.select_option("#complete-bg", "none")
     _generate(page)
     first = page.locator("#gallery figure").first
     params = first.locator(".params").text_content()
-    assert "a big red circle on a" not in params and "Complete background: False" in params
+    assert "background:" not in params and "Complete prompt: none" in params
     page.select_option("#complete-bg", "")
     first.locator("button.reuse").click()
-    page.wait_for_function("document.querySelector('#complete-bg').value === 'off'")
+    page.wait_for_function("document.querySelector('#complete-bg').value === 'none'")
     assert page.input_value("#prompt") == "a big red circle"
     assert page.text_content("#error") == ""
 

@@ -38,6 +38,7 @@ from latentforge import hires, infotext, pipeline
 from latentforge.img2img import MASKED_CONTENT
 from latentforge.samplers import SAMPLER_NAMES
 from latentforge.schedules import SCHEDULERS
+from latentforge.shapes.captions import PROMPT_COMPLETIONS
 from latentforge.speedups import Speedups
 from latentforge.tune_schedule import TUNED, load_tuned, tuned_files
 
@@ -143,7 +144,7 @@ class Txt2Img(BaseModel):
     tome_ratio: float | None = None
     tome_max_downsample: int | None = None
     # latentforge's: background completion of shapes prompts (Pipeline; None: the model's default)
-    complete_background: bool | None = None
+    complete_prompt: str | None = None  # "none", "background", "layout"
 
 
 class Img2Img(Txt2Img):
@@ -324,8 +325,11 @@ def pipeline_args(
                 "sampler": sampler_, "scheduler": scheduler, "seed": seed,
                 "cfg": pipe.defaults["cfg"] if req.cfg_scale is None else req.cfg_scale,
                 "width": w, "height": h, "batch_size": req.batch_size}  # fmt: skip
-    if req.complete_background is not None:
-        kw["complete_background"] = req.complete_background
+    if req.complete_prompt is not None:
+        if req.complete_prompt not in PROMPT_COMPLETIONS:
+            known = ", ".join(PROMPT_COMPLETIONS)
+            raise RequestError("complete_prompt", f"{req.complete_prompt!r} is not one of {known} (or null)")
+        kw["complete_prompt"] = req.complete_prompt
     if req.subseed_strength > 0:
         kw["subseed"] = random_subseed if req.subseed is None or req.subseed < 0 else req.subseed
         kw["subseed_strength"] = req.subseed_strength
@@ -486,12 +490,12 @@ assert set(INPAINTING_FILL) == set(MASKED_CONTENT)
 
 def infotexts(
     kw: dict, n: int, model: str, model_hash: str | None, lora_hashes: str | None = None,
-    extra: dict | None = None, prompts: list[str] | None = None,
+    extra: dict | None = None, prompts: list[str] | None = None, completion: str | None = None,
 ) -> list[str]:  # fmt: skip
     """A1111's `parameters` text for each of the n images (image i: seed + i); the prompt keeps its LoRA
     tags, and lora_hashes ("name: hash, ...", Pipeline.lora_hashes) is A1111's "Lora hashes". extra: more
     fields before "Version" (the "ControlNet k" ones). prompts: each image's prompt where they differ from
-    kw's (Pipeline.image_prompts: a completed background)."""
+    kw's (Pipeline.image_prompts: completed); completion: the completion asked for, where one is in play."""
     hr = "hires_denoise" in kw
     out = []
     for i in range(n):
@@ -521,8 +525,8 @@ def infotexts(
             "Token merging ratio hr": (kw.get("tome_ratio") or None) if hr else None,
             "RNG": "CPU",
             "Lora hashes": lora_hashes,
-            # off where the model's default may be on (ours, Pipeline's complete_background): replays off
-            "Complete background": "False" if kw.get("complete_background") is False else None,
+            # ours (Pipeline's complete_prompt), where it is in play: a replay completes as this did
+            "Complete prompt": completion,
             **(extra or {}),  # the ControlNet units' fields (controlnet_args)
             "Version": f"latentforge {latentforge.__version__}",
         }

@@ -491,7 +491,10 @@ class Server:
             lora_hashes = None
         extra = getattr(job, "controlnet_fields", None)  # make_job's
         prompts = self._image_prompts(job, len(images))
-        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra, prompts)
+        default = self.models.pipeline(job.model).defaults["complete_prompt"]
+        mode = job.kwargs.get("complete_prompt", default)
+        completion = None if mode == default == "none" else mode
+        texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra, prompts, completion)
         saved = []
         if job.request.get("save_images") and self.settings.outputs:
             for i, im in enumerate(images):
@@ -505,7 +508,7 @@ class Server:
 
     def _image_prompts(self, job: Job, n: int) -> list[str]:
         """The prompt each of the job's first n images was made from (Pipeline.image_prompts: the request's,
-        or with its background completed), batch by batch as `_run` samples them."""
+        or completed), batch by batch as `_run` samples them."""
         kw, b = job.kwargs, job.kwargs["batch_size"]
         pipe, out = self.models.pipeline(job.model), []
         for j in range(-(-n // b)):

@@ -7,7 +7,15 @@ the evaluator's entry points, built from ``detection.py`` (with ``color.py``, ``
 ``scoring.py`` and ``report.py``.
 """
 
-from .captions import caption, complete_background, describe, parse
+from .captions import (
+    PROMPT_COMPLETIONS,
+    caption,
+    complete_background,
+    complete_layout,
+    complete_prompt,
+    describe,
+    parse,
+)
 from .data import ShapesDataset, collate, export, sample
 from .render import (
     COLORS,
@@ -45,6 +53,9 @@ __all__ = [
     "caption",
     "collate",
     "complete_background",
+    "complete_layout",
+    "complete_prompt",
+    "PROMPT_COMPLETIONS",
     "describe",
     "export",
     "heldout_combos",
