@@ -137,7 +137,7 @@ def _eval_generate(args) -> str:
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
     sampled = list(prompts)  # what the model is given; images are scored against `prompts`
-    if args.complete_prompt is None:
+    if getattr(args, "complete_prompt", None) is None:  # the model's (callers' namespaces may leave it out)
         args.complete_prompt = pipe.defaults["complete_prompt"]
     if args.complete_prompt != "none":  # image k's completion: from seed + k, as Pipeline draws it
         draws = (np.random.default_rng(args.seed + k) for k in range(len(prompts)))

@@ -252,13 +252,16 @@ def test_batch_jobs_samples_waiting_requests_together(pipe):
     seed are sampled as one batch of 6; each gets the image its request gives alone. Batched float
     arithmetic may round differently (measured: at most 1 level in 8 bits, on a few pixels), so the images
     are compared within 1/255 and almost all pixels exactly."""
-    prompts = [PROMPT, "a small blue square at the center on a white background"] * 3
+    # the second prompt leaves its layout to the model's completion, each image's drawn from its own seed;
+    # a seventh request asks for no completion, so it is sampled apart
+    prompts = [PROMPT, "a small blue square"] * 3 + ["a small blue square"]
+    extra = [{}] * 6 + [{"complete_prompt": "none"}]
     with running(Settings(port=0, batch_jobs=8)) as (url, app):
         url = url.rstrip("/")
         blocker = httpx.post(f"{url}/latentforge/v1/jobs", json={"prompt": PROMPT, "steps": 150}).json()
         jobs = [httpx.post(f"{url}/latentforge/v1/jobs", json={"prompt": p, "seed": 10 + i, "steps": 4,
-                                                                "cfg_scale": 4}).json()  # fmt: skip
-                for i, p in enumerate(prompts)]  # fmt: skip
+                                                                "cfg_scale": 4, **e}).json()  # fmt: skip
+                for i, (p, e) in enumerate(zip(prompts, extra, strict=True))]  # fmt: skip
         httpx.delete(f"{url}/latentforge/v1/jobs/{blocker['id']}")
         results = []
         for j in jobs:
@@ -267,12 +270,11 @@ def test_batch_jobs_samples_waiting_requests_together(pipe):
                 assert r["state"] in ("queued", "running") and time.time() < deadline, r
                 time.sleep(0.05)
             results.append(r)
-    assert [r["info"]["batched_with"] for r in results] == [5] * 6
-    from PIL import Image
-
-    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+    assert [r["info"].get("batched_with", 0) for r in results] == [5] * 6 + [0]
+    for i, (p, e, r) in enumerate(zip(prompts, extra, results, strict=True)):
         got = _pixels(Image.open(io.BytesIO(base64.b64decode(r["images"][0]))))
-        alone = _pixels(pipe(p, seed=10 + i, steps=4, cfg=4)[0])
+        alone = _pixels(pipe(p, seed=10 + i, steps=4, cfg=4, **e)[0])
+        assert r["info"]["all_prompts"] == pipe.image_prompts(p, seed=10 + i, **e)
         diff = np.abs(got - alone)
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, diff.max(), (diff > 0).mean())
         assert r["info"]["all_seeds"] == [10 + i] and f"Seed: {10 + i}," in r["info"]["infotexts"][0]

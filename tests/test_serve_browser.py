@@ -200,7 +200,7 @@ def test_reuse_parameters_from_a_gallery_result(page):
     want = {"prompt": PROMPT, "negative": "blue", "steps": "12", "cfg": "3.5", "width": "64", "height": "64",
             "seed": str(second), "sampler": "DPM++ 2M", "scheduler": "karras"}  # fmt: skip
     assert _form(page) == want
-    assert page.input_value("#complete-bg") == "layout"  # as the image was made (the model's default)
+    assert page.input_value("#completion") == "layout"  # as the image was made (the model's default)
     assert page.text_content("#error") == ""
     # generating again with them gives that image back (alone rather than second in a batch of 2: the batched
     # float arithmetic may round a few values one level differently)
@@ -223,14 +223,14 @@ def test_prompt_completion_is_the_models_default_and_can_be_turned_off(page):
     _generate(page)
     params = page.locator("#gallery figure").first.locator(".params").text_content()
     assert "a large red circle; background: " in params and "Complete prompt: layout" in params
-    page.select_option("#complete-bg", "none")
+    page.select_option("#completion", "none")
     _generate(page)
     first = page.locator("#gallery figure").first
     params = first.locator(".params").text_content()
     assert "background:" not in params and "Complete prompt: none" in params
-    page.select_option("#complete-bg", "")
+    page.select_option("#completion", "")
     first.locator("button.reuse").click()
-    page.wait_for_function("document.querySelector('#complete-bg').value === 'none'")
+    page.wait_for_function("document.querySelector('#completion').value === 'none'")
     assert page.input_value("#prompt") == "a big red circle"
     assert page.text_content("#error") == ""
 

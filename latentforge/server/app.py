@@ -438,7 +438,7 @@ class Server:
         """Jobs with equal keys can be sampled as one batch (`--batch-jobs`): one-batch text-to-image jobs
         that differ only in prompt, negative prompt, seed and batch size, whose prompts name the same LoRAs
         with the same weights (a batch has one set of LoRAs) and that ask for the same speed options (one
-        sampling pass has one: a1111.SPEEDUPS). None: never merged."""
+        sampling pass has one: a1111.SPEEDUPS) and the same prompt completion. None: never merged."""
         kw = job.kwargs
         if job.kind != "txt2img" or job.batch_count != 1 or any(k in kw for k in a1111.NOT_MERGED):
             return None
@@ -447,6 +447,7 @@ class Server:
             return None
         settings = [kw[k] for k in ("steps", "sampler", "scheduler", "cfg", "width", "height")]
         settings += [kw.get(k) for k in a1111.SPEEDUPS]  # None: off (left out of kw)
+        settings.append(kw.get("complete_prompt"))  # one sampling call completes all prompts alike
         return (job.model, *settings, loras)
 
     def _run_merged(self, jobs: list[Job]) -> list[list[Image.Image]]:
