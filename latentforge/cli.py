@@ -855,7 +855,7 @@ def _tune_schedule(args) -> int:
 
     from latentforge.pipeline import MAX_CFG, MAX_SIZE, MAX_STEPS, Pipeline, model_file
     from latentforge.samplers import get_sampler
-    from latentforge.shapes import caption, sample_scene
+    from latentforge.shapes import caption, complete_prompt, sample_scene
     from latentforge.tune_schedule import save, schedule_path, tune_pipeline
 
     check.int_in("--steps", args.steps, 1, MAX_STEPS)
@@ -888,6 +888,10 @@ def _tune_schedule(args) -> int:
     if prompts is None:  # the shapes benchmark's training split: never the prompts it is evaluated on
         rng = np.random.default_rng(args.seed)
         prompts = [caption(sample_scene(rng, split="train"), rng) for _ in range(args.prompts)]
+    # as the network will see them: completed as the model's generation defaults say (prompt k from seed + k,
+    # as Pipeline.image_prompts draws it)
+    mode = pipe.defaults["complete_prompt"]
+    prompts = [complete_prompt(p, mode, np.random.default_rng(args.seed + k)) for k, p in enumerate(prompts)]
     ref_steps, evals = args.reference_steps, args.max_evals
     w, h = pipe.default_size
     size = (args.width or w, args.height or h)
