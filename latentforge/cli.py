@@ -145,6 +145,9 @@ def _eval_generate(args) -> str:
         done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
         _say(f"prompt completion ({args.complete_prompt}): {done} of {len(prompts)} prompts completed "
              "(scored as written)")  # fmt: skip
+    # what the report should say the numbers were made with (_eval adds it to the JSON)
+    done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
+    args.prompt_completion = {"mode": args.complete_prompt, "completed": done}
     lines = []
     for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
         chunk = sampled[start : start + EVAL_BATCH]
@@ -164,6 +167,7 @@ def _eval_generate(args) -> str:
 
 
 def _eval(args) -> int:
+    from latentforge.files import write_text
     from latentforge.shapes.evaluate import evaluate_folder
     from latentforge.shapes.render import MAX_RES, MIN_RES
     from latentforge.shapes.report import format_report
@@ -183,6 +187,10 @@ def _eval(args) -> int:
             check.out_dir("--out", args.out)
         folder = _eval_generate(args)
     report = evaluate_folder(folder, json_path=args.json, size=args.size)
+    if args.images is None:  # the images were made here: say from which prompts (prompt completion)
+        report["prompt_completion"] = args.prompt_completion
+        if args.json:
+            write_text(args.json, json.dumps(report, indent=2) + "\n")
     _say(format_report(report))
     if args.json:
         _say(f"wrote {args.json}")
@@ -245,6 +253,8 @@ def _demo(args) -> int:
                                 cfg=None, width=None, height=None, complete_prompt=None)  # fmt: skip
         folder = _eval_generate(ev)
         report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"))
+        report["prompt_completion"] = ev.prompt_completion  # which prompts the model was given
+        write_text(os.path.join(args.out, "heldout.json"), json.dumps(report, indent=2) + "\n")
         _say(f"\nheld-out prompts (compositions never trained on), {args.n} images:")
         _say(format_report(report))
         _say(f"({time.perf_counter() - t0:.0f} s; images and report in {args.out})")

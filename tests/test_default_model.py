@@ -138,13 +138,19 @@ def test_a_prompt_outside_the_grammar_still_generates_and_eval_counts_it_unparse
 
 
 def test_eval_and_demo_take_the_default_model(tmp_path, capsys):
-    assert (
-        main(
-            ["eval", "shapes", "--model", "default", "--n", "3", "--steps", "2", "--out", str(tmp_path / "e")]
-        )
-        == 0
-    )
+    from latentforge.shapes import caption, complete_layout, sample_scene
+
+    report = tmp_path / "e.json"
+    args = ["eval", "shapes", "--model", "default", "--n", "3", "--steps", "2", "--seed", "5"]
+    assert main([*args, "--out", str(tmp_path / "e"), "--json", str(report)]) == 0
     assert len(list((tmp_path / "e").glob("*.png"))) == 3
+    # the report says which prompts the model was given: the model's completion, image k's from seed + k
+    rng = np.random.default_rng(5)
+    prompts = [caption(sample_scene(rng, split="heldout"), rng) for _ in range(3)]
+    done = sum(complete_layout(p, np.random.default_rng(5 + k)) != p for k, p in enumerate(prompts))
+    assert json.loads(report.read_text())["prompt_completion"] == {"mode": "layout", "completed": done}
+    lines = [json.loads(x) for x in (tmp_path / "e" / "metadata.jsonl").read_text().splitlines()]
+    assert [x["text"] for x in lines] == prompts and sum("sampled_with" in x for x in lines) == done
     assert main(["demo", "--n", "0", "--out", str(tmp_path / "d")]) == 0
     grid = Image.open(tmp_path / "d" / "grid.png")
     assert grid.size == (4 * 64 * 2, 3 * 64 * 2)
