@@ -180,6 +180,11 @@ def _eval(args) -> int:
         check.out_file("--json", args.json)
     if args.images is not None:
         check.in_dir("--images", args.images, "a folder of images with .txt captions or metadata.jsonl")
+        if args.complete_prompt is not None:
+            raise ValueError(
+                f"--complete-prompt {args.complete_prompt} is for images made here (--model); the images of "
+                "--images were made from their own prompts"
+            )
         folder = args.images
     else:
         _check_generation(args)

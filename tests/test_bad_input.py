@@ -153,6 +153,8 @@ CASES = [
     ("eval-json-is-dir", [*EVAL, "{nocaps}", "--json", "{dir}"], ["--json", "is a directory; expected a"]),
     ("eval-empty-folder", [*EVAL, "{empty}"], ["{empty}", "no images to score", ".png"]),
     ("eval-no-captions", [*EVAL, "{nocaps}"], ["none of the 2 images has a caption", "metadata.jsonl"]),
+    ("eval-completion-with-images", [*EVAL, "{nocaps}", "--complete-prompt", "layout"],
+     ["--complete-prompt layout", "--model"]),
     ("eval-n-0", [*EVAL, "{nocaps}", "--n", "0"], ["--n 0", ">= 1"]),
     ("eval-n-negative", ["eval", "shapes", "--model", "{model}", "--n", "-5"], ["--n -5", ">= 1"]),
     ("eval-broken-metadata", [*EVAL, "{badmeta}"], ["metadata.jsonl: line 2 is not JSON"]),
