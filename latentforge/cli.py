@@ -126,7 +126,7 @@ def _eval_generate(args) -> str:
 
     from latentforge.files import atomic_path, write_text
     from latentforge.pipeline import Pipeline
-    from latentforge.shapes import caption, complete_prompt, sample_scene
+    from latentforge.shapes import caption, complete_prompts, sample_scene
 
     speed = cli_generate.speedup_options(args)  # step caching / token merging (speedups.py), if given
     pipe = Pipeline.from_single_file(args.model)  # before any folder is made: a bad file leaves nothing
@@ -136,17 +136,16 @@ def _eval_generate(args) -> str:
     _say(f"loaded {args.model}: {pipe.detection}")
     rng = np.random.default_rng(args.seed)
     prompts = [caption(sample_scene(rng, split=args.split), rng) for _ in range(args.n)]
-    sampled = list(prompts)  # what the model is given; images are scored against `prompts`
     if getattr(args, "complete_prompt", None) is None:  # the model's (callers' namespaces may leave it out)
         args.complete_prompt = pipe.defaults["complete_prompt"]
-    if args.complete_prompt != "none":  # image k's completion: from seed + k, as Pipeline draws it
-        draws = (np.random.default_rng(args.seed + k) for k in range(len(prompts)))
-        sampled = [complete_prompt(p, args.complete_prompt, g) for p, g in zip(prompts, draws, strict=True)]
-        done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
+    # what the model is given (image k's completion from seed + k, as Pipeline draws it); images are scored
+    # against `prompts`
+    sampled = complete_prompts(prompts, args.complete_prompt, [args.seed + k for k in range(len(prompts))])
+    done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
+    if args.complete_prompt != "none":
         _say(f"prompt completion ({args.complete_prompt}): {done} of {len(prompts)} prompts completed "
              "(scored as written)")  # fmt: skip
-    # what the report should say the numbers were made with (_eval adds it to the JSON)
-    done = sum(a != b for a, b in zip(prompts, sampled, strict=True))
+    # what the report should say the numbers were made with (the caller passes it to evaluate_folder)
     args.prompt_completion = {"mode": args.complete_prompt, "completed": done}
     lines = []
     for start in range(0, len(prompts), EVAL_BATCH):  # image k has seed + k in any batch (Pipeline.__call__)
@@ -167,7 +166,6 @@ def _eval_generate(args) -> str:
 
 
 def _eval(args) -> int:
-    from latentforge.files import write_text
     from latentforge.shapes.evaluate import evaluate_folder
     from latentforge.shapes.render import MAX_RES, MIN_RES
     from latentforge.shapes.report import format_report
@@ -191,11 +189,9 @@ def _eval(args) -> int:
         if args.out is not None:
             check.out_dir("--out", args.out)
         folder = _eval_generate(args)
-    report = evaluate_folder(folder, json_path=args.json, size=args.size)
-    if args.images is None:  # the images were made here: say from which prompts (prompt completion)
-        report["prompt_completion"] = args.prompt_completion
-        if args.json:
-            write_text(args.json, json.dumps(report, indent=2) + "\n")
+    # images made here: the report says from which prompts (prompt completion)
+    made = None if args.images is not None else {"prompt_completion": args.prompt_completion}
+    report = evaluate_folder(folder, json_path=args.json, size=args.size, extra=made)
     _say(format_report(report))
     if args.json:
         _say(f"wrote {args.json}")
@@ -257,9 +253,8 @@ def _demo(args) -> int:
                                 seed=args.seed, split="heldout", steps=None, sampler=None, scheduler=None,
                                 cfg=None, width=None, height=None, complete_prompt=None)  # fmt: skip
         folder = _eval_generate(ev)
-        report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"))
-        report["prompt_completion"] = ev.prompt_completion  # which prompts the model was given
-        write_text(os.path.join(args.out, "heldout.json"), json.dumps(report, indent=2) + "\n")
+        report = evaluate_folder(folder, json_path=os.path.join(args.out, "heldout.json"),
+                                 extra={"prompt_completion": ev.prompt_completion})  # fmt: skip
         _say(f"\nheld-out prompts (compositions never trained on), {args.n} images:")
         _say(format_report(report))
         _say(f"({time.perf_counter() - t0:.0f} s; images and report in {args.out})")
@@ -870,7 +865,7 @@ def _tune_schedule(args) -> int:
 
     from latentforge.pipeline import MAX_CFG, MAX_SIZE, MAX_STEPS, Pipeline, model_file
     from latentforge.samplers import get_sampler
-    from latentforge.shapes import caption, complete_prompt, sample_scene
+    from latentforge.shapes import caption, complete_prompts, sample_scene
     from latentforge.tune_schedule import save, schedule_path, tune_pipeline
 
     check.int_in("--steps", args.steps, 1, MAX_STEPS)
@@ -905,8 +900,8 @@ def _tune_schedule(args) -> int:
         prompts = [caption(sample_scene(rng, split="train"), rng) for _ in range(args.prompts)]
     # as the network will see them: completed as the model's generation defaults say (prompt k from seed + k,
     # as Pipeline.image_prompts draws it)
-    mode = pipe.defaults["complete_prompt"]
-    prompts = [complete_prompt(p, mode, np.random.default_rng(args.seed + k)) for k, p in enumerate(prompts)]
+    seeds = [args.seed + k for k in range(len(prompts))]
+    prompts = complete_prompts(prompts, pipe.defaults["complete_prompt"], seeds)
     ref_steps, evals = args.reference_steps, args.max_evals
     w, h = pipe.default_size
     size = (args.width or w, args.height or h)

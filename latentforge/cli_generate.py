@@ -526,10 +526,7 @@ def generate(args) -> int:
     prompts = pipe.image_prompts(**call)  # image i's prompt: as given, or completed (complete_prompt)
     if prompts[0] != args.prompt:
         _say(f"prompt completed: {prompts[0]!r}" + (" (each image its own)" if n > 1 else ""))
-    # the completion asked for, saved where it is in play (a model that completes, or a call that asks), so
-    # that a replay completes as this call did (a completed prompt is completed again to itself)
-    mode = args.complete_prompt or pipe.defaults["complete_prompt"]
-    completion = None if mode == pipe.defaults["complete_prompt"] == "none" else mode
+    completion = pipe.prompt_completion(args.complete_prompt)  # saved, so that a replay completes alike
 
     def a1111(i: int) -> str:  # image i = batch i // batch_size, position i % batch_size: seed + i
         hr_scale = hires_kw.get("hires_scale", 2.0) if hires_on and hires_size is None else None

@@ -694,15 +694,18 @@ class Pipeline:
         too) drawn as the training data draws it (shapes.complete_prompt): exact ancestral sampling of p(what
         is unstated | caption) first, as caption upsampling (Betker et al. 2023, §3.5) and layout planning
         (Lian et al. 2023) do with learned models. Text outside the shapes grammar is kept as given."""
-        from latentforge.shapes import complete_prompt
+        from latentforge.shapes import complete_prompts
 
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
-        prompts = self._prompts("prompt", prompt, batch_size)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + k for k in range(batch_size)]
-        if len(seeds) != batch_size:
-            raise ValueError(f"seed: give one per image ({batch_size}), got {len(seeds)}")
-        draws = (np.random.default_rng(s) for s in seeds)
-        return [complete_prompt(p, mode, g) for p, g in zip(prompts, draws, strict=True)]
+        return complete_prompts(self._prompts("prompt", prompt, batch_size), mode, seeds)
+
+    def prompt_completion(self, requested: str | None) -> str | None:
+        """The completion a call with complete_prompt=`requested` asks for, where one is in play (the model
+        completes, or the call asks): what an image's "Complete prompt" records so that a replay completes
+        as it did; None where neither (a model without completion, asked for none)."""
+        mode = requested or self.defaults["complete_prompt"]
+        return None if mode == self.defaults["complete_prompt"] == "none" else mode
 
     def image_prompts(self, *args, **kwargs) -> list[str]:
         """The prompt each image of a `__call__` with these arguments is made from, in order (what its

@@ -283,6 +283,9 @@ def test_cli_shows_warnings_as_one_line(monkeypatch, tmp_path, capsys):
         def image_prompts(self, prompt, **kw):
             return [prompt]
 
+        def prompt_completion(self, requested):
+            return None
+
     monkeypatch.setattr(tokenizer, "_cut_warned", set())
     monkeypatch.setattr(pipeline.Pipeline, "from_single_file", classmethod(lambda cls, *a, **k: FakePipe()))
     model = tmp_path / "m.safetensors"

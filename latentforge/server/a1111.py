@@ -143,7 +143,7 @@ class Txt2Img(BaseModel):
     cache_threshold: float | None = None
     tome_ratio: float | None = None
     tome_max_downsample: int | None = None
-    # latentforge's: background completion of shapes prompts (Pipeline; None: the model's default)
+    # latentforge's: the prompt completion of shapes prompts (Pipeline; None: the model's default)
     complete_prompt: str | None = None  # "none", "background", "layout"
 
 
@@ -540,7 +540,7 @@ def info(req: Txt2Img, kw: dict, n: int, texts: list[str], model: str, model_has
          prompts: list[str] | None = None) -> dict:  # fmt: skip
     """`Processed.js()`: the `info` object of a txt2img/img2img response (sent as a JSON string); extra:
     its `extra_generation_params` (the "ControlNet k" fields, as the extension adds them); prompts: each
-    image's prompt (`all_prompts`; a completed background), else the request's."""
+    image's prompt (`all_prompts`; Pipeline.image_prompts), else the request's."""
     seeds = [kw["seed"] + i for i in range(n)]
     sub = kw.get("subseed", -1)
     subseeds = [sub + i if sub >= 0 else -1 for i in range(n)]

@@ -492,9 +492,7 @@ class Server:
             lora_hashes = None
         extra = getattr(job, "controlnet_fields", None)  # make_job's
         prompts = self._image_prompts(job, len(images))
-        default = self.models.pipeline(job.model).defaults["complete_prompt"]
-        mode = job.kwargs.get("complete_prompt", default)
-        completion = None if mode == default == "none" else mode
+        completion = self.models.pipeline(job.model).prompt_completion(job.kwargs.get("complete_prompt"))
         texts = a1111.infotexts(job.kwargs, len(images), name, short, lora_hashes, extra, prompts, completion)
         saved = []
         if job.request.get("save_images") and self.settings.outputs:

@@ -13,6 +13,7 @@ from .captions import (
     complete_background,
     complete_layout,
     complete_prompt,
+    complete_prompts,
     describe,
     parse,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "complete_background",
     "complete_layout",
     "complete_prompt",
+    "complete_prompts",
     "PROMPT_COMPLETIONS",
     "describe",
     "export",

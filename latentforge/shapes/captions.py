@@ -501,3 +501,12 @@ def complete_prompt(prompt: str, mode: str, rng: np.random.Generator) -> str:
     if mode == "layout":
         return complete_layout(prompt, rng)
     raise ValueError(f"prompt completion must be one of {', '.join(PROMPT_COMPLETIONS)}, got {mode!r}")
+
+
+def complete_prompts(prompts: list[str], mode: str, seeds: list[int]) -> list[str]:
+    """Prompt k completed from its own seed k (``np.random.default_rng(seeds[k])``), so that an image's
+    completion does not depend on the batch it is made in: what Pipeline, ``eval shapes`` and
+    ``tune-schedule`` all draw."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    return [complete_prompt(p, mode, np.random.default_rng(s)) for p, s in zip(prompts, seeds, strict=True)]

@@ -198,8 +198,10 @@ def evaluate_folder(
     max_failures: int = 64,
     reference: bool = True,
     second_judge: bool = True,
+    extra: dict | None = None,
 ) -> dict:
-    """Evaluate a folder of generated images against their prompts (the CLI's entry point).
+    """Evaluate a folder of generated images against their prompts (the CLI's entry point). ``extra``: more
+    keys for the report (and its JSON), e.g. how the images were made.
 
     Prompts come from ``metadata.jsonl`` (``file_name``, ``text``) or a ``.txt`` beside each image. Images of
     another size than ``size`` are resized (Lanczos) with a warning; unreadable image files and images
@@ -254,6 +256,7 @@ def evaluate_folder(
     report["missing_prompt"] = missing
     report["resized"] = len(resized)
     report["images_dir"] = str(folder)
+    report |= extra or {}
     grid_imgs = [r.pop("_image") for r in report["failures"]]
     if json_path is not None or grid_path is not None:
         if grid_path is None:
