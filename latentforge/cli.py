@@ -48,6 +48,7 @@ def _shapes(args) -> int:
     check.int_in("--size", args.size, MIN_RES, MAX_RES)
     check.float_in("--relation_share", args.relation_share, 0.0, 1.0)
     check.float_in("--background_share", args.background_share, 0.0, 1.0)
+    check.float_in("--labelled_share", args.labelled_share, 0.0, 1.0)
     check.out_dir("DIR", args.dir)
     out = export(
         args.dir,
@@ -57,6 +58,7 @@ def _shapes(args) -> int:
         split=args.split,
         relation_share=args.relation_share,
         background_share=args.background_share,
+        labelled_share=args.labelled_share,
     )
     _say(f"wrote {args.n} images with captions and metadata.jsonl to {out}")
     return 0
@@ -451,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.6,
         help="the share of captions that state the background (0.6: the usual mix)",
+    )
+    ex.add_argument(
+        "--labelled_share",
+        type=float,
+        default=0.0,
+        help="caption this share of the scenes in the labelled form, every position stated, as the layout "
+        "prompt completion writes prompts (0: the usual mix)",
     )
     ex.set_defaults(func=_shapes)
 

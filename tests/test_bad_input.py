@@ -178,6 +178,8 @@ CASES = [
      ["--relation_share 1.5", "[0, 1]"]),
     ("export-background-share", ["shapes", "export", "{tmp}/x", "--background_share", "-1"],
      ["--background_share -1.0", "[0, 1]"]),
+    ("export-labelled-share", ["shapes", "export", "{tmp}/x", "--labelled_share", "2"],
+     ["--labelled_share 2.0", "[0, 1]"]),
     ("bench-out-is-file", ["bench", "samplers", "--out", "{file}"], ["--out", "is a file"]),
 ]  # fmt: skip
 

@@ -6,7 +6,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from latentforge.shapes import Obj, Scene, caption, describe, parse, relation_holds, sample_scene, satisfies
+from latentforge.shapes import (
+    Obj,
+    Scene,
+    caption,
+    complete_layout,
+    describe,
+    parse,
+    relation_holds,
+    sample_scene,
+    satisfies,
+)
 
 
 def satisfies_obj(o, s):
@@ -325,3 +335,38 @@ def test_background_share_sets_how_often_the_background_is_stated():
     scene = sample_scene(np.random.default_rng(0), split="train")
     with pytest.raises(ValueError, match=r"background_share must be in \[0, 1\], got 1.2"):
         describe(scene, np.random.default_rng(0), background_share=1.2)
+
+
+def test_labelled_share_captions_in_the_form_the_layout_completion_writes():
+    # 1: every caption is the labelled form (every object's position stated, no relation), which parses to
+    # what it states; 0 is the usual stream draw for draw; a share outside [0, 1] is refused by name
+    for i in range(300):
+        rng = np.random.default_rng([12, i])
+        scene = sample_scene(rng, split="train")
+        text, spec = describe(scene, rng, labelled_share=1.0, background_share=1.0)
+        assert parse(text) == spec and satisfies(scene, spec), text
+        assert ":" in text and not spec.relations, text
+        assert all(o.position is not None for o in spec.objects) and spec.background is not None, text
+        # the layout completion of a labelled caption that states everything is itself
+        assert complete_layout(text, np.random.default_rng(i)) == text
+    for i in range(200):
+        scene = sample_scene(np.random.default_rng([13, i]), split="train")
+        assert describe(scene, np.random.default_rng(i)) == describe(
+            scene, np.random.default_rng(i), 0.0, 0.6, 0.0
+        )
+    # a share in between: the labelled form on that share of scenes on top of the usual mix's own
+    n = 2000
+    labelled = 0
+    for i in range(n):
+        rng = np.random.default_rng([14, i])
+        text, _ = describe(sample_scene(rng, split="train"), rng, labelled_share=0.5)
+        labelled += ":" in text
+    usual = sum(
+        ":" in describe(sample_scene(r := np.random.default_rng([14, i]), split="train"), r)[0]
+        for i in range(n)
+    )
+    # 0.5 + 0.5 · usual share; binomial sd of a share at n = 2000 is ≤ 0.011, so 4 sd is 0.045
+    assert abs(labelled / n - (0.5 + 0.5 * usual / n)) < 0.045
+    scene = sample_scene(np.random.default_rng(0), split="train")
+    with pytest.raises(ValueError, match=r"labelled_share must be in \[0, 1\], got -0.5"):
+        describe(scene, np.random.default_rng(0), labelled_share=-0.5)

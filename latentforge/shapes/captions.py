@@ -116,23 +116,31 @@ def _np(rng, o: Obj, state_size: bool) -> tuple[str, Obj]:
     return _with_article(rng, form.format(z=size, c=color, s=shape)), Obj(o.shape, o.color, o.size)
 
 
-def check_shares(relation_share: float, background_share: float) -> None:
+def check_shares(relation_share: float, background_share: float, labelled_share: float = 0.0) -> None:
     """describe's caption knobs are probabilities; anything else is refused with its name."""
-    for name, v in (("relation_share", relation_share), ("background_share", background_share)):
+    shares = (("relation_share", relation_share), ("background_share", background_share))
+    for name, v in (*shares, ("labelled_share", labelled_share)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
 
 
 def describe(
-    scene: Scene, rng: np.random.Generator, relation_share: float = 0.0, background_share: float = 0.6
+    scene: Scene,
+    rng: np.random.Generator,
+    relation_share: float = 0.0,
+    background_share: float = 0.6,
+    labelled_share: float = 0.0,
 ) -> tuple[str, Scene]:
     """A random caption of complete ``scene`` and the partial ``Scene`` it states (``parse(text)``).
 
     ``relation_share`` > 0: a scene of two or more objects is captioned with a relation with this
     probability (otherwise by the styles' own mix, in which a relation is 1 of 4 to 6 styles), for data
     that teaches relations more often; 0 (the default) draws exactly as before. ``background_share``: the
-    probability that the caption states the background (0.6, the default, draws exactly as before)."""
-    check_shares(relation_share, background_share)
+    probability that the caption states the background (0.6, the default, draws exactly as before).
+    ``labelled_share`` > 0: the caption is in the labelled form (every object's position stated) with this
+    probability, else drawn as above; it is the form ``complete_layout`` gives the network, so data with a
+    high share trains what a model run with the layout completion sees. 0 (the default) draws as before."""
+    check_shares(relation_share, background_share, labelled_share)
     scene.validate(complete=True)
     objs = list(scene.objects)
     n = len(objs)
@@ -144,7 +152,9 @@ def describe(
         styles.append("relation")
     if any(len(g) >= 2 for g in groups.values()):
         styles += ["count", "count"]
-    if relation_share > 0 and n >= 2 and rng.random() < relation_share:
+    if labelled_share > 0 and rng.random() < labelled_share:
+        style = "labelled"
+    elif relation_share > 0 and n >= 2 and rng.random() < relation_share:
         style = "relation"  # with no count group every object is a single, so the relation has its two
     else:
         style = _choice(rng, styles)

@@ -27,14 +27,15 @@ def sample(
     size: int = 64,
     relation_share: float = 0.0,
     background_share: float = 0.6,
+    labelled_share: float = 0.0,
 ) -> tuple[np.ndarray, str, Scene, Scene]:
     """Sample ``index`` of stream ``(seed, split)``: (uint8 image HxWx3, caption, scene, stated spec).
-    ``relation_share``, ``background_share``: see ``captions.describe`` (the defaults keep the stream as it
-    always was)."""
+    ``relation_share``, ``background_share``, ``labelled_share``: see ``captions.describe`` (the defaults keep
+    the stream as it always was)."""
     split = normalize_split(split)
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     scene = sample_scene(rng, split=split)
-    text, spec = describe(scene, rng, relation_share, background_share)
+    text, spec = describe(scene, rng, relation_share, background_share, labelled_share)
     return render(scene, size), text, scene, spec
 
 
@@ -116,21 +117,25 @@ def export(
     split: str = "train",
     relation_share: float = 0.0,
     background_share: float = 0.6,
+    labelled_share: float = 0.0,
 ) -> Path:
     """Write ``n`` samples of stream ``(seed, split)`` to ``directory``: ``NNNNNN.png`` and ``NNNNNN.txt``
     (the caption), and ``metadata.jsonl`` with one ``{"file_name", "text", "scene", "caption_spec"}`` line per
     image (Hugging Face ``imagefolder`` layout). Every file is written atomically (``files.atomic_path``).
-    ``relation_share``, ``background_share``: see ``captions.describe``. Returns the directory."""
+    ``relation_share``, ``background_share``, ``labelled_share``: see ``captions.describe``. Returns the
+    directory."""
     size = check_resolution(size)
     split = normalize_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    check_shares(relation_share, background_share)  # before any file is written
+    check_shares(relation_share, background_share, labelled_share)  # before any file is written
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        img, text, scene, spec = sample(seed, split, i, size, relation_share, background_share)
+        img, text, scene, spec = sample(
+            seed, split, i, size, relation_share, background_share, labelled_share
+        )
         name = f"{i:06d}"
         with atomic_path(out / f"{name}.png") as tmp:
             Image.fromarray(img).save(tmp, format="PNG")
