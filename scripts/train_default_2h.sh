@@ -10,14 +10,25 @@ PY=${PY:-python}
 LF="$PY -m latentforge"
 mkdir -p "$R"
 
-stage() {  # stage NAME OUT_DIR command...: run once, resuming a cut-off run, and time it
-    local name=$1 out=$2
-    shift 2
+timed() {  # timed NAME command...: run once (skipped once RUNS_DIR/NAME.done exists) and record its wall time
+    local name=$1 t0
+    shift
     [ -f "$R/$name.done" ] && return 0
-    local t0
     t0=$(date +%s)
-    if [ -d "$out/state" ] && [ -n "$(ls -A "$out/state")" ]; then "$@" --resume "$out"; else "$@" --out "$out"; fi
+    "$@"
     echo "$name $(( $(date +%s) - t0 )) s" | tee "$R/$name.done"
+}
+
+train_into() {  # train_into OUT_DIR command...: a training run into OUT_DIR, resumed if it was cut off
+    local out=$1
+    shift
+    if [ -d "$out/state" ] && [ -n "$(ls -A "$out/state")" ]; then "$@" --resume "$out"; else "$@" --out "$out"; fi
+}
+
+stage() {  # stage NAME OUT_DIR command...: a timed training stage
+    local name=$1
+    shift
+    timed "$name" train_into "$@"
 }
 
 # VAE: f = 4, narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
@@ -26,11 +37,7 @@ stage vae "$R/vae" $LF train vae --preset shapes64-vae --logvar_init -6 --recon 
     --checkpoint_every 500 --seed 0
 
 # 60,000 training scenes, 80% of them captioned in the labelled form the layout completion writes
-if [ ! -f "$R/data.done" ]; then
-    t0=$(date +%s)
-    $LF shapes export "$R/data" --n 60000 --size 64 --seed 21 --labelled_share 0.8 --background_share 0.8
-    echo "data $(( $(date +%s) - t0 )) s" | tee "$R/data.done"
-fi
+timed data $LF shapes export "$R/data" --n 60000 --size 64 --seed 21 --labelled_share 0.8 --background_share 0.8
 
 # denoiser + text tower, stage A: 300 steps at σ = 1 only (the text is all there is to read), padding
 # tokens masked out of the cross-attention; the latents are encoded once into the shared cache
@@ -54,9 +61,6 @@ stage vaedec "$R/vaedec" $LF train vae --preset shapes64-vae --init_from "$R/vae
 
 # the model file: float16, the denoiser and text tower of stage B with the stage-2 VAE, the default
 # model's generation defaults (20 steps, euler_ancestral, CFG 3, the layout prompt completion)
-if [ ! -f "$R/ship.done" ]; then
-    $PY "$(dirname "$0")/ship_default_model.py" "$R/unetB/checkpoints/last.safetensors" \
-        --vae "$R/vaedec/checkpoints/last.safetensors" --dtype float16 --sampler euler_ancestral --cfg 3 \
-        --complete-prompt layout --out "$R/shapes64-2h.safetensors"
-    touch "$R/ship.done"
-fi
+timed ship $PY "$(dirname "$0")/ship_default_model.py" "$R/unetB/checkpoints/last.safetensors" \
+    --vae "$R/vaedec/checkpoints/last.safetensors" --dtype float16 --sampler euler_ancestral --cfg 3 \
+    --complete-prompt layout --out "$R/shapes64-2h.safetensors"

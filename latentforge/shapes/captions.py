@@ -118,8 +118,12 @@ def _np(rng, o: Obj, state_size: bool) -> tuple[str, Obj]:
 
 def check_shares(relation_share: float, background_share: float, labelled_share: float = 0.0) -> None:
     """describe's caption knobs are probabilities; anything else is refused with its name."""
-    shares = (("relation_share", relation_share), ("background_share", background_share))
-    for name, v in (*shares, ("labelled_share", labelled_share)):
+    shares = {
+        "relation_share": relation_share,
+        "background_share": background_share,
+        "labelled_share": labelled_share,
+    }
+    for name, v in shares.items():
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
 
