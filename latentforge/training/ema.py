@@ -47,12 +47,16 @@ class EMA:
         Returns the decay used."""
         d = self.decay_at(self.num_updates if step is None else int(step))
         params = dict(model.named_parameters())
+        avg, new = [], []
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if k in params and s.is_floating_point():
-                s.lerp_(v.detach().to(device=s.device, dtype=torch.float32), 1.0 - d)
+                avg.append(s)
+                new.append(v.detach().to(device=s.device, dtype=torch.float32))
             else:
                 s.copy_(v.detach())
+        if avg:  # one pass over all tensors (torch's foreach kernels), the same lerp as a loop per tensor
+            torch._foreach_lerp_(avg, new, 1.0 - d)
         self.num_updates += 1
         return d
 

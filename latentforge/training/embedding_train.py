@@ -40,6 +40,7 @@ from latentforge.training import config as C
 from latentforge.training.config import MODEL_FIELDS, DenoiserTrainConfig
 from latentforge.training.ema import weights_swapped
 from latentforge.training.objectives import ObjectiveConfig
+from latentforge.training.optim import adamw
 from latentforge.training.trainer import pipeline_for
 
 MAX_VECTORS = 75  # one CLIP chunk
@@ -200,8 +201,8 @@ class EmbeddingTask(adapt.AdaptTask):
 
     def optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        return torch.optim.AdamW(self.vectors.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)  # fmt: skip
+        return adamw(self.vectors.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)  # fmt: skip
 
     def export(self, path: str, weights: Mapping[str, torch.Tensor]) -> None:
         cfg = self.cfg

@@ -46,6 +46,7 @@ from latentforge.training.lora_network import (
     used_text_sites,
 )
 from latentforge.training.objectives import ObjectiveConfig
+from latentforge.training.optim import adamw
 from latentforge.training.trainer import pipeline_for
 
 
@@ -181,7 +182,7 @@ class LoRATask(adapt.AdaptTask):
         param_groups = [{"params": groups[True]}]
         if groups[False]:
             param_groups.append({"params": groups[False], "lr_scale": te_scale})
-        return torch.optim.AdamW(
+        return adamw(
             param_groups,
             lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),

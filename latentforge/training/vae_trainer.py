@@ -31,7 +31,7 @@ from latentforge.training import dist, loop, run_folder
 from latentforge.training.config import VAETrainConfig
 from latentforge.training.ema import weights_swapped
 from latentforge.training.feed import dataset_for, micro_generator
-from latentforge.training.optim import autocast
+from latentforge.training.optim import adamw, autocast
 from latentforge.training.samples import save_grid
 from latentforge.training.vae_losses import (
     VAELossConfig,
@@ -191,7 +191,7 @@ class VAETask(loop.Task):
         groups = [{"params": trained, "weight_decay": cfg.weight_decay}]
         if model.disc is not None:
             groups.append({"params": list(model.disc.parameters()), "weight_decay": 0.0})
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        return adamw(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
     def units(self) -> dict[str, nn.Module]:
         units = {"vae": self.model.vae}
