@@ -102,15 +102,15 @@ def _dit_forward(net: DiT, cache: StackCache):
         shift, scale = b.adaLN_modulation(c).chunk(6, dim=1)[:2]
         return modulate(b.norm1(h), shift, scale)
 
-    def stack(h, c, context):
+    def stack(h, c, context, context_mask):
         for block in net.blocks:
-            h = block(h, c, context)  # [N, T, D]
+            h = block(h, c, context, context_mask)  # [N, T, D]
         return h
 
-    def forward(x: torch.Tensor, t: torch.Tensor, y=None, context=None) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor, y=None, context=None, context_mask=None) -> torch.Tensor:
         h, c, context = net.embed(x, t, y, context)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        h = cache.run(h, c, (context,), t, stack, indicator)
+        h = cache.run(h, c, (context, context_mask), t, stack, indicator)
         return net.unpatchify(net.final_layer(h, c)).to(x.dtype)  # [N, C_out, H, W]
 
     return forward
@@ -125,16 +125,18 @@ def _mmdit_forward(net: MMDiT, cache: StackCache):
         mods = xb.adaLN_modulation(c).chunk(xb.n_mods, dim=1)
         return modulate(xb.norm1(x), mods[0], mods[1])
 
-    def forward(x, t, y=None, context=None, skip_layers: Sequence[int] = ()) -> torch.Tensor:
-        def stack(x, c, context):
+    def forward(
+        x, t, y=None, context=None, skip_layers: Sequence[int] = (), context_mask=None
+    ) -> torch.Tensor:
+        def stack(x, c, context, context_mask):
             for i, block in enumerate(net.joint_blocks):
                 if i not in skip_layers:
-                    context, x = block(context, x, c)
+                    context, x = block(context, x, c, context_mask)
             return x
 
         x, c, context, (h, w) = net.embed(x, t, y, context)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        x = cache.run(x, c, (context,), t, stack, indicator)
+        x = cache.run(x, c, (context, context_mask), t, stack, indicator)
         return net.unpatchify(net.final_layer(x, c), h, w)  # [B, C_out, H, W]
 
     return forward

@@ -398,8 +398,11 @@ def clip_text(
     and adds y to the timestep embedding (if pooled_dim > 0); the MMDiT puts the context tokens in its joint
     attention and adds y through its y_embedder (SD3's two paths, with one CLIP tower)."""
     enc = _encoder(encoders, "clip_l", "a text transformer (dit-text, mmdit-text)")
-    out, _ = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
-    return {"context": out.hidden, "y": out.pooled}
+    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
+    cond = {"context": out.hidden, "y": out.pooled}
+    if getattr(net, "mask_text_padding", False):
+        cond["context_mask"] = keep  # [B, n·L] bool, True on each chunk's BOS, tokens and EOS (as sd15's)
+    return cond
 
 
 def parse_class_label(prompt: str, num_classes: int) -> int:

@@ -280,10 +280,13 @@ def encode(
     prompts = _check_prompts(prompts)
     prompt_syntax.check_weighting(weighting)
     net_config = net_config if net_config is not None else fam.configs()[fam.net]
-    if getattr(net_config, "mask_text_padding", False) and fam.condition is not conditioning.sd15:
+    if getattr(net_config, "mask_text_padding", False) and fam.condition not in (
+        conditioning.sd15,
+        conditioning.clip_text,
+    ):
         raise ValueError(
-            f"mask_text_padding is supported for the sd15 family's single CLIP tower only, not {family!r} "
-            "(set unet.mask_text_padding false)"
+            f"mask_text_padding is supported for a single CLIP tower only (sd15, dit-text, mmdit-text), not "
+            f"{family!r} (set unet.mask_text_padding false)"
         )
     return fam.condition(encoders, prompts, width, height, negative, net_config, weighting=weighting)
 

@@ -292,3 +292,24 @@ def test_text_variant_forward_and_conditioning():
     no_pooled = randomize(DiT(DiTConfig(**{**TEXT.__dict__, "pooled_dim": 0}))).eval()
     assert not hasattr(no_pooled, "y_embedder")
     assert no_pooled(x, t, context=ctx).shape == (2, 8, 8, 8)
+
+
+@torch.no_grad()
+def test_text_context_mask_is_the_same_as_leaving_the_tokens_out():
+    # mask_text_padding: the cross-attention's softmax runs over the kept context tokens only, so a row whose
+    # last tokens are masked equals the same row called with those tokens cut off (whatever they held), and
+    # a row that keeps all its tokens equals the unmasked call. float64: equal to rounding.
+    model = randomize(DiT(TEXT)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([10.0, 900.0])
+    ctx = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
+    pooled = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, 4:] = False
+    out = model(x, t, pooled, ctx, context_mask=keep)
+    cut = model(x[:1], t[:1], pooled[:1], ctx[:1, :4])
+    full = model(x, t, pooled, ctx)
+    scale = full.abs().max().item()
+    assert (out[:1] - cut).abs().max().item() < 1e-12 * scale
+    assert (out[1:] - full[1:]).abs().max().item() < 1e-12 * scale
+    assert (out[:1] - full[:1]).abs().max().item() > 1e-3 * scale  # the mask does act

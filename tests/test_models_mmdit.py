@@ -203,3 +203,26 @@ def test_a_fresh_mmdit_is_adaln_zero_with_a_sincos_position_table():
     want = torch.cat([pos.sin(), pos.cos()], dim=1)  # [P, D/2]: position p's embedding
     torch.testing.assert_close(table[3, :, : D // 2].double(), want, rtol=0, atol=1e-6)  # along a row: j
     torch.testing.assert_close(table[:, 5, D // 2 :].double(), want, rtol=0, atol=1e-6)  # down a column: i
+
+
+@pytest.mark.parametrize("name", ["plain", "rms"])
+@torch.no_grad()
+def test_context_mask_is_the_same_as_leaving_the_tokens_out(name):
+    # mask_text_padding: masked context tokens are never keys of the joint attention, so the image stream of
+    # a row whose last context tokens are masked equals that row called with those tokens cut off (their own
+    # stream runs on but is read by no one), and a row that keeps all its tokens equals the unmasked call.
+    cfg = TINY_CONFIGS[name]
+    model = MMDiT(cfg).double().eval()
+    g = torch.Generator().manual_seed(5)
+    for p in model.parameters():  # off the adaLN-Zero start, whose output is exactly zero
+        p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    x, t, y, context = inputs(cfg, (4, 6), torch.float64)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, 3:] = False
+    out = model(x, t, y=y, context=context, context_mask=keep)
+    cut = model(x[:1], t[:1], y=y[:1], context=context[:1, :3])
+    full = model(x, t, y=y, context=context)
+    scale = full.abs().max().item()
+    assert (out[:1] - cut).abs().max().item() < 1e-12 * scale
+    assert (out[1:] - full[1:]).abs().max().item() < 1e-12 * scale
+    assert (out[:1] - full[:1]).abs().max().item() > 1e-3 * scale  # the mask does act

@@ -409,6 +409,24 @@ def test_sd15_context_mask_keeps_each_chunks_bos_tokens_and_eos():
     assert torch.equal(uncond["context_mask"][0], expected[0])
 
 
+@torch.no_grad()
+def test_text_transformers_get_the_same_context_mask_as_sd15():
+    # dit-text / mmdit-text with mask_text_padding: the same tower, the same mask as sd15's (and the same
+    # context and pooled state as without it); without the flag no mask.
+    l = tiny_clip(seed=11)
+    texts = [LONG, "a cat", ""]
+    masked = conditioning.clip_text(
+        {"clip_l": l}, texts, 64, 64, False, SimpleNamespace(mask_text_padding=True)
+    )
+    plain = conditioning.clip_text(
+        {"clip_l": l}, texts, 64, 64, False, SimpleNamespace(mask_text_padding=False)
+    )
+    sd15 = conditioning.sd15({"clip_l": l}, texts, 64, 64, False, SimpleNamespace(mask_text_padding=True))
+    assert "context_mask" not in plain
+    assert torch.equal(masked["context"], plain["context"]) and torch.equal(masked["y"], plain["y"])
+    assert torch.equal(masked["context_mask"], sd15["context_mask"])
+
+
 def test_mask_text_padding_is_refused_where_the_conditioning_cannot_make_it():
     l, g = tiny_clip(seed=12), tiny_clip("open_clip", seed=13)
     net = SimpleNamespace(mask_text_padding=True, context_dim=64)

@@ -519,9 +519,26 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     np.testing.assert_allclose(runs["bf16"], runs["plain"], rtol=3e-2)
 
 
-def test_text_dit_preset_trains_and_generates(tmp_path):
+def spy_context_masks(monkeypatch, cls) -> list:
+    """Record the context_mask (or None) of every `cls.forward` call."""
+    seen, forward = [], cls.forward
+
+    def spy(self, *args, context_mask=None, **kw):
+        seen.append(context_mask)
+        return forward(self, *args, context_mask=context_mask, **kw)
+
+    monkeypatch.setattr(cls, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_text_dit_preset_trains_and_generates(tmp_path, monkeypatch, mask):
+    # dit.mask_text_padding: the training and the exported file's sampling pass context_mask
+    from latentforge.models.dit import DiT
+
+    seen = spy_context_masks(monkeypatch, DiT)
     over = {"dit.hidden_size": 64, "dit.depth": 2, "dit.num_heads": 2, "dit.context_dim": 32,
-            "dit.pooled_dim": 32,
+            "dit.pooled_dim": 32, "dit.mask_text_padding": str(mask),
             "text.hidden_size": 32, "text.intermediate_size": 64, "text.num_hidden_layers": 1,
             "text.max_position_embeddings": 16, "batch_size": 4, "num_workers": 0, "max_steps": 2,
             "eval_n": 2, "sample_steps": 2}  # fmt: skip
@@ -531,14 +548,24 @@ def test_text_dit_preset_trains_and_generates(tmp_path):
     assert "model.diffusion_model.blocks.1.cross_attn.kv.weight" in sd
     pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
     assert pipe.family == "dit-text" and pipe.pixel_space
+    assert pipe.components["dit"].config.mask_text_padding == mask
+    seen.clear()
     (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
     assert img.size == (32, 32)
+    assert len(seen) == 2 and all((m is not None) == mask for m in seen)
+    if mask:  # the prompt's BOS, 3 tokens and EOS, then the empty negative's BOS and EOS
+        assert seen[0].tolist() == [[True] * 5 + [False] * 11, [True] * 2 + [False] * 14]
 
 
-def test_text_mmdit_preset_trains_and_generates(tmp_path):
-    # shapes64-mmdit (benchmarks/architectures.py) made tiny: SD3's joint attention reading one CLIP tower
+@pytest.mark.parametrize("mask", [False, True])
+def test_text_mmdit_preset_trains_and_generates(tmp_path, monkeypatch, mask):
+    # shapes64-mmdit (benchmarks/architectures.py) made tiny: SD3's joint attention reading one CLIP tower;
+    # mmdit.mask_text_padding: the training and the exported file's sampling pass context_mask
     from latentforge.checkpoints import configs_to_json, load_checkpoint, save_state_dict
+    from latentforge.models.mmdit import MMDiT
     from latentforge.pipeline import DEFAULT_MODEL
+
+    seen = spy_context_masks(monkeypatch, MMDiT)
 
     ckpt = load_checkpoint(DEFAULT_MODEL, torch.float32)  # the shipped VAE (f = 4) as a VAE file
     vae = str(tmp_path / "vae.safetensors")
@@ -548,16 +575,20 @@ def test_text_mmdit_preset_trains_and_generates(tmp_path):
     over = {"mmdit.depth": 1, "mmdit.context_dim": 32, "mmdit.adm_in_channels": 32,
             "text.hidden_size": 32, "text.intermediate_size": 64, "text.num_hidden_layers": 1,
             "text.max_position_embeddings": 16, "batch_size": 4, "num_workers": 0, "max_steps": 2,
-            "eval_n": 2, "sample_steps": 2, "vae": vae}  # fmt: skip
+            "eval_n": 2, "sample_steps": 2, "vae": vae, "mmdit.mask_text_padding": str(mask)}  # fmt: skip
     out = str(tmp_path / "run")
     train_denoiser(resolve("denoiser", "shapes64-mmdit", overrides=over), out, progress=False)
+    assert seen and all((m is not None) == mask for m in seen)
     sd = read_state_dict(os.path.join(out, "checkpoints", "last.safetensors"))
     assert "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight" in sd
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd
     pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
     assert pipe.family == "mmdit-text" and not pipe.pixel_space
+    assert pipe.components["mmdit"].config.mask_text_padding == mask
+    seen.clear()
     (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
     assert img.size == (64, 64)
+    assert len(seen) == 2 and all((m is not None) == mask for m in seen)
 
 
 def test_aspect_ratio_buckets_from_a_folder(tmp_path):

@@ -54,6 +54,10 @@ class DiTConfig:
     learn_sigma: bool = True  # doubles the output channels (ε and the IDDPM variance value)
     context_dim: int = 0  # 0: class-conditional original; > 0: cross-attention to a text context
     pooled_dim: int = 0  # text variant only: width of the pooled text vector (0: none)
+    # Text variant: the cross-attention leaves out each chunk's tokens after its EOS (the padding); the
+    # conditioning then passes `context_mask` [N, L] bool (conditioning.clip_text), as the UNet's flag of the
+    # same name (models/unet.py). Not in the state dict: a property of how a model was trained here.
+    mask_text_padding: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -117,14 +121,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        # context_mask [N, L] bool: the context tokens each query may attend to (None: all)
         n, t, d = x.shape
         h, dh = self.num_heads, d // self.num_heads
         q = self.q(x).reshape(n, t, h, dh).transpose(1, 2)  # [N, heads, T, d_head]
         k, v = (
             self.kv(context).reshape(n, context.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
         )  # [N, heads, L, dh]
-        return self.proj(attention(q, k, v))  # [N, T, D]
+        return self.proj(attention(q, k, v, key_mask=context_mask))  # [N, T, D]
 
 
 class DiTBlock(nn.Module):
@@ -146,14 +151,16 @@ class DiTBlock(nn.Module):
             self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, context_mask=None
+    ) -> torch.Tensor:
         # x [N, T, D], c [N, D] -> six [N, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if context is not None:
-            x = x + self.cross_attn(self.norm_cross(x), context)
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -253,9 +260,11 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """context_mask [N, L] bool (text variant, `mask_text_padding`): the context tokens attended to."""
         h, c, context = self.embed(x, t, y, context)
         for block in self.blocks:
-            h = block(h, c, context)  # [N, T, D]
+            h = block(h, c, context, context_mask)  # [N, T, D]
         h = self.final_layer(h, c)  # [N, T, p²·C_out]
         return self.unpatchify(h).to(x.dtype)  # [N, C_out, H, W]

@@ -53,6 +53,11 @@ class MMDiTConfig:
     qk_norm: str | None = None  # None or "rms" (per-head RMSNorm of q and k, SD3.5)
     x_block_self_attn_layers: tuple[int, ...] = ()  # blocks with the extra image self-attention (MMDiT-X)
     mlp_ratio: float = 4.0
+    # The joint attention leaves out the context's padding tokens as keys (each chunk's tokens after its
+    # EOS); the conditioning then passes `context_mask` [B, Lc] bool (conditioning.clip_text), as the UNet's
+    # flag of the same name. Not in SD3 (it attends to all tokens) nor in the state dict: a property of how a
+    # model was trained here.
+    mask_text_padding: bool = False
 
     def __post_init__(self):
         if self.num_patches != self.pos_embed_max_size**2:
@@ -166,13 +171,17 @@ class JointBlock(nn.Module):
             hidden_size, num_heads, qk_norm, mlp_ratio, x_block_self_attn=x_block_self_attn
         )
 
-    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
-        # context [B, Lc, D], x [B, Lx, D], c [B, D] -> (context or None after the last block, x)
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor, context_mask=None):
+        # context [B, Lc, D], x [B, Lx, D], c [B, D] -> (context or None after the last block, x);
+        # context_mask [B, Lc] bool: the context tokens that are keys (every image token always is)
         ctx_qkv, ctx_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         # one attention over the joint sequence [context, x]: q, k, v [B, H, Lc + Lx, 64]
         q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))
-        ctx_attn, x_attn = attention(q, k, v).split([context.shape[1], x.shape[1]], dim=1)
+        keys = None
+        if context_mask is not None:
+            keys = torch.cat([context_mask.to(x.device), context_mask.new_ones(x.shape[:2])], dim=1)
+        ctx_attn, x_attn = attention(q, k, v, key_mask=keys).split([context.shape[1], x.shape[1]], dim=1)
         if self.context_block.pre_only:
             context = None
         else:
@@ -255,16 +264,18 @@ class MMDiT(nn.Module):
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         skip_layers: Sequence[int] = (),
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, H, W] latent, t [B] timestep (1000·σ), y [B, adm_in_channels] pooled text,
-        context [B, Lc, context_dim] token embeddings -> velocity [B, C_out, H, W].
+        context [B, Lc, context_dim] token embeddings -> velocity [B, C_out, H, W]. context_mask [B, Lc] bool
+        (`mask_text_padding`): the context tokens the joint attention reads (None: all).
 
         `skip_layers` drops whole joint blocks (skip-layer guidance, `SkipLayerCFGDenoiser` in sd3.5).
         """
         x, c, context, (h, w) = self.embed(x, t, y, context)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:
-                context, x = block(context, x, c)
+                context, x = block(context, x, c, context_mask)
         return self.unpatchify(self.final_layer(x, c), h, w)  # [B, C_out, H, W]
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None):
