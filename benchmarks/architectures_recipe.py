@@ -1,0 +1,89 @@
+"""UNet vs DiT vs MMDiT on the 2-hour recipe's terms (issue 10's "choose the architecture by measurement").
+
+benchmarks/architectures.py compares the three networks from scratch on the first recipe (no padding mask,
+no σ = 1 phase), where none of them followed prompts within its budget. This one puts the DiT and the MMDiT
+(presets `shapes64-dit`, `shapes64-mmdit`: the UNet's forward FLOPs within 5%) through the denoiser stages
+of `scripts/train_default_2h.sh` exactly as the UNet went through them, on that run's own VAE, scenes and
+cached latents, with the text padding masked out of their attention (`mask_text_padding`, as the UNet):
+
+- stage A: 300 steps at σ = 1 only (`objective.terminal_fraction 0.99`), lr 8e-4, seed 0;
+- stage B: from A, lr 8e-4 with cosine decay to 8e-5 over 9000 steps, seed 1, stopped after `--steps`
+  steps (the schedule still spans 9000, so the EMA export at step N is the 2-hour run's step N for each
+  network; the UNet's are that run's kept checkpoints).
+
+Each export is then scored by `latentforge eval shapes` at the 2-hour model's defaults (20 steps,
+euler_ancestral, CFG 3, the layout completion) on the same validation prompts and seeds. Stopping and
+re-running continues (each stage resumes).
+
+    .venv/bin/python benchmarks/architectures_recipe.py --run2h /work/runs/t2h --work /work/runs/arch \\
+        [--nets dit mmdit] [--steps 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from latentforge.training.config import resolve  # noqa: E402
+from latentforge.training.trainer import train_denoiser  # noqa: E402
+
+PRESETS = {"dit": "shapes64-dit", "mmdit": "shapes64-mmdit"}
+
+
+def started(out: str) -> bool:
+    state = os.path.join(out, "state")
+    return os.path.isdir(state) and bool(os.listdir(state))
+
+
+def train(preset: str, out: str, over: dict, stop_at: int | None = None) -> None:
+    """One stage into `out`, continued if it was cut off; with `stop_at`, the run ends at that step."""
+    resume = started(out)
+    cfg = resolve("denoiser", preset, overrides=over)
+    done = 0
+    if resume:
+        import json
+
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+        done = max(steps, default=0)
+    if stop_at is not None and done >= stop_at:
+        return
+    stop = None if stop_at is None else stop_at - done
+    train_denoiser(cfg, out, resume=resume, progress=False, stop_after=stop)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run2h", required=True, help="a finished scripts/train_default_2h.sh folder")
+    p.add_argument("--work", required=True)
+    p.add_argument("--nets", nargs="+", default=["dit", "mmdit"], choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=3000, help="stage-B steps (a multiple of 500)")
+    a = p.parse_args()
+    if a.steps <= 0 or a.steps % 500:
+        p.error(f"--steps must be a positive multiple of 500 (the checkpoint interval), got {a.steps}")
+    r = a.run2h
+    for net in a.nets:
+        shared = {
+            "vae": os.path.join(r, "vae", "checkpoints", "last.safetensors"),
+            "data": os.path.join(r, "data"),
+            "cache_latents": "true",
+            "cache_dir": os.path.join(r, "cache"),
+            f"{net}.mask_text_padding": "true",
+        }
+        stage_a = os.path.join(a.work, net, "A")
+        train(PRESETS[net], stage_a, {**shared, "objective.terminal_fraction": "0.99", "lr": "8e-4",
+                                      "warmup_steps": "50", "max_steps": "300", "checkpoint_every": "300",
+                                      "seed": "0"})  # fmt: skip
+        over = {**shared, "init_from": os.path.join(stage_a, "checkpoints", "last.safetensors"), "lr": "8e-4",
+                "lr_schedule": "cosine", "min_lr_ratio": "0.1", "warmup_steps": "50", "max_steps": "9000",
+                "checkpoint_every": "500", "keep_last": "100", "seed": "1"}  # fmt: skip
+        train(PRESETS[net], os.path.join(a.work, net, "B"), over, stop_at=a.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
