@@ -3,7 +3,7 @@
 # its text tower, from scratch, one seed per stage (MODEL_CARD.md, "The 2-hour recipe": 121 min on a
 # 2-core Xeon). Usage: [PY=.venv/bin/python] [NET=unet|dit] scripts/train_default_2h.sh RUNS_DIR
 # NET=dit: the same stages with the DiT of `--preset shapes64-dit` as the denoiser (MODEL_CARD.md, the
-# architecture comparison: it learned adherence about three times as fast on these stages).
+# architecture comparison: ahead of the UNet at step 3000 of stage B, behind it at the end, 75.8 vs 84.2%).
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
 # (a stage that was cut off resumes from its last saved state).
 set -euo pipefail
