@@ -22,6 +22,7 @@ re-running continues (each stage resumes).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,8 +46,6 @@ def train(preset: str, out: str, over: dict, stop_at: int | None = None) -> None
     cfg = resolve("denoiser", preset, overrides=over)
     done = 0
     if resume:
-        import json
-
         with open(os.path.join(out, "metrics.jsonl")) as f:
             steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
         done = max(steps, default=0)
