@@ -1,4 +1,5 @@
-"""UNet vs DiT vs MMDiT on the 2-hour recipe's terms (issue 10's "choose the architecture by measurement").
+"""UNet vs DiT vs MMDiT, and flow vs v vs ε, on the 2-hour recipe's terms (issue 10's "choose the
+architecture by measurement").
 
 benchmarks/architectures.py compares the three networks from scratch on the first recipe (no padding mask,
 no σ = 1 phase), where none of them followed prompts within its budget. This one puts the DiT and the MMDiT
@@ -6,17 +7,22 @@ no σ = 1 phase), where none of them followed prompts within its budget. This on
 of `scripts/train_default_2h.sh` exactly as the UNet went through them, on that run's own VAE, scenes and
 cached latents, with the text padding masked out of their attention (`mask_text_padding`, as the UNet):
 
-- stage A: 300 steps at σ = 1 only (`objective.terminal_fraction 0.99`), lr 8e-4, seed 0;
+- stage A: 300 steps at the sampler's first noise level only (`objective.terminal_fraction 0.99`: σ = 1
+  for flow, the table's last σ for ε and v), lr 8e-4, seed 0;
 - stage B: from A, lr 8e-4 with cosine decay to 8e-5 over 9000 steps, seed 1, stopped after `--steps`
   steps (the schedule still spans 9000, so the EMA export at step N is the 2-hour run's step N for each
   network; the UNet's are that run's kept checkpoints).
+
+`unet-eps` and `unet-v` are the UNet itself with SD1's ε-prediction or SD2's v-prediction (the latter on
+the zero-terminal-SNR table) in place of flow, t ~ U{0..999}, through the same stages: the objective
+comparison.
 
 Each export is then scored by `latentforge eval shapes` at the 2-hour model's defaults (20 steps,
 euler_ancestral, CFG 3, the layout completion) on the same validation prompts and seeds. Stopping and
 re-running continues (each stage resumes).
 
     .venv/bin/python benchmarks/architectures_recipe.py --run2h /work/runs/t2h --work /work/runs/arch \\
-        [--nets dit mmdit] [--steps 3000]
+        [--nets dit mmdit unet-eps unet-v] [--steps 3000]
 """
 
 from __future__ import annotations
@@ -32,7 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from latentforge.training.config import resolve  # noqa: E402
 from latentforge.training.trainer import train_denoiser  # noqa: E402
 
-PRESETS = {"dit": "shapes64-dit", "mmdit": "shapes64-mmdit"}
+# name: (preset, what differs from the preset beyond the recipe's common overrides)
+NETS = {
+    "dit": ("shapes64-dit", {"dit.mask_text_padding": "true"}),
+    "mmdit": ("shapes64-mmdit", {"mmdit.mask_text_padding": "true"}),
+    # the UNet with the other two objectives (issue 10: "objective (flow vs v vs eps)"): SD1's ε on the
+    # scaled_linear table, and SD2's v with the zero-terminal-SNR table (Lin et al. 2024), so that stage A,
+    # like flow's σ = 1, trains at SNR ≈ 0; t ~ U{0..999} as DDPM (Ho et al. 2020, Algorithm 1)
+    "unet-eps": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "eps",
+                              "objective.sigma_sampling": "uniform_discrete"}),
+    "unet-v": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "v",
+                            "objective.sigma_sampling": "uniform_discrete",
+                            "objective.zero_terminal_snr": "true"}),
+}  # fmt: skip
 
 
 def started(out: str) -> bool:
@@ -42,8 +60,8 @@ def started(out: str) -> bool:
 
 def train(preset: str, out: str, over: dict, stop_at: int | None = None) -> None:
     """One stage into `out`, continued if it was cut off; with `stop_at`, the run ends at that step."""
-    resume = started(out)
-    cfg = resolve("denoiser", preset, overrides=over)
+    resume = started(out)  # a folder without saved state (cut off before its first save) starts again
+    cfg = resolve("denoiser", preset, overrides=over if resume else {**over, "overwrite": "true"})
     done = 0
     if resume:
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -59,28 +77,29 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run2h", required=True, help="a finished scripts/train_default_2h.sh folder")
     p.add_argument("--work", required=True)
-    p.add_argument("--nets", nargs="+", default=["dit", "mmdit"], choices=sorted(PRESETS))
+    p.add_argument("--nets", nargs="+", default=["dit", "mmdit"], choices=sorted(NETS))
     p.add_argument("--steps", type=int, default=3000, help="stage-B steps (a multiple of 500)")
     a = p.parse_args()
     if a.steps <= 0 or a.steps % 500:
         p.error(f"--steps must be a positive multiple of 500 (the checkpoint interval), got {a.steps}")
     r = a.run2h
     for net in a.nets:
+        preset, own = NETS[net]
         shared = {
             "vae": os.path.join(r, "vae", "checkpoints", "last.safetensors"),
             "data": os.path.join(r, "data"),
             "cache_latents": "true",
             "cache_dir": os.path.join(r, "cache"),
-            f"{net}.mask_text_padding": "true",
+            **own,
         }
         stage_a = os.path.join(a.work, net, "A")
-        train(PRESETS[net], stage_a, {**shared, "objective.terminal_fraction": "0.99", "lr": "8e-4",
+        train(preset, stage_a, {**shared, "objective.terminal_fraction": "0.99", "lr": "8e-4",
                                       "warmup_steps": "50", "max_steps": "300", "checkpoint_every": "300",
                                       "seed": "0"})  # fmt: skip
         over = {**shared, "init_from": os.path.join(stage_a, "checkpoints", "last.safetensors"), "lr": "8e-4",
                 "lr_schedule": "cosine", "min_lr_ratio": "0.1", "warmup_steps": "50", "max_steps": "9000",
                 "checkpoint_every": "500", "keep_last": "100", "seed": "1"}  # fmt: skip
-        train(PRESETS[net], os.path.join(a.work, net, "B"), over, stop_at=a.steps)
+        train(preset, os.path.join(a.work, net, "B"), over, stop_at=a.steps)
     return 0
 
 

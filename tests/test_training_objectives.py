@@ -244,6 +244,58 @@ def test_terminal_fraction_puts_its_share_at_snr_zero_and_leaves_the_rest(sampli
     assert float(s0.max()) < 1
 
 
+def test_terminal_fraction_applies_to_flow_on_the_discrete_table_too():
+    cfg = ObjectiveConfig(prediction="flow", sigma_sampling="uniform_discrete", terminal_fraction=0.25)
+    s = sample_sigmas(cfg, model_sampling_for(cfg), 8, torch.Generator().manual_seed(3))
+    assert (s[:2] == 1.0).all() and float(s[2:].max()) < 1
+
+
+@pytest.mark.parametrize(
+    "prediction, ztsnr, sampling",
+    [("eps", False, "uniform_discrete"), ("v", True, "uniform_discrete"), ("v", True, "lognormal")],
+)
+def test_ddpm_terminal_fraction_draws_the_tables_last_sigma(prediction, ztsnr, sampling):
+    """DDPM eps/v: the terminal share sits at the largest σ of the 1000-step table, where sampling starts
+    (≈ 14.61 for SD's scaled_linear betas, ≈ 1429 with the zero-terminal-SNR rescale and its finite
+    clamp, ᾱ_T = 4.897e-8: √((1 − ᾱ)/ᾱ))."""
+    kw = dict(prediction=prediction, sigma_sampling=sampling, zero_terminal_snr=ztsnr)
+    base, cfg = ObjectiveConfig(**kw), ObjectiveConfig(**kw, terminal_fraction=0.1)
+    ms = model_sampling_for(cfg)
+    s0 = sample_sigmas(base, ms, 64, torch.Generator().manual_seed(7))
+    s1 = sample_sigmas(cfg, ms, 64, torch.Generator().manual_seed(7))
+    expected = math.sqrt((1 - 4.8973451890853435e-08) / 4.8973451890853435e-08) if ztsnr else 14.6146
+    assert torch.allclose(s1[:6], torch.full((6,), expected), rtol=1e-4)
+    torch.testing.assert_close(s1[6:], s0[6:], rtol=0, atol=0)
+    assert float(s0.max()) <= expected * (1 + 1e-4)
+
+
+def test_at_zero_terminal_snr_the_v_loss_is_minimised_by_the_data_mean():
+    """v-prediction with the zero-terminal-SNR table: at its last σ (SNR 2·10⁻¹²) the best denoiser is
+    E[x₀] to within σ⁻¹ ≈ 7·10⁻⁴, so the network whose D is the mixture's mean has target-space loss
+    tr(Cov)/D / c_out², c_out² = σ²/(σ² + 1) (σ_d = 1), from the mixture's parameters alone."""
+    gmm = GaussianMixture.random(k=3, dim=4, seed=0)
+    cfg = ObjectiveConfig(prediction="v", zero_terminal_snr=True, terminal_fraction=0.5)
+    ms = model_sampling_for(cfg)
+    n = 40_000
+    g = torch.Generator().manual_seed(8)
+    x0 = gmm.sample(n, g).reshape(n, 1, 2, 2)
+    sigma = sample_sigmas(cfg, ms, n, g).double()
+    at_end = sigma == sigma.max()  # the terminal half, and the table's t = 999 drawn among the others
+    assert bool(at_end[: n // 2].all()) and int(at_end.sum()) < n // 2 + 4 * n // 1000
+    mean = gmm.mean().reshape(1, 1, 2, 2)
+
+    def best(x_in, t, sigma):  # F = (E[x₀] − c_skip·x)/c_out, so D = c_skip·x + c_out·F = E[x₀]
+        s = sigma.reshape(-1, 1, 1, 1)
+        x = x_in / ms.c_in(s)
+        return (mean - ms.c_skip(s) * x) / ms.c_out(s)
+
+    _, info = loss(cfg, ms, best, x0, {"sigma": sigma}, sigma=sigma, generator=g)
+    raw = info["loss_raw"][at_end]
+    s_end = float(sigma.max())
+    expected = float(torch.diagonal(gmm.cov()).mean()) * (s_end**2 + 1) / s_end**2
+    assert abs(float(raw.mean()) - expected) < 4 * float(raw.std()) / math.sqrt(raw.numel())
+
+
 def test_at_snr_zero_the_flow_loss_is_minimised_by_the_data_mean():
     """At σ = 1, x = ε: the best velocity is x − E[x₀], and its loss is the data's total variance per value
     (trace of the mixture's covariance / D), from the mixture's parameters alone."""
@@ -273,7 +325,7 @@ def test_at_snr_zero_the_flow_loss_is_minimised_by_the_data_mean():
         dict(terminal_fraction=1.0),
         dict(terminal_fraction=-0.1),
         dict(terminal_fraction=0.1, weighting="min_snr"),
-        dict(terminal_fraction=0.1, prediction="v", sigma_sampling="uniform_discrete"),
+        dict(terminal_fraction=0.1, prediction="edm", sigma_sampling="lognormal"),
     ],
 )
 def test_terminal_fraction_refuses_what_it_cannot_do(kw):

@@ -41,10 +41,12 @@ Noise-level distributions (`sigma_sampling`):
   the resolution shift σ = α·t/(1 + (α − 1)·t) (Esser et al. 2024, §5.3.2, Eq. 23).
 - "uniform": t ~ U(0, 1) (rectified flow, Liu et al. 2022), then the same shift.
 
-`terminal_fraction` p (flow only): the first round(p·batch) draws of each batch are set to σ = 1, where
-x = ε carries no signal and the network must produce the text-conditional mean (SNR 0; Lin et al. 2024
-argue a model must be trained at the terminal SNR it is sampled from, §3.1). The other draws are as above
-(the generator's stream is unchanged). Why it matters: logit-normal t puts 0.04% of its mass above
+`terminal_fraction` p: the first round(p·batch) draws of each batch are set to the noise level sampling
+starts from: σ = 1 for flow, where x = ε carries no signal and the network must produce the
+text-conditional mean (SNR 0; Lin et al. 2024 argue a model must be trained at the terminal SNR it is
+sampled from, §3.1); the table's largest σ for DDPM eps and v (SNR ≈ 2·10⁻¹² with `zero_terminal_snr`,
+0.0047 with SD's plain `scaled_linear` table). The other draws are as above (the generator's stream is
+unchanged). Why it matters: logit-normal t puts 0.04% of its mass above
 t = 0.966, yet below that a 16×16 latent's flat background is still readable from x's channel means, so a
 model learns to read its global colour from the noise and extrapolates that to σ = 1, where the sampler
 starts: it then draws a background the noise suggests, not the one the text states (MODEL_CARD.md, "Why
@@ -104,7 +106,7 @@ class ObjectiveConfig:
     shift: float = 1.0  # SD3 resolution shift α (Eq. 23); SD3 uses 3.0 at 1024²
     sigma_data: float = 0.5  # EDM preconditioning and λ(σ)
     zero_terminal_snr: bool = False  # DDPM only (Lin et al. 2024); pair it with prediction="v"
-    terminal_fraction: float = 0.0  # flow only: this share of each batch at σ = 1 (module docstring)
+    terminal_fraction: float = 0.0  # this share of each batch at the sampler's first σ (module docstring)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -124,10 +126,10 @@ class ObjectiveConfig:
         tf = self.terminal_fraction
         if not (isinstance(tf, int | float) and 0.0 <= tf < 1.0):
             raise ValueError(f"terminal_fraction={tf!r} must be a number in [0, 1)")
-        if tf > 0 and (self.prediction != "flow" or self.weighting == "min_snr"):
+        if tf > 0 and (self.prediction not in ("flow", "eps", "v") or self.weighting == "min_snr"):
             raise ValueError(
-                f"terminal_fraction={tf!r} needs prediction='flow' and a weighting other than 'min_snr' "
-                f"(min(SNR, γ) is 0 at SNR 0); got prediction={self.prediction!r}, "
+                f"terminal_fraction={tf!r} needs prediction 'flow', 'eps' or 'v' and a weighting other than "
+                f"'min_snr' (min(SNR, γ) is 0 at SNR 0); got prediction={self.prediction!r}, "
                 f"weighting={self.weighting!r}"
             )
         if self.zero_terminal_snr and self.prediction not in ("eps", "v"):
@@ -181,8 +183,16 @@ def sample_sigmas(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """σ of shape [batch] (float32) drawn from `cfg.sigma_sampling` (definitions in the module docstring)."""
-    device = torch.device(device)
+    """σ of shape [batch] (float32) drawn from `cfg.sigma_sampling` (definitions in the module docstring),
+    the first round(terminal_fraction·batch) of them then set to the sampler's first σ."""
+    sigma = _draw_sigmas(cfg, ms, batch, generator, torch.device(device))
+    terminal = int(cfg.terminal_fraction * batch + 0.5)
+    if terminal:  # flow: σ = 1, x = ε; DDPM: the table's last σ (module docstring)
+        sigma[:terminal] = 1.0 if isinstance(ms, DiscreteFlow) else float(ms.sigma_max)
+    return sigma
+
+
+def _draw_sigmas(cfg: ObjectiveConfig, ms: ModelSampling, batch: int, generator, device) -> torch.Tensor:
     kind = cfg.sigma_sampling
     if kind == "uniform_discrete":  # DDPM Algorithm 1: t ~ Uniform({1, …, T}), here 0-based
         table = ms.sigmas.to(torch.float32)
@@ -205,11 +215,7 @@ def sample_sigmas(
             t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * u)
         else:  # rectified flow: t ~ U(0, 1)
             t = _draw(torch.rand, (batch,), generator, device)
-        sigma = time_snr_shift(cfg.shift, t)  # Esser et al. 2024, Eq. 23
-        terminal = int(cfg.terminal_fraction * batch + 0.5)
-        if terminal:
-            sigma[:terminal] = 1.0  # SNR 0: x = ε (module docstring)
-        return sigma
+        return time_snr_shift(cfg.shift, t)  # Esser et al. 2024, Eq. 23
     raise _bad("sigma_sampling", kind, SIGMA_SAMPLINGS)
 
 
