@@ -5,7 +5,8 @@ Denoisers: `shapes64` (the default model's latent UNet, MODEL_CARD.md), `shapes6
 DiT or an MMDiT of the UNet's FLOPs, for benchmarks/architectures.py), `shapes-tiny` (a 32×32 pixel-space
 UNet in the SD1 layout with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a
 text DiT), and fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
-`shapes64-vae` (the default model's), `shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
+`shapes64-vae` (the default model's), `shapes64-vae-f8` (f=8, 16 channels; with the denoiser `shapes64-f8`),
+`shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
 """
 
 from __future__ import annotations
@@ -191,8 +192,25 @@ SHAPES64_MMDIT = {
     ),  # fmt: skip
 }
 
+# `shapes64` on the 8×8×16 latents of `shapes64-vae-f8` (the VAE-factor comparison: f = 8 against f = 4 at
+# the same 12× compression). Twice the widths at half the resolution: 64/128/256 channels at 8²/4²/2², so
+# every convolution and linear layer costs what the f = 4 UNet's does (4× the work per position on ¼ of
+# the positions), and attention at the factors 1 and 2 runs on the same 8×8 and 4×4 token grids with the
+# same widths (64, 128) as `shapes64`'s (2, 4).
+SHAPES64_F8 = {
+    **SHAPES64,
+    "unet": dataclasses.replace(
+        SHAPES64["unet"],
+        in_channels=16,
+        out_channels=16,
+        model_channels=64,
+        attention_resolutions=(1, 2),
+    ),
+}
+
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
     "shapes64": SHAPES64,
+    "shapes64-f8": SHAPES64_F8,
     "shapes64-pixel": SHAPES64_PIXEL,
     "shapes64-dit": SHAPES64_DIT,
     "shapes64-mmdit": SHAPES64_MMDIT,
@@ -254,4 +272,13 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
         sample_every=250,
     ),
     "sd": dict(vae=AutoencoderKLConfig(), resolution=256, batch_size=2),
+}
+# `shapes64-vae` with one more ×2 level and 16 latent channels: 64×64×3 -> 8×8×16, the same 12× fewer values
+# as its 16×16×4, in SD3's form (f = 8, c = 16; Esser et al. 2024, §5.2.1, Table 3: more latent channels
+# reconstruct better at f = 8). For the VAE-factor comparison (`shapes64-f8`).
+VAE_PRESETS["shapes64-vae-f8"] = {
+    **VAE_PRESETS["shapes64-vae"],
+    "vae": dataclasses.replace(
+        VAE_PRESETS["shapes64-vae"]["vae"], ch_mult=(1, 2, 2, 2), z_channels=16, embed_dim=16
+    ),
 }
