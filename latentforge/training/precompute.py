@@ -73,8 +73,27 @@ class Precomputed:
         return {**self.__dict__, "_cache": None}
 
 
+def _encode_captions(cfg, setup, cache, missing: list, text_fp: str, chunk: int) -> None:
+    """Cache the frozen text encoders' conditioning of each (caption, (h, w)) in `missing`, `chunk` captions
+    a batch: every caption is cut to its first chunk, so a row encodes as it would alone."""
+    net_config = setup.model.parts[cfg.net].config
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for cap, size in missing:
+        by_size.setdefault(size, []).append(cap)
+    for (h, w), caps in by_size.items():
+        for s in range(0, len(caps), chunk):
+            part = caps[s : s + chunk]
+            with conditioning.first_chunk_only():  # as the trainer encodes (one context length)
+                cond = families.encode(cfg.family, setup.model.frozen, part, w, h, False, net_config, "none")
+            for j, cap in enumerate(part):  # floats as float32; the bool context_mask stays bool
+                row = {k: (v[j].float() if v.is_floating_point() else v[j]).cpu() for k, v in cond.items()}
+                cache.put(text_key(cap, (h, w), text_fp), row)
+
+
 @torch.no_grad()
-def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) -> Precomputed:
+def build(
+    cfg, setup, data, world: dist.World, directory: str, chunk: int = 16, text_chunk: int = 64
+) -> Precomputed:
     """Fill the cache for every item of `data` (a FolderTrain) on rank 0 and attach it to `data`."""
     folder = data.ds
     vae = setup.vae
@@ -108,14 +127,7 @@ def build(cfg, setup, data, world: dist.World, directory: str, chunk: int = 16) 
             wanted = {(folder.items[i].caption, folder.target_size(i)) for i in range(len(folder))}
             wanted |= {("", folder.target_size(i)) for i in range(len(folder))}  # caption dropout
             missing = sorted(w for w in wanted if text_key(w[0], w[1], text_fp) not in cache)
-            enc = {**frozen}
-            for cap, (h, w) in missing:
-                net_config = setup.model.parts[cfg.net].config
-                with conditioning.first_chunk_only():  # as the trainer encodes (one context length)
-                    cond = families.encode(cfg.family, enc, [cap], w, h, False, net_config, weighting="none")
-                # floats as float32; the bool context_mask stays bool
-                row = {k: (v[0].float() if v.is_floating_point() else v[0]).cpu() for k, v in cond.items()}
-                cache.put(text_key(cap, (h, w), text_fp), row)
+            _encode_captions(cfg, setup, cache, missing, text_fp, text_chunk)
             n_text = len(missing)
         cache.flush()
         print(f"cache {directory}: {len(todo)} latents encoded, {len(keys) - len(todo)} reused; "
