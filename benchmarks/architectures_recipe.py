@@ -53,8 +53,8 @@ NETS = {
     # ε with twice the channels at the full latent resolution (widths 64 / 64 / 128 on 16² / 8² / 4² instead
     # of 32 / 64 / 128): the level where a small shape's outline is drawn; ~1.25× the step time
     "unet-eps-top64": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "eps",
-                                    "objective.sigma_sampling": "uniform_discrete", "unet.model_channels": "64",
-                                    "unet.channel_mult": "[1, 1, 2]"}),
+                                    "objective.sigma_sampling": "uniform_discrete",
+                                    "unet.model_channels": "64", "unet.channel_mult": "[1, 1, 2]"}),
 }  # fmt: skip
 
 
@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--nets", nargs="+", default=["dit", "mmdit"], choices=sorted(NETS))
     p.add_argument("--steps", type=int, default=3000, help="stage-B steps (a multiple of 500)")
-    p.add_argument("--span", type=int, default=9000, help="stage B's schedule length (the 2-hour recipe's 9000)")
+    p.add_argument("--span", type=int, default=9000, help="stage B's schedule length (the recipe's: 9000)")
     a = p.parse_args()
     if a.steps <= 0 or a.steps % 500:
         p.error(f"--steps must be a positive multiple of 500 (the checkpoint interval), got {a.steps}")
@@ -103,7 +103,8 @@ def main() -> int:
                                       "warmup_steps": "50", "max_steps": "300", "checkpoint_every": "300",
                                       "seed": "0"})  # fmt: skip
         over = {**shared, "init_from": os.path.join(stage_a, "checkpoints", "last.safetensors"), "lr": "8e-4",
-                "lr_schedule": "cosine", "min_lr_ratio": "0.1", "warmup_steps": "50", "max_steps": str(a.span),
+                "lr_schedule": "cosine", "min_lr_ratio": "0.1", "warmup_steps": "50",
+                "max_steps": str(a.span),
                 "checkpoint_every": "500", "keep_last": "100", "seed": "1"}  # fmt: skip
         train(preset, os.path.join(a.work, net, "B"), over, stop_at=a.steps)
     return 0
