@@ -9,20 +9,22 @@ cached latents, with the text padding masked out of their attention (`mask_text_
 
 - stage A: 300 steps at the sampler's first noise level only (`objective.terminal_fraction 0.99`: σ = 1
   for flow, the table's last σ for ε and v), lr 8e-4, seed 0;
-- stage B: from A, lr 8e-4 with cosine decay to 8e-5 over 9000 steps, seed 1, stopped after `--steps`
-  steps (the schedule still spans 9000, so the EMA export at step N is the 2-hour run's step N for each
-  network; the UNet's are that run's kept checkpoints).
+- stage B: from A, lr 8e-4 with cosine decay to 8e-5 over 9000 steps (`--span`), seed 1, stopped after
+  `--steps` steps (the schedule still spans 9000, so the EMA export at step N is the 2-hour run's step N for
+  each network; the UNet's are that run's kept checkpoints).
 
 `unet-eps` and `unet-v` are the UNet itself with SD1's ε-prediction or SD2's v-prediction (the latter on
 the zero-terminal-SNR table) in place of flow, t ~ U{0..999}, through the same stages: the objective
-comparison.
+comparison. `unet-eps-top64` is `unet-eps` with twice the channels at the full latent resolution (the
+convolutional width, where small shapes are drawn); its step costs ~1.25× as much, so at equal wall time
+it runs `--steps 7000 --span 7000`.
 
 Each export is then scored by `latentforge eval shapes` at the 2-hour model's defaults (20 steps,
 euler_ancestral, CFG 3, the layout completion) on the same validation prompts and seeds. Stopping and
 re-running continues (each stage resumes).
 
     .venv/bin/python benchmarks/architectures_recipe.py --run2h /work/runs/t2h --work /work/runs/arch \\
-        [--nets dit mmdit unet-eps unet-v] [--steps 3000]
+        [--nets dit mmdit unet-eps unet-v unet-eps-top64] [--steps 3000] [--span 9000]
 """
 
 from __future__ import annotations
