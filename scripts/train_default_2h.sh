@@ -8,7 +8,7 @@
 # OBJ=eps: SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) in place of flow matching, for stages A
 # and B (MODEL_CARD.md, the objective comparison: 86.9 vs 84.2% on the same validation prompts).
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 3000, 10 min; 6000 took 23 min and raised
-# the ε model's 1-object cell from 95.0 to 96.3%: MODEL_CARD.md, "The decoder stage's length").
+# the ε model's 1-object cell from 95.0 to 96.3%: MODEL_CARD.md, "ε, and the decoder stage's length").
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
 # (a stage that was cut off resumes from its last saved state).
 set -euo pipefail
@@ -81,17 +81,15 @@ stage "${NET}${SUFFIX}B" "$R/${NET}${SUFFIX}B" $LF train denoiser "${DENOISER[@]
 # latent scale stay bit-identical, so the denoiser's latents keep their meaning (the shipped recipe's VAE
 # stage 5). It needs only the stage-1 VAE, so it may run before the denoiser as well as after it. Its folder
 # is vaedec, or vaedec<N> for another length, so that a changed VAEDEC_STEPS never reuses a finished stage.
-DEC=vaedec
-[ "$VAEDEC_STEPS" = 3000 ] || DEC=vaedec$VAEDEC_STEPS
-FILE="shapes64-2h$SUFFIX"
-[ "$DEC" = vaedec ] || FILE="$FILE-dec$VAEDEC_STEPS"
+DEC=vaedec TAG=$SUFFIX
+if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
 stage "$DEC" "$R/$DEC" $LF train vae --preset shapes64-vae --init_from "$R/vae/checkpoints/last.safetensors" \
     --train_part decoder --recon l2 --lr 5e-4 --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 \
     --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" --checkpoint_every 500 --seed 2
 
 # the model file: float16, the denoiser and text tower of stage B with the stage-2 VAE, the default
 # model's generation defaults (20 steps, euler_ancestral, CFG 3, the layout prompt completion)
-timed "ship${FILE#shapes64-2h}" $PY "$(dirname "$0")/ship_default_model.py" \
+timed "ship$TAG" $PY "$(dirname "$0")/ship_default_model.py" \
     "$R/${NET}${SUFFIX}B/checkpoints/last.safetensors" \
     --vae "$R/$DEC/checkpoints/last.safetensors" --dtype float16 --sampler euler_ancestral --cfg 3 \
-    --complete-prompt layout --out "$R/$FILE.safetensors"
+    --complete-prompt layout --out "$R/shapes64-2h$TAG.safetensors"
