@@ -18,14 +18,15 @@ the zero-terminal-SNR table) in place of flow, t ~ U{0..999}, through the same s
 comparison. `unet-eps-top64` is `unet-eps` with twice the channels at the full latent resolution (the
 convolutional width, where small shapes are drawn); in the training loop its step takes 0.75 s against
 the UNet's 0.515 s (1.46×, measured over steps 60-410 of B), so stage B's 78 minutes give it ~6200 steps
-(`--steps 6000 --span 6000`).
+(`--steps 6000 --span 6000`). `unet-eps-minsnr` is `unet-eps` with Min-SNR-5 weighting in stage B (its
+stage A is `unet-eps`'s).
 
 Each export is then scored by `latentforge eval shapes` at the 2-hour model's defaults (20 steps,
 euler_ancestral, CFG 3, the layout completion) on the same validation prompts and seeds. Stopping and
 re-running continues (each stage resumes).
 
     .venv/bin/python benchmarks/architectures_recipe.py --run2h /work/runs/t2h --work /work/runs/arch \\
-        [--nets dit mmdit unet-eps unet-v unet-eps-top64] [--steps 3000] [--span 9000]
+        [--nets dit mmdit unet-eps unet-v unet-eps-top64 unet-eps-minsnr] [--steps 3000] [--span 9000]
 """
 
 from __future__ import annotations
@@ -58,7 +59,16 @@ NETS = {
     "unet-eps-top64": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "eps",
                                     "objective.sigma_sampling": "uniform_discrete",
                                     "unet.model_channels": "64", "unet.channel_mult": "[1, 1, 2]"}),
+    # ε with Min-SNR-γ weighting, γ = 5 (Hang et al. 2023, Eq. 6): per-sample weight min(SNR, 5)/SNR, which
+    # evens out the per-σ losses (the trained ε model's ε-MSE is ~0.12 at σ = 0.05 against ~0.003 above
+    # σ = 1.7, so the few low-σ draws dominate the gradient); stage B only, from `unet-eps`'s stage A
+    "unet-eps-minsnr": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "eps",
+                                     "objective.sigma_sampling": "uniform_discrete",
+                                     "objective.weighting": "min_snr", "objective.min_snr_gamma": "5"}),
 }  # fmt: skip
+# variants that differ from another only in stage B share its stage A (Min-SNR's weight is 0 at SNR 0, where
+# stage A trains: `terminal_fraction` refuses it)
+STAGE_A_OF = {"unet-eps-minsnr": "unet-eps"}
 
 
 def started(out: str) -> bool:
@@ -94,15 +104,17 @@ def main() -> int:
     r = a.run2h
     for net in a.nets:
         preset, own = NETS[net]
-        shared = {
+        files = {
             "vae": os.path.join(r, "vae", "checkpoints", "last.safetensors"),
             "data": os.path.join(r, "data"),
             "cache_latents": "true",
             "cache_dir": os.path.join(r, "cache"),
-            **own,
         }
-        stage_a = os.path.join(a.work, net, "A")
-        train(preset, stage_a, {**shared, "objective.terminal_fraction": "0.99", "lr": "8e-4",
+        shared = {**files, **own}
+        a_net = STAGE_A_OF.get(net, net)
+        stage_a = os.path.join(a.work, a_net, "A")  # done already when a_net ran before (it resumes as done)
+        a_own = NETS[a_net][1]
+        train(preset, stage_a, {**files, **a_own, "objective.terminal_fraction": "0.99", "lr": "8e-4",
                                       "warmup_steps": "50", "max_steps": "300", "checkpoint_every": "300",
                                       "seed": "0"})  # fmt: skip
         over = {**shared, "init_from": os.path.join(stage_a, "checkpoints", "last.safetensors"), "lr": "8e-4",
