@@ -61,10 +61,32 @@ def test_eps_and_a_longer_decoder_stage(tmp_path):
     assert (r / "ship-eps-dec5000.done").exists() and (r / "vaedec5000.done").exists()
 
 
+def test_eps_minsnr_weights_stage_b_only_and_shares_eps_stage_a(tmp_path):
+    done, calls = run(tmp_path, OBJ="eps-minsnr", VAEDEC_STEPS="5000")
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    minsnr = "--objective.weighting min_snr --objective.min_snr_gamma 5"
+    stage_a, stage_b = calls[2], calls[3]
+    assert minsnr not in stage_a and f"--out {r}/unet-epsA" in stage_a  # ε's stage A, refused with Min-SNR
+    assert minsnr in stage_b and "--objective.prediction eps" in stage_b
+    assert f"--init_from {r}/unet-epsA/checkpoints/last.safetensors" in stage_b
+    assert f"--out {r}/unet-eps-minsnrB" in stage_b
+    assert f"{r}/unet-eps-minsnrB/checkpoints/last.safetensors" in calls[5]
+    assert calls[5].endswith(f"--out {r}/shapes64-2h-eps-minsnr-dec5000.safetensors")
+    assert sorted(p.name for p in r.glob("*.done")) == [
+        "data.done", "ship-eps-minsnr-dec5000.done", "unet-eps-minsnrB.done", "unet-epsA.done", "vae.done",
+        "vaedec5000.done",
+    ]  # fmt: skip
+    # an ε run's finished stage A in the same folder is reused, not trained again
+    (r / "unet-eps-minsnrB.done").unlink()
+    _, again = run(tmp_path, OBJ="eps-minsnr", VAEDEC_STEPS="5000")
+    assert len(again) == len(calls) + 1 and minsnr in again[-1]
+
+
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"OBJ": "v"}, "OBJ must be flow or eps, got 'v'"),
+        ({"OBJ": "v"}, "OBJ must be flow, eps or eps-minsnr, got 'v'"),
         ({"VAEDEC_STEPS": "5k"}, "VAEDEC_STEPS must be a positive whole number, got '5k'"),
         ({"VAEDEC_STEPS": "0"}, "VAEDEC_STEPS must be a positive whole number, got '0'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),
