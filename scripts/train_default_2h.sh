@@ -8,8 +8,9 @@
 # OBJ=eps: SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) in place of flow matching, for stages A
 # and B (MODEL_CARD.md, the objective comparison: 86.9 vs 84.2% on the same validation prompts).
 # OBJ=eps-minsnr: ε with Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared
-# (folder unet-epsA), since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Min-SNR": with
-# VAEDEC_STEPS=5000, 1 / 2 / 3 objects 97.1 / 93.1 / 84.4% against ε's 95.8 / 90.3 / 78.1%).
+# (folder unet-epsA), since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small
+# shapes are lost, and Min-SNR": with VAEDEC_STEPS=5000, 1 / 2 / 3 validation objects 97.1 / 93.1 / 84.4%
+# against ε's 95.8 / 90.3 / 78.1%).
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 3000, 10 min; 6000 took 23 min and raised
 # the ε model's 1-object cell from 95.0 to 96.3%: MODEL_CARD.md, "ε, and the decoder stage's length").
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
