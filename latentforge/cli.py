@@ -819,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser(
         "reflow-pairs",
-        help="(noise, teacher sample) pairs of a rectified-flow model, to train a few-step student on",
+        help="(noise, teacher sample) pairs of a model (flow, ε or v), to train a few-step student on",
         description="Write reflow pairs (training/reflow.py) into a folder; then train the student with "
         "`latentforge train denoiser --init_from MODEL --data FOLDER --caption_dropout 0`.",
     )

@@ -392,7 +392,8 @@ class Pipeline:
     def load_denoiser(self, path: str) -> Pipeline:
         """Replace the denoising network's weights by those of a denoiser-only file (its
         `model.diffusion_model.*` keys, strictly: e.g. a distilled student of this model) and take the
-        generation defaults it states; returns self."""
+        model sampling (the student may be a flow model of an ε teacher) and generation defaults it states;
+        returns self."""
         from latentforge.checkpoint_io import read_metadata, read_state_dict
 
         prefix = "model.diffusion_model."
@@ -406,6 +407,8 @@ class Pipeline:
         except RuntimeError as e:
             raise ValueError(f"{path}: its UNet does not fit this model's: {str(e)[:300]}") from None
         meta = read_metadata(path)
+        if "latentforge.model_sampling" in meta:  # e.g. a rectified-flow student of an ε-prediction model
+            self.model_sampling = model_sampling.from_json(meta["latentforge.model_sampling"])
         if "latentforge.defaults" in meta:
             d = json.loads(meta["latentforge.defaults"])
             self.defaults, self.model_defaults = {**self.defaults, **d}, {**self.model_defaults, **d}

@@ -6,7 +6,8 @@
 Keeps only the denoiser (`model.diffusion_model.*`, cast to --dtype): the student shares the default model's
 VAE and text encoder (trained with `--train_text_encoder false`), so `--model default-fast` is the default
 model with this UNet put in place (`Pipeline.load_denoiser`). Adds `latentforge.defaults` (the few-step
-settings) and writes latentforge/data/shapes64-fast.safetensors atomically (or --out).
+settings) and the student's model sampling (a rectified flow, also for an ε teacher), and writes
+latentforge/data/shapes64-fast.safetensors atomically (or --out).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from latentforge.checkpoint_io import read_state_dict, save_state_dict  # noqa: E402
+from latentforge.checkpoint_io import read_metadata, read_state_dict, save_state_dict  # noqa: E402
 from latentforge.pipeline import FAST_MODEL, Pipeline  # noqa: E402
 
 
@@ -43,8 +44,13 @@ def main() -> int:
     if not sd:
         raise SystemExit(f"{args.checkpoint}: no {prefix}* keys")
     defaults = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg}
+    meta = {"latentforge.defaults": json.dumps(defaults)}
+    # the student's own model sampling (a rectified flow, whatever its teacher's): load_denoiser takes it
+    ms = read_metadata(args.checkpoint).get("latentforge.model_sampling")
+    if ms is not None:
+        meta["latentforge.model_sampling"] = ms
     tmp = args.out + ".tmp.safetensors"
-    save_state_dict(sd, tmp, metadata={"latentforge.defaults": json.dumps(defaults)})
+    save_state_dict(sd, tmp, metadata=meta)
     Pipeline.default().load_denoiser(tmp)  # it must load strictly into the default model
     os.replace(tmp, args.out)
     size = os.path.getsize(args.out) / 2**20

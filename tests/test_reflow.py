@@ -43,6 +43,24 @@ def test_pairs_are_the_teachers_samples_from_their_noise(pairs):
         assert torch.equal(data[i]["noise"], noise)
 
 
+def test_an_eps_teacher_gives_pairs_from_the_same_unit_noise(tmp_path):
+    # any deterministic sampler is a coupling: an ε-prediction teacher starts from noise·σ_max, and its pair
+    # holds the unit noise and its sample (the student learns them as a rectified flow)
+    from latentforge.model_sampling import DiscreteVP
+
+    pipe = Pipeline.default()
+    pipe.model_sampling = DiscreteVP(prediction="eps")
+    index = reflow.make_pairs(pipe, tmp_path, n=2, steps=2, cfg=2.0, seed=5, shard=2, batch=2)
+    data = reflow.PairsTrain(tmp_path, G=2, seed=0)
+    seed = 5 * 1_000_003 + 1
+    want = pipe.sample(
+        reflow.shapes_prompts(2, 5)[1], steps=2, sampler="euler", cfg=2.0, seed=seed, progress=False
+    )
+    torch.testing.assert_close(data[1]["latent"], want[0].float(), rtol=1e-4, atol=1e-5)
+    noise = variation_noise((1, *index["latent_shape"]), [seed], None, 0.0, None, "cpu")[0]
+    assert torch.equal(data[1]["noise"], noise)
+
+
 def test_pairs_continue_or_cut_short_the_same_recipe_and_refuse_another(pairs):
     pipe, out, _ = pairs
     shard = out / "pairs-00001.safetensors"
@@ -170,6 +188,13 @@ def test_a_denoiser_only_file_replaces_the_unet(tmp_path):
     save_state_dict(unet, path, metadata={"latentforge.defaults": json.dumps({"steps": 4, "cfg": 1.0})})
     pipe = Pipeline.default().load_denoiser(path)
     assert pipe.defaults["steps"] == 4 and pipe.defaults["cfg"] == 1.0 and pipe.source == path
+    assert type(pipe.model_sampling).__name__ == "DiscreteFlow"  # the file states none: the model's stays
+    # a student states its own model sampling (a rectified flow of an ε teacher, or the other way round)
+    from latentforge.model_sampling import DiscreteVP, to_json
+
+    meta = {"latentforge.model_sampling": to_json(DiscreteVP(prediction="eps"))}
+    save_state_dict(unet, path, metadata=meta)
+    assert isinstance(Pipeline.default().load_denoiser(path).model_sampling, DiscreteVP)
     assert torch.equal(pipe.net.state_dict()["out.2.bias"], unet[key].float())
     with pytest.raises(ValueError, match="not a denoiser-only file"):
         pipe.load_denoiser(DEFAULT_MODEL)

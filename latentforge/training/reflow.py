@@ -1,4 +1,4 @@
-"""Reflow: a few-step student of a rectified-flow text-to-image model (Liu, Gong & Liu 2022, "Flow Straight
+"""Reflow: a rectified-flow few-step student of a text-to-image model (Liu, Gong & Liu 2022, "Flow Straight
 and Fast", §2.3, Algorithm 1, "k-rectified flow"; with guidance baked in as in InstaFlow, Liu et al. 2023,
 §3).
 
@@ -14,6 +14,12 @@ straight lines between them:
    x_σ = (1 − σ)·z + σ·ε, target v = ε − z (Liu et al. 2022, Eq. 1, with the coupling (ε, z) in place of
    independent draws). The student starts from the teacher; caption dropout must be 0 (a pair belongs to
    its prompt).
+
+The teacher need not be a flow model. Any deterministic sampler of an ε- or v-prediction model (SD1's
+1000-step table) is a map from the same unit noise ε (scaled by its σ_max to start) to a sample z, so it
+gives a coupling (ε, z) just the same; the student learns the straight lines between them as a rectified
+flow, whatever the teacher's parameterisation, and ships with its own model sampling in its file's metadata
+(``Pipeline.load_denoiser`` takes it).
 
 The pairs live in a folder: ``pairs.json`` (the recipe and the shard list) and shards
 ``pairs-00000.safetensors`` (``noise`` and ``latent`` [n, C, h, w] float32; the prompts and seeds in the
@@ -70,11 +76,6 @@ def make_pairs(
 
     if n < 1 or shard < 1 or batch < 1:
         raise ValueError(f"n, shard and batch must be positive, got {n}, {shard}, {batch}")
-    kind = type(pipe.model_sampling).__name__
-    if kind != "DiscreteFlow":
-        raise ValueError(
-            f"reflow needs a rectified-flow model (DiscreteFlow); this one's model sampling is {kind}"
-        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = {"teacher": teacher, "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler,
