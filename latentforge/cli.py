@@ -827,7 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="the pairs folder (continued if it holds the same recipe)")
     rp.add_argument("--n", type=int, default=20000, help="pairs, >= 1 (default 20000)")
     rp.add_argument("--steps", type=int, default=None, help="the teacher's steps (default: the model's)")
-    rp.add_argument("--sampler", default=None, help="the teacher's sampler (default: the model's)")
+    rp.add_argument(
+        "--sampler", default=None, help="the teacher's deterministic sampler (default: the model's, or euler)"
+    )
     rp.add_argument("--scheduler", default=None, help="the teacher's schedule (default: the model's)")
     rp.add_argument(
         "--cfg", type=float, default=None, help="guidance baked into the pairs (default: the model's)"
@@ -843,7 +845,7 @@ def _reflow_pairs(args) -> int:
     from tqdm import tqdm
 
     from latentforge.pipeline import MAX_BATCH, MAX_CFG, MAX_STEPS, Pipeline
-    from latentforge.samplers import get_sampler
+    from latentforge.samplers import STOCHASTIC_SAMPLER_NAMES, get_sampler
     from latentforge.training.reflow import make_pairs
 
     check.int_in("--n", args.n, 1, 10_000_000)
@@ -860,6 +862,8 @@ def _reflow_pairs(args) -> int:
     d = pipe.defaults
     steps, cfg = args.steps or d["steps"], d["cfg"] if args.cfg is None else args.cfg
     sampler, scheduler = args.sampler or d["sampler"], args.scheduler or d["scheduler"]
+    if args.sampler is None and sampler in STOCHASTIC_SAMPLER_NAMES:
+        sampler = "euler"  # the pair must be a function of its noise: the model's ancestral default is not
     with tqdm(total=args.n, unit="pair", desc="reflow pairs") as bar:
         index = make_pairs(pipe, args.out, args.n, steps, cfg, sampler, scheduler, args.seed,
                            batch=args.batch, teacher=args.model, progress=bar.update)  # fmt: skip

@@ -59,6 +59,13 @@ def test_an_eps_teacher_gives_pairs_from_the_same_unit_noise(tmp_path):
     torch.testing.assert_close(data[1]["latent"], want[0].float(), rtol=1e-4, atol=1e-5)
     noise = variation_noise((1, *index["latent_shape"]), [seed], None, 0.0, None, "cpu")[0]
     assert torch.equal(data[1]["noise"], noise)
+    # a stochastic sampler's sample is not a function of the pair's noise: refused, with the choices
+    with pytest.raises(ValueError, match="deterministic sampler.*'euler_ancestral'"):
+        reflow.make_pairs(pipe, tmp_path / "anc", n=2, steps=2, cfg=2.0, sampler="euler_ancestral")
+    assert not (tmp_path / "anc").exists()
+    from latentforge.samplers import ALL_SAMPLER_NAMES, STOCHASTIC_SAMPLER_NAMES
+
+    assert STOCHASTIC_SAMPLER_NAMES <= set(ALL_SAMPLER_NAMES) and "ddpm_exact" in STOCHASTIC_SAMPLER_NAMES
 
 
 def test_pairs_continue_or_cut_short_the_same_recipe_and_refuse_another(pairs):
@@ -120,7 +127,7 @@ def test_the_cli_writes_pairs(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "wrote 2 pairs in 1 shards" in r.stdout
+    assert "wrote 2 pairs in 1 shards" in r.stdout and "euler/" in r.stdout  # the model's is euler_ancestral
     bad = subprocess.run([sys.executable, "-m", "latentforge", "reflow-pairs", "--out", str(tmp_path / "q"),
                           "--n", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "--n" in bad.stderr

@@ -46,6 +46,17 @@ EXACT_SAMPLER_NAMES = list(_RAW_EXACT)
 EXACT_VARIANT_OF = {name: name.removesuffix("_exact") for name in EXACT_SAMPLER_NAMES}
 ALL_SAMPLER_NAMES = SAMPLER_NAMES + EXACT_SAMPLER_NAMES
 
+# Samplers that add fresh noise at each step (ancestral, SDE, DDPM/LCM re-noising; at their default η or
+# s_noise): the sample is not a function of the start noise alone.
+STOCHASTIC_SAMPLER_NAMES = {
+    "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+    "sa_solver_pece",
+}  # fmt: skip
+STOCHASTIC_SAMPLER_NAMES |= {n for n, base in EXACT_VARIANT_OF.items() if base in STOCHASTIC_SAMPLER_NAMES}
+
 # ComfyUI computes the schedule for steps+1 and drops the second-to-last σ for these (KSampler).
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
 

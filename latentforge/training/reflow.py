@@ -73,9 +73,15 @@ def make_pairs(
 
     from latentforge.files import atomic_path, write_text
     from latentforge.noise import variation_noise
+    from latentforge.samplers import STOCHASTIC_SAMPLER_NAMES
 
     if n < 1 or shard < 1 or batch < 1:
         raise ValueError(f"n, shard and batch must be positive, got {n}, {shard}, {batch}")
+    if sampler in STOCHASTIC_SAMPLER_NAMES:
+        raise ValueError(
+            f"reflow needs a deterministic sampler (the pair holds only the start noise); {sampler!r} adds "
+            "noise at every step: give e.g. euler, heun, dpmpp_2m, uni_pc or ipndm"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = {"teacher": teacher, "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler,
