@@ -29,6 +29,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="the student run's checkpoints/last.safetensors (EMA weights)")
     p.add_argument("--out", default=FAST_MODEL)
+    p.add_argument(
+        "--model", default="default", help="the model it must load into (default: the shipped one)"
+    )
     p.add_argument("--dtype", choices=["float32", "float16"], default="float16")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sampler", default="euler")
@@ -51,7 +54,7 @@ def main() -> int:
         meta["latentforge.model_sampling"] = ms
     tmp = args.out + ".tmp.safetensors"
     save_state_dict(sd, tmp, metadata=meta)
-    Pipeline.default().load_denoiser(tmp)  # it must load strictly into the default model
+    Pipeline.from_single_file(args.model).load_denoiser(tmp)  # it must load strictly into that model
     os.replace(tmp, args.out)
     size = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out}: {len(sd)} tensors, {size:.1f} MiB, defaults {defaults}")
