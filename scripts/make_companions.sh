@@ -69,5 +69,6 @@ if [ "${INSTALL:-0}" = 1 ]; then
     DATA=$HERE/../latentforge/data
     for f in "$S"/*; do cp "$f" "$DATA/.$(basename "$f").tmp" && mv "$DATA/.$(basename "$f").tmp" "$DATA/$(basename "$f")"; done
     timed fastcard $LF eval shapes --model default-fast --n 900 --split validation --seed 1000000 \
-        --out "$R/fastcard" --json "$DATA/shapes64-fast.json"
+        --out "$R/fastcard" --json "$R/fastcard.json"  # (a failure grid is written beside the JSON)
+    cp "$R/fastcard.json" "$DATA/.shapes64-fast.json.tmp" && mv "$DATA/.shapes64-fast.json.tmp" "$DATA/shapes64-fast.json"
 fi
