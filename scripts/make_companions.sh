@@ -36,6 +36,10 @@ timed() {  # timed NAME command...: run once (skipped once RUNS_DIR/NAME.done ex
 copy_model() { cp "$MODEL" "$M.tmp" && mv "$M.tmp" "$M"; }
 timed model copy_model
 
+# the evaluator's tables (validation and held out at 20, 8 and 4 steps) and the speed, first: the speed is
+# measured on an idle machine, and the tables say whether the rest is worth making
+timed card $PY "$HERE/../benchmarks/default_model.py" --model "$M" --json "$S/shapes64.json" --out "$R/card"
+
 # σ schedules minimising euler's error against a 256-step Heun solution on 32 prompts (Align Your Steps-style)
 timed schedule8 $LF tune-schedule --model "$M" --steps 8 --sampler euler --cfg 3
 timed schedule4 $LF tune-schedule --model "$M" --steps 4 --sampler euler --cfg 3
@@ -61,9 +65,6 @@ student() {
 timed student student
 timed fast $PY "$HERE/ship_fast_model.py" "$R/student/checkpoints/last.safetensors" --model "$M" \
     --dtype float16 --steps 4 --sampler euler --scheduler sgm_uniform --cfg 1 --out "$S/shapes64-fast.safetensors"
-
-# the evaluator's tables (validation and held out at 20, 8 and 4 steps) and the speed
-timed card $PY "$HERE/../benchmarks/default_model.py" --model "$M" --json "$S/shapes64.json" --out "$R/card"
 
 if [ "${INSTALL:-0}" = 1 ]; then
     DATA=$HERE/../latentforge/data
