@@ -29,7 +29,7 @@ def load(path: str) -> dict:
         rep = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: not a readable evaluator report ({e})") from None
-    if not isinstance(rep, dict) or "by_objects" not in rep or "failures" not in rep:
+    if not isinstance(rep, dict) or not {"n", "all_correct", "by_objects", "failures"} <= rep.keys():
         raise SystemExit(
             f"{path}: not an evaluator report (no by_objects / failures): give eval shapes --json"
         )
@@ -53,8 +53,8 @@ def sign_test(a: int, b: int) -> float:
 
 
 def summary(path: str, rep: dict) -> str:
-    ac = rep["all_correct"]
-    k, n = ac["k"], ac["n"]
+    n = rep["n"]
+    k = round(rep["all_correct"] * n)
     cells = " / ".join(pct(rep["by_objects"][c]["k"], rep["by_objects"][c]["n"], False)
                        for c in ("1", "2", "3") if c in rep["by_objects"])  # fmt: skip
     line = f"{path}: all correct {pct(k, n)}; 1 / 2 / 3 objects {cells}"
@@ -69,8 +69,8 @@ def summary(path: str, rep: dict) -> str:
 
 def paired(a: dict, b: dict) -> tuple[int, int, float]:
     """(only A right, only B right, p) on the same prompts: each report lists its failed images by file."""
-    if a["all_correct"]["n"] != b["all_correct"]["n"]:
-        raise SystemExit(f"the reports scored {a['all_correct']['n']} and {b['all_correct']['n']} images: "
+    if a["n"] != b["n"]:
+        raise SystemExit(f"the reports scored {a['n']} and {b['n']} images: "
                          "--paired needs the same prompts and seeds")  # fmt: skip
     fa = {r["file"]: r["prompt"] for r in a["failures"]}
     fb = {r["file"]: r["prompt"] for r in b["failures"]}

@@ -25,8 +25,9 @@ def test_sign_test_is_the_exact_binomial_test(a, b):
 
 
 def report(failed: list[int], n: int, ones: tuple[int, int]) -> dict:
-    return {
-        "all_correct": rate(n - len(failed), n),
+    return {  # the fields of `eval shapes --json` it reads
+        "n": n,
+        "all_correct": (n - len(failed)) / n,
         "by_objects": {"1": rate(*ones)},
         "failures": [{"file": f"{i:05d}.png", "prompt": f"p{i}"} for i in failed],
     }
