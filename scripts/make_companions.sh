@@ -23,15 +23,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 S=$R/ship
 M=$S/shapes64.safetensors
 mkdir -p "$S"
-
-timed() {  # timed NAME command...: run once (skipped once RUNS_DIR/NAME.done exists) and record its wall time
-    local name=$1 t0
-    shift
-    [ -f "$R/$name.done" ] && return 0
-    t0=$(date +%s)
-    "$@"
-    echo "$name $(( $(date +%s) - t0 )) s" | tee "$R/$name.done"
-}
+# shellcheck source=stages.sh
+source "$HERE/stages.sh"  # timed, train_into
 
 copy_model() { cp "$MODEL" "$M.tmp" && mv "$M.tmp" "$M"; }
 timed model copy_model
@@ -52,17 +45,10 @@ timed taesd $PY "$HERE/train_tiny_decoder.py" --model "$M" --n 4096 --n-eval 256
 # then 3000 steps of batch 64 on their straight lines, text tower frozen, from MODEL's weights
 timed pairs $LF reflow-pairs --model "$M" --out "$R/pairs" --n 30000 --steps 8 --sampler euler \
     --scheduler tuned --cfg 3 --seed 3 --batch 64
-student() {
-    local flags=(--preset shapes64 --unet.mask_text_padding true --init_from "$M" --data "$R/pairs"
-        --caption_dropout 0 --train_text_encoder false --lr 2e-4 --lr_schedule cosine --min_lr_ratio 0.1
-        --warmup_steps 50 --ema_decay 0.995 --max_steps 3000 --checkpoint_every 500 --seed 9)
-    if [ -d "$R/student/state" ] && [ -n "$(ls -A "$R/student/state")" ]; then
-        $LF train denoiser "${flags[@]}" --resume "$R/student"
-    else
-        $LF train denoiser "${flags[@]}" --out "$R/student"
-    fi
-}
-timed student student
+timed student train_into "$R/student" $LF train denoiser --preset shapes64 --unet.mask_text_padding true \
+    --init_from "$M" --data "$R/pairs" --caption_dropout 0 --train_text_encoder false --lr 2e-4 \
+    --lr_schedule cosine --min_lr_ratio 0.1 --warmup_steps 50 --ema_decay 0.995 --max_steps 3000 \
+    --checkpoint_every 500 --seed 9
 timed fast $PY "$HERE/ship_fast_model.py" "$R/student/checkpoints/last.safetensors" --model "$M" \
     --dtype float16 --steps 4 --sampler euler --scheduler sgm_uniform --cfg 1 --out "$S/shapes64-fast.safetensors"
 

@@ -40,21 +40,8 @@ ASUFFIX=$SUFFIX  # stage A's folder: ε's for both ε recipes
 if [ "$OBJ" != flow ]; then ASUFFIX="$SUFFIX-eps" SUFFIX="$SUFFIX-$OBJ"; fi
 if [ "$OBJ" = eps-minsnr ]; then WEIGHTING=(--objective.weighting min_snr --objective.min_snr_gamma 5); fi
 mkdir -p "$R"
-
-timed() {  # timed NAME command...: run once (skipped once RUNS_DIR/NAME.done exists) and record its wall time
-    local name=$1 t0
-    shift
-    [ -f "$R/$name.done" ] && return 0
-    t0=$(date +%s)
-    "$@"
-    echo "$name $(( $(date +%s) - t0 )) s" | tee "$R/$name.done"
-}
-
-train_into() {  # train_into OUT_DIR command...: a training run into OUT_DIR, resumed if it was cut off
-    local out=$1
-    shift
-    if [ -d "$out/state" ] && [ -n "$(ls -A "$out/state")" ]; then "$@" --resume "$out"; else "$@" --out "$out"; fi
-}
+# shellcheck source=stages.sh
+source "$(dirname "$0")/stages.sh"  # timed, train_into
 
 stage() {  # stage NAME OUT_DIR command...: a timed training stage
     local name=$1
