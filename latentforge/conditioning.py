@@ -168,26 +168,6 @@ def first_chunk_only():
         _ONE_CHUNK.reset(token)
 
 
-_TRIM: contextvars.ContextVar[bool] = contextvars.ContextVar("latentforge_trim_padding", default=False)
-
-
-@contextlib.contextmanager
-def trim_padding():
-    """Within this block a network that masks the text padding (`mask_text_padding`: sd15, dit-text,
-    mmdit-text) gets its context cut after the batch's last EOS, rounded up to a multiple of 8 tokens
-    ([B, n·T, D] with T <= 77, its context_mask [B, n·T] beside it), unless prompt weights are in play
-    (A1111's weighting renormalises over all 77 positions). The output is the same: CLIP's attention is
-    causal, so the positions up to each EOS do not read the padding after them, and the network's
-    attention gives the padding weight exactly 0. Training uses it (captions are ~20 tokens, the tower's
-    cost goes with the length); a context of the full 77 stays the default, for code that stacks contexts
-    of different prompts."""
-    token = _TRIM.set(True)
-    try:
-        yield
-    finally:
-        _TRIM.reset(token)
-
-
 _EMBEDDINGS: contextvars.ContextVar[TextualInversions | None] = contextvars.ContextVar(
     "latentforge_embeddings", default=None
 )
@@ -267,14 +247,12 @@ def _encode(
     pooled: bool,
     weighting: str,
     n: int | None = None,
-    trim: bool = False,
 ) -> tuple[CLIPTextOutput, torch.Tensor]:
     """Chunked, weighted encoding: hidden [B, n·L, D] (L = max_position_embeddings), pooled / projected
     from each prompt's first chunk, and the tokens that are not padding [B, n·L] bool (each chunk's BOS, its
     tokens and its EOS). encoder: the tower's name ("clip_l", "clip_g", "clip_h"), which picks an
     embedding's vectors. n: the chunk count (default: the most any prompt needs, at least the `pad_chunks`
-    count). trim: the caller's network masks the padding, so that within `trim_padding()` each chunk may be
-    cut to T <= L tokens."""
+    count)."""
     device = next(enc.parameters()).device
     L = enc.config.max_position_embeddings
     per_prompt = _prompt_chunks(enc, prompts, weighting)
@@ -283,10 +261,6 @@ def _encode(
     rows = [prompt_syntax.chunk_ids(c, n, L, tokenizer.BOS, tokenizer.EOS, pad_id) for c in per_prompt]
     ids = torch.cat([r[0] for r in rows]).to(device)  # [B·n, L], prompt-major
     weights = torch.cat([r[1] for r in rows])  # [B·n, L]
-    if trim and _TRIM.get() and (weighting == "none" or bool((weights == 1).all())):
-        last = int((ids == tokenizer.EOS).int().argmax(dim=-1).max())  # the batch's last first-EOS
-        L = min(L, -(-(last + 1) // 8) * 8)  # an embedding's positions lie before its chunk's EOS
-        ids, weights = ids[:, :L], weights[:, :L]
     override = _override(per_prompt, n, encoder, enc.config.hidden_size)
     out = enc(ids, layer=layer, final_norm=final_norm, pooled=pooled, override=override)
     hidden = out.hidden
@@ -328,12 +302,11 @@ def sd15(
             f"this UNet's label_emb takes y of width {net.adm_in_channels}, but the clip_l tower's pooled "
             f"output is {enc.config.hidden_size} wide"
         )
-    mask = getattr(net, "mask_text_padding", False)
-    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, pooled, weighting, trim=mask)
-    cond = {"context": out.hidden}  # [B, n·77, 768] (n·T within trim_padding)
+    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, pooled, weighting)
+    cond = {"context": out.hidden}  # [B, n·77, 768]
     if pooled:
         cond["y"] = out.pooled
-    if mask:
+    if getattr(net, "mask_text_padding", False):
         cond["context_mask"] = keep  # on the tower's device, as the context
     return cond
 
@@ -425,10 +398,9 @@ def clip_text(
     and adds y to the timestep embedding (if pooled_dim > 0); the MMDiT puts the context tokens in its joint
     attention and adds y through its y_embedder (SD3's two paths, with one CLIP tower)."""
     enc = _encoder(encoders, "clip_l", "a text transformer (dit-text, mmdit-text)")
-    mask = getattr(net, "mask_text_padding", False)
-    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting, trim=mask)
+    out, keep = _encode(enc, "clip_l", prompts, "eos", "last", True, True, weighting)
     cond = {"context": out.hidden, "y": out.pooled}
-    if mask:
+    if getattr(net, "mask_text_padding", False):
         cond["context_mask"] = keep  # [B, n·L] bool, True on each chunk's BOS, tokens and EOS (as sd15's)
     return cond
 

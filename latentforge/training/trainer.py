@@ -75,9 +75,7 @@ class TextToImage(nn.Module):
         if cond is None:
             h, w = size
             net_config = net.config
-            # one chunk for every caption (kohya's default); a network that masks the padding gets its
-            # context cut after the batch's longest caption (the same output, a fraction of the tower's cost)
-            with conditioning.first_chunk_only(), conditioning.trim_padding():
+            with conditioning.first_chunk_only():  # one context length for every caption and batch
                 cond = families.encode(
                     self.family, self.encoders(), prompts, w, h, False, net_config, weighting="none"
                 )
