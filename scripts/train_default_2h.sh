@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The default model's recipe within issue 10's budget (2 hours on 2 CPU cores): a VAE and a denoiser with
-# its text tower, from scratch, one seed per stage (MODEL_CARD.md, "The 2-hour recipe": 121 min on a
-# 2-core Xeon). Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=flow|eps|eps-minsnr] [VAEDEC_STEPS=N]
-#     scripts/train_default_2h.sh RUNS_DIR
-# NET=dit: the same stages with the DiT of `--preset shapes64-dit` as the denoiser (MODEL_CARD.md, the
-# architecture comparison: ahead of the UNet at step 3000 of stage B, behind it at the end, 75.8 vs 84.2%).
-# OBJ=eps: SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) in place of flow matching, for stages A
-# and B (MODEL_CARD.md, the objective comparison: 86.9 vs 84.2% on the same validation prompts).
-# OBJ=eps-minsnr: ε with Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared
-# (folder unet-epsA), since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small
-# shapes are lost, and Min-SNR": with VAEDEC_STEPS=5000, 1 / 2 / 3 validation objects 97.1 / 93.1 / 84.4%
-# against ε's 95.8 / 90.3 / 78.1%).
-# VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 3000, 10 min; 6000 took 23 min and raised
-# the ε model's 1-object cell from 95.0 to 96.3%: MODEL_CARD.md, "ε, and the decoder stage's length").
+# its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
+# version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
+# and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
+# [VAEDEC_STEPS=N] scripts/train_default_2h.sh RUNS_DIR
+# OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
+# Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
+# since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small shapes are lost, and
+# Min-SNR": 1 / 2 / 3 validation objects 97.1 / 93.1 / 84.4% against ε's 95.8 / 90.3 / 78.1%).
+# OBJ=eps: ε without the weighting; OBJ=flow: rectified flow, the preset's own objective (the objective
+# comparison in MODEL_CARD.md's history: ε 86.9 against flow's 84.2% on the same validation prompts).
+# NET=dit: the same stages with the DiT of `--preset shapes64-dit` as the denoiser (the architecture
+# comparison: ahead of the UNet at step 3000 of stage B, behind it at the end, 75.8 vs 84.2%).
+# VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 5000, ~17 min; 3000 took 10 min, and 6000
+# raised the ε model's 1-object cell from 95.0 to 96.3%: "ε, and the decoder stage's length").
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
 # (a stage that was cut off resumes from its last saved state).
 set -euo pipefail
@@ -25,11 +26,11 @@ case $NET in
     dit) DENOISER=(--preset shapes64-dit --dit.mask_text_padding true) SUFFIX="-dit" ;;
     *) echo "NET must be unet or dit, got '$NET'" >&2; exit 2 ;;
 esac
-VAEDEC_STEPS=${VAEDEC_STEPS:-3000}
+VAEDEC_STEPS=${VAEDEC_STEPS:-5000}
 case $VAEDEC_STEPS in
     ''|*[!0-9]*|0) echo "VAEDEC_STEPS must be a positive whole number, got '$VAEDEC_STEPS'" >&2; exit 2 ;;
 esac
-OBJ=${OBJ:-flow}
+OBJ=${OBJ:-eps-minsnr}
 WEIGHTING=()  # stage B's loss weighting beyond the objective (stage A never has one)
 case $OBJ in
     flow) OBJECTIVE=() ;;

@@ -28,8 +28,19 @@ def run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[s
     return done, calls
 
 
-def test_defaults_are_the_measured_flow_recipe(tmp_path):
+def test_defaults_are_the_shipped_recipe(tmp_path):
+    # no switches: ε with Min-SNR-5 in stage B and the 5000-step decoder stage (MODEL_CARD.md, "Recipe")
     done, calls = run(tmp_path)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "explicit").mkdir()
+    _, explicit = run(tmp_path / "explicit", OBJ="eps-minsnr", VAEDEC_STEPS="5000")
+    r, e = str(tmp_path / "runs"), str(tmp_path / "explicit" / "runs")
+    assert [c.replace(r, e) for c in calls] == explicit
+    assert calls[-1].endswith(f"--out {r}/shapes64-2h-eps-minsnr-dec5000.safetensors")
+
+
+def test_flow_and_the_3000_step_decoder(tmp_path):
+    done, calls = run(tmp_path, OBJ="flow", VAEDEC_STEPS="3000")
     assert done.returncode == 0, done.stderr
     r = tmp_path / "runs"
     assert sorted(p.name for p in r.glob("*.done")) == [
@@ -42,7 +53,7 @@ def test_defaults_are_the_measured_flow_recipe(tmp_path):
     assert f"--vae {r}/vaedec/checkpoints/last.safetensors" in calls[5]
     assert calls[5].endswith(f"--out {r}/shapes64-2h.safetensors")
     # a second run skips every finished stage
-    _, again = run(tmp_path)
+    _, again = run(tmp_path, OBJ="flow", VAEDEC_STEPS="3000")
     assert again == calls
 
 
