@@ -35,10 +35,13 @@ def test_pairs_are_the_teachers_samples_from_their_noise(pairs):
     assert len(data) == 6
     prompts = reflow.shapes_prompts(6, 3)
     assert data.captions == prompts
+    # the pairs were sampled 4 at a time, the reference one at a time: float32 sums that differ by the
+    # batch's blocking, on a start noise of scale σ_max (14.6 for an ε teacher on SD's table, 1 for a flow)
+    atol = 1e-5 * float(pipe.model_sampling.sigma_max)
     for i in (0, 5):  # one in each shard
         seed = 3 * 1_000_003 + i
         want = pipe.sample(prompts[i], steps=2, sampler="euler", cfg=2.0, seed=seed, progress=False)
-        torch.testing.assert_close(data[i]["latent"], want[0].float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(data[i]["latent"], want[0].float(), rtol=1e-4, atol=atol)
         noise = variation_noise((1, *index["latent_shape"]), [seed], None, 0.0, None, "cpu")[0]
         assert torch.equal(data[i]["noise"], noise)
 
@@ -193,15 +196,17 @@ def test_a_denoiser_only_file_replaces_the_unet(tmp_path):
     unet[key] = unet[key] + 0.25
     path = str(tmp_path / "student.safetensors")
     save_state_dict(unet, path, metadata={"latentforge.defaults": json.dumps({"steps": 4, "cfg": 1.0})})
+    from latentforge.model_sampling import DiscreteFlow, DiscreteVP, to_json
+
+    own = type(Pipeline.default().model_sampling)
     pipe = Pipeline.default().load_denoiser(path)
     assert pipe.defaults["steps"] == 4 and pipe.defaults["cfg"] == 1.0 and pipe.source == path
-    assert type(pipe.model_sampling).__name__ == "DiscreteFlow"  # the file states none: the model's stays
+    assert type(pipe.model_sampling) is own  # the file states none: the model's stays
     # a student states its own model sampling (a rectified flow of an ε teacher, or the other way round)
-    from latentforge.model_sampling import DiscreteVP, to_json
-
-    meta = {"latentforge.model_sampling": to_json(DiscreteVP(prediction="eps"))}
+    other = DiscreteFlow(shift=1.0) if own is DiscreteVP else DiscreteVP(prediction="eps")
+    meta = {"latentforge.model_sampling": to_json(other)}
     save_state_dict(unet, path, metadata=meta)
-    assert isinstance(Pipeline.default().load_denoiser(path).model_sampling, DiscreteVP)
+    assert type(Pipeline.default().load_denoiser(path).model_sampling) is type(other) is not own
     assert torch.equal(pipe.net.state_dict()["out.2.bias"], unet[key].float())
     with pytest.raises(ValueError, match="not a denoiser-only file"):
         pipe.load_denoiser(DEFAULT_MODEL)
