@@ -494,15 +494,20 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
     circle"), puts the object where the outline is more often: position accuracy on validation scenes (the
     shapes judge; Wilson 95% intervals) rises from chance level (1/9 of the cells) to well above it, the two
     intervals disjoint. Single-object scenes, 256 of them, 1000 steps of batch 32 (AdamW 2e-4; the model's
-    own objective: flow matching, logit-normal σ), then 144 validation scenes, 20 Euler steps, CFG 4.
-    Measured with this code and these seeds (1 thread): position 15/144 = 10.4% [6.4, 16.5] without the
-    ControlNet, 53/144 = 36.8% [29.4, 44.9] with it; shape and colour stay at ~81% and ~93%. 22 minutes
-    on one core of an otherwise idle 2-core machine. Not yet a good ControlNet: 2000 steps gave no more
-    (14/48 = 29% on the first 48 scenes, against 16/48 after 1000)."""
-    from latentforge.pipeline import Pipeline
+    own objective, its file's `latentforge.objective`: ε with Min-SNR-5 since the ninth version, flow
+    matching with logit-normal σ before), then 144 validation scenes at the model's sampler, steps and CFG,
+    the prompt as written (the default layout completion would state a position, which is the control's
+    to give). Measured with an early version (flow; euler, CFG 4; 1 thread): position 15/144 = 10.4%
+    [6.4, 16.5] without the ControlNet, 53/144 = 36.8% [29.4, 44.9] with it; shape and colour stay at ~81%
+    and ~93%. 22 minutes on one core of an otherwise idle 2-core machine. Not yet a good ControlNet: 2000
+    steps gave no more (14/48 = 29% on the first 48 scenes, against 16/48 after 1000). The ninth version
+    (2026-12-06, 21 min on 2 threads): 24/144 = 16.7% [11.5, 23.6] without, 64/144 = 44.4% [36.6, 52.6]
+    with it."""
+    from latentforge.pipeline import DEFAULT_MODEL, Pipeline
     from latentforge.shapes.evaluate import evaluate
     from latentforge.shapes.render import Obj, Scene, render, sample_scene
-    from latentforge.training.objectives import ObjectiveConfig, loss
+    from latentforge.training.adapt import base_objective
+    from latentforge.training.objectives import loss
 
     torch.manual_seed(0)
     pipe = Pipeline.default()
@@ -520,7 +525,7 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
         x0 = pipe.encode(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
         context = pipe.encode_prompt([prompt(s) for s in scenes], 64, 64)["context"]
     hints = torch.stack([_outline_hint(im) for im in images])
-    objective = ObjectiveConfig(prediction="flow", sigma_sampling="logit_normal")  # the file's objective
+    objective = base_objective(DEFAULT_MODEL, pipe.family)  # the file's own
     opt = torch.optim.AdamW(list(cn.parameters()), lr=2e-4, weight_decay=0)
     g = torch.Generator().manual_seed(1)
     for _ in range(1000):
@@ -544,7 +549,7 @@ def test_trained_controlnet_moves_objects_to_the_controlled_positions():
         out = []
         for j, s in enumerate(val):
             c = Control(cn, canny(render(s, 64))) if control else None
-            out += pipe(prompt(s), seed=j, progress=False, controlnet=c)
+            out += pipe(prompt(s), seed=j, progress=False, controlnet=c, complete_prompt="none")
         report = evaluate([np.asarray(im) for im in out], specs, reference=False)
         return report["attributes"]["position"]
 
