@@ -31,7 +31,8 @@ def load(path: str) -> dict:
         raise SystemExit(f"{path}: not a readable evaluator report ({e})") from None
     if not isinstance(rep, dict) or not {"n", "all_correct", "by_objects", "failures"} <= rep.keys():
         raise SystemExit(
-            f"{path}: not an evaluator report (no by_objects / failures): give eval shapes --json"
+            f"{path}: not an evaluator report (it needs n, all_correct, by_objects and failures): give the "
+            "file `eval shapes --json` writes"
         )
     return rep
 

@@ -198,8 +198,9 @@ def test_a_denoiser_only_file_replaces_the_unet(tmp_path):
     save_state_dict(unet, path, metadata={"latentforge.defaults": json.dumps({"steps": 4, "cfg": 1.0})})
     from latentforge.model_sampling import DiscreteFlow, DiscreteVP, to_json
 
-    own = type(Pipeline.default().model_sampling)
-    pipe = Pipeline.default().load_denoiser(path)
+    pipe = Pipeline.default()
+    own = type(pipe.model_sampling)
+    pipe.load_denoiser(path)  # in place
     assert pipe.defaults["steps"] == 4 and pipe.defaults["cfg"] == 1.0 and pipe.source == path
     assert type(pipe.model_sampling) is own  # the file states none: the model's stays
     # a student states its own model sampling (a rectified flow of an ε teacher, or the other way round)
