@@ -101,6 +101,8 @@ PROMPT = "a big red circle in the upper left corner on a black background"
 ATTRS = ("present", "shape", "color", "size", "position", "relation", "background")
 EASY = ("background", "color")  # attributes that move early: a short budget still reaches a common level
 EXPORT = re.compile(r"^step-(\d+)\.safetensors$")
+RECIPES = ("2h", "onfly")
+STAGE_A_STEPS = 300  # the 2-hour recipe's stage A: σ = 1 only (scripts/train_default_2h.sh)
 
 
 def latentforge(*argv: str) -> list[str]:
@@ -135,6 +137,65 @@ def train_flags(
     flags += ["--lr_schedule", "constant", "--log_every", "1", "--sample_every", "0", "--quiet"]
     flags += ["--checkpoint_every", str(checkpoint_every)]
     return flags + (["--vae", vae] if vae else [])
+
+
+def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
+    """The 2-hour recipe's flags beyond the preset (scripts/train_default_2h.sh, the shipped model's
+    recipe), the same for both models: (stage A's, stage B's). ε on the 1000-step table, the padding tokens
+    masked out of the cross-attention, lr 8e-4 after 50 warm-up steps; stage A at σ = 1 only, stage B with
+    Min-SNR-5 weighting. The latent model reads its latents from a cache that stage A's start fills once
+    (that encoding is in its cost: `stage_a`, `encode_flops`)."""
+    common = ["--unet.mask_text_padding", "true", "--objective.prediction", "eps"]
+    common += ["--objective.sigma_sampling", "uniform_discrete", "--lr", "8e-4", "--warmup_steps", "50"]
+    if model == "latent":
+        common += ["--cache_latents", "true", "--cache_dir", os.path.join(work, "cache")]
+    stage_a = [*common, "--objective.terminal_fraction", "0.99"]
+    return stage_a, [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
+
+
+def export_data(work: str, scenes: int, threads: int) -> str:
+    """The 2-hour recipe's training scenes (80% of the captions labelled), exported once into <work>/data."""
+    path = os.path.join(work, "data")
+    if not os.path.exists(os.path.join(path, "metadata.jsonl")):
+        cmd = latentforge("shapes", "export", path, "--n", str(scenes), "--size", "64", "--seed", "21")
+        cmd += ["--labelled_share", "0.8", "--background_share", "0.8"]
+        subprocess.run(cmd, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def stage_a(name: str, flags: list[str], folder: str, threads: int, steps: int = STAGE_A_STEPS) -> dict:
+    """Run the 2-hour recipe's stage A (`train denoiser FLAGS`, `steps` steps at the preset's own
+    learning-rate schedule, as the script runs it) to its end, once (one cut off starts again): its export
+    and the process's whole wall time, which for the latent model includes encoding the latent cache."""
+    path = os.path.join(folder, "stageA.json")
+    if os.path.exists(path):
+        return json.loads(Path(path).read_text())
+    run_dir = os.path.join(folder, "stageA")
+    os.makedirs(folder, exist_ok=True)
+    cmd = latentforge("train", "denoiser", *flags, "--max_steps", str(steps), "--seed", "0")
+    cmd += ["--checkpoint_every", str(steps), "--sample_every", "0", "--quiet"]
+    cmd += ["--out", run_dir, "--overwrite", "true"]
+    print(f"{name}: stage A, {steps} steps at σ = 1", flush=True)
+    t0 = time.time()
+    with open(os.path.join(folder, "stageA.log"), "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)).returncode
+    if rc:
+        raise RuntimeError(f"{name}: stage A failed (exit {rc}); see {log.name}")
+    res = {"steps": steps, "wall_s": time.time() - t0}
+    res["export"] = os.path.join(run_dir, "checkpoints", "last.safetensors")
+    write_json(path, res)
+    return res
+
+
+def encode_flops(scenes: int) -> float:
+    """FLOPs of encoding `scenes` 64×64 images once with the shipped VAE (`extract_vae`'s; torch's counter,
+    one image × scenes): the latent cache's cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = load_checkpoint(DEFAULT_MODEL, torch.float32).components["vae"]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vae.encode(torch.zeros(1, 3, 64, 64))
+    return fc.get_total_flops() * scenes
 
 
 def dry_run(flags: list[str], folder: str, threads: int) -> dict:
@@ -267,11 +328,12 @@ def checkpoints(folder: str, d: str | None = None) -> list[tuple[int, str]]:
     return sorted((int(m[1]), os.path.join(d, f)) for f in found if (m := EXPORT.match(f)))
 
 
-def score(ckpt: str, out: str, n: int, threads: int) -> dict:
+def score(ckpt: str, out: str, n: int, threads: int, eval_args=EVAL) -> dict:
     """`latentforge eval shapes` on `ckpt` (cached in out.json), and the chance level of its images."""
     report, images = out + ".json", out + "-images"
     if not os.path.exists(report):
-        cmd = latentforge("eval", "shapes", "--model", ckpt, "--n", str(n), *EVAL, "--seed", str(EVAL_SEED))
+        cmd = latentforge("eval", "shapes", "--model", ckpt, "--n", str(n), *eval_args)
+        cmd += ["--seed", str(EVAL_SEED)]
         cmd += ["--json", report, "--out", images]
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out + ".log", "w") as log:
@@ -305,18 +367,26 @@ def score(ckpt: str, out: str, n: int, threads: int) -> dict:
     }
 
 
-def curve(name: str, folder: str, gflop: float, n: int, threads: int) -> list[dict]:
+def curve(
+    name: str, folder: str, gflop: float, n: int, threads: int, before: dict | None = None, eval_args=EVAL
+) -> list[dict]:
+    """Every kept export scored; its step, wall time and FLOPs counted from the start of training: `before`
+    ({"step", "wall_s", "flops"}) is what came before this trainer's step 0 (the 2-hour recipe's stage A
+    and the latent cache)."""
+    b = before or {"step": 0, "wall_s": 0.0, "flops": 0.0}
     wall = loop_seconds(folder)
     points = []
     for step, ckpt in checkpoints(folder):
         if step not in wall:
             continue
         t0 = time.perf_counter()
-        s = score(ckpt, os.path.join(folder, "evals", f"step-{step:08d}"), n, threads)
-        points.append({"step": step, "wall_s": wall[step], "flops": step * gflop * 1e9, **s})
+        s = score(ckpt, os.path.join(folder, "evals", f"step-{step:08d}"), n, threads, eval_args)
+        at = {"step": b["step"] + step, "wall_s": b["wall_s"] + wall[step]}
+        points.append({**at, "flops": b["flops"] + step * gflop * 1e9, **s})
         lo, hi = s["ci95"]
         print(
-            f"{name} step {step:6d}: {wall[step] / 60:6.1f} min, {step * gflop / 1e3:8.1f} TFLOP, "
+            f"{name} step {at['step']:6d}: {at['wall_s'] / 60:6.1f} min, "
+            f"{points[-1]['flops'] / 1e12:8.1f} TFLOP, "
             f"all correct {100 * s['all_correct']:5.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], "
             f"background {rate_of(s, 'background'):.2f}, colour {rate_of(s, 'color'):.2f} "
             f"({time.perf_counter() - t0:.0f} s)",
@@ -589,7 +659,17 @@ def main() -> int:
         default=0,
         help="instead of --points: export and evaluate every K steps, both models",
     )
-    p.add_argument("--seed", type=int, default=0, help="training seed, both models")
+    p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="2h",
+        help="2h: the shipped model's 2-hour recipe (exported scenes, padding mask, stage A at σ = 1, then ε "
+        "with Min-SNR-5 at a constant lr; the layout completion in the evaluations); onfly: the preset's own "
+        "recipe on scenes rendered on the fly (the first run, 2026-12-04)",
+    )
+    p.add_argument("--scenes", type=int, default=60000, help="2h: training scenes exported (the recipe's)")
+    p.add_argument("--stage-a-steps", type=int, default=STAGE_A_STEPS, help="2h: stage A's steps")
+    p.add_argument("--seed", type=int, default=0, help="training seed, both models (onfly)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the sampling-cost measurement")
     p.add_argument("--json", default=None)
@@ -599,20 +679,51 @@ def main() -> int:
     vae = extract_vae(args.work)
     folders = {m: os.path.join(args.work, m) for m in MODELS}
     vaes = {"latent": vae, "pixel": None}
-    dry = {
-        m: dry_run(train_flags(PRESETS[m], vaes[m], args.seed, 1), folders[m], args.threads) for m in MODELS
-    }
-    for m in MODELS:
-        d = dry[m]
-        print(f"{m}: {d['parameters']}; {d['gflop_per_step']:.2f} GFLOP per step; "
-              f"{d['seconds_per_step']:.2f} s per step in the dry run", flush=True)  # fmt: skip
-
     if len(args.minutes) not in (1, 2) or min(args.minutes) <= 0:
         p.error(
             f"--minutes takes one value (both models) or two (latent, pixel), each > 0; got {args.minutes}"
         )
     minutes = dict(zip(MODELS, args.minutes * 2 if len(args.minutes) == 1 else args.minutes, strict=True))
-    every_s = {m: None if args.eval_every else minutes[m] * 60 / args.points for m in MODELS}
+    # per model: train_flags' data, seed and extra flags (stage B's in the 2-hour recipe), what came
+    # before its trainer (stage A, the latent cache), and the evaluation's flags
+    setup: dict = {m: {"data": "shapes", "seed": args.seed, "extra": [], "before": None} for m in MODELS}
+    eval_args = EVAL
+    stages_a: dict = {}
+    if args.recipe == "2h":
+        data = export_data(args.work, args.scenes, args.threads)
+        eval_args = [*EVAL, "--complete-prompt", "layout"]
+        for m in MODELS:
+            flags_a, flags_b = two_hour_flags(m, args.work)
+            a_flags = ["--preset", PRESETS[m], "--data", data, *flags_a, *(["--vae", vae] if vaes[m] else [])]
+            stages_a[m] = stage_a(m, a_flags, folders[m], args.threads, args.stage_a_steps)
+            setup[m] = {"data": data, "seed": 1, "extra": [*flags_b, "--init_from", stages_a[m]["export"]]}
+    dry = {
+        m: dry_run(
+            train_flags(PRESETS[m], vaes[m], setup[m]["seed"], 1, setup[m]["data"], setup[m]["extra"]),
+            folders[m],
+            args.threads,
+        )
+        for m in MODELS
+    }
+    if args.recipe == "2h":
+        enc = encode_flops(args.scenes)
+        for m in MODELS:
+            a = stages_a[m]
+            flops = a["steps"] * dry[m]["gflop_per_step"] * 1e9 + (enc if vaes[m] else 0.0)
+            setup[m]["before"] = {"step": a["steps"], "wall_s": a["wall_s"], "flops": flops}
+            cache = f" (the latent cache's encoding {enc / 1e12:.1f} of them)" if vaes[m] else ""
+            print(f"{m}: stage A {a['steps']} steps, {a['wall_s'] / 60:.1f} min", end="")
+            print(f", {flops / 1e12:.1f} TFLOP{cache}")
+    for m in MODELS:
+        d = dry[m]
+        print(f"{m}: {d['parameters']}; {d['gflop_per_step']:.2f} GFLOP per step; "
+              f"{d['seconds_per_step']:.2f} s per step in the dry run", flush=True)  # fmt: skip
+
+    # the trainers' budget: each model's minutes less what came before (stage A)
+    budget = {m: minutes[m] - (setup[m]["before"] or {"wall_s": 0.0})["wall_s"] / 60 for m in MODELS}
+    if min(budget.values()) <= 0:
+        p.error(f"--minutes {args.minutes} leaves no time after stage A ({budget})")
+    every_s = {m: None if args.eval_every else budget[m] * 60 / args.points for m in MODELS}
     checkpoint_every = {}
     for m, default in zip(MODELS, args.checkpoint_every, strict=True):
         saved = os.path.join(folders[m], "run", "config.json")
@@ -621,10 +732,14 @@ def main() -> int:
         else:
             checkpoint_every[m] = args.eval_every or default
     for m in MODELS:
-        flags = train_flags(PRESETS[m], vaes[m], args.seed, checkpoint_every[m])
-        train(m, flags, minutes[m], args, folders[m], every_s[m])
+        u = setup[m]
+        flags = train_flags(PRESETS[m], vaes[m], u["seed"], checkpoint_every[m], u["data"], u["extra"])
+        train(m, flags, budget[m], args, folders[m], every_s[m])
 
-    curves = {m: curve(m, folders[m], dry[m]["gflop_per_step"], args.n, args.threads) for m in MODELS}
+    curves = {
+        m: curve(m, folders[m], dry[m]["gflop_per_step"], args.n, args.threads, setup[m]["before"], eval_args)
+        for m in MODELS
+    }
     equal = {metric: equal_adherence(curves, metric) for metric in ("all_correct", *EASY)}
     print(f"compression factor (64·64·3)/(16·16·4) = {COMPRESSION:g}; FLOPs per step pixel/latent = "
           f"{dry['pixel']['gflop_per_step'] / dry['latent']['gflop_per_step']:.2f}")  # fmt: skip
@@ -654,13 +769,17 @@ def main() -> int:
             "checkpoint_every": checkpoint_every,
             "seed": args.seed,
             "threads": args.threads,
+            "recipe": args.recipe,
+            "scenes": args.scenes if args.recipe == "2h" else None,
+            "stage_a_steps": args.stage_a_steps if args.recipe == "2h" else None,
             "lr_schedule": "constant",
-            "eval": " ".join([*EVAL, "--seed", str(EVAL_SEED)]),
+            "eval": " ".join([*eval_args, "--seed", str(EVAL_SEED)]),
             "sampling": SAMPLE,
             "work": args.work,
         },
         "compression_factor": COMPRESSION,
         "dry_run": dry,
+        "before_trainer": {m: setup[m]["before"] for m in MODELS},
         "flops_per_step_ratio": dry["pixel"]["gflop_per_step"] / dry["latent"]["gflop_per_step"],
         "curves": curves,
         "equal_adherence": equal,
