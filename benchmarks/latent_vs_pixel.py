@@ -11,6 +11,17 @@ loses little quality for it. Here both sides share everything but the space:
 - pixel: preset `shapes64-pixel`, the same recipe on 64×64×3 pixels, its UNet two ×2 levels deeper so that
   attention runs on the same 8×8 and 4×4 token grids with the same widths.
 
+Recipes (`--recipe`). `2h` (the default): the shipped model's own 2-hour recipe
+(scripts/train_default_2h.sh, MODEL_CARD.md "Recipe") for both models: 60,000 exported scenes, 80% of the
+captions labelled; the text padding masked out of the cross-attention; stage A, 300 steps at σ = 1 only (the
+text is all there is to read), then stage B, ε on the 1000-step table with Min-SNR-5 weighting, from stage A's
+export at a constant learning rate (step 1 below) where the script decays it; the evaluations use the layout
+completion the recipe's model is made for. The latent model reads its latents from a cache that stage A
+fills once; stage A (its whole process wall time, the cache's encoding included) and the encoding's FLOPs
+are counted before stage B's first step in each curve (`tests/test_latent_vs_pixel.py` checks the flags
+against the script's). `onfly`: the presets' own recipe on scenes rendered on the fly (the first run,
+2026-12-04, `docs/latent_vs_pixel/`), as described below.
+
 Method.
 1. Each model is trained from scratch by `latentforge train denoiser --data shapes` (scenes rendered on the
    fly, the same `--seed`, so the same data and noise) for `--minutes` of the trainer's own step-loop wall
@@ -136,7 +147,7 @@ def train_flags(
     flags = ["--preset", preset, "--data", data, "--seed", str(seed), "--max_steps", "1000000", *extra]
     flags += ["--lr_schedule", "constant", "--log_every", "1", "--sample_every", "0", "--quiet"]
     flags += ["--checkpoint_every", str(checkpoint_every)]
-    return flags + (["--vae", vae] if vae else [])
+    return flags + vae_flag(vae)
 
 
 def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
@@ -153,6 +164,20 @@ def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
     return stage_a, [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
 
 
+def stage_a_flags(model: str, work: str, data: str, vae: str | None) -> list[str]:
+    """Stage A's `train denoiser` flags but its length and output (`stage_a_argv`)."""
+    return ["--preset", PRESETS[model], "--data", data, *two_hour_flags(model, work)[0], *vae_flag(vae)]
+
+
+def stage_b_extra(model: str, work: str, stage_a_export: str) -> list[str]:
+    """Stage B's flags beyond `train_flags`' (which set its constant learning rate and exports)."""
+    return [*two_hour_flags(model, work)[1], "--init_from", stage_a_export]
+
+
+def vae_flag(vae: str | None) -> list[str]:
+    return ["--vae", vae] if vae else []
+
+
 def export_data(work: str, scenes: int, threads: int) -> str:
     """The 2-hour recipe's training scenes (80% of the captions labelled), exported once into <work>/data."""
     path = os.path.join(work, "data")
@@ -161,6 +186,13 @@ def export_data(work: str, scenes: int, threads: int) -> str:
         cmd += ["--labelled_share", "0.8", "--background_share", "0.8"]
         subprocess.run(cmd, env=child_env(threads), check=True, stdout=subprocess.DEVNULL)
     return path
+
+
+def stage_a_argv(flags: list[str], steps: int, run_dir: str) -> list[str]:
+    """`train denoiser`'s arguments for stage A: `flags` (`stage_a_flags`) for `steps` steps, seed 0, one
+    export at the end, into `run_dir`."""
+    argv = [*flags, "--max_steps", str(steps), "--seed", "0", "--checkpoint_every", str(steps)]
+    return argv + ["--sample_every", "0", "--quiet", "--out", run_dir, "--overwrite", "true"]
 
 
 def stage_a(name: str, flags: list[str], folder: str, threads: int, steps: int = STAGE_A_STEPS) -> dict:
@@ -172,9 +204,7 @@ def stage_a(name: str, flags: list[str], folder: str, threads: int, steps: int =
         return json.loads(Path(path).read_text())
     run_dir = os.path.join(folder, "stageA")
     os.makedirs(folder, exist_ok=True)
-    cmd = latentforge("train", "denoiser", *flags, "--max_steps", str(steps), "--seed", "0")
-    cmd += ["--checkpoint_every", str(steps), "--sample_every", "0", "--quiet"]
-    cmd += ["--out", run_dir, "--overwrite", "true"]
+    cmd = latentforge("train", "denoiser", *stage_a_argv(flags, steps, run_dir))
     print(f"{name}: stage A, {steps} steps at σ = 1", flush=True)
     t0 = time.time()
     with open(os.path.join(folder, "stageA.log"), "w") as log:
@@ -693,10 +723,9 @@ def main() -> int:
         data = export_data(args.work, args.scenes, args.threads)
         eval_args = [*EVAL, "--complete-prompt", "layout"]
         for m in MODELS:
-            flags_a, flags_b = two_hour_flags(m, args.work)
-            a_flags = ["--preset", PRESETS[m], "--data", data, *flags_a, *(["--vae", vae] if vaes[m] else [])]
+            a_flags = stage_a_flags(m, args.work, data, vaes[m])
             stages_a[m] = stage_a(m, a_flags, folders[m], args.threads, args.stage_a_steps)
-            setup[m] = {"data": data, "seed": 1, "extra": [*flags_b, "--init_from", stages_a[m]["export"]]}
+            setup[m] = {"data": data, "seed": 1, "extra": stage_b_extra(m, args.work, stages_a[m]["export"])}
     dry = {
         m: dry_run(
             train_flags(PRESETS[m], vaes[m], setup[m]["seed"], 1, setup[m]["data"], setup[m]["extra"]),

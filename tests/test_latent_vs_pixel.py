@@ -3,7 +3,12 @@ good, and the bounds that puts on the compute ratio. Synthetic curves whose answ
 
 import importlib.util
 import math
+import os
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from latentforge.shapes.scoring import wilson
 
@@ -61,3 +66,63 @@ def test_both_leave_chance_gives_an_interval():
     # neither leaving chance is said plainly
     flat = {m: [point(1, 1.0, 80, 80)] for m in ("pixel", "latent")}
     assert "not measured" in lvp.onset(flat, "color")["flops"]["ratio"]["note"]
+
+
+def flag_dict(argv: list[str]) -> dict[str, str | None]:
+    """`--key value` pairs of a `train denoiser` command line (None for a switch without a value)."""
+    out, k = {}, 0
+    while k < len(argv):
+        if argv[k].startswith("--"):
+            has_value = k + 1 < len(argv) and not argv[k + 1].startswith("--")
+            out[argv[k][2:]] = argv[k + 1] if has_value else None
+            k += 2 if has_value else 1
+        else:
+            k += 1
+    return out
+
+
+def script_stages(tmp_path) -> tuple[dict, dict]:
+    """Stage A's and stage B's flags as scripts/train_default_2h.sh (no switches: the shipped recipe)
+    calls `train denoiser`, every `$PY` call recorded instead of run."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    log, stub = tmp_path / "calls.txt", tmp_path / "py.sh"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    stub.chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_default_2h.sh"
+    env = {**os.environ, "PY": str(stub)}
+    subprocess.run(["bash", str(script), str(tmp_path / "runs")], env=env, check=True, capture_output=True)
+    calls = [c.split() for c in log.read_text().splitlines() if "train denoiser" in c]
+    assert len(calls) == 2
+    return flag_dict(calls[0]), flag_dict(calls[1])
+
+
+PATHS = {"data", "vae", "cache_dir", "init_from", "out"}  # where things are: the benchmark's own folders
+QUIET = {"log_every", "sample_every", "quiet", "overwrite"}  # what the trainer prints and writes beside
+
+
+@pytest.mark.parametrize("model", ["latent", "pixel"])
+def test_the_2h_recipe_is_the_scripts(tmp_path, model):
+    # the benchmark's --recipe 2h trains both models with the shipped recipe's flags: every flag of the
+    # script's two `train denoiser` calls with the same value, but for the pixel model's preset (and no VAE
+    # or latent cache), and for stage B's learning-rate schedule and length, which the benchmark replaces
+    # by a constant rate for as long as the budget lasts (a checkpoint at step N then is the run of N steps)
+    script_a, script_b = script_stages(tmp_path)
+    work = str(tmp_path / "work")
+    vae = None if model == "pixel" else "v.safetensors"
+    bench_a = flag_dict(lvp.stage_a_argv(lvp.stage_a_flags(model, work, "d", vae), 300, "run"))
+    extra = lvp.stage_b_extra(model, work, "a.safetensors")
+    bench_b = flag_dict(lvp.train_flags(lvp.PRESETS[model], vae, 1, 50, "d", extra))
+    latent_only = {"vae", "cache_latents", "cache_dir"}
+    for script, bench, replaced in (
+        (script_a, bench_a, set()),
+        # (stage B's --out is given where `train` launches it)
+        (script_b, bench_b, {"lr_schedule", "min_lr_ratio", "max_steps", "checkpoint_every", "out"}),
+    ):
+        expected = {k for k in script if model == "latent" or k not in latent_only}
+        assert set(bench) - QUIET == expected - (replaced - set(bench))
+        for k in expected - PATHS - replaced - {"preset"}:
+            assert bench[k] == script[k], k
+        assert bench["preset"] == lvp.PRESETS[model]
+    assert bench_b["lr_schedule"] == "constant"
+    assert script_a["max_steps"] == bench_a["max_steps"] == str(lvp.STAGE_A_STEPS)
