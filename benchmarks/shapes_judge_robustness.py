@@ -15,9 +15,13 @@ captions. Printed:
   counted as the best guess);
 - the second judge (``cnn_judge.py``) on the same images: its all-correct rate, its exact-scene rate and
   the share of images where the two judges' verdicts agree;
-- detect throughput on clean 64x64 renders (one process).
+- detect throughput on clean 64x64 renders (one process);
+- with ``--failures DIR``: per resolution and condition, the images the judge decided and got wrong, each
+  clean render beside its degraded copy, and what each got wrong first (whether the judge or the
+  degradation is at fault is then for a person to see: docs/judge/).
 
-    .venv/bin/python benchmarks/shapes_judge_robustness.py [--n 300] [--res 64 32] [--conditions ...]
+    .venv/bin/python benchmarks/shapes_judge_robustness.py [--n 300] [--res 64 32] [--conditions ...] \
+        [--failures DIR]
 """
 
 from __future__ import annotations
@@ -99,7 +103,47 @@ def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None]
             out["ambiguous"] += label == "amb"
             conf[(o.size, o.shape, label)] = conf.get((o.size, o.shape, label), 0) + 1
     out["confusion"] = conf
+    out["images"] = images
     return out
+
+
+def _brief(scene) -> str:
+    """A scene (or a prompt's partial spec) in one line: size colour shape @position; background."""
+    objs = [
+        " ".join(x for x in (o.size, o.color, o.shape) if x) + f" @{o.position or '?'}" for o in scene.objects
+    ]
+    return "; ".join(objs) + f"; background {scene.background or '?'}"
+
+
+def failures(scenes, specs, images, path: str, limit: int = 24) -> dict:
+    """The images the judge decided (no prompted shape ambiguous) and got wrong: a PNG of up to `limit` of
+    them, each as the clean render beside the degraded image, 6x nearest (`path`), and their prompts and
+    verdicts beside it (`path` .txt). Returns how many such images there are and what each got wrong first
+    (a prompted object not found, then its colour, shape, size, position, a relation, the background)."""
+    from PIL import Image
+
+    why: dict[str, int] = {}
+    tiles, lines = [], []
+    for scene, spec, img in zip(scenes, specs, images, strict=True):
+        det = analyze(img)
+        s = score(det.scene, spec, det.shape_ambiguous)
+        if not s["decided"] or s["correct"]:
+            continue
+        attrs = ("present", "color", "shape", "size", "position")
+        wrong = [a for a in attrs if any(o[a] is False for o in s["objects"])]
+        wrong += ["relation"] if not all(s["relations"]) else []
+        wrong += ["background"] if s["background"] is False else []
+        first = (wrong or ["count"])[0]
+        why[first] = why.get(first, 0) + 1
+        if len(tiles) < limit:
+            tiles.append(np.concatenate([render(scene, img.shape[0]), img], 1))
+            lines.append(f"{len(tiles) - 1}: {first}: asked [{_brief(spec)}]; found [{_brief(det.scene)}]")
+    if tiles:
+        tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)
+        grid = np.concatenate([np.concatenate(tiles[k : k + 4], 1) for k in range(0, len(tiles), 4)], 0)
+        Image.fromarray(grid).resize((grid.shape[1] * 6, grid.shape[0] * 6), Image.NEAREST).save(path)
+        Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return why
 
 
 def confusion_table(conf: dict, size: str) -> str:
@@ -121,6 +165,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-confusion", action="store_true")
     ap.add_argument("--speed", type=int, default=2000, help="images for the throughput line (0: skip)")
+    ap.add_argument(
+        "--failures",
+        metavar="DIR",
+        help="per resolution and condition, the decided images judged wrong: DIR/<res>-<condition>.png (the "
+        "clean render beside the degraded image) and .txt (prompt and verdict), and counts of what each got "
+        "wrong first",
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, split="heldout") for _ in range(args.n)]
@@ -157,6 +208,10 @@ def main() -> None:
                 f"   {_pct(c['cnn_ok'], n):<24}{100 * c['cnn_exact'] / n:12.2f}{100 * c['agree'] / n:9.2f}",
                 flush=True,
             )
+            if args.failures:
+                os.makedirs(args.failures, exist_ok=True)
+                why = failures(scenes, specs, c.pop("images"), os.path.join(args.failures, f"{r}-{name}.png"))
+                print(f"    decided and wrong, by what went wrong first: {why or 'none'}", flush=True)
             if name != "clean":
                 for k, v in c["confusion"].items():
                     totals[r][k] = totals[r].get(k, 0) + v
