@@ -19,7 +19,8 @@ comparison. `unet-eps-top64` is `unet-eps` with twice the channels at the full l
 convolutional width, where small shapes are drawn); in the training loop its step takes 0.75 s against
 the UNet's 0.515 s (1.46×, measured over steps 60-410 of B), so stage B's 78 minutes give it ~6200 steps
 (`--steps 6000 --span 6000`). `unet-eps-minsnr` is `unet-eps` with Min-SNR-5 weighting in stage B (its
-stage A is `unet-eps`'s).
+stage A is `unet-eps`'s): the shipped recipe. `mmdit-eps-minsnr` is the MMDiT through that same recipe
+(stage A `mmdit-eps`).
 
 Each export is then scored by `latentforge eval shapes` at the 2-hour model's defaults (20 steps,
 euler_ancestral, CFG 3, the layout completion) on the same validation prompts and seeds. Stopping and
@@ -65,10 +66,18 @@ NETS = {
     "unet-eps-minsnr": ("shapes64", {"unet.mask_text_padding": "true", "objective.prediction": "eps",
                                      "objective.sigma_sampling": "uniform_discrete",
                                      "objective.weighting": "min_snr", "objective.min_snr_gamma": "5"}),
+    # the MMDiT with the shipped recipe's objective (ε, Min-SNR-5 in stage B): the architecture comparison at
+    # the recipe's own terms, against the shipped UNet
+    "mmdit-eps": ("shapes64-mmdit", {"mmdit.mask_text_padding": "true", "objective.prediction": "eps",
+                                     "objective.sigma_sampling": "uniform_discrete"}),
+    "mmdit-eps-minsnr": ("shapes64-mmdit", {"mmdit.mask_text_padding": "true", "objective.prediction": "eps",
+                                            "objective.sigma_sampling": "uniform_discrete",
+                                            "objective.weighting": "min_snr",
+                                            "objective.min_snr_gamma": "5"}),
 }  # fmt: skip
 # variants that differ from another only in stage B share its stage A (Min-SNR's weight is 0 at SNR 0, where
 # stage A trains: `terminal_fraction` refuses it)
-STAGE_A_OF = {"unet-eps-minsnr": "unet-eps"}
+STAGE_A_OF = {"unet-eps-minsnr": "unet-eps", "mmdit-eps-minsnr": "mmdit-eps"}
 
 
 def started(out: str) -> bool:
