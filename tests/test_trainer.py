@@ -450,9 +450,40 @@ def test_cached_latents_and_text_equal_uncached_and_are_reused(tmp_path, capsys)
             "eval_n": 0, "caption_dropout": 0.5, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
     # a dry run writes nothing, the cache included (it used to encode every image before reporting)
     dry = resolve("denoiser", "shapes-tiny", overrides={**base, "cache_latents": "true"})
-    train_denoiser(dry, str(tmp_path / "dry"), dry_run=True, progress=False)
-    assert "latents are not cached" in capsys.readouterr().out
+    cached = train_denoiser(dry, str(tmp_path / "dry"), dry_run=True, progress=False)
+    assert "latents are not cached but encoded as they are read" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "dry")
+    # and it counts the step a cached run takes: the uncached step less the batch's VAE encode (exactly,
+    # with the text tower trained, so in both steps) and, with it frozen, less its encoding too (counted on
+    # its own: up to 4 captions of the tower's 16 positions)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentforge import families
+    from latentforge.training.trainer import build_models
+
+    setup = build_models(dry, torch.device("cpu"))
+    net = setup.model.parts["unet"].config
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_fc:
+        setup.vae.encode(torch.zeros(dry.batch_size, 3, 32, 32))
+    with torch.no_grad(), FlopCounterMode(display=False) as text_fc:
+        families.encode(
+            "sd15", setup.model.frozen, ["a b c d e f g h i j k l m n o p"] * 4, 32, 32, False, net, "none"
+        )
+    step = {}
+    for trained in ("true", "false"):
+        for cache in ("true", "false"):
+            cfg = resolve(
+                "denoiser",
+                "shapes-tiny",
+                overrides={**base, "cache_latents": cache, "train_text_encoder": trained},
+            )
+            step[trained, cache] = train_denoiser(cfg, str(tmp_path / "dry"), dry_run=True, progress=False)[
+                "flops_per_step"
+            ]
+    capsys.readouterr()
+    assert step["true", "false"] - step["true", "true"] == vae_fc.get_total_flops() > 0
+    text = step["false", "false"] - step["false", "true"] - vae_fc.get_total_flops()
+    assert 0 < text <= text_fc.get_total_flops(), (text, text_fc.get_total_flops())
     runs = {}
     for name, cached in (("plain", False), ("cached", True), ("reused", True)):
         cfg = resolve("denoiser", "shapes-tiny", overrides={**base, "cache_latents": str(cached)})

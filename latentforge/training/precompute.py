@@ -73,21 +73,58 @@ class Precomputed:
         return {**self.__dict__, "_cache": None}
 
 
+def _text_rows(cfg, setup, captions: list[str], size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+    """The frozen text encoders' conditioning of each caption at image size (h, w), a row each: every
+    caption cut to its first chunk, as the trainer encodes (one context length), so a row encodes as it
+    would alone; floats as float32, the bool context_mask stays bool."""
+    h, w = size
+    net_config = setup.model.parts[cfg.net].config
+    with conditioning.first_chunk_only():
+        cond = families.encode(cfg.family, setup.model.frozen, captions, w, h, False, net_config, "none")
+    return [
+        {k: (v[j].float() if v.is_floating_point() else v[j]).cpu() for k, v in cond.items()}
+        for j in range(len(captions))
+    ]
+
+
 def _encode_captions(cfg, setup, cache, missing: list, text_fp: str, chunk: int) -> None:
     """Cache the frozen text encoders' conditioning of each (caption, (h, w)) in `missing`, `chunk` captions
-    a batch: every caption is cut to its first chunk, so a row encodes as it would alone."""
-    net_config = setup.model.parts[cfg.net].config
+    a batch."""
     by_size: dict[tuple[int, int], list[str]] = {}
     for cap, size in missing:
         by_size.setdefault(size, []).append(cap)
-    for (h, w), caps in by_size.items():
+    for size, caps in by_size.items():
         for s in range(0, len(caps), chunk):
             part = caps[s : s + chunk]
-            with conditioning.first_chunk_only():  # as the trainer encodes (one context length)
-                cond = families.encode(cfg.family, setup.model.frozen, part, w, h, False, net_config, "none")
-            for j, cap in enumerate(part):  # floats as float32; the bool context_mask stays bool
-                row = {k: (v[j].float() if v.is_floating_point() else v[j]).cpu() for k, v in cond.items()}
-                cache.put(text_key(cap, (h, w), text_fp), row)
+            for cap, row in zip(part, _text_rows(cfg, setup, part, size), strict=True):
+                cache.put(text_key(cap, size, text_fp), row)
+
+
+class EncodeOnRead:
+    """A dry run's stand-in for `Precomputed` (a dry run writes nothing): each item's latent moments, and
+    the frozen text encoders' conditioning where a cached run caches it, computed as the item is read and
+    kept nowhere. The step a dry run then counts (FLOPs) and times is a cached run's step, without the VAE
+    encode and the frozen encoders (the cache pays those once, before training)."""
+
+    def __init__(self, cfg, setup, folder):
+        if setup.vae is None:
+            raise ValueError("cache_latents needs a VAE (pixel-space training has no latents to cache)")
+        self.cfg, self.setup, self.folder = cfg, setup, folder
+        self.frozen_text = not cfg.train_text_encoder and bool(setup.model.frozen)
+
+    @torch.no_grad()
+    def item(self, index: int, caption: str, size: tuple[int, int]) -> dict:
+        vae = self.setup.vae
+        p = next(vae.parameters())
+        post = vae.encode(self.folder[index]["image"][None].to(p.device, p.dtype))
+        out = {"latent_mean": post.mean[0].float().cpu(), "latent_std": post.std[0].float().cpu()}
+        if self.frozen_text:
+            out.update({f"cond.{k}": v for k, v in self.text(caption, size).items()})
+        return out
+
+    @torch.no_grad()
+    def text(self, caption: str, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return _text_rows(self.cfg, self.setup, [caption], size)[0]
 
 
 @torch.no_grad()

@@ -247,10 +247,15 @@ class DenoiserTask(loop.Task):
                 raise ValueError(
                     "cache_latents applies to folder data; the shapes stream is rendered on the fly"
                 )
-        if cfg.cache_latents and dry_run:  # a dry run writes nothing: the cache is not filled
+        if cfg.cache_latents and dry_run:  # a dry run writes nothing: each item is encoded as it is read
+            from latentforge.training import precompute
+
+            setup.pre = dataset.pre = precompute.EncodeOnRead(cfg, setup, dataset.ds)
             if world.main:
                 print(
-                    "dry run: latents are not cached; the time per step includes the VAE encode", flush=True
+                    "dry run: latents are not cached but encoded as they are read, outside the counted "
+                    "step, which is then a cached run's step",
+                    flush=True,
                 )
         elif cfg.cache_latents:
             from latentforge.training import precompute
