@@ -67,8 +67,10 @@ Training runs, evaluations and images stay under `--work` (about 1 GB: each trai
         [--work /tmp/latent-vs-pixel] [--json out/latent_vs_pixel.json] [--png out/latent_vs_pixel.png]
 
 The 60-minute default runs 2 hours of training, then about 2 × 11 evaluations (the pixel model samples
-about 4× more slowly) and the sampling timings. `--minutes 1 --n 8 --points 2 --checkpoint-every 2 1
---repeats 1` is a smoke test of the whole path. A finished run continues with a larger budget and the same
+about 4× more slowly) and the sampling timings; with `--recipe 2h` each model's minutes include its stage A
+(about 6.5 min for the latent model, its cache's encoding included, and 14.5 for the pixel model).
+`--minutes 1.5 --n 8 --points 2 --checkpoint-every 2 1 --repeats 1 --scenes 256 --stage-a-steps 4` is a
+smoke test of the whole path (about 4 minutes). A finished run continues with a larger budget and the same
 `--work` (the trainers resume, finished evaluations are read back); `--minutes 45 100` gives the pixel
 model, say, 55 more minutes alone, to find where it leaves chance.
 """
