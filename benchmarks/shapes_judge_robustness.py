@@ -82,9 +82,11 @@ def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None]
     images = [soften(render(scene, res), rng, blur, noise, quality) for scene in scenes]
     seen = cnn_judge.judge(images) if cnn_judge.available() else [None] * len(images)
     out |= dict.fromkeys(("cnn_ok", "cnn_exact", "agree"), 0)
+    out["judged"] = []  # (image, detection, score) of each scene: what `failures` reads
     for scene, spec, img, cnn in zip(scenes, specs, images, seen, strict=True):
         det = analyze(img)
         s = score(det.scene, spec, det.shape_ambiguous)
+        out["judged"].append((img, det, s))
         if cnn is not None:  # the second judge (cnn_judge.py) on the same image
             ok2 = score(cnn, spec)["correct"]
             out["cnn_ok"] += ok2
@@ -103,7 +105,6 @@ def run_condition(scenes, specs, res: int, cond: tuple[float, float, int | None]
             out["ambiguous"] += label == "amb"
             conf[(o.size, o.shape, label)] = conf.get((o.size, o.shape, label), 0) + 1
     out["confusion"] = conf
-    out["images"] = images
     return out
 
 
@@ -115,18 +116,17 @@ def _brief(scene) -> str:
     return "; ".join(objs) + f"; background {scene.background or '?'}"
 
 
-def failures(scenes, specs, images, path: str, limit: int = 24) -> dict:
-    """The images the judge decided (no prompted shape ambiguous) and got wrong: a PNG of up to `limit` of
-    them, each as the clean render beside the degraded image, 6x nearest (`path`), and their prompts and
-    verdicts beside it (`path` .txt). Returns how many such images there are and what each got wrong first
-    (a prompted object not found, then its colour, shape, size, position, a relation, the background)."""
+def failures(scenes, specs, judged, path: str, limit: int = 24) -> dict:
+    """The images the judge decided (no prompted shape ambiguous) and got wrong (`judged`: `run_condition`'s
+    (image, detection, score) per scene): a PNG of up to `limit` of them, each as the clean render beside
+    the degraded image, 6x nearest (`path`), and their prompts and verdicts beside it (`path` .txt). Returns
+    how many such images there are by what each got wrong first (a prompted object not found, then its
+    colour, shape, size, position, a relation, the background)."""
     from PIL import Image
 
     why: dict[str, int] = {}
     tiles, lines = [], []
-    for scene, spec, img in zip(scenes, specs, images, strict=True):
-        det = analyze(img)
-        s = score(det.scene, spec, det.shape_ambiguous)
+    for scene, spec, (img, det, s) in zip(scenes, specs, judged, strict=True):
         if not s["decided"] or s["correct"]:
             continue
         attrs = ("present", "color", "shape", "size", "position")
@@ -210,7 +210,7 @@ def main() -> None:
             )
             if args.failures:
                 os.makedirs(args.failures, exist_ok=True)
-                why = failures(scenes, specs, c.pop("images"), os.path.join(args.failures, f"{r}-{name}.png"))
+                why = failures(scenes, specs, c.pop("judged"), os.path.join(args.failures, f"{r}-{name}.png"))
                 print(f"    decided and wrong, by what went wrong first: {why or 'none'}", flush=True)
             if name != "clean":
                 for k, v in c["confusion"].items():
