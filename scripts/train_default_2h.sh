@@ -3,7 +3,7 @@
 # its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
-# [VAEDEC_STEPS=N] scripts/train_default_2h.sh RUNS_DIR
+# [VAEDEC_STEPS=N] [VAE=f4|f8] scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
 # since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small shapes are lost, and
@@ -12,6 +12,10 @@
 # comparison in MODEL_CARD.md's history: ε 86.9 against flow's 84.2% on the same validation prompts).
 # NET=dit: the same stages with the DiT of `--preset shapes64-dit` as the denoiser (the architecture
 # comparison: ahead of the UNet at step 3000 of stage B, behind it at the end, 75.8 vs 84.2%).
+# VAE=f8: the VAE-factor comparison: every stage on `shapes64-vae-f8`'s 8×8×16 latents (f = 8, 16 channels:
+# SD3's form, the same 12× fewer values as f = 4's 16×16×4) with the UNet `shapes64-f8` (twice the widths at
+# half the resolution: each convolution costs what f = 4's does); its own VAE, cache and stage folders
+# (suffix -f8), the same scenes.
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 5000, ~17 min; 3000 took 10 min, and 6000
 # raised the ε model's 1-object cell from 95.0 to 96.3%: "ε, and the decoder stage's length").
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
@@ -26,6 +30,17 @@ case $NET in
     dit) DENOISER=(--preset shapes64-dit --dit.mask_text_padding true) SUFFIX="-dit" ;;
     *) echo "NET must be unet or dit, got '$NET'" >&2; exit 2 ;;
 esac
+VAE=${VAE:-f4}
+case $VAE in
+    f4) VAEPRESET=shapes64-vae F="" ;;
+    f8) VAEPRESET=shapes64-vae-f8 F=-f8 ;;
+    *) echo "VAE must be f4 or f8, got '$VAE'" >&2; exit 2 ;;
+esac
+if [ "$VAE" = f8 ] && [ "$NET" != unet ]; then
+    echo "VAE=f8 has a UNet preset only (shapes64-f8); got NET=$NET" >&2
+    exit 2
+fi
+if [ "$VAE" = f8 ]; then DENOISER[1]=shapes64-f8; fi
 VAEDEC_STEPS=${VAEDEC_STEPS:-5000}
 case $VAEDEC_STEPS in
     ''|*[!0-9]*|0) echo "VAEDEC_STEPS must be a positive whole number, got '$VAEDEC_STEPS'" >&2; exit 2 ;;
@@ -37,6 +52,7 @@ case $OBJ in
     eps|eps-minsnr) OBJECTIVE=(--objective.prediction eps --objective.sigma_sampling uniform_discrete) ;;
     *) echo "OBJ must be flow, eps or eps-minsnr, got '$OBJ'" >&2; exit 2 ;;
 esac
+SUFFIX=$F$SUFFIX
 ASUFFIX=$SUFFIX  # stage A's folder: ε's for both ε recipes
 if [ "$OBJ" != flow ]; then ASUFFIX="$SUFFIX-eps" SUFFIX="$SUFFIX-$OBJ"; fi
 if [ "$OBJ" = eps-minsnr ]; then WEIGHTING=(--objective.weighting min_snr --objective.min_snr_gamma 5); fi
@@ -51,7 +67,7 @@ stage() {  # stage NAME OUT_DIR command...: a timed training stage
 }
 
 # VAE: f = 4, narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
-stage vae "$R/vae" $LF train vae --preset shapes64-vae --logvar_init -6 --recon l2 --lr 1e-3 \
+stage "vae$F" "$R/vae$F" $LF train vae --preset $VAEPRESET --logvar_init -6 --recon l2 --lr 1e-3 \
     --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 10 --max_steps 3000 \
     --checkpoint_every 500 --seed 0
 
@@ -61,14 +77,14 @@ timed data $LF shapes export "$R/data" --n 60000 --size 64 --seed 21 --labelled_
 # denoiser + text tower, stage A: 300 steps at σ = 1 only (the text is all there is to read), padding
 # tokens masked out of the cross-attention; the latents are encoded once into the shared cache
 stage "${NET}${ASUFFIX}A" "$R/${NET}${ASUFFIX}A" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]}" \
-    --vae "$R/vae/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache" \
+    --vae "$R/vae$F/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache$F" \
     --objective.terminal_fraction 0.99 --lr 8e-4 --warmup_steps 50 --max_steps 300 --checkpoint_every 300 \
     --seed 0
 
 # stage B: the usual σ's, lr 8e-4 with cosine decay to 8e-5
 stage "${NET}${SUFFIX}B" "$R/${NET}${SUFFIX}B" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]}" \
     ${WEIGHTING[@]+"${WEIGHTING[@]}"} --init_from "$R/${NET}${ASUFFIX}A/checkpoints/last.safetensors" \
-    --vae "$R/vae/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache" \
+    --vae "$R/vae$F/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache$F" \
     --lr 8e-4 --lr_schedule cosine --min_lr_ratio 0.1 --warmup_steps 50 \
     --max_steps 9000 --checkpoint_every 500 --seed 1
 
@@ -76,9 +92,9 @@ stage "${NET}${SUFFIX}B" "$R/${NET}${SUFFIX}B" $LF train denoiser "${DENOISER[@]
 # latent scale stay bit-identical, so the denoiser's latents keep their meaning (the shipped recipe's VAE
 # stage 5). It needs only the stage-1 VAE, so it may run before the denoiser as well as after it. Its folder
 # is vaedec, or vaedec<N> for another length, so that a changed VAEDEC_STEPS never reuses a finished stage.
-DEC=vaedec TAG=$SUFFIX
-if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
-stage "$DEC" "$R/$DEC" $LF train vae --preset shapes64-vae --init_from "$R/vae/checkpoints/last.safetensors" \
+DEC=vaedec$F TAG=$SUFFIX
+if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS$F TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
+stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
     --train_part decoder --recon l2 --lr 5e-4 --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 \
     --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" --checkpoint_every 500 --seed 2
 
