@@ -157,11 +157,13 @@ def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
     recipe), the same for both models: (stage A's, stage B's). ε on the 1000-step table, the padding tokens
     masked out of the cross-attention, lr 8e-4 after 50 warm-up steps; stage A at σ = 1 only, stage B with
     Min-SNR-5 weighting. The latent model reads its latents from a cache that stage A's start fills once
-    (that encoding is in its cost: `stage_a`, `encode_flops`)."""
+    (that encoding is in its cost: `stage_a`, `encode_flops`), in the training process (no loader worker:
+    the script's choice since 2026-12-06; the recorded run predates it)."""
     common = ["--unet.mask_text_padding", "true", "--objective.prediction", "eps"]
     common += ["--objective.sigma_sampling", "uniform_discrete", "--lr", "8e-4", "--warmup_steps", "50"]
     if model == "latent":
         common += ["--cache_latents", "true", "--cache_dir", os.path.join(work, "cache")]
+        common += ["--num_workers", "0"]
     stage_a = [*common, "--objective.terminal_fraction", "0.99"]
     return stage_a, [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
 

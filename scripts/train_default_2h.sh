@@ -74,17 +74,23 @@ stage "vae$F" "$R/vae$F" $LF train vae --preset $VAEPRESET --logvar_init -6 --re
 # 60,000 training scenes, 80% of them captioned in the labelled form the layout completion writes
 timed data $LF shapes export "$R/data" --n 60000 --size 64 --seed 21 --labelled_share 0.8 --background_share 0.8
 
+# the denoiser stages read the scenes' latents from one cache (encoded at stage A's start) in the training
+# process itself: a loader worker would only compete with the step's two threads (0.48 against 0.51 s a step
+# of stage B, the same batches and weights bit for bit; benchmarks/recipe_step.py)
+LATENTS=(--vae "$R/vae$F/checkpoints/last.safetensors" --data "$R/data" --cache_latents true
+    --cache_dir "$R/cache$F" --num_workers 0)
+
 # denoiser + text tower, stage A: 300 steps at σ = 1 only (the text is all there is to read), padding
 # tokens masked out of the cross-attention; the latents are encoded once into the shared cache
 stage "${NET}${ASUFFIX}A" "$R/${NET}${ASUFFIX}A" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]}" \
-    --vae "$R/vae$F/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache$F" \
+    "${LATENTS[@]}" \
     --objective.terminal_fraction 0.99 --lr 8e-4 --warmup_steps 50 --max_steps 300 --checkpoint_every 300 \
     --seed 0
 
 # stage B: the usual σ's, lr 8e-4 with cosine decay to 8e-5
 stage "${NET}${SUFFIX}B" "$R/${NET}${SUFFIX}B" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]}" \
     ${WEIGHTING[@]+"${WEIGHTING[@]}"} --init_from "$R/${NET}${ASUFFIX}A/checkpoints/last.safetensors" \
-    --vae "$R/vae$F/checkpoints/last.safetensors" --data "$R/data" --cache_latents true --cache_dir "$R/cache$F" \
+    "${LATENTS[@]}" \
     --lr 8e-4 --lr_schedule cosine --min_lr_ratio 0.1 --warmup_steps 50 \
     --max_steps 9000 --checkpoint_every 500 --seed 1
 

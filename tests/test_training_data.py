@@ -371,3 +371,20 @@ def test_cache_missing_shard_is_a_miss(tmp_path):
     fresh = LatentCache(tmp_path)
     assert fresh.get("a") is None and fresh.get("b") is not None
     assert "a" not in fresh and len(fresh) == 1
+
+
+def test_cache_keeps_up_to_max_open_shards_open_and_reads_right_after_closing(tmp_path):
+    # a training batch draws from random shards: by default every shard of a 1000-item cache stays open
+    # (reopening one per item cost 10× the read in the 2-hour recipe); a small max_open closes the least
+    # recently used and reopens it on demand with the same values
+    with LatentCache(tmp_path, shard_size=1) as c:
+        for k in range(12):
+            c.put(str(k), {"x": torch.full((2,), float(k))})
+    every = LatentCache(tmp_path)
+    few = LatentCache(tmp_path, max_open=2)
+    for _ in range(2):
+        for k in (3, 0, 5, 11, 7, 9, 1, 6, 10, 8, 4, 2):
+            assert torch.equal(every.get(str(k))["x"], torch.full((2,), float(k)))
+            assert torch.equal(few.get(str(k))["x"], torch.full((2,), float(k)))
+    assert len(every._open) == 12 and len(few._open) == 2
+    assert list(few._open) == [every._entries[k]["shard"] for k in ("4", "2")]  # the two used last

@@ -27,13 +27,17 @@ class LatentCache:
     ``put`` buffers; a full buffer, ``flush()`` or leaving a ``with`` block writes a new shard (temporary
     name, then rename) and then the index (same), so a crash leaves the previous index and shards intact.
     ``get`` returns the tensors or None. Keys come from ``make_key`` (or ``ImageFolder.cache_key``).
+    Up to `max_open` shards stay open (least recently used closed first): a training batch draws its items
+    from random shards, and opening one (parsing its header) costs ~0.5 ms, 10× the read itself (measured:
+    64 items from the 2-hour recipe's 235 shards, 32 ms with 8 open against 3.7 ms with all open). An open
+    shard is a memory map only, no file descriptor.
     One writer per directory: give each rank its own directory, or let one rank fill the cache.
     """
 
     INDEX = "index.json"
     VERSION = 1
 
-    def __init__(self, directory: str | os.PathLike, shard_size: int = 256, max_open: int = 8):
+    def __init__(self, directory: str | os.PathLike, shard_size: int = 256, max_open: int = 1024):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.dir = Path(directory)
