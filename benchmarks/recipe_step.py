@@ -1,10 +1,9 @@
 """Where the 2-hour recipe's training step goes: one real stage-B step taken apart.
 
 The shipped recipe's stage B (scripts/train_default_2h.sh: the UNet and its text tower, batch 64 of cached
-16×16×4 latents, ε + Min-SNR-5, AdamW, EMA) measured 0.46-0.59 s a step in the training loop, while the
-UNet's own forward + backward + AdamW step on the same batch takes 0.326 s. This benchmark builds the run's
-task from its `config.json` (the same cache, data and init weights) and times each part of the step the
-way `loop.run` takes it, per step:
+16×16×4 latents, ε + Min-SNR-5, AdamW, EMA) took 0.46-0.59 s a step in the training loop. This benchmark
+builds the run's task from its `config.json` (the same cache, data and init weights) and times each part of
+the step the way `loop.run` takes it, per step:
 
     data          next(loader): a batch of cached moments and captions (num_workers = --workers)
     tokenise+glue the text encoding's part outside the text tower (tokeniser, padding mask, context)
@@ -20,7 +19,8 @@ way `loop.run` takes it, per step:
 and then runs `loop.run` itself for the same number of steps on the same config (into a temporary
 folder, no checkpoint, no samples) so that its own steps per second can be set against the parts' sum.
 Medians over --steps steps after --warmup steps; the CPU time per step (`time.process_time`, all threads
-of this process: about 2× the wall on 2 busy cores) shows whether the cores were kept busy.
+of this process: about 2× the wall on 2 busy cores) shows whether the cores were kept busy. Figures, and
+what they led to (all cache shards open, no loader worker: 0.592 -> 0.482 s a step): benchmarks/README.md.
 
     .venv/bin/python benchmarks/recipe_step.py --config RUN/unet-eps-minsnrB/config.json
         [--steps 30] [--warmup 5] [--workers 0 1] [--json out.json]
