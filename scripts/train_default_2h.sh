@@ -3,7 +3,7 @@
 # its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
-# [VAEDEC_STEPS=N] [VAE=f4|f8] scripts/train_default_2h.sh RUNS_DIR
+# [VAEDEC_STEPS=N] [VAE=f4|f8|c8] scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
 # since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small shapes are lost, and
@@ -16,6 +16,8 @@
 # SD3's form, the same 12× fewer values as f = 4's 16×16×4) with the UNet `shapes64-f8` (twice the widths at
 # half the resolution: each convolution costs what f = 4's does); its own VAE, cache and stage folders
 # (suffix -f8), the same scenes.
+# VAE=c8: the latent-channel comparison: f = 4 with 8 channels (`shapes64-vae-c8`'s 16×16×8) and the UNet
+# `shapes64-c8` (`shapes64` but for its first and last convolutions); suffix -c8, the same scenes.
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 5000, ~17 min; 3000 took 10 min, and 6000
 # raised the ε model's 1-object cell from 95.0 to 96.3%: "ε, and the decoder stage's length").
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
@@ -33,14 +35,14 @@ esac
 VAE=${VAE:-f4}
 case $VAE in
     f4) VAEPRESET=shapes64-vae F="" ;;
-    f8) VAEPRESET=shapes64-vae-f8 F=-f8 ;;
-    *) echo "VAE must be f4 or f8, got '$VAE'" >&2; exit 2 ;;
+    f8|c8) VAEPRESET=shapes64-vae-$VAE F=-$VAE ;;
+    *) echo "VAE must be f4, f8 or c8, got '$VAE'" >&2; exit 2 ;;
 esac
-if [ "$VAE" = f8 ] && [ "$NET" != unet ]; then
-    echo "VAE=f8 has a UNet preset only (shapes64-f8); got NET=$NET" >&2
+if [ "$VAE" != f4 ] && [ "$NET" != unet ]; then
+    echo "VAE=$VAE has a UNet preset only (shapes64-$VAE); got NET=$NET" >&2
     exit 2
 fi
-if [ "$VAE" = f8 ]; then DENOISER[1]=shapes64-f8; fi
+if [ "$VAE" != f4 ]; then DENOISER[1]=shapes64-$VAE; fi
 VAEDEC_STEPS=${VAEDEC_STEPS:-5000}
 case $VAEDEC_STEPS in
     ''|*[!0-9]*|0) echo "VAEDEC_STEPS must be a positive whole number, got '$VAEDEC_STEPS'" >&2; exit 2 ;;
@@ -66,7 +68,7 @@ stage() {  # stage NAME OUT_DIR command...: a timed training stage
     timed "$name" train_into "$@"
 }
 
-# VAE: f = 4, narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
+# VAE: f = 4 (VAE=f8: 8), narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
 stage "vae$F" "$R/vae$F" $LF train vae --preset $VAEPRESET --logvar_init -6 --recon l2 --lr 1e-3 \
     --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 10 --max_steps 3000 \
     --checkpoint_every 500 --seed 0

@@ -94,25 +94,27 @@ def test_eps_minsnr_weights_stage_b_only_and_shares_eps_stage_a(tmp_path):
     assert len(again) == len(calls) + 1 and minsnr in again[-1]
 
 
-def test_vae_f8_runs_every_stage_on_its_own_vae_cache_and_folders(tmp_path):
-    done, calls = run(tmp_path, VAE="f8")
+@pytest.mark.parametrize("v", ["f8", "c8"])
+def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_path, v):
+    done, calls = run(tmp_path, VAE=v)
     assert done.returncode == 0, done.stderr
     r = tmp_path / "runs"
     vae, data, stage_a, stage_b, dec, ship = calls
-    assert "--preset shapes64-vae-f8" in vae and f"--out {r}/vae-f8" in vae
+    assert f"--preset shapes64-vae-{v}" in vae and f"--out {r}/vae-{v}" in vae
     assert "--n 60000" in data and f"{r}/data" in data  # the same scenes as f = 4's
     for stage in (stage_a, stage_b):
-        assert "--preset shapes64-f8" in stage and "--preset shapes64 " not in stage
-        assert f"--vae {r}/vae-f8/checkpoints/last.safetensors" in stage
-        assert f"--cache_dir {r}/cache-f8" in stage
-    assert f"--out {r}/unet-f8-epsA" in stage_a
-    assert f"--init_from {r}/unet-f8-epsA/checkpoints/last.safetensors" in stage_b
-    assert "--objective.weighting min_snr" in stage_b and f"--out {r}/unet-f8-eps-minsnrB" in stage_b
-    assert "--preset shapes64-vae-f8" in dec and f"--init_from {r}/vae-f8/checkpoints/last.safetensors" in dec
-    assert f"--out {r}/vaedec5000-f8" in dec
-    assert f"{r}/unet-f8-eps-minsnrB/checkpoints/last.safetensors" in ship
-    assert f"--vae {r}/vaedec5000-f8/checkpoints/last.safetensors" in ship
-    assert ship.endswith(f"--out {r}/shapes64-2h-f8-eps-minsnr-dec5000.safetensors")
+        assert f"--preset shapes64-{v}" in stage and "--preset shapes64 " not in stage
+        assert f"--vae {r}/vae-{v}/checkpoints/last.safetensors" in stage
+        assert f"--cache_dir {r}/cache-{v}" in stage
+    assert f"--out {r}/unet-{v}-epsA" in stage_a
+    assert f"--init_from {r}/unet-{v}-epsA/checkpoints/last.safetensors" in stage_b
+    assert "--objective.weighting min_snr" in stage_b and f"--out {r}/unet-{v}-eps-minsnrB" in stage_b
+    assert f"--preset shapes64-vae-{v}" in dec
+    assert f"--init_from {r}/vae-{v}/checkpoints/last.safetensors" in dec
+    assert f"--out {r}/vaedec5000-{v}" in dec
+    assert f"{r}/unet-{v}-eps-minsnrB/checkpoints/last.safetensors" in ship
+    assert f"--vae {r}/vaedec5000-{v}/checkpoints/last.safetensors" in ship
+    assert ship.endswith(f"--out {r}/shapes64-2h-{v}-eps-minsnr-dec5000.safetensors")
     # the f = 4 recipe in the same folder shares only the scenes
     _, log = run(tmp_path)
     f4 = log[len(calls) :]  # the same call log, appended to
@@ -127,8 +129,9 @@ def test_vae_f8_runs_every_stage_on_its_own_vae_cache_and_folders(tmp_path):
         ({"VAEDEC_STEPS": "5k"}, "VAEDEC_STEPS must be a positive whole number, got '5k'"),
         ({"VAEDEC_STEPS": "0"}, "VAEDEC_STEPS must be a positive whole number, got '0'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),
-        ({"VAE": "f16"}, "VAE must be f4 or f8, got 'f16'"),
+        ({"VAE": "f16"}, "VAE must be f4, f8 or c8, got 'f16'"),
         ({"VAE": "f8", "NET": "dit"}, "VAE=f8 has a UNet preset only (shapes64-f8); got NET=dit"),
+        ({"VAE": "c8", "NET": "dit"}, "VAE=c8 has a UNet preset only (shapes64-c8); got NET=dit"),
     ],
 )
 def test_bad_switches_are_refused_before_anything_runs(tmp_path, env, message):

@@ -791,23 +791,27 @@ def test_mask_text_padding_is_trained_with_saved_and_sampled_with(tmp_path, monk
     check(True)
 
 
-def test_f8_vae_and_its_denoiser_train_and_generate(tmp_path):
-    # the VAE-factor comparison's pair: shapes64-vae-f8 (64×64×3 -> 8×8×16) and shapes64-f8 on its latents
+@pytest.mark.parametrize(
+    "v, mult, latent", [("f8", (1, 2, 2, 2), (16, 8, 8)), ("c8", (1, 2, 2), (8, 16, 16))]
+)
+def test_f8_and_c8_vaes_and_their_denoisers_train_and_generate(tmp_path, v, mult, latent):
+    # the VAE comparison's pairs: shapes64-vae-f8 (64×64×3 -> 8×8×16) and shapes64-f8 on its latents;
+    # shapes64-vae-c8 (-> 16×16×8) and shapes64-c8
     over = {"max_steps": "2", "batch_size": "2", "eval_n": "0", "num_workers": "0", "sample_every": "0",
             "vae.ch": "8", "checkpoint_every": "2"}  # fmt: skip
     vae_run = str(tmp_path / "vae")
-    train_vae(resolve("vae", "shapes64-vae-f8", overrides=over), vae_run, progress=False)
+    train_vae(resolve("vae", f"shapes64-vae-{v}", overrides=over), vae_run, progress=False)
     vae = os.path.join(vae_run, "checkpoints", "last.safetensors")
     over = {"unet.model_channels": 16, "unet.num_head_channels": 8, "unet.context_dim": 32,
             "text.hidden_size": 32, "text.intermediate_size": 64, "text.num_hidden_layers": 1,
             "text.max_position_embeddings": 16, "batch_size": 2, "num_workers": 0, "max_steps": 2,
             "eval_n": 0, "sample_steps": 2, "vae": vae}  # fmt: skip
     out = str(tmp_path / "run")
-    train_denoiser(resolve("denoiser", "shapes64-f8", overrides=over), out, progress=False)
+    train_denoiser(resolve("denoiser", f"shapes64-{v}", overrides=over), out, progress=False)
     pipe = Pipeline.from_single_file(os.path.join(out, "checkpoints", "last.safetensors"))
-    assert pipe.components["vae"].config.ch_mult == (1, 2, 2, 2)
-    assert pipe.components["unet"].config.in_channels == 16
-    latent = pipe.sample(["two red stars"], steps=2, cfg=3.0, seed=0, progress=False)
-    assert tuple(latent.shape) == (1, 16, 8, 8)
+    assert pipe.components["vae"].config.ch_mult == mult
+    assert pipe.components["unet"].config.in_channels == latent[0]
+    sampled = pipe.sample(["two red stars"], steps=2, cfg=3.0, seed=0, progress=False)
+    assert tuple(sampled.shape) == (1, *latent)
     (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
     assert img.size == (64, 64)

@@ -6,7 +6,8 @@ DiT or an MMDiT of the UNet's FLOPs, for benchmarks/architectures.py), `shapes-t
 UNet in the SD1 layout with a 2-layer CLIP text tower trained jointly), `shapes-tiny-dit` (the same with a
 text DiT), and fine-tuning presets `sd15`, `sdxl-base`, `sd3-medium` (with `init_from`). VAEs:
 `shapes64-vae` (the default model's), `shapes64-vae-f8` (f=8, 16 channels; with the denoiser `shapes64-f8`),
-`shapes-vae` (f=4, 4 channels, for 64×64 scenes) and `sd`.
+`shapes64-vae-c8` (f=4, 8 channels; with `shapes64-c8`), `shapes-vae` (f=4, 4 channels, for 64×64 scenes)
+and `sd`.
 """
 
 from __future__ import annotations
@@ -208,9 +209,15 @@ SHAPES64_F8 = {
     ),
 }
 
+# `shapes64` on the 16×16×8 latents of `shapes64-vae-c8` (the latent-channel comparison: f = 4 with 8
+# channels against 4, 6× against 12× fewer values than the image). Only the first and last convolutions see
+# the channels, so the network and its cost are `shapes64`'s but for them.
+SHAPES64_C8 = {**SHAPES64, "unet": dataclasses.replace(SHAPES64["unet"], in_channels=8, out_channels=8)}
+
 DENOISER_PRESETS: dict[str, dict[str, Any]] = {
     "shapes64": SHAPES64,
     "shapes64-f8": SHAPES64_F8,
+    "shapes64-c8": SHAPES64_C8,
     "shapes64-pixel": SHAPES64_PIXEL,
     "shapes64-dit": SHAPES64_DIT,
     "shapes64-mmdit": SHAPES64_MMDIT,
@@ -281,4 +288,11 @@ VAE_PRESETS["shapes64-vae-f8"] = {
     "vae": dataclasses.replace(
         VAE_PRESETS["shapes64-vae"]["vae"], ch_mult=(1, 2, 2, 2), z_channels=16, embed_dim=16
     ),
+}
+# `shapes64-vae` with 8 latent channels: 64×64×3 -> 16×16×8 (6× fewer values), issue 10's "4× with 4-8
+# channels" (SD3 §5.2.1, Table 3: reconstruction improves with the channels, and so does the denoiser's task
+# at large enough capacity). For the latent-channel comparison (`shapes64-c8`).
+VAE_PRESETS["shapes64-vae-c8"] = {
+    **VAE_PRESETS["shapes64-vae"],
+    "vae": dataclasses.replace(VAE_PRESETS["shapes64-vae"]["vae"], z_channels=8, embed_dim=8),
 }
