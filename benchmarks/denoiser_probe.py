@@ -17,9 +17,15 @@ Two measurements on model files written by `scripts/ship_default_model.py` (or "
   share of them read as exactly one object of SHAPE. (a) bounds (b): a strength where (b) falls below (a)
   is a noise level where the denoiser redraws the shape as something else.
 
+- `--round-trip`: the VAE's own ceiling: N validation scenes (`shapes.data.sample(0, "validation", i)`)
+  encoded to the posterior mean and decoded, each read by the analytic judge against its whole scene
+  (every attribute stated), with the PSNR of the decode against the render. No denoiser runs: a generated
+  image can be no better than this, whatever the denoiser does.
+
     .venv/bin/python benchmarks/denoiser_probe.py MODEL [MODEL ...] --sigma-loss [--n 512]
     .venv/bin/python benchmarks/denoiser_probe.py MODEL --keep star small [--n 150] \\
         [--strengths 0.05 0.1 0.3 0.6 0.9] [--json out/probe.json]
+    .venv/bin/python benchmarks/denoiser_probe.py MODEL [MODEL ...] --round-trip [--n 900]
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from latentforge.files import write_json  # noqa: E402
 from latentforge.model_sampling import DiscreteFlow  # noqa: E402
 from latentforge.pipeline import Pipeline  # noqa: E402
 from latentforge.shapes.captions import caption  # noqa: E402
+from latentforge.shapes.data import sample  # noqa: E402
 from latentforge.shapes.detection import analyze  # noqa: E402
+from latentforge.shapes.evaluate import evaluate  # noqa: E402
 from latentforge.shapes.render import SHAPES, SIZES, render, sample_scene  # noqa: E402
 
 SIGMAS = (0.05, 0.1, 0.2, 0.35, 0.6, 1.0, 1.7, 3.0, 5.0, 9.0, 14.6)
@@ -121,19 +129,43 @@ def keep(pipe: Pipeline, shape: str, size: str, n: int, strengths: list[float], 
     return out
 
 
+@torch.no_grad()
+def round_trip(pipe: Pipeline, n: int) -> dict:
+    """The analytic judge on n validation scenes' VAE round trips (posterior mean), and their PSNR."""
+    drawn = [sample(0, "validation", i) for i in range(n)]  # (image, caption, scene, spec)
+    renders, scenes = [d[0] for d in drawn], [d[2] for d in drawn]
+    x = as_tensor(renders)
+    y = torch.cat([pipe.decode(pipe.encode(x[b : b + BATCH])) for b in range(0, n, BATCH)]).clamp(-1, 1)
+    trips = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    mse = ((trips.astype(np.float64) - np.stack(renders)) ** 2).mean(axis=(1, 2, 3))
+    r = evaluate(list(trips), scenes, reference=False, second_judge=False)
+    return {
+        "n": n,
+        "all_correct": r["all_correct"],
+        "all_correct_ci95": r["all_correct_ci95"],
+        "by_objects": {k: r["by_objects"][k]["rate"] for k in sorted(r["by_objects"], key=int)},
+        "attributes": {k: v["rate"] for k, v in r["attributes"].items()},
+        "psnr_db": float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="model files (or 'default')")
     p.add_argument("--sigma-loss", action="store_true")
     p.add_argument("--keep", nargs=2, metavar=("SHAPE", "SIZE"))
+    p.add_argument("--round-trip", action="store_true")
     p.add_argument(
-        "--n", type=int, default=None, help="scenes (default 512 for --sigma-loss, 150 for --keep)"
+        "--n",
+        type=int,
+        default=None,
+        help="scenes (default 512 for --sigma-loss, 150 for --keep, 900 for --round-trip)",
     )
     p.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.3, 0.6, 0.9])
     p.add_argument("--json")
     a = p.parse_args()
-    if not a.sigma_loss and not a.keep:
-        p.error("give --sigma-loss or --keep SHAPE SIZE")
+    if not a.sigma_loss and not a.keep and not a.round_trip:
+        p.error("give --sigma-loss, --keep SHAPE SIZE or --round-trip")
     if a.keep and (a.keep[0] not in SHAPES or a.keep[1] not in SIZES):
         p.error(f"--keep takes a shape ({', '.join(SHAPES)}) and a size ({', '.join(SIZES)}), got {a.keep}")
     if a.n is not None and a.n < 1:
@@ -162,6 +194,14 @@ def main() -> int:
                     f"{row['kept']:.1%}",
                     flush=True,
                 )
+        if a.round_trip:
+            r["round_trip"] = t = round_trip(pipe, a.n or 900)
+            objs = " / ".join(f"{100 * v:.1f}" for v in t["by_objects"].values())
+            print(
+                f"{m}: VAE round trip of {t['n']} validation scenes: all correct {t['all_correct']:.1%} "
+                f"({objs}% by objects), shape {t['attributes']['shape']:.1%}, {t['psnr_db']:.2f} dB",
+                flush=True,
+            )
     if a.json:
         write_json(a.json, report)
     return 0
