@@ -68,7 +68,7 @@ stage() {  # stage NAME OUT_DIR command...: a timed training stage
     timed "$name" train_into "$@"
 }
 
-# VAE: f = 4 (VAE=f8: 8), narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
+# VAE: f = 4 (VAE=f8: f = 8, 16 channels; VAE=c8: 8 channels), narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
 stage "vae$F" "$R/vae$F" $LF train vae --preset $VAEPRESET --logvar_init -6 --recon l2 --lr 1e-3 \
     --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 10 --max_steps 3000 \
     --checkpoint_every 500 --seed 0
