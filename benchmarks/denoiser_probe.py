@@ -20,7 +20,9 @@ Two measurements on model files written by `scripts/ship_default_model.py` (or "
 - `--round-trip`: the VAE's own ceiling: N validation scenes (`shapes.data.sample(0, "validation", i)`)
   encoded to the posterior mean and decoded, each read by the analytic judge against its whole scene
   (every attribute stated), with the PSNR of the decode against the render. No denoiser runs: a generated
-  image can be no better than this, whatever the denoiser does.
+  image can be no better than this, whatever the denoiser does. With the CNN judge shipped, also its
+  all-correct rate and how often the two judges disagree on the round trips and on the renders themselves:
+  the disagreement a generator on this VAE cannot go below.
 
     .venv/bin/python benchmarks/denoiser_probe.py MODEL [MODEL ...] --sigma-loss [--n 512]
     .venv/bin/python benchmarks/denoiser_probe.py MODEL --keep star small [--n 150] \\
@@ -138,7 +140,10 @@ def round_trip(pipe: Pipeline, n: int) -> dict:
     y = torch.cat([pipe.decode(pipe.encode(x[b : b + BATCH])) for b in range(0, n, BATCH)]).clamp(-1, 1)
     trips = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     mse = ((trips.astype(np.float64) - np.stack(renders)) ** 2).mean(axis=(1, 2, 3))
-    r = evaluate(list(trips), scenes, reference=False, second_judge=False)
+    r = evaluate(list(trips), scenes, reference=False)
+    second = r.get("second_judge")
+    # the same scenes' renders: how often the two judges disagree with no VAE in between (their own error)
+    plain = evaluate(renders, scenes, reference=False).get("second_judge")
     return {
         "n": n,
         "all_correct": r["all_correct"],
@@ -146,6 +151,12 @@ def round_trip(pipe: Pipeline, n: int) -> dict:
         "by_objects": {k: r["by_objects"][k]["rate"] for k in sorted(r["by_objects"], key=int)},
         "attributes": {k: v["rate"] for k, v in r["attributes"].items()},
         "psnr_db": float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))),
+        # the CNN judge on the same round trips: how much of the judges' disagreement on a model's images
+        # the VAE alone already causes (None when the CNN judge is not shipped)
+        "cnn_all_correct": second["all_correct"]["rate"] if second else None,
+        "judges_disagree": 1 - second["agreement"]["rate"] if second else None,
+        "disagree": second["disagree"] if second else None,
+        "renders_judges_disagree": 1 - plain["agreement"]["rate"] if plain else None,
     }
 
 
@@ -202,6 +213,14 @@ def main() -> int:
                 f"({objs}% by objects), shape {t['attributes']['shape']:.1%}, {t['psnr_db']:.2f} dB",
                 flush=True,
             )
+            if t["judges_disagree"] is not None:
+                print(
+                    f"  CNN judge {t['cnn_all_correct']:.1%} all correct; the judges disagree on "
+                    f"{t['judges_disagree']:.1%} (only analytic {t['disagree']['analytic_only']}, "
+                    f"only CNN {t['disagree']['cnn_only']}; on the renders themselves "
+                    f"{t['renders_judges_disagree']:.1%})",
+                    flush=True,
+                )
     if a.json:
         write_json(a.json, report)
     return 0
