@@ -21,6 +21,7 @@ from latentforge.training.vae_losses import (
     discriminator_loss,
     gan_active,
     generator_loss,
+    gradient_difference,
     hinge_d_loss,
     latent_scale_factor,
     psnr,
@@ -230,6 +231,8 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
         ("disc_start", 1.5),
         ("disc_layers", 0),
         ("disc_channels", True),
+        ("gdl_weight", -0.5),
+        ("gdl_weight", float("nan")),
     ],
 )
 def test_config_rejects_bad_values(field, value):
@@ -396,6 +399,54 @@ def test_a_few_adamw_steps_lower_the_reconstruction_error():
         recs.append(logs["rec"])
     assert math.isfinite(recs[-1])
     assert recs[-1] < 0.6 * recs[0], recs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the gradient difference loss (Mathieu et al. 2016, Eq. 5, α = 1)
+
+
+def test_gradient_difference_of_a_hand_worked_edge():
+    # one row [0, 0, 1, 1] against [0, ½, ½, 1], repeated on 2 rows: across, |x| steps are 0, 1, 0 and
+    # |x̂| steps ½, 0, ½, so the term is mean(½, 1, ½) = 2/3; down, both images are constant: 0
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, 1, 2, 4)
+    blurred = torch.tensor([0.0, 0.5, 0.5, 1.0]).expand(1, 1, 2, 4)
+    assert gradient_difference(x, blurred).item() == pytest.approx(2 / 3, rel=1e-6)
+    # the transposed images: the same loss from the other direction
+    t = gradient_difference(x.transpose(-1, -2), blurred.transpose(-1, -2))
+    assert t.item() == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_gradient_difference_prefers_a_sharp_edge_that_l2_cannot_tell_from_a_blurred_one():
+    # an edge blurred over a box of 3 pixels, and the same edge kept sharp but offset by the constant
+    # that gives exactly the blur's mean squared error: l2 scores them equal, GDL only charges the blur
+    x = torch.zeros(2, 3, 8, 8)
+    x[..., 4:] = 1.0
+    blurred = x.clone()
+    blurred[..., 3], blurred[..., 4] = 1 / 3, 2 / 3
+    mse = (blurred - x).square().mean()
+    offset = x + mse.sqrt()  # (x̂ − x)² = mse at every pixel
+    torch.testing.assert_close((offset - x).square().mean(), mse)
+    assert gradient_difference(x, offset).item() == pytest.approx(0.0, abs=1e-7)
+    # across: steps of x are 1 at one place; the blur's are ⅓, ⅓, ⅓ over three: |0−⅓|·2 + |1−⅓| = 4/3 over 7
+    assert gradient_difference(x, blurred).item() == pytest.approx(4 / 3 / 7, rel=1e-6)
+    assert gradient_difference(x, x).item() == 0.0
+
+
+def test_gradient_difference_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(1, 3, 1, 8\)"):
+        gradient_difference(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        gradient_difference(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))
+
+
+def test_the_gdl_term_enters_the_loss_with_its_weight_and_is_logged():
+    x = _images((2, 3, 8, 8), 0)
+    plain_loss, plain, x_hat = autoencoder_loss(VAELossConfig(kl_weight=0.3), _KnownPosterior(), x, step=0)
+    assert "gdl" not in plain  # off by default: LDM's objective
+    loss, logs, _ = autoencoder_loss(VAELossConfig(kl_weight=0.3, gdl_weight=2.0), _KnownPosterior(), x, 0)
+    gdl = gradient_difference(x, x_hat).item()
+    assert gdl > 0 and logs["gdl"] == pytest.approx(gdl, rel=1e-6)
+    assert loss.item() == pytest.approx(plain_loss.item() + 2.0 * gdl, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

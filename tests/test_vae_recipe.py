@@ -77,6 +77,24 @@ def test_decoder_only_training_keeps_the_encoder_and_the_latent_scale(tmp_path):
         assert f.metadata()["latentforge.latent_format"] == g.metadata()["latentforge.latent_format"]
 
 
+def test_gdl_weight_reaches_the_trainers_loss_and_its_log(tmp_path):
+    """--gdl_weight (the gradient difference loss, vae_losses.gradient_difference) is trained with and logged
+    at every step; 0, the default, leaves it out of the loss and the log."""
+    import json
+
+    from latentforge.training.config import resolve
+    from latentforge.training.vae_trainer import train_vae
+
+    over = {"max_steps": "2", "batch_size": "2", "resolution": "32", "eval_n": "4", "num_workers": "0",
+            "vae.ch_mult": "[1, 2]", "log_every": "1", "gdl_weight": "0.5"}  # fmt: skip
+    out = tmp_path / "gdl"
+    train_vae(resolve("vae", "shapes-vae", overrides=over), str(out), progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    gdl = [r["gdl"] for r in rows if "gdl" in r]
+    assert len(gdl) == 2 and all(0 < g < 10 for g in gdl), rows
+    assert json.loads((out / "config.json").read_text())["gdl_weight"] == 0.5
+
+
 def test_unknown_train_part_is_refused():
     with pytest.raises(ValueError, match="train_part"):
         VAETrainConfig(train_part="encoder")

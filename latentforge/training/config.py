@@ -155,6 +155,7 @@ class VAETrainConfig:
     min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
     crop: int = 0  # shapes data: train on random crop×crop windows of the scenes (0: whole scenes)
     recon: str = "l1"  # "l1" | "l2"
+    gdl_weight: float = 0.0  # gradient difference loss (vae_losses.gradient_difference); 0: off, as in LDM
     logvar_init: float | None = None  # q(z|x)'s log-variance bias at the start (vae_trainer.narrow_posterior)
     # "all" | "decoder": with "decoder" the encoder and quant_conv are frozen, so the latents (and a denoiser
     # trained on them) stay valid: SD's ft-EMA / ft-MSE VAEs were made this way (vae_trainer.freeze_encoder)
@@ -204,6 +205,9 @@ class VAETrainConfig:
         check_resolution(self.data, self.resolution)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("kl_weight", "disc_weight", "gdl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.data == "shapes" and self.random_flip:
             raise ValueError("random_flip would contradict the shapes captions (left/right); keep it off")
 

@@ -4,10 +4,13 @@ The objective is LDM's `LPIPSWithDiscriminator` (Rombach et al. 2022, App. G; Co
 `ldm/modules/losses/contperceptual.py`) without its LPIPS term, whose VGG weights cannot be downloaded here,
 and without its learned output log-variance (a scalar that starts at 0, where it leaves the loss unchanged):
 
-    L_AE = rec + kl_weight·KL/(C·H·W) + [step ≥ disc_start]·disc_weight·λ·(−mean D(x̂))      (autoencoder)
+    L_AE = rec + gdl_weight·GDL + kl_weight·KL/(C·H·W) + [step ≥ disc_start]·disc_weight·λ·(−mean D(x̂))
     L_D  = [step ≥ disc_start]·d_loss(D(x), D(x̂))                                          (discriminator)
 
 - rec is the per-pixel mean of |x − x̂| ("l1", LDM) or (x − x̂)² ("l2") over [B, C, H, W];
+- GDL is the gradient difference loss (Mathieu, Couprie and LeCun 2016, "Deep multi-scale video prediction
+  beyond mean square error", Eq. 5, α = 1): an optional term (default weight 0, not in LDM) that charges a
+  blurred edge, which rec alone prefers to a sharp edge in a slightly wrong place (`gradient_difference`);
 - KL = KL(q(z|x) ‖ N(0, I)) summed over the latent's dims and averaged over the batch (LDM's `kl_loss`);
 - λ is the adaptive weight of VQGAN (Esser et al. 2021, Eq. 7), see `adaptive_gan_weight`.
 
@@ -231,6 +234,7 @@ class VAELossConfig:
     kl_weight 1e-6, disc_weight 0.5, disc_start 50001, hinge loss, 3 discriminator layers)."""
 
     recon: str = "l1"  # "l1" | "l2": per-pixel |x − x̂| or (x − x̂)²
+    gdl_weight: float = 0.0  # the gradient difference loss's weight (0: off, LDM's objective)
     kl_weight: float = 1e-6  # relative to the per-image *sum* of the reconstruction error, as in LDM
     disc_weight: float = 0.5  # multiplies the adaptive weight λ
     disc_start: int = 50001  # first step at which the GAN terms are on (after a reconstruction-only warm-up)
@@ -243,7 +247,7 @@ class VAELossConfig:
             raise ValueError(f"recon={self.recon!r} is not supported; expected one of {RECONS}")
         if self.disc_loss not in DISC_LOSSES:
             raise ValueError(f"disc_loss={self.disc_loss!r} is not supported; expected one of {DISC_LOSSES}")
-        for name in ("kl_weight", "disc_weight"):
+        for name in ("kl_weight", "disc_weight", "gdl_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -274,6 +278,25 @@ def reconstruction_loss(cfg: VAELossConfig, x: torch.Tensor, recon: torch.Tensor
     """Per-pixel mean of |x − x̂| (l1) or (x − x̂)² (l2) over [B, C, H, W], in float32 at least; 0-dim."""
     err = _float(recon) - _float(x)
     return err.abs().mean() if cfg.recon == "l1" else err.square().mean()
+
+
+def gradient_difference(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """The gradient difference loss with α = 1 (Mathieu et al. 2016, Eq. 5) as a per-pixel mean, 0-dim:
+
+        GDL = mean_{B,C,H,W−1} | |x[..., j+1] − x[..., j]| − |x̂[..., j+1] − x̂[..., j]| |
+            + mean_{B,C,H−1,W} | |x[..., i+1, :] − x[..., i, :]| − |x̂[..., i+1, :] − x̂[..., i, :]| |
+
+    on [B, C, H, W] images (H, W ≥ 2), in float32 at least. It is 0 for x̂ = x + c (a constant offset keeps
+    every edge), and a blurred edge pays for the height it lost at every pixel it spreads over."""
+    if x.ndim != 4 or x.shape != recon.shape or min(x.shape[-2:]) < 2:
+        raise ValueError(
+            f"gradient_difference takes two [B, C, H, W] images of one shape with H, W >= 2; "
+            f"got {tuple(x.shape)} and {tuple(recon.shape)}"
+        )
+    x, recon = _float(x), _float(recon)
+    across = (x.diff(dim=-1).abs() - recon.diff(dim=-1).abs()).abs().mean()
+    down = (x.diff(dim=-2).abs() - recon.diff(dim=-2).abs()).abs().mean()
+    return across + down
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -309,14 +332,22 @@ def autoencoder_loss(
     of this loss also writes gradients into the discriminator's parameters: zero them before the
     discriminator's own backward (and step only the VAE's optimizer with this loss).
 
+    With `cfg.gdl_weight > 0` the term gdl_weight·`gradient_difference`(x, x̂) is added (λ still balances
+    the GAN against rec alone, as LDM balances it against its nll).
+
     Returns (loss 0-dim, logs, x̂ [B, C, H, W]); x̂ goes to `discriminator_loss`. Logs: loss, rec, kl (summed
-    over the latent, mean over the batch), g_loss, d_weight (disc_weight·λ), all floats.
+    over the latent, mean over the batch), g_loss, d_weight (disc_weight·λ), and gdl when it is on, all
+    floats.
     """
     recon, posterior = vae(x, sample_posterior=True, generator=generator)
     rec = reconstruction_loss(cfg, x, recon)
     kl = _float(posterior.kl()).mean()  # [B] summed over the latent dims -> mean over the batch
     pixels = x[0].numel()  # C·H·W: turns LDM's per-image sum into a per-pixel mean (module docstring)
     loss = rec + (cfg.kl_weight / pixels) * kl
+    gdl = torch.zeros((), device=loss.device)
+    if cfg.gdl_weight > 0:
+        gdl = gradient_difference(x, recon)
+        loss = loss + cfg.gdl_weight * gdl
     g_loss = d_weight = torch.zeros((), device=loss.device)
     if gan_active(cfg, step, disc):
         g_loss = generator_loss(_float(disc(recon)))
@@ -324,7 +355,10 @@ def autoencoder_loss(
             last_layer = _unwrap(vae).decoder.conv_out.weight
             d_weight = cfg.disc_weight * adaptive_gan_weight(rec, g_loss, last_layer)
         loss = loss + d_weight * g_loss
-    return loss, _logs(loss=loss, rec=rec, kl=kl, g_loss=g_loss, d_weight=d_weight), recon
+    logs = _logs(loss=loss, rec=rec, kl=kl, g_loss=g_loss, d_weight=d_weight, gdl=gdl)
+    if cfg.gdl_weight == 0:
+        del logs["gdl"]
+    return loss, logs, recon
 
 
 def discriminator_loss(

@@ -50,6 +50,7 @@ VAE_MODEL_FIELDS = ("vae", "resolution")
 def loss_config(cfg: VAETrainConfig) -> VAELossConfig:
     return VAELossConfig(
         recon=cfg.recon,
+        gdl_weight=cfg.gdl_weight,
         kl_weight=cfg.kl_weight,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,
