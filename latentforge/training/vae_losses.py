@@ -344,9 +344,9 @@ def autoencoder_loss(
     kl = _float(posterior.kl()).mean()  # [B] summed over the latent dims -> mean over the batch
     pixels = x[0].numel()  # C·H·W: turns LDM's per-image sum into a per-pixel mean (module docstring)
     loss = rec + (cfg.kl_weight / pixels) * kl
-    gdl = torch.zeros((), device=loss.device)
+    terms = {}
     if cfg.gdl_weight > 0:
-        gdl = gradient_difference(x, recon)
+        terms["gdl"] = gdl = gradient_difference(x, recon)
         loss = loss + cfg.gdl_weight * gdl
     g_loss = d_weight = torch.zeros((), device=loss.device)
     if gan_active(cfg, step, disc):
@@ -355,10 +355,7 @@ def autoencoder_loss(
             last_layer = _unwrap(vae).decoder.conv_out.weight
             d_weight = cfg.disc_weight * adaptive_gan_weight(rec, g_loss, last_layer)
         loss = loss + d_weight * g_loss
-    logs = _logs(loss=loss, rec=rec, kl=kl, g_loss=g_loss, d_weight=d_weight, gdl=gdl)
-    if cfg.gdl_weight == 0:
-        del logs["gdl"]
-    return loss, logs, recon
+    return loss, _logs(loss=loss, rec=rec, kl=kl, g_loss=g_loss, d_weight=d_weight, **terms), recon
 
 
 def discriminator_loss(
