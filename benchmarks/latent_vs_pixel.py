@@ -152,7 +152,22 @@ def train_flags(
     return flags + vae_flag(vae)
 
 
-def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
+def shift_flags(model: str, pixel_shift: float) -> list[str]:
+    """`--pixel-shift` α for the pixel model: the 1000-step table's σ times α (DiscreteVP.shift), so that the
+    means of 4×4-pixel blocks (one latent's worth) keep the SNR the latent model's values have: α = 64/16 = 4
+    (Hoogeboom et al. 2023, §3.1). α = 1 is the recipe's table as it is, from which the pixel model learns to
+    read its background off the noise: at SD's σ_max = 14.61 the noise on a channel's mean over 64×64 pixels
+    has variance σ²/4096 = 0.052 (over a 16×16 latent: σ²/256 = 0.83, and 0.83 again for pixels at α = 4)."""
+    return ["--objective.shift", f"{pixel_shift:g}"] if model == "pixel" and pixel_shift != 1 else []
+
+
+def model_folder(work: str, model: str, pixel_shift: float) -> str:
+    """<work>/latent, <work>/pixel or <work>/pixel-shift<α> (a shifted run never resumes an unshifted one)."""
+    name = f"pixel-shift{pixel_shift:g}" if model == "pixel" and pixel_shift != 1 else model
+    return os.path.join(work, name)
+
+
+def two_hour_flags(model: str, work: str, pixel_shift: float = 1.0) -> tuple[list[str], list[str]]:
     """The 2-hour recipe's flags beyond the preset (scripts/train_default_2h.sh, the shipped model's
     recipe), the same for both models: (stage A's, stage B's). ε on the 1000-step table, the padding tokens
     masked out of the cross-attention, lr 8e-4 after 50 warm-up steps; stage A at σ = 1 only, stage B with
@@ -161,6 +176,7 @@ def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
     the script's choice since 2026-12-06; the recorded run predates it)."""
     common = ["--unet.mask_text_padding", "true", "--objective.prediction", "eps"]
     common += ["--objective.sigma_sampling", "uniform_discrete", "--lr", "8e-4", "--warmup_steps", "50"]
+    common += shift_flags(model, pixel_shift)
     if model == "latent":
         common += ["--cache_latents", "true", "--cache_dir", os.path.join(work, "cache")]
         common += ["--num_workers", "0"]
@@ -168,14 +184,15 @@ def two_hour_flags(model: str, work: str) -> tuple[list[str], list[str]]:
     return stage_a, [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
 
 
-def stage_a_flags(model: str, work: str, data: str, vae: str | None) -> list[str]:
+def stage_a_flags(model: str, work: str, data: str, vae: str | None, pixel_shift: float = 1.0) -> list[str]:
     """Stage A's `train denoiser` flags but its length and output (`stage_a_argv`)."""
-    return ["--preset", PRESETS[model], "--data", data, *two_hour_flags(model, work)[0], *vae_flag(vae)]
+    a_flags = two_hour_flags(model, work, pixel_shift)[0]
+    return ["--preset", PRESETS[model], "--data", data, *a_flags, *vae_flag(vae)]
 
 
-def stage_b_extra(model: str, work: str, stage_a_export: str) -> list[str]:
+def stage_b_extra(model: str, work: str, stage_a_export: str, pixel_shift: float = 1.0) -> list[str]:
     """Stage B's flags beyond `train_flags`' (which set its constant learning rate and exports)."""
-    return [*two_hour_flags(model, work)[1], "--init_from", stage_a_export]
+    return [*two_hour_flags(model, work, pixel_shift)[1], "--init_from", stage_a_export]
 
 
 def vae_flag(vae: str | None) -> list[str]:
@@ -703,6 +720,13 @@ def main() -> int:
     )
     p.add_argument("--scenes", type=int, default=60000, help="2h: training scenes exported (the recipe's)")
     p.add_argument("--stage-a-steps", type=int, default=STAGE_A_STEPS, help="2h: stage A's steps")
+    p.add_argument(
+        "--pixel-shift",
+        type=float,
+        default=1.0,
+        help="the pixel model's noise table times this (DiscreteVP.shift; 4 = 64/16 keeps the SNR of "
+        "4×4-pixel means at the latent's; its runs go to <work>/pixel-shift<α>); 1: the recipe's table",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed, both models (onfly)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the sampling-cost measurement")
@@ -711,7 +735,9 @@ def main() -> int:
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     vae = extract_vae(args.work)
-    folders = {m: os.path.join(args.work, m) for m in MODELS}
+    if not (math.isfinite(args.pixel_shift) and args.pixel_shift > 0):
+        p.error(f"--pixel-shift must be a finite number > 0 (1: the recipe's table), got {args.pixel_shift}")
+    folders = {m: model_folder(args.work, m, args.pixel_shift) for m in MODELS}
     vaes = {"latent": vae, "pixel": None}
     if len(args.minutes) not in (1, 2) or min(args.minutes) <= 0:
         p.error(
@@ -720,16 +746,20 @@ def main() -> int:
     minutes = dict(zip(MODELS, args.minutes * 2 if len(args.minutes) == 1 else args.minutes, strict=True))
     # per model: train_flags' data, seed and extra flags (stage B's in the 2-hour recipe), what came
     # before its trainer (stage A, the latent cache), and the evaluation's flags
-    setup: dict = {m: {"data": "shapes", "seed": args.seed, "extra": [], "before": None} for m in MODELS}
+    setup: dict = {
+        m: {"data": "shapes", "seed": args.seed, "extra": shift_flags(m, args.pixel_shift), "before": None}
+        for m in MODELS
+    }
     eval_args = EVAL
     stages_a: dict = {}
     if args.recipe == "2h":
         data = export_data(args.work, args.scenes, args.threads)
         eval_args = [*EVAL, "--complete-prompt", "layout"]
         for m in MODELS:
-            a_flags = stage_a_flags(m, args.work, data, vaes[m])
+            a_flags = stage_a_flags(m, args.work, data, vaes[m], args.pixel_shift)
             stages_a[m] = stage_a(m, a_flags, folders[m], args.threads, args.stage_a_steps)
-            setup[m] = {"data": data, "seed": 1, "extra": stage_b_extra(m, args.work, stages_a[m]["export"])}
+            b_extra = stage_b_extra(m, args.work, stages_a[m]["export"], args.pixel_shift)
+            setup[m] = {"data": data, "seed": 1, "extra": b_extra}
     dry = {
         m: dry_run(
             train_flags(PRESETS[m], vaes[m], setup[m]["seed"], 1, setup[m]["data"], setup[m]["extra"]),
@@ -805,6 +835,7 @@ def main() -> int:
             "recipe": args.recipe,
             "scenes": args.scenes if args.recipe == "2h" else None,
             "stage_a_steps": args.stage_a_steps if args.recipe == "2h" else None,
+            "pixel_shift": args.pixel_shift,
             "lr_schedule": "constant",
             "eval": " ".join([*eval_args, "--seed", str(EVAL_SEED)]),
             "sampling": SAMPLE,

@@ -77,7 +77,13 @@ class _LogSigmaTable:
 
 @dataclass
 class DiscreteVP(_LogSigmaTable):
-    """SD1/2/XL: 1000 discrete steps, `scaled_linear` betas 0.00085..0.012, eps or v prediction."""
+    """SD1/2/XL: 1000 discrete steps, `scaled_linear` betas 0.00085..0.012, eps or v prediction.
+
+    `shift` α multiplies every σ of the table (SNR divided by α²): the shifted schedule of Hoogeboom et al.
+    2023 (§3.1: a d×-larger image keeps the SNR of its d×d-pixel averages if SNR falls by d²), the VP form
+    of SD3's resolution shift (Esser et al. 2024, Eq. 23, which is SNR / α² too). A model trained with it
+    must be sampled with it; SD's models are α = 1. The network still sees the table's t (t(α·σ_i) = i).
+    """
 
     prediction: Literal["eps", "v"] = "eps"
     beta_schedule: str = "scaled_linear"
@@ -86,6 +92,7 @@ class DiscreteVP(_LogSigmaTable):
     timesteps: int = 1000
     zero_terminal_snr: bool = False
     sigma_data: float = 1.0
+    shift: float = 1.0
     sigmas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
@@ -94,6 +101,8 @@ class DiscreteVP(_LogSigmaTable):
     def __post_init__(self):
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+        if not (isinstance(self.shift, int | float) and math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift={self.shift!r} must be a finite number > 0 (1: the table as it is)")
         betas = make_betas(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end)
         if self.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -101,8 +110,11 @@ class DiscreteVP(_LogSigmaTable):
         if self.zero_terminal_snr:
             # σ would be infinite at ᾱ = 0; keep it finite as ComfyUI and A1111 do (σ_max ≈ 1429).
             ac[-1] = 4.8973451890853435e-08
+        sigmas = ((1 - ac) / ac).sqrt() * self.shift  # float64; α = 1 leaves the table exact
+        if self.shift != 1:
+            ac = 1 / (1 + sigmas**2)
         self.alphas_cumprod = ac.float()
-        self.sigmas = ((1 - ac) / ac).sqrt().float()
+        self.sigmas = sigmas.float()
 
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(torch.as_tensor(sigma))
@@ -283,9 +295,9 @@ def for_prediction(
     prediction: str, zero_terminal_snr: bool = False, sigma_data: float = 0.5, shift: float = 1.0
 ) -> ModelSampling:
     """The model sampling a network trained with `prediction` needs: "eps"/"v" DDPM (SD's 1000 scaled-linear
-    steps), "x0"/"edm" EDM with σ_d, "flow" rectified flow with the timestep shift."""
+    steps, σ times `shift`), "x0"/"edm" EDM with σ_d, "flow" rectified flow with the timestep shift."""
     if prediction in ("eps", "v"):
-        return DiscreteVP(prediction=prediction, zero_terminal_snr=zero_terminal_snr)
+        return DiscreteVP(prediction=prediction, zero_terminal_snr=zero_terminal_snr, shift=shift)
     if prediction in ("x0", "edm"):
         return EDM(sigma_data=sigma_data)
     if prediction == "flow":

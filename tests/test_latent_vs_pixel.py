@@ -126,3 +126,20 @@ def test_the_2h_recipe_is_the_scripts(tmp_path, model):
         assert bench["preset"] == lvp.PRESETS[model]
     assert bench_b["lr_schedule"] == "constant"
     assert script_a["max_steps"] == bench_a["max_steps"] == str(lvp.STAGE_A_STEPS)
+
+
+def test_pixel_shift_adds_only_the_shift_to_the_pixel_models_stages_and_keeps_its_runs_apart(tmp_path):
+    # --pixel-shift α: both of the pixel model's stages get exactly one flag more, --objective.shift α
+    # (DiscreteVP.shift), the latent model's flags are untouched, and the shifted runs live in their own
+    # folder so that a resumed unshifted run is never continued with another table (or the reverse)
+    work = str(tmp_path / "work")
+    for model, vae in (("latent", "v.safetensors"), ("pixel", None)):
+        plain_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae))
+        plain_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors"))
+        shifted_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae, 4.0))
+        shifted_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors", 4.0))
+        extra = {"objective.shift": "4"} if model == "pixel" else {}
+        assert shifted_a == {**plain_a, **extra} and shifted_b == {**plain_b, **extra}
+    assert lvp.model_folder(work, "pixel", 1.0) == os.path.join(work, "pixel")
+    assert lvp.model_folder(work, "pixel", 4.0) == os.path.join(work, "pixel-shift4")
+    assert lvp.model_folder(work, "latent", 4.0) == os.path.join(work, "latent")

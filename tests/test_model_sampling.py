@@ -148,8 +148,8 @@ def test_flow_euler_is_euler_with_velocity():
 @pytest.mark.parametrize(
     "ms",
     [DiscreteVP(), DiscreteVP(prediction="v", zero_terminal_snr=True), EDM(sigma_data=0.7, prediction="v"),
-     DiscreteFlow(shift=2.5)],
-    ids=["vp-eps", "vp-v-ztsnr", "edm-v", "flow"],
+     DiscreteFlow(shift=2.5), DiscreteVP(shift=4.0)],
+    ids=["vp-eps", "vp-v-ztsnr", "edm-v", "flow", "vp-eps-shift4"],
 )  # fmt: skip
 def test_preconditioning_and_json_round_trip(ms):
     """D = c_skip·x + c_out·F(c_in·x): a network that outputs its own training target
@@ -168,6 +168,45 @@ def test_preconditioning_and_json_round_trip(ms):
     back = model_sampling.from_json(model_sampling.to_json(ms))
     assert type(back) is type(ms) and model_sampling.to_json(back) == model_sampling.to_json(ms)
     torch.testing.assert_close(back.sigmas, ms.sigmas)
+
+
+@pytest.mark.parametrize("prediction,ztsnr", [("eps", False), ("v", True)])
+def test_discrete_vp_shift_divides_the_snr_as_sd3s_flow_shift_does(prediction, ztsnr):
+    """DiscreteVP(shift=α): every σ of the table times α, ᾱ = 1/(1 + σ²) (VE form, Karras et al. 2022,
+    Table 1), and the SNR divided by α² at every t, as SD3's flow shift σ' = ασ/(1 + (α − 1)σ) divides the
+    flow SNR ((1 − σ)/σ)² (Esser et al. 2024, Eq. 23): the ratio is checked against that independent
+    formula. The network still sees the table's t: t(α·σ_i) = i."""
+    base = DiscreteVP(prediction=prediction, zero_terminal_snr=ztsnr)
+    shifted = DiscreteVP(prediction=prediction, zero_terminal_snr=ztsnr, shift=4.0)
+    torch.testing.assert_close(shifted.sigmas, 4 * base.sigmas, rtol=1e-6, atol=0)
+    ac = shifted.alphas_cumprod.double()
+    torch.testing.assert_close(ac, 1 / (1 + shifted.sigmas.double() ** 2), rtol=1e-6, atol=0)
+    snr_ratio = (ac / (1 - ac)) / (base.alphas_cumprod.double() / (1 - base.alphas_cumprod.double()))
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
+    flow = (1 - t) / t
+    flow_shifted = (1 - 4 * t / (1 + 3 * t)) / (4 * t / (1 + 3 * t))
+    flow_ratio = (flow_shifted / flow) ** 2  # 1/16 at every t
+    # ᾱ is stored in float32: 1 − ᾱ near ᾱ = 1 − 8.5e-4 (t = 0) carries a relative error up to 6e-8 / 8.5e-4
+    expected = torch.full_like(snr_ratio, float(flow_ratio.mean()))
+    torch.testing.assert_close(snr_ratio, expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(flow_ratio, torch.full_like(flow_ratio, 1 / 16), rtol=1e-12, atol=0)
+    idx = torch.tensor([0, 1, 250, 999])
+    t_back = shifted.timestep(shifted.sigmas[idx]).double()
+    torch.testing.assert_close(t_back, idx.double(), rtol=0, atol=1e-3)
+    assert float(shifted.sigma_max) == pytest.approx(4 * float(base.sigma_max), rel=1e-6)
+
+
+def test_discrete_vp_shift_defaults_to_1_for_files_without_it_and_rejects_bad_values():
+    """A checkpoint written before the field existed (no "shift" in its JSON) is SD's table; a shift that is
+    not a finite positive number is refused with its value."""
+    from latentforge import model_sampling
+
+    old = model_sampling.from_json('{"type": "DiscreteVP", "prediction": "eps", "zero_terminal_snr": false}')
+    assert old.shift == 1.0 and torch.equal(old.sigmas, DiscreteVP().sigmas)
+    for bad in (0, -2.0, float("nan"), float("inf"), "4"):
+        with pytest.raises(ValueError, match="shift="):
+            DiscreteVP(shift=bad)
+    assert model_sampling.for_prediction("eps", shift=3.0).shift == 3.0
 
 
 def test_model_sampling_json_rejects_unknown_type_and_field():

@@ -519,6 +519,11 @@ def test_cached_latents_and_text_equal_uncached_and_are_reused(tmp_path, capsys)
             "objective.sigma_sampling": "lognormal",
             "objective.weighting": "edm",
         },
+        {
+            "objective.prediction": "eps",
+            "objective.sigma_sampling": "uniform_discrete",
+            "objective.shift": "4",
+        },
     ],
 )
 def test_objectives_train_and_the_file_samples_with_them(tmp_path, objective):
@@ -530,6 +535,10 @@ def test_objectives_train_and_the_file_samples_with_them(tmp_path, objective):
     assert type(ms).__name__ == want
     if objective["objective.prediction"] == "v":
         assert ms.prediction == "v" and float(ms.sigmas[-1]) > 1e3  # zero terminal SNR: σ_max huge
+    shift = float(objective.get("objective.shift", 1))
+    if objective["objective.prediction"] == "eps":  # the shifted table travels in the file: SD's σ_max × α
+        assert ms.shift == shift and float(ms.sigma_max) == pytest.approx(14.6146 * shift, rel=1e-4)
+        assert float(pipe.schedule("euler", "normal", 4)[0]) == pytest.approx(14.6146 * shift, rel=1e-4)
     (img,) = pipe("a green heart", steps=2, cfg=2.0, progress=False)
     assert img.size == (32, 32)
 

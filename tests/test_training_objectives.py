@@ -269,6 +269,22 @@ def test_ddpm_terminal_fraction_draws_the_tables_last_sigma(prediction, ztsnr, s
     assert float(s0.max()) <= expected * (1 + 1e-4)
 
 
+def test_ddpm_shift_draws_the_same_steps_at_alpha_times_their_sigma():
+    """`shift` α with DDPM: t ~ U{0..999} draws the same steps as without it (the generator's stream is
+    unchanged) at α times their σ, the terminal share at α·14.6146, and Min-SNR weighs by the shifted SNR;
+    EDM has no table to shift and refuses it."""
+    base = ObjectiveConfig(prediction="eps", terminal_fraction=0.1)
+    cfg = ObjectiveConfig(prediction="eps", terminal_fraction=0.1, shift=4.0)
+    ms0, ms = model_sampling_for(base), model_sampling_for(cfg)
+    s0 = sample_sigmas(base, ms0, 64, torch.Generator().manual_seed(7))
+    s1 = sample_sigmas(cfg, ms, 64, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(s1, 4 * s0, rtol=1e-6, atol=0)
+    assert torch.allclose(s1[:6], torch.full((6,), 4 * 14.6146), rtol=1e-4)
+    torch.testing.assert_close(snr(ms, s1), snr(ms0, s0) / 16, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="shift=2.0 applies to prediction"):
+        ObjectiveConfig(prediction="edm", sigma_sampling="lognormal", shift=2.0)
+
+
 def test_at_zero_terminal_snr_the_v_loss_is_minimised_by_the_data_mean():
     """v-prediction with the zero-terminal-SNR table: at its last σ (SNR 2·10⁻¹²) the best denoiser is
     E[x₀] to within σ⁻¹ ≈ 7·10⁻⁴, so the network whose D is the mixture's mean has target-space loss

@@ -103,7 +103,7 @@ class ObjectiveConfig:
     p_std: float = 1.2
     logit_mean: float = 0.0  # Esser et al. 2024, §3.1 (m = 0, s = 1 was their best)
     logit_std: float = 1.0
-    shift: float = 1.0  # SD3 resolution shift α (Eq. 23); SD3 uses 3.0 at 1024²
+    shift: float = 1.0  # resolution shift α, SNR / α²: flow (SD3 Eq. 23; 3.0 at 1024²) and DDPM (σ table × α)
     sigma_data: float = 0.5  # EDM preconditioning and λ(σ)
     zero_terminal_snr: bool = False  # DDPM only (Lin et al. 2024); pair it with prediction="v"
     terminal_fraction: float = 0.0  # this share of each batch at the sampler's first σ (module docstring)
@@ -131,6 +131,11 @@ class ObjectiveConfig:
                 f"terminal_fraction={tf!r} needs prediction 'flow', 'eps' or 'v' and a weighting other than "
                 f"'min_snr' (min(SNR, γ) is 0 at SNR 0); got prediction={self.prediction!r}, "
                 f"weighting={self.weighting!r}"
+            )
+        if self.shift != 1 and self.kind == "edm":
+            raise ValueError(
+                f"shift={self.shift!r} applies to prediction 'eps', 'v' (the DDPM σ table times α) and "
+                f"'flow' (Esser et al. 2024, Eq. 23); EDM's σ are drawn by p_mean / p_std instead"
             )
         if self.zero_terminal_snr and self.prediction not in ("eps", "v"):
             raise ValueError(
