@@ -15,6 +15,8 @@ image's outer 3-pixel ring (RGB in [-1, 1]). Reported per prompt: the stated col
 offset, and the slope d(background)/d(offset) averaged over the channels and seeds. A model that follows
 the text has slope ≈ 0 and the stated colour; a model that reads the noise has the slope of the posterior
 mean of the image mean given its noisy copy (up to 0.23 per std in pixel space) and ignores the colour.
+`terminal_background.py` reads the model's first x₀ prediction alone at fixed noises; this one samples
+whole images with the noise's mean moved, so it sees the leak at every σ the sampler visits.
 
     .venv/bin/python benchmarks/noise_mean_probe.py MODEL [MODEL ...] [--seeds 2] [--offsets -2 0 2] \\
         [--json out/noise_mean.json]
