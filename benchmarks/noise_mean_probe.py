@@ -54,10 +54,12 @@ def ring_median(img: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_from(pipe: Pipeline, prompt: str, noise: torch.Tensor) -> torch.Tensor:
-    """Euler (Karras et al. 2022, Alg. 1, no churn) from x_T = σ_max·noise, CFG on the prompt; [3, H, W]."""
+    """Euler (Karras et al. 2022, Alg. 1, no churn) from x_T = σ_max·noise [N, C, h, w], CFG on the prompt
+    (encoded once for the batch); images [N, 3, H, W] in [-1, 1]."""
     h, w = pipe.default_size
-    cond = pipe.encode_prompt([prompt], w, h)
-    uncond = pipe.encode_prompt([""], w, h, negative=True)
+    n = noise.shape[0]
+    cond = pipe.encode_prompt([prompt] * n, w, h)
+    uncond = pipe.encode_prompt([""] * n, w, h, negative=True)
     denoiser = pipe.denoiser()
     sigmas = pipe.schedule("euler", "normal", STEPS)
     x = noise * sigmas[0]
@@ -67,7 +69,7 @@ def sample_from(pipe: Pipeline, prompt: str, noise: torch.Tensor) -> torch.Tenso
         d = d_u + CFG * (denoiser(x, sig, **cond) - d_u)
         x = x + (x - d) / s * (s_next - s)
     img = pipe.decode(x) if pipe.vae is not None else x
-    return img[0].float().clamp(-1, 1)
+    return img.float().clamp(-1, 1)
 
 
 def probe(path: str, seeds: int, offsets: list[float]) -> dict:
@@ -81,12 +83,13 @@ def probe(path: str, seeds: int, offsets: list[float]) -> dict:
            "mean_noise_std": sigma_max / hw**0.5, "prompts": {}}  # fmt: skip
     for name, prompt in PROMPTS.items():
         stated = torch.tensor(COLORS[name], dtype=torch.float32) / 127.5 - 1
-        backs = []  # [seed][offset] -> [3]
+        noise = []  # seed-major: [seeds · offsets, C, h, w]
         for seed in range(seeds):
             eps = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
             eps = eps - eps.mean(dim=(2, 3), keepdim=True)
-            backs.append([ring_median(sample_from(pipe, prompt, eps + off / hw**0.5)) for off in offsets])
-        b = torch.stack([torch.stack(row) for row in backs])  # [seeds, offsets, 3]
+            noise += [eps + off / hw**0.5 for off in offsets]
+        images = sample_from(pipe, prompt, torch.cat(noise))
+        b = torch.stack([ring_median(im) for im in images]).reshape(seeds, len(offsets), 3)
         o = torch.tensor(offsets)
         oc = o - o.mean()
         slope = ((b - b.mean(dim=1, keepdim=True)) * oc.reshape(1, -1, 1)).sum(1) / (oc**2).sum()
