@@ -78,6 +78,7 @@ model, say, 55 more minutes alone, to find where it leaves chance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -102,6 +103,7 @@ from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
 from latentforge.shapes.evaluate import evaluate  # noqa: E402
 from latentforge.shapes.scoring import wilson  # noqa: E402
 from latentforge.training.metrics import read_metrics  # noqa: E402
+from latentforge.training.objectives import ObjectiveConfig  # noqa: E402
 from latentforge.training.state import step_dirs  # noqa: E402
 
 MODELS = ("latent", "pixel")
@@ -152,22 +154,52 @@ def train_flags(
     return flags + vae_flag(vae)
 
 
-def shift_flags(model: str, pixel_shift: float) -> list[str]:
-    """`--pixel-shift` α for the pixel model: the 1000-step table's σ times α (DiscreteVP.shift), so that the
-    means of 4×4-pixel blocks (one latent's worth) keep the SNR the latent model's values have: α = 64/16 = 4
-    (Hoogeboom et al. 2023, §3.1). α = 1 is the recipe's table as it is, from which the pixel model learns to
-    read its background off the noise: at SD's σ_max = 14.61 the noise on a channel's mean over 64×64 pixels
-    has variance σ²/4096 = 0.052 (over a 16×16 latent: σ²/256 = 0.83, and 0.83 again for pixels at α = 4)."""
-    return ["--objective.shift", f"{pixel_shift:g}"] if model == "pixel" and pixel_shift != 1 else []
+def pixel_objective(pixel_shift: float = 1.0, pairs=()) -> tuple[tuple[str, str], ...]:
+    """The pixel model's objective beyond the recipe's, as (field, value) pairs of `ObjectiveConfig`:
+    `--pixel-shift` α (shift=α) then each `--pixel-objective FIELD=VALUE`, which replace the recipe's value
+    of that field in both stages (a field the recipe does not set is added). α: the 1000-step table's σ
+    times α (DiscreteVP.shift), so that the means of 4×4-pixel blocks (one latent's worth) keep the SNR the
+    latent model's values have: α = 64/16 = 4 (Hoogeboom et al. 2023, §3.1). α = 1 is the recipe's table as
+    it is, from which the pixel model learns to read its background off the noise: at SD's σ_max = 14.61
+    the noise on a channel's mean over 64×64 pixels has variance σ²/4096 = 0.052 (over a 16×16 latent:
+    σ²/256 = 0.83, and 0.83 again for pixels at α = 4). `prediction=v zero_terminal_snr=true` removes
+    that leak altogether (Lin et al. 2024, §3.1-3.2: x_T is pure noise, v at SNR 0 is −x₀)."""
+    fields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    out = {"shift": f"{pixel_shift:g}"} if pixel_shift != 1 else {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in fields or not value:
+            raise ValueError(
+                f"--pixel-objective takes FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}; "
+                f"got {pair!r}"
+            )
+        if key in out:
+            raise ValueError(f"--pixel-objective sets {key!r} twice (or with --pixel-shift): {pair!r}")
+        out[key] = value
+    return tuple(out.items())
 
 
-def model_folder(work: str, model: str, pixel_shift: float) -> str:
-    """<work>/latent, <work>/pixel or <work>/pixel-shift<α> (a shifted run never resumes an unshifted one)."""
-    name = f"pixel-shift{pixel_shift:g}" if model == "pixel" and pixel_shift != 1 else model
+def with_objective(flags: list[str], objective=()) -> list[str]:
+    """`flags` with each (field, value) of `objective` as `--objective.field value`, in place of the
+    flag's own value where `flags` has it (the trainer takes a flag once)."""
+    flags = list(flags)
+    for key, value in objective:
+        flag = f"--objective.{key}"
+        if flag in flags:
+            flags[flags.index(flag) + 1] = value
+        else:
+            flags += [flag, value]
+    return flags
+
+
+def model_folder(work: str, model: str, pixel=()) -> str:
+    """<work>/latent, <work>/pixel, or <work>/pixel-<field><value>-… for a pixel objective beyond the
+    recipe's (`pixel_objective`; e.g. pixel-shift4), so a run never resumes one with another objective."""
+    name = "-".join([model, *(f"{k}{v}" for k, v in pixel)]) if model == "pixel" else model
     return os.path.join(work, name)
 
 
-def two_hour_flags(model: str, work: str, pixel_shift: float = 1.0) -> tuple[list[str], list[str]]:
+def two_hour_flags(model: str, work: str, pixel=()) -> tuple[list[str], list[str]]:
     """The 2-hour recipe's flags beyond the preset (scripts/train_default_2h.sh, the shipped model's
     recipe), the same for both models: (stage A's, stage B's). ε on the 1000-step table, the padding tokens
     masked out of the cross-attention, lr 8e-4 after 50 warm-up steps; stage A at σ = 1 only, stage B with
@@ -176,23 +208,25 @@ def two_hour_flags(model: str, work: str, pixel_shift: float = 1.0) -> tuple[lis
     the script's choice since 2026-12-06; the recorded run predates it)."""
     common = ["--unet.mask_text_padding", "true", "--objective.prediction", "eps"]
     common += ["--objective.sigma_sampling", "uniform_discrete", "--lr", "8e-4", "--warmup_steps", "50"]
-    common += shift_flags(model, pixel_shift)
     if model == "latent":
         common += ["--cache_latents", "true", "--cache_dir", os.path.join(work, "cache")]
         common += ["--num_workers", "0"]
     stage_a = [*common, "--objective.terminal_fraction", "0.99"]
-    return stage_a, [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
+    stage_b = [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
+    if model != "pixel":
+        return stage_a, stage_b
+    return with_objective(stage_a, pixel), with_objective(stage_b, pixel)
 
 
-def stage_a_flags(model: str, work: str, data: str, vae: str | None, pixel_shift: float = 1.0) -> list[str]:
+def stage_a_flags(model: str, work: str, data: str, vae: str | None, pixel=()) -> list[str]:
     """Stage A's `train denoiser` flags but its length and output (`stage_a_argv`)."""
-    a_flags = two_hour_flags(model, work, pixel_shift)[0]
+    a_flags = two_hour_flags(model, work, pixel)[0]
     return ["--preset", PRESETS[model], "--data", data, *a_flags, *vae_flag(vae)]
 
 
-def stage_b_extra(model: str, work: str, stage_a_export: str, pixel_shift: float = 1.0) -> list[str]:
+def stage_b_extra(model: str, work: str, stage_a_export: str, pixel=()) -> list[str]:
     """Stage B's flags beyond `train_flags`' (which set its constant learning rate and exports)."""
-    return [*two_hour_flags(model, work, pixel_shift)[1], "--init_from", stage_a_export]
+    return [*two_hour_flags(model, work, pixel)[1], "--init_from", stage_a_export]
 
 
 def vae_flag(vae: str | None) -> list[str]:
@@ -727,6 +761,14 @@ def main() -> int:
         help="the pixel model's noise table times this (DiscreteVP.shift; 4 = 64/16 keeps the SNR of "
         "4×4-pixel means at the latent's; its runs go to <work>/pixel-shift<α>); 1: the recipe's table",
     )
+    p.add_argument(
+        "--pixel-objective",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the pixel model's objective fields in place of the recipe's, both stages (e.g. prediction=v "
+        "zero_terminal_snr=true weighting=none; its runs go to <work>/pixel-predictionv-…)",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed, both models (onfly)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the sampling-cost measurement")
@@ -737,7 +779,11 @@ def main() -> int:
     vae = extract_vae(args.work)
     if not (math.isfinite(args.pixel_shift) and args.pixel_shift > 0):
         p.error(f"--pixel-shift must be a finite number > 0 (1: the recipe's table), got {args.pixel_shift}")
-    folders = {m: model_folder(args.work, m, args.pixel_shift) for m in MODELS}
+    try:
+        pixel = pixel_objective(args.pixel_shift, args.pixel_objective)
+    except ValueError as e:
+        p.error(str(e))
+    folders = {m: model_folder(args.work, m, pixel) for m in MODELS}
     vaes = {"latent": vae, "pixel": None}
     if len(args.minutes) not in (1, 2) or min(args.minutes) <= 0:
         p.error(
@@ -747,7 +793,12 @@ def main() -> int:
     # per model: train_flags' data, seed and extra flags (stage B's in the 2-hour recipe), what came
     # before its trainer (stage A, the latent cache), and the evaluation's flags
     setup: dict = {
-        m: {"data": "shapes", "seed": args.seed, "extra": shift_flags(m, args.pixel_shift), "before": None}
+        m: {
+            "data": "shapes",
+            "seed": args.seed,
+            "extra": with_objective([], pixel if m == "pixel" else ()),
+            "before": None,
+        }
         for m in MODELS
     }
     eval_args = EVAL
@@ -756,9 +807,9 @@ def main() -> int:
         data = export_data(args.work, args.scenes, args.threads)
         eval_args = [*EVAL, "--complete-prompt", "layout"]
         for m in MODELS:
-            a_flags = stage_a_flags(m, args.work, data, vaes[m], args.pixel_shift)
+            a_flags = stage_a_flags(m, args.work, data, vaes[m], pixel)
             stages_a[m] = stage_a(m, a_flags, folders[m], args.threads, args.stage_a_steps)
-            b_extra = stage_b_extra(m, args.work, stages_a[m]["export"], args.pixel_shift)
+            b_extra = stage_b_extra(m, args.work, stages_a[m]["export"], pixel)
             setup[m] = {"data": data, "seed": 1, "extra": b_extra}
     dry = {
         m: dry_run(
@@ -836,6 +887,7 @@ def main() -> int:
             "scenes": args.scenes if args.recipe == "2h" else None,
             "stage_a_steps": args.stage_a_steps if args.recipe == "2h" else None,
             "pixel_shift": args.pixel_shift,
+            "pixel_objective": dict(pixel),
             "lr_schedule": "constant",
             "eval": " ".join([*eval_args, "--seed", str(EVAL_SEED)]),
             "sampling": SAMPLE,

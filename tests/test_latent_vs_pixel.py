@@ -133,13 +133,59 @@ def test_pixel_shift_adds_only_the_shift_to_the_pixel_models_stages_and_keeps_it
     # (DiscreteVP.shift), the latent model's flags are untouched, and the shifted runs live in their own
     # folder so that a resumed unshifted run is never continued with another table (or the reverse)
     work = str(tmp_path / "work")
+    shifted = lvp.pixel_objective(4.0)
     for model, vae in (("latent", "v.safetensors"), ("pixel", None)):
         plain_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae))
         plain_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors"))
-        shifted_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae, 4.0))
-        shifted_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors", 4.0))
+        shifted_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae, shifted))
+        shifted_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors", shifted))
         extra = {"objective.shift": "4"} if model == "pixel" else {}
         assert shifted_a == {**plain_a, **extra} and shifted_b == {**plain_b, **extra}
-    assert lvp.model_folder(work, "pixel", 1.0) == os.path.join(work, "pixel")
-    assert lvp.model_folder(work, "pixel", 4.0) == os.path.join(work, "pixel-shift4")
-    assert lvp.model_folder(work, "latent", 4.0) == os.path.join(work, "latent")
+    assert lvp.model_folder(work, "pixel", lvp.pixel_objective(1.0)) == os.path.join(work, "pixel")
+    assert lvp.model_folder(work, "pixel", shifted) == os.path.join(work, "pixel-shift4")
+    assert lvp.model_folder(work, "latent", shifted) == os.path.join(work, "latent")
+
+
+def test_pixel_objective_replaces_the_recipes_fields_in_both_pixel_stages_only(tmp_path):
+    # --pixel-objective prediction=v zero_terminal_snr=true weighting=none: the pixel model's stage B loses
+    # the recipe's Min-SNR weighting (replaced, not given twice: the trainer takes a flag once), both stages
+    # predict v on the zero-terminal-SNR table, stage A keeps its terminal fraction; the latent model's
+    # flags are untouched; the run gets its own folder, and every --objective.* flag the trainer reads is
+    # a field of ObjectiveConfig, so a typo fails before anything trains
+    work = str(tmp_path / "work")
+    pixel = lvp.pixel_objective(1.0, ["prediction=v", "zero_terminal_snr=true", "weighting=none"])
+    change = {
+        "objective.prediction": "v",
+        "objective.zero_terminal_snr": "true",
+        "objective.weighting": "none",
+    }
+    for model, vae in (("latent", "v.safetensors"), ("pixel", None)):
+        plain_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae))
+        plain_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors"))
+        new_a = lvp.stage_a_flags(model, work, "d", vae, pixel)
+        new_b = lvp.stage_b_extra(model, work, "a.safetensors", pixel)
+        for flags in (new_a, new_b):
+            names = [f for f in flags if f.startswith("--")]
+            assert len(names) == len(set(names))
+        if model == "latent":
+            assert flag_dict(new_a) == plain_a and flag_dict(new_b) == plain_b
+            continue
+        assert (
+            plain_b["objective.weighting"] == "min_snr" and plain_a["objective.terminal_fraction"] == "0.99"
+        )
+        assert flag_dict(new_a) == {**plain_a, **change}
+        assert flag_dict(new_b) == {**plain_b, **change}
+    assert lvp.model_folder(work, "pixel", pixel) == os.path.join(
+        work, "pixel-predictionv-zero_terminal_snrtrue-weightingnone"
+    )
+    both = lvp.pixel_objective(4.0, ["prediction=v"])
+    assert lvp.model_folder(work, "pixel", both) == os.path.join(work, "pixel-shift4-predictionv")
+    for bad in (
+        ["predction=v"],
+        ["prediction"],
+        ["prediction="],
+        ["shift=2"],
+        ["weighting=none", "weighting=edm"],
+    ):
+        with pytest.raises(ValueError, match="--pixel-objective"):
+            lvp.pixel_objective(4.0, bad)
