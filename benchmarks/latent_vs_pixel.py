@@ -99,6 +99,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from latentforge import plot  # noqa: E402
 from latentforge.checkpoints import configs_to_json, load_checkpoint, save_state_dict  # noqa: E402
 from latentforge.files import write_json  # noqa: E402
+from latentforge.models.unet import UNetConfig  # noqa: E402
 from latentforge.pipeline import DEFAULT_MODEL, Pipeline  # noqa: E402
 from latentforge.shapes.evaluate import evaluate  # noqa: E402
 from latentforge.shapes.scoring import wilson  # noqa: E402
@@ -154,37 +155,40 @@ def train_flags(
     return flags + vae_flag(vae)
 
 
-def pixel_objective(pixel_shift: float = 1.0, pairs=()) -> tuple[tuple[str, str], ...]:
-    """The pixel model's objective beyond the recipe's, as (field, value) pairs of `ObjectiveConfig`:
-    `--pixel-shift` α (shift=α) then each `--pixel-objective FIELD=VALUE`, which replace the recipe's value
-    of that field in both stages (a field the recipe does not set is added). α: the 1000-step table's σ
-    times α (DiscreteVP.shift), so that the means of 4×4-pixel blocks (one latent's worth) keep the SNR the
-    latent model's values have: α = 64/16 = 4 (Hoogeboom et al. 2023, §3.1). α = 1 is the recipe's table as
-    it is, from which the pixel model learns to read its background off the noise: at SD's σ_max = 14.61
-    the noise on a channel's mean over 64×64 pixels has variance σ²/4096 = 0.052 (over a 16×16 latent:
-    σ²/256 = 0.83, and 0.83 again for pixels at α = 4). `prediction=v zero_terminal_snr=true` removes
-    that leak altogether (Lin et al. 2024, §3.1-3.2: x_T is pure noise, v at SNR 0 is −x₀)."""
-    fields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    out = {"shift": f"{pixel_shift:g}"} if pixel_shift != 1 else {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or key not in fields or not value:
-            raise ValueError(
-                f"--pixel-objective takes FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}; "
-                f"got {pair!r}"
-            )
-        if key in out:
-            raise ValueError(f"--pixel-objective sets {key!r} twice (or with --pixel-shift): {pair!r}")
-        out[key] = value
+def pixel_settings(pixel_shift: float = 1.0, objective=(), unet=()) -> tuple[tuple[str, str], ...]:
+    """The pixel model's training settings beyond the recipe's, as (config path, value) pairs:
+    `--pixel-shift` α (objective.shift=α), each `--pixel-objective FIELD=VALUE` (a field of `ObjectiveConfig`)
+    and each `--pixel-unet FIELD=VALUE` (of `UNetConfig`), which replace the recipe's or the preset's value in
+    both of its stages (a field the recipe does not set is added). α: the 1000-step table's σ times α
+    (DiscreteVP.shift), so that the means of 4×4-pixel blocks (one latent's worth) keep the SNR the latent
+    model's values have: α = 64/16 = 4 (Hoogeboom et al. 2023, §3.1). α = 1 is the recipe's table as it is,
+    from which the pixel model learns to read its background off the noise: at SD's σ_max = 14.61 the noise
+    on a channel's mean over 64×64 pixels has variance σ²/4096 = 0.052 (over a 16×16 latent: σ²/256 = 0.83,
+    and 0.83 again for pixels at α = 4). `prediction=v zero_terminal_snr=true` removes that leak altogether
+    (Lin et al. 2024, §3.1-3.2: x_T is pure noise, v at SNR 0 is −x₀). `attention_resolutions=[2,4,8,16]`
+    gives the pixel UNet's 32² and 16² levels the text too (the preset's (8, 16) reach only its 8² and 4²)."""
+    out = {"objective.shift": f"{pixel_shift:g}"} if pixel_shift != 1 else {}
+    for table, cls, pairs in (("objective", ObjectiveConfig, objective), ("unet", UNetConfig, unet)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or key not in fields or not value:
+                raise ValueError(
+                    f"--pixel-{table} takes FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}; "
+                    f"got {pair!r}"
+                )
+            if f"{table}.{key}" in out:
+                raise ValueError(f"--pixel-{table} sets {key!r} twice (or with --pixel-shift): {pair!r}")
+            out[f"{table}.{key}"] = value
     return tuple(out.items())
 
 
-def with_objective(flags: list[str], objective=()) -> list[str]:
-    """`flags` with each (field, value) of `objective` as `--objective.field value`, in place of the
-    flag's own value where `flags` has it (the trainer takes a flag once)."""
+def with_settings(flags: list[str], settings=()) -> list[str]:
+    """`flags` with each (path, value) of `settings` as `--path value`, in place of the flag's own value
+    where `flags` has it (the trainer takes a flag once)."""
     flags = list(flags)
-    for key, value in objective:
-        flag = f"--objective.{key}"
+    for key, value in settings:
+        flag = f"--{key}"
         if flag in flags:
             flags[flags.index(flag) + 1] = value
         else:
@@ -193,10 +197,13 @@ def with_objective(flags: list[str], objective=()) -> list[str]:
 
 
 def model_folder(work: str, model: str, pixel=()) -> str:
-    """<work>/latent, <work>/pixel, or <work>/pixel-<field><value>-… for a pixel objective beyond the
-    recipe's (`pixel_objective`; e.g. pixel-shift4), so a run never resumes one with another objective."""
-    name = "-".join([model, *(f"{k}{v}" for k, v in pixel)]) if model == "pixel" else model
-    return os.path.join(work, name)
+    """<work>/latent, <work>/pixel, or <work>/pixel-<field><value>-… for pixel settings beyond the recipe's
+    (`pixel_settings`; objective fields by their name, e.g. pixel-shift4, UNet fields as unet.<name>, e.g.
+    pixel-unet.attention_resolutions2-4-8-16), so a run never resumes one with other settings."""
+    if model != "pixel":
+        return os.path.join(work, model)
+    parts = [k.removeprefix("objective.") + re.sub(r"[^A-Za-z0-9._]+", "-", v).strip("-") for k, v in pixel]
+    return os.path.join(work, "-".join([model, *parts]))
 
 
 def two_hour_flags(model: str, work: str, pixel=()) -> tuple[list[str], list[str]]:
@@ -215,7 +222,7 @@ def two_hour_flags(model: str, work: str, pixel=()) -> tuple[list[str], list[str
     stage_b = [*common, "--objective.weighting", "min_snr", "--objective.min_snr_gamma", "5"]
     if model != "pixel":
         return stage_a, stage_b
-    return with_objective(stage_a, pixel), with_objective(stage_b, pixel)
+    return with_settings(stage_a, pixel), with_settings(stage_b, pixel)
 
 
 def stage_a_flags(model: str, work: str, data: str, vae: str | None, pixel=()) -> list[str]:
@@ -769,6 +776,14 @@ def main() -> int:
         help="the pixel model's objective fields in place of the recipe's, both stages (e.g. prediction=v "
         "zero_terminal_snr=true weighting=none; its runs go to <work>/pixel-predictionv-…)",
     )
+    p.add_argument(
+        "--pixel-unet",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the pixel model's UNet fields in place of its preset's, both stages (e.g. "
+        "attention_resolutions=[2,4,8,16]; its runs go to <work>/pixel-unet.attention_resolutions2-4-8-16)",
+    )
     p.add_argument("--seed", type=int, default=0, help="training seed, both models (onfly)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the sampling-cost measurement")
@@ -780,7 +795,7 @@ def main() -> int:
     if not (math.isfinite(args.pixel_shift) and args.pixel_shift > 0):
         p.error(f"--pixel-shift must be a finite number > 0 (1: the recipe's table), got {args.pixel_shift}")
     try:
-        pixel = pixel_objective(args.pixel_shift, args.pixel_objective)
+        pixel = pixel_settings(args.pixel_shift, args.pixel_objective, args.pixel_unet)
     except ValueError as e:
         p.error(str(e))
     folders = {m: model_folder(args.work, m, pixel) for m in MODELS}
@@ -796,7 +811,7 @@ def main() -> int:
         m: {
             "data": "shapes",
             "seed": args.seed,
-            "extra": with_objective([], pixel if m == "pixel" else ()),
+            "extra": with_settings([], pixel if m == "pixel" else ()),
             "before": None,
         }
         for m in MODELS
@@ -887,7 +902,7 @@ def main() -> int:
             "scenes": args.scenes if args.recipe == "2h" else None,
             "stage_a_steps": args.stage_a_steps if args.recipe == "2h" else None,
             "pixel_shift": args.pixel_shift,
-            "pixel_objective": dict(pixel),
+            "pixel_settings": dict(pixel),
             "lr_schedule": "constant",
             "eval": " ".join([*eval_args, "--seed", str(EVAL_SEED)]),
             "sampling": SAMPLE,

@@ -1,18 +1,25 @@
 """Does a shapes model's first prediction follow the background the prompt states?
 
-A sampler's first model call is at σ = 1 (flow), where x = ε carries no information about the image, so the
-x₀ the model predicts there can only come from the text. This script asks for "a big red circle on a C
-background" (blue circle when C is red) for every palette colour C, with `--n` noises each, takes the
-model's x₀ prediction at each `--sigma` (one call, no sampling), decodes it, names the median colour of the
-top and bottom 4-pixel rows with the evaluator's palette rule (`shapes.color.nearest_palette`) and reports
-the share that equals C, at each `--cfg` (x₀ = u + w·(c − u)); chance is 1/11. The same noises serve every
-prompt, so it also reports how often one noise gives one colour whatever the prompt says.
+A sampler's first model call is at its largest σ (1 for flow, 14.61 on SD's DDPM table), where x = σ·ε
+carries (almost) no information about the image, so the x₀ the model predicts there can only come from the
+text. This script asks for "a big red circle on a C background" (blue circle when C is red) for every
+palette colour C, with `--n` noises each, takes the model's x₀ prediction at each `--sigma` (one call, no
+sampling; default: the model's own largest σ, the first of the evaluation's 20-step euler schedule) from
+x = ε (flow, whose sampler starts at σ = 1) or x = σ·ε (a DDPM table in its VE form, x = x₀ + σ·ε, the
+image part left out), decodes it (a pixel model's as it is), names the median colour of the top and bottom
+4-pixel rows with the evaluator's palette rule (`shapes.color.nearest_palette`) and reports the share that
+equals C, at each `--cfg` (x₀ = u + w·(c − u)); chance is 1/11. The same noises serve every prompt, so it
+also reports how often one noise gives one colour whatever the prompt says.
 
 Why it exists (MODEL_CARD.md, "Why adherence came slowly"): a model can learn to read a flat background
 from the channel means of x, which stay informative up to t ≈ 0.97 on a 16×16 latent, and extrapolate that
 to σ = 1; it then draws a confident background that the noise suggests, whatever the text says, and its
 sampled images' background rate stays below chance. This call-level reading costs seconds, where the
 evaluator's takes minutes.
+
+Also run on the latent-vs-pixel benchmark's pixel models (benchmarks/README.md, "Why the pixel model stays
+at chance"), whose σ_max is 14.61 (58.46 shifted; 4518.76 for the zero-terminal-SNR table's 20-step normal
+schedule).
 
     python benchmarks/terminal_background.py MODEL [MODEL ...] [--sigma 1 0.9] [--cfg 1 3] [--n 8]
 """
@@ -21,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
+from latentforge.model_sampling import DiscreteFlow
 from latentforge.pipeline import Pipeline
 from latentforge.shapes.color import nearest_palette
 from latentforge.shapes.render import COLOR_NAMES
@@ -40,13 +49,15 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
     w, h = pipe.default_size
     f, c = pipe.downscale, pipe.latent_channels
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h // f, w // f, generator=g).to(pipe.device)  # the same noises for every prompt
+    eps = torch.randn(n, c, h // f, w // f, generator=g).to(pipe.device)  # the same noises for every prompt
+    flow = isinstance(pipe.model_sampling, DiscreteFlow)
     uncond = pipe.encode_prompt([""] * n, w, h)
     k = len(COLOR_NAMES)
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]  # two stated colours, one noise
     out = {}
     for sigma in sigmas:
         s = torch.full((n,), float(sigma), device=pipe.device)
+        x = eps if flow else eps * float(sigma)
         du = den(x, s, **uncond)
         named = {scale: [] for scale in cfgs}  # per scale: [colour][noise] -> predicted name
         for color in COLOR_NAMES:
@@ -72,17 +83,20 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="model files, or 'default'")
-    p.add_argument("--sigma", type=float, nargs="+", default=[1.0])
+    p.add_argument(
+        "--sigma", type=float, nargs="+", default=None, help="σ of the call (default: the model's largest)"
+    )
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--n", type=int, default=8, help="noises per colour")
     p.add_argument("--json", help="write the rates here")
     args = p.parse_args()
-    if args.n < 1 or any(not 0 < s <= 1 for s in args.sigma):
-        p.error(f"--n must be >= 1 and every --sigma in (0, 1]; got --n {args.n}, --sigma {args.sigma}")
+    if args.n < 1 or any(not (math.isfinite(s) and s > 0) for s in args.sigma or []):
+        p.error(f"--n must be >= 1 and every --sigma finite and > 0; got --n {args.n}, --sigma {args.sigma}")
     report = {}
     for m in args.models:
         pipe = Pipeline.default() if m == "default" else Pipeline.from_single_file(m)
-        report[m] = background_reading(pipe, args.sigma, args.cfg, args.n)
+        sigmas = args.sigma or [round(float(pipe.schedule("euler", "normal", 20)[0]), 4)]
+        report[m] = background_reading(pipe, sigmas, args.cfg, args.n)
         for sigma, by_cfg in report[m].items():
             for w, r in by_cfg.items():
                 print(

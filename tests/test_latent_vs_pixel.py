@@ -133,7 +133,7 @@ def test_pixel_shift_adds_only_the_shift_to_the_pixel_models_stages_and_keeps_it
     # (DiscreteVP.shift), the latent model's flags are untouched, and the shifted runs live in their own
     # folder so that a resumed unshifted run is never continued with another table (or the reverse)
     work = str(tmp_path / "work")
-    shifted = lvp.pixel_objective(4.0)
+    shifted = lvp.pixel_settings(4.0)
     for model, vae in (("latent", "v.safetensors"), ("pixel", None)):
         plain_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae))
         plain_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors"))
@@ -141,7 +141,7 @@ def test_pixel_shift_adds_only_the_shift_to_the_pixel_models_stages_and_keeps_it
         shifted_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors", shifted))
         extra = {"objective.shift": "4"} if model == "pixel" else {}
         assert shifted_a == {**plain_a, **extra} and shifted_b == {**plain_b, **extra}
-    assert lvp.model_folder(work, "pixel", lvp.pixel_objective(1.0)) == os.path.join(work, "pixel")
+    assert lvp.model_folder(work, "pixel", lvp.pixel_settings(1.0)) == os.path.join(work, "pixel")
     assert lvp.model_folder(work, "pixel", shifted) == os.path.join(work, "pixel-shift4")
     assert lvp.model_folder(work, "latent", shifted) == os.path.join(work, "latent")
 
@@ -153,7 +153,7 @@ def test_pixel_objective_replaces_the_recipes_fields_in_both_pixel_stages_only(t
     # flags are untouched; the run gets its own folder, and every --objective.* flag the trainer reads is
     # a field of ObjectiveConfig, so a typo fails before anything trains
     work = str(tmp_path / "work")
-    pixel = lvp.pixel_objective(1.0, ["prediction=v", "zero_terminal_snr=true", "weighting=none"])
+    pixel = lvp.pixel_settings(1.0, ["prediction=v", "zero_terminal_snr=true", "weighting=none"])
     change = {
         "objective.prediction": "v",
         "objective.zero_terminal_snr": "true",
@@ -178,7 +178,7 @@ def test_pixel_objective_replaces_the_recipes_fields_in_both_pixel_stages_only(t
     assert lvp.model_folder(work, "pixel", pixel) == os.path.join(
         work, "pixel-predictionv-zero_terminal_snrtrue-weightingnone"
     )
-    both = lvp.pixel_objective(4.0, ["prediction=v"])
+    both = lvp.pixel_settings(4.0, ["prediction=v"])
     assert lvp.model_folder(work, "pixel", both) == os.path.join(work, "pixel-shift4-predictionv")
     for bad in (
         ["predction=v"],
@@ -188,4 +188,32 @@ def test_pixel_objective_replaces_the_recipes_fields_in_both_pixel_stages_only(t
         ["weighting=none", "weighting=edm"],
     ):
         with pytest.raises(ValueError, match="--pixel-objective"):
-            lvp.pixel_objective(4.0, bad)
+            lvp.pixel_settings(4.0, bad)
+
+
+def test_pixel_unet_replaces_the_presets_fields_and_the_trainer_builds_that_unet(tmp_path):
+    # --pixel-unet attention_resolutions=[2,4,8,16]: one flag more in both of the pixel model's stages, none
+    # in the latent model's, its own folder; the trainer's own config parser turns the flag into the UNet
+    # with transformers at those downsampling factors (a JSON list, as any tuple field on the command line)
+    from latentforge.cli import parse_overrides
+    from latentforge.training.config import build
+    from latentforge.training.presets import DENOISER_PRESETS
+
+    work = str(tmp_path / "work")
+    pixel = lvp.pixel_settings(1.0, (), ["attention_resolutions=[2,4,8,16]"])
+    for model, vae in (("latent", "v.safetensors"), ("pixel", None)):
+        plain_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae))
+        new_a = flag_dict(lvp.stage_a_flags(model, work, "d", vae, pixel))
+        new_b = flag_dict(lvp.stage_b_extra(model, work, "a.safetensors", pixel))
+        extra = {"unet.attention_resolutions": "[2,4,8,16]"} if model == "pixel" else {}
+        assert new_a == {**plain_a, **extra}
+        assert new_b == {**flag_dict(lvp.stage_b_extra(model, work, "a.safetensors")), **extra}
+    flags = parse_overrides(lvp.with_settings([], pixel))
+    preset_unet = DENOISER_PRESETS["shapes64-pixel"]["unet"]
+    unet = build(type(preset_unet), {"attention_resolutions": flags["unet.attention_resolutions"]})
+    assert unet.attention_resolutions == (2, 4, 8, 16) and preset_unet.attention_resolutions == (8, 16)
+    assert lvp.model_folder(work, "pixel", pixel) == os.path.join(
+        work, "pixel-unet.attention_resolutions2-4-8-16"
+    )
+    with pytest.raises(ValueError, match="--pixel-unet"):
+        lvp.pixel_settings(1.0, (), ["attention_resolution=[2]"])
