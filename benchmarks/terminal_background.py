@@ -42,9 +42,12 @@ from latentforge.shapes.render import COLOR_NAMES
 def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> dict:
     """{σ: {w: {"text": share of x₀ predictions whose background is the stated colour, "noise": share of
     (noise, pair of stated colours) whose predictions name the same colour, "colours": distinct colours
-    predicted}}} over the 11 palette colours × the same n noises. A model that reads the text scores
-    text ≈ 1 and noise ≈ 0; one that reads the noise scores text ≈ 1/11 and noise ≈ 1 with several colours;
-    one that ignores both draws one colour (noise 1, colours 1)."""
+    predicted, "change": mean |image(C) − image(C')| over pairs of stated colours and noises, RGB in [0, 1],
+    the border rows only}}} over the 11 palette colours × the same n noises. A model that reads the text
+    scores text ≈ 1 and noise ≈ 0; one that reads the noise scores text ≈ 1/11 and noise ≈ 1 with several
+    colours; one that ignores both draws one colour (noise 1, colours 1). "change" tells a text path that is
+    there but too weak to move the colour (> 0) from none at all (0); two palette colours differ by 0.43 on
+    average."""
     den = pipe.denoiser()
     w, h = pipe.default_size
     f, c = pipe.downscale, pipe.latent_channels
@@ -60,6 +63,7 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
         x = eps if flow else eps * float(sigma)
         du = den(x, s, **uncond)
         named = {scale: [] for scale in cfgs}  # per scale: [colour][noise] -> predicted name
+        border = {scale: [] for scale in cfgs}  # per scale: [colour] -> rows [n, 3, 8·W]
         for color in COLOR_NAMES:
             obj = "blue" if color == "red" else "red"
             dc = den(x, s, **pipe.encode_prompt([f"a big {obj} circle on a {color} background"] * n, w, h))
@@ -68,6 +72,7 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
                 rows = torch.cat([img[:, :, :4], img[:, :, -4:]], dim=2).flatten(2)  # [n, 3, 8·W]
                 rgb = rows.median(dim=2).values.cpu().numpy() * 255
                 named[scale].append([COLOR_NAMES[nearest_palette(v)] for v in rgb])
+                border[scale].append(rows)
         out[sigma] = {}
         for scale, names in named.items():
             text = sum(row.count(col) for col, row in zip(COLOR_NAMES, names, strict=True))
@@ -76,6 +81,8 @@ def background_reading(pipe: Pipeline, sigmas, cfgs, n: int, seed: int = 0) -> d
                 "text": text / (n * k),
                 "noise": same / (n * len(pairs)),
                 "colours": len({name for row in names for name in row}),
+                "change": sum(float((border[scale][i] - border[scale][j]).abs().mean()) for i, j in pairs)
+                / len(pairs),
             }
     return out
 
@@ -101,7 +108,8 @@ def main() -> None:
             for w, r in by_cfg.items():
                 print(
                     f"{m}  σ {sigma:g} CFG {w:g}: background as stated {r['text']:.3f} (chance 0.091), "
-                    f"same colour for the same noise {r['noise']:.3f}, {r['colours']} colours drawn"
+                    f"same colour for the same noise {r['noise']:.3f}, {r['colours']} colours drawn, "
+                    f"border change between stated colours {r['change']:.4f}"
                 )
     if args.json:  # JSON keys are strings: σ and CFG as written by str()
         rows = {
