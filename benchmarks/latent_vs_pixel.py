@@ -72,7 +72,9 @@ about 4× more slowly) and the sampling timings; with `--recipe 2h` each model's
 `--minutes 1.5 --n 8 --points 2 --checkpoint-every 2 1 --repeats 1 --scenes 256 --stage-a-steps 4` is a
 smoke test of the whole path (about 4 minutes). A finished run continues with a larger budget and the same
 `--work` (the trainers resume, finished evaluations are read back); `--minutes 45 100` gives the pixel
-model, say, 55 more minutes alone, to find where it leaves chance.
+model, say, 55 more minutes alone, to find where it leaves chance. `--pixel-shift`, `--pixel-objective` and
+`--pixel-unet` change the pixel model's recipe alone, each setting in its own run folder (`pixel_settings`;
+benchmarks/README.md, "Why the pixel model stays at chance").
 """
 
 from __future__ import annotations
