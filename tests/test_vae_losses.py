@@ -18,6 +18,7 @@ from latentforge.training.vae_losses import (
     adaptive_gan_weight,
     autoencoder_loss,
     build_discriminator,
+    detail_map,
     discriminator_loss,
     gan_active,
     generator_loss,
@@ -233,6 +234,8 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
         ("disc_channels", True),
         ("gdl_weight", -0.5),
         ("gdl_weight", float("nan")),
+        ("detail_weight", -1.0),
+        ("detail_weight", float("inf")),
     ],
 )
 def test_config_rejects_bad_values(field, value):
@@ -447,6 +450,53 @@ def test_the_gdl_term_enters_the_loss_with_its_weight_and_is_logged():
     gdl = gradient_difference(x, x_hat).item()
     assert gdl > 0 and logs["gdl"] == pytest.approx(gdl, rel=1e-6)
     assert loss.item() == pytest.approx(plain_loss.item() + 2.0 * gdl, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detail-weighted reconstruction
+
+
+def test_detail_map_of_a_hand_worked_step_and_dot():
+    # a step [0, 0, 1, 1] (rows replicated, so the 3×3 box is a 3-wide mean of [0, 0, 0, 1, 1, 1] with the
+    # ends replicated): means 0, ⅓, ⅔, 1, so D = 0, ⅓, ⅓, 0, summed over the 2 equal channels
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, 2, 3, 4)
+    expected = 2 * torch.tensor([0.0, 1 / 3, 1 / 3, 0.0]).expand(1, 1, 3, 4)
+    torch.testing.assert_close(detail_map(x), expected)
+    # a one-pixel dot of height h in a flat 5×5 field: 8h/9 on it, h/9 on its 8 neighbours, 0 beyond
+    dot = torch.zeros(1, 1, 5, 5)
+    dot[..., 2, 2] = 0.9
+    d = detail_map(dot)[0, 0]
+    assert d[2, 2].item() == pytest.approx(0.8, rel=1e-6)
+    assert torch.allclose(d[1:4, 1:4].sum() - d[2, 2], torch.tensor(8 * 0.1))
+    assert d[0].abs().max() == 0 and d[:, 0].abs().max() == 0
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        detail_map(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("recon", ["l1", "l2"])
+def test_detail_weight_multiplies_each_pixels_error_by_one_plus_w_times_the_detail(recon):
+    # the step above against all zeros: errors 0, 0, 1, 1 (l1 and l2 alike), weights 1 + 3·(0, ⅔, ⅔, 0) for
+    # w = 3 (two channels): (0 + 0 + 3 + 1) / 4 = 1 per channel, against the plain mean ½
+    x = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, 2, 3, 4)
+    zero = torch.zeros_like(x)
+    assert reconstruction_loss(VAELossConfig(recon=recon), x, zero).item() == pytest.approx(0.5)
+    weighted = reconstruction_loss(VAELossConfig(recon=recon, detail_weight=3.0), x, zero)
+    assert weighted.item() == pytest.approx(1.0, rel=1e-6)
+    # on a flat image the weight is 1 everywhere: the same loss as the plain mean
+    flat, noisy = torch.full((1, 3, 6, 6), 0.3), _images((1, 3, 6, 6), 1)
+    plain = reconstruction_loss(VAELossConfig(recon=recon), flat, noisy)
+    weighted = reconstruction_loss(VAELossConfig(recon=recon, detail_weight=7.0), flat, noisy)
+    torch.testing.assert_close(weighted, plain)
+
+
+def test_detail_weight_reaches_the_autoencoder_loss():
+    x = _images((2, 3, 8, 8), 0)
+    cfg = VAELossConfig(kl_weight=0.0, detail_weight=2.0)
+    loss, logs, x_hat = autoencoder_loss(cfg, _KnownPosterior(), x, 0)
+    err = (x_hat.detach() - x).abs()
+    expected = (err * (1 + 2.0 * detail_map(x))).mean()
+    assert logs["rec"] == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

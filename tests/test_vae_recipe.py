@@ -95,6 +95,19 @@ def test_gdl_weight_reaches_the_trainers_loss_and_its_log(tmp_path):
     assert json.loads((out / "config.json").read_text())["gdl_weight"] == 0.5
 
 
+def test_detail_weight_reaches_the_loss_config_from_the_command_line():
+    """--detail_weight (vae_losses.detail_map) goes from the trainer's flags into the loss it trains with;
+    0, the default, is LDM's plain per-pixel mean."""
+    from latentforge.training.config import resolve
+    from latentforge.training.vae_trainer import loss_config
+
+    assert loss_config(resolve("vae", "shapes-vae", overrides={})).detail_weight == 0.0
+    cfg = resolve("vae", "shapes-vae", overrides={"detail_weight": "5"})
+    assert cfg.detail_weight == 5.0 and loss_config(cfg).detail_weight == 5.0
+    with pytest.raises(ValueError, match="detail_weight"):
+        resolve("vae", "shapes-vae", overrides={"detail_weight": "-1"})
+
+
 def test_unknown_train_part_is_refused():
     with pytest.raises(ValueError, match="train_part"):
         VAETrainConfig(train_part="encoder")

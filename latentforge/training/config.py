@@ -156,6 +156,7 @@ class VAETrainConfig:
     crop: int = 0  # shapes data: train on random crop×crop windows of the scenes (0: whole scenes)
     recon: str = "l1"  # "l1" | "l2"
     gdl_weight: float = 0.0  # gradient difference loss (vae_losses.gradient_difference); 0: off, as in LDM
+    detail_weight: float = 0.0  # errors weighted 1 + w·detail (vae_losses.detail_map); 0: off, as in LDM
     logvar_init: float | None = None  # q(z|x)'s log-variance bias at the start (vae_trainer.narrow_posterior)
     # "all" | "decoder": with "decoder" the encoder and quant_conv are frozen, so the latents (and a denoiser
     # trained on them) stay valid: SD's ft-EMA / ft-MSE VAEs were made this way (vae_trainer.freeze_encoder)
@@ -205,7 +206,7 @@ class VAETrainConfig:
         check_resolution(self.data, self.resolution)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("kl_weight", "disc_weight", "gdl_weight"):
+        for name in ("kl_weight", "disc_weight", "gdl_weight", "detail_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.data == "shapes" and self.random_flip:

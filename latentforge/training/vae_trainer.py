@@ -51,6 +51,7 @@ def loss_config(cfg: VAETrainConfig) -> VAELossConfig:
     return VAELossConfig(
         recon=cfg.recon,
         gdl_weight=cfg.gdl_weight,
+        detail_weight=cfg.detail_weight,
         kl_weight=cfg.kl_weight,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,
