@@ -94,6 +94,24 @@ def test_eps_minsnr_weights_stage_b_only_and_shares_eps_stage_a(tmp_path):
     assert len(again) == len(calls) + 1 and minsnr in again[-1]
 
 
+def test_a_detail_weighted_decoder_stage_and_a_shorter_stage_b_get_their_own_folders(tmp_path):
+    done, calls = run(tmp_path, VAEDEC_STEPS="12000", VAEDEC_DETAIL="5", B_STEPS="6000")
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    stage_b, dec, ship = calls[3], calls[4], calls[5]
+    assert "--max_steps 6000" in stage_b and f"--out {r}/unet-eps-minsnrB6000" in stage_b
+    assert f"--init_from {r}/unet-epsA/checkpoints/last.safetensors" in stage_b  # ε's stage A, shared
+    assert "--detail_weight 5" in dec and "--max_steps 12000" in dec
+    assert f"--out {r}/vaedec12000-detail5" in dec
+    assert f"{r}/unet-eps-minsnrB6000/checkpoints/last.safetensors" in ship
+    assert f"--vae {r}/vaedec12000-detail5/checkpoints/last.safetensors" in ship
+    assert ship.endswith(f"--out {r}/shapes64-2h-eps-minsnr-b6000-dec12000-detail5.safetensors")
+    # the shipped recipe's commands carry no detail weight and stage B's 9000 steps
+    (tmp_path / "plain").mkdir()
+    _, plain = run(tmp_path / "plain")
+    assert not any("--detail_weight" in c for c in plain) and "--max_steps 9000" in plain[3]
+
+
 @pytest.mark.parametrize("v", ["f8", "c8"])
 def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_path, v):
     done, calls = run(tmp_path, VAE=v)
@@ -128,6 +146,9 @@ def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_pa
         ({"OBJ": "v"}, "OBJ must be flow, eps or eps-minsnr, got 'v'"),
         ({"VAEDEC_STEPS": "5k"}, "VAEDEC_STEPS must be a positive whole number, got '5k'"),
         ({"VAEDEC_STEPS": "0"}, "VAEDEC_STEPS must be a positive whole number, got '0'"),
+        ({"VAEDEC_DETAIL": "0.5"}, "VAEDEC_DETAIL must be a whole number >= 0, got '0.5'"),
+        ({"B_STEPS": "0"}, "B_STEPS must be a positive whole number, got '0'"),
+        ({"B_STEPS": "-6000"}, "B_STEPS must be a positive whole number, got '-6000'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),
         ({"VAE": "f16"}, "VAE must be f4, f8 or c8, got 'f16'"),
         ({"VAE": "f8", "NET": "dit"}, "VAE=f8 has a UNet preset only (shapes64-f8); got NET=dit"),
