@@ -20,9 +20,10 @@
 # `shapes64-c8` (`shapes64` but for its first and last convolutions); suffix -c8, the same scenes.
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 5000, ~17 min; 3000 took 10 min, and 6000
 # raised the ε model's 1-object cell from 95.0 to 96.3%: "ε, and the decoder stage's length").
-# VAEDEC_DETAIL=W: that stage's `--detail_weight` (default 0: plain L2, the shipped recipe; W = 5 over 12,000
-# more steps on the shipped decoder brought the judges within 3% on two of three sets: MODEL_CARD.md, "Not
-# done yet"). B_STEPS=N: stage B's length (default 9000), to pay for a longer decoder stage.
+# VAEDEC_DETAIL=W: that stage's `--detail_weight` (default 0: plain L2, the shipped recipe; 12,000 more decoder
+# steps on the shipped VAE lift the model 2-5 points with W = 5 or plain L2 alike: the length counts, not the
+# weight; MODEL_CARD.md, "Not done yet"). B_STEPS=N: stage B's length (default 9000), to pay for a longer
+# decoder stage.
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
 # (a stage that was cut off resumes from its last saved state).
 set -euo pipefail
@@ -112,7 +113,8 @@ stage "$BSTAGE" "$R/$BSTAGE" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]
 # VAE, stage 2: the decoder (and post_quant_conv) alone, VAEDEC_STEPS steps; the encoder, quant_conv and the
 # latent scale stay bit-identical, so the denoiser's latents keep their meaning (the shipped recipe's VAE
 # stage 5). It needs only the stage-1 VAE, so it may run before the denoiser as well as after it. Its folder
-# is vaedec, or vaedec<N> for another length, so that a changed VAEDEC_STEPS never reuses a finished stage.
+# is vaedec, or vaedec<N> for another length (and -detail<W> with a detail weight), so that a changed
+# VAEDEC_STEPS or VAEDEC_DETAIL never reuses a finished stage.
 DEC=vaedec TAG=$SUFFIX
 if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
 DETAIL=()  # plain L2 unless VAEDEC_DETAIL is set
@@ -121,8 +123,8 @@ if [ "$VAEDEC_DETAIL" != 0 ]; then
 fi
 DEC=$DEC$F
 stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
-    --train_part decoder --recon l2 ${DETAIL[@]+"${DETAIL[@]}"} --lr 5e-4 --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 \
-    --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" --checkpoint_every 500 --seed 2
+    --train_part decoder --recon l2 ${DETAIL[@]+"${DETAIL[@]}"} --lr 5e-4 --lr_schedule cosine \
+    --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" --checkpoint_every 500 --seed 2
 
 # the model file: float16, the denoiser and text tower of stage B with the stage-2 VAE, the default
 # model's generation defaults (20 steps, euler_ancestral, CFG 3, the layout prompt completion)
