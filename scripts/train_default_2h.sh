@@ -124,7 +124,8 @@ fi
 DEC=$DEC$F
 stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
     --train_part decoder --recon l2 ${DETAIL[@]+"${DETAIL[@]}"} --lr 5e-4 --lr_schedule cosine \
-    --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" --checkpoint_every 500 --seed 2
+    --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" \
+    --checkpoint_every 500 --seed 2
 
 # the model file: float16, the denoiser and text tower of stage B with the stage-2 VAE, the default
 # model's generation defaults (20 steps, euler_ancestral, CFG 3, the layout prompt completion)
