@@ -3,7 +3,8 @@
 # its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
-# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [B_STEPS=N] [VAE=f4|f8|c8] scripts/train_default_2h.sh RUNS_DIR
+# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [B_STEPS=N] [VAE=f4|f8|c8]
+# scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
 # since it trains at SNR ≈ 0 where the weight is 1 (MODEL_CARD.md, "Where the small shapes are lost, and
@@ -20,10 +21,12 @@
 # `shapes64-c8` (`shapes64` but for its first and last convolutions); suffix -c8, the same scenes.
 # VAEDEC_STEPS=N: the decoder-alone VAE stage's length (default 5000, ~17 min; 3000 took 10 min, and 6000
 # raised the ε model's 1-object cell from 95.0 to 96.3%: "ε, and the decoder stage's length").
-# VAEDEC_DETAIL=W: that stage's `--detail_weight` (default 0: plain L2, the shipped recipe; 12,000 more decoder
-# steps on the shipped VAE lift the model 2-5 points with W = 5 or plain L2 alike: the length counts, not the
-# weight; MODEL_CARD.md, "Not done yet"). B_STEPS=N: stage B's length (default 9000); paying for a longer
-# decoder stage with it does not work (6000 with a 9500-step decoder stage: 90.0% against 94.1% validation).
+# VAEDEC_DETAIL=W: that stage's `--detail_weight` (default 0: plain L2, the shipped recipe; 12,000 more
+# decoder steps on the shipped VAE lift the model 2-5 points with W = 5 or plain L2 alike: the length counts,
+# not the weight; MODEL_CARD.md, "Not done yet"). VAEDEC_FOCUS=P: that stage's `--crop_focus` in percent
+# (default 0: uniform windows; P% of them placed on an object, whole: feed.ShapesTrain). B_STEPS=N: stage
+# B's length (default 9000); paying for a longer decoder stage with it does not work (6000 with a 9500-step
+# decoder stage: 90.0% against 94.1% validation).
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
 # (a stage that was cut off resumes from its last saved state).
 set -euo pipefail
@@ -55,6 +58,14 @@ VAEDEC_DETAIL=${VAEDEC_DETAIL:-0}
 case $VAEDEC_DETAIL in
     ''|*[!0-9]*|0?*) echo "VAEDEC_DETAIL must be a whole number >= 0, got '$VAEDEC_DETAIL'" >&2; exit 2 ;;
 esac
+VAEDEC_FOCUS=${VAEDEC_FOCUS:-0}
+case $VAEDEC_FOCUS in
+    ''|*[!0-9]*|0?*) echo "VAEDEC_FOCUS must be a whole percentage 0..100, got '$VAEDEC_FOCUS'" >&2; exit 2 ;;
+esac
+if [ "$VAEDEC_FOCUS" -gt 100 ]; then
+    echo "VAEDEC_FOCUS must be a whole percentage 0..100, got '$VAEDEC_FOCUS'" >&2
+    exit 2
+fi
 B_STEPS=${B_STEPS:-9000}
 case $B_STEPS in
     ''|*[!0-9]*|0*) echo "B_STEPS must be a positive whole number, got '$B_STEPS'" >&2; exit 2 ;;
@@ -113,17 +124,21 @@ stage "$BSTAGE" "$R/$BSTAGE" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]
 # VAE, stage 2: the decoder (and post_quant_conv) alone, VAEDEC_STEPS steps; the encoder, quant_conv and the
 # latent scale stay bit-identical, so the denoiser's latents keep their meaning (the shipped recipe's VAE
 # stage 5). It needs only the stage-1 VAE, so it may run before the denoiser as well as after it. Its folder
-# is vaedec, or vaedec<N> for another length (and -detail<W> with a detail weight), so that a changed
-# VAEDEC_STEPS or VAEDEC_DETAIL never reuses a finished stage.
+# is vaedec, or vaedec<N> for another length (and -detail<W> with a detail weight, -focus<P> with focused
+# windows), so that a changed VAEDEC_STEPS, VAEDEC_DETAIL or VAEDEC_FOCUS never reuses a finished stage.
 DEC=vaedec TAG=$SUFFIX
 if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
-DETAIL=()  # plain L2 unless VAEDEC_DETAIL is set
+DECFLAGS=()  # plain L2 on uniform windows unless VAEDEC_DETAIL or VAEDEC_FOCUS is set
 if [ "$VAEDEC_DETAIL" != 0 ]; then
-    DEC=$DEC-detail$VAEDEC_DETAIL TAG=$TAG-detail$VAEDEC_DETAIL DETAIL=(--detail_weight "$VAEDEC_DETAIL")
+    DEC=$DEC-detail$VAEDEC_DETAIL TAG=$TAG-detail$VAEDEC_DETAIL DECFLAGS=(--detail_weight "$VAEDEC_DETAIL")
+fi
+if [ "$VAEDEC_FOCUS" != 0 ]; then
+    DEC=$DEC-focus$VAEDEC_FOCUS TAG=$TAG-focus$VAEDEC_FOCUS
+    DECFLAGS+=(--crop_focus "$(printf '%d.%02d' $((VAEDEC_FOCUS / 100)) $((VAEDEC_FOCUS % 100)))")
 fi
 DEC=$DEC$F
 stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
-    --train_part decoder --recon l2 ${DETAIL[@]+"${DETAIL[@]}"} --lr 5e-4 --lr_schedule cosine \
+    --train_part decoder --recon l2 ${DECFLAGS[@]+"${DECFLAGS[@]}"} --lr 5e-4 --lr_schedule cosine \
     --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" \
     --checkpoint_every 500 --seed 2
 

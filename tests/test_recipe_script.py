@@ -112,6 +112,22 @@ def test_a_detail_weighted_decoder_stage_and_a_shorter_stage_b_get_their_own_fol
     assert not any("--detail_weight" in c for c in plain) and "--max_steps 9000" in plain[3]
 
 
+@pytest.mark.parametrize(("p", "flag"), [("75", "0.75"), ("5", "0.05"), ("100", "1.00")])
+def test_focused_decoder_windows_get_their_own_folder(tmp_path, p, flag):
+    done, calls = run(tmp_path, VAEDEC_FOCUS=p)
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    dec, ship = calls[4], calls[5]
+    assert f"--crop_focus {flag} " in dec and "--detail_weight" not in dec and "--crop 32" in dec
+    assert dec.endswith(f"--out {r}/vaedec5000-focus{p}")
+    assert f"--vae {r}/vaedec5000-focus{p}/checkpoints/last.safetensors" in ship
+    assert ship.endswith(f"--out {r}/shapes64-2h-eps-minsnr-dec5000-focus{p}.safetensors")
+    assert not any("--crop_focus" in c for c in calls[:4])  # the VAE's first stage keeps uniform windows
+    (tmp_path / "both").mkdir()
+    _, both = run(tmp_path / "both", VAEDEC_FOCUS=p, VAEDEC_DETAIL="5")
+    assert f"--detail_weight 5 --crop_focus {flag} " in both[4] and both[4].endswith(f"-detail5-focus{p}")
+
+
 @pytest.mark.parametrize("v", ["f8", "c8"])
 def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_path, v):
     done, calls = run(tmp_path, VAE=v)
@@ -147,6 +163,9 @@ def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_pa
         ({"VAEDEC_STEPS": "5k"}, "VAEDEC_STEPS must be a positive whole number, got '5k'"),
         ({"VAEDEC_STEPS": "0"}, "VAEDEC_STEPS must be a positive whole number, got '0'"),
         ({"VAEDEC_DETAIL": "0.5"}, "VAEDEC_DETAIL must be a whole number >= 0, got '0.5'"),
+        ({"VAEDEC_FOCUS": "0.75"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '0.75'"),
+        ({"VAEDEC_FOCUS": "101"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '101'"),
+        ({"VAEDEC_FOCUS": "075"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '075'"),
         ({"B_STEPS": "0"}, "B_STEPS must be a positive whole number, got '0'"),
         ({"B_STEPS": "-6000"}, "B_STEPS must be a positive whole number, got '-6000'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),

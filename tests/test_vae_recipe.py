@@ -3,6 +3,7 @@ narrow posterior at the start of a run, GroupNorm groups in the config."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,76 @@ def test_crops_are_windows_of_the_scene_drawn_from_seed_and_index():
 def test_crop_out_of_range_is_refused():
     with pytest.raises(ValueError, match="crop must be in"):
         ShapesTrain(64, 0, crop=65)
+
+
+def _whole_objects(scene, top: int, left: int, crop: int) -> int:
+    """How many of the scene's objects have their whole box (the renderer's own) inside the window."""
+    from latentforge.shapes.render import coverage
+
+    boxes = [coverage(o.shape, o.size, o.position, 64)[:4] for o in scene.objects]
+    return sum(
+        top <= r0 and r1 <= top + crop and left <= c0 and c1 <= left + crop for r0, r1, c0, c1 in boxes
+    )
+
+
+def _where(full: torch.Tensor, win: torch.Tensor) -> list[tuple[int, int]]:
+    """Every (top, left) where `win` is a window of `full` (more than one where the scene repeats itself)."""
+    c = win.shape[-1]
+    n = full.shape[-1] - c + 1
+    return [(t, l) for t in range(n) for l in range(n) if torch.equal(full[:, t : t + c, l : l + c], win)]
+
+
+def test_focused_crops_hold_an_object_whole_and_focus_0_is_todays_windows():
+    """--crop_focus 1: every window holds one of its scene's objects whole (both sizes fit a 32² window: a
+    large box is 19 px); uniform windows do so far less often (a small object in a corner cell is whole in
+    7 of the 33 offsets on each axis). --crop_focus 0 draws exactly today's windows."""
+    today, zero, focused = (
+        ShapesTrain(64, 5, crop=32),
+        ShapesTrain(64, 5, 32, 0.0),
+        ShapesTrain(64, 5, 32, 1.0),
+    )
+    n, held_uniform = 60, 0
+    for i in range(n):
+        full = to_tensor(sample(5, "train", i, 64)[0])
+        scene = sample(5, "train", i, 64)[2]
+        assert torch.equal(today[i]["image"], zero[i]["image"])
+        win = focused[i]["image"]
+        assert win.shape == (3, 32, 32) and torch.equal(win, ShapesTrain(64, 5, 32, 1.0)[i]["image"])
+        assert any(_whole_objects(scene, t, l, 32) >= 1 for t, l in _where(full, win))
+        held_uniform += all(_whole_objects(scene, t, l, 32) >= 1 for t, l in _where(full, today[i]["image"]))
+    assert held_uniform < n / 2  # measured 0.15 whole objects a uniform window on 400 scenes
+
+
+def test_focused_crops_larger_objects_than_the_window_are_cut_inside_their_box():
+    """A window smaller than a large object's box lies inside the box (so it holds the object's edge or
+    body, never only background beside it)."""
+    from latentforge.shapes.render import Obj, Scene, coverage
+    from latentforge.training.feed import object_window
+
+    scene = Scene((Obj("square", "red", "large", "top_left"),), "black")
+    r0, r1, c0, c1, _ = coverage("square", "large", "top_left", 64)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        top, left = object_window(scene, 64, 8, rng)
+        assert r0 <= top and top + 8 <= r1 and c0 <= left and left + 8 <= c1
+
+
+def test_the_config_field_reaches_the_stream():
+    """`train vae --crop 32 --crop_focus 0.75` (the flag is the config field) feeds focused windows."""
+    from latentforge.training.dist import World
+    from latentforge.training.feed import dataset_for
+
+    ds = dataset_for(VAETrainConfig(crop=32, crop_focus=0.75, seed=4), World())
+    assert (ds.crop, ds.focus, ds.seed) == (32, 0.75, 4)
+    assert VAETrainConfig().crop_focus == 0.0
+
+
+@pytest.mark.parametrize(
+    ("crop", "focus", "match"), [(32, 1.5, "crop_focus must be in"), (0, 0.5, "needs a crop below")]
+)
+def test_crop_focus_out_of_range_is_refused(crop, focus, match):
+    with pytest.raises(ValueError, match=match):
+        ShapesTrain(64, 0, crop, focus)
 
 
 def test_narrow_posterior_sets_the_log_variance_half_of_the_moments():

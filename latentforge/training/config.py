@@ -154,6 +154,7 @@ class VAETrainConfig:
     num_workers: int = 1
     min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
     crop: int = 0  # shapes data: train on random crop×crop windows of the scenes (0: whole scenes)
+    crop_focus: float = 0.0  # shapes data: the share of those windows placed on an object (feed.ShapesTrain)
     recon: str = "l1"  # "l1" | "l2"
     gdl_weight: float = 0.0  # gradient difference loss (vae_losses.gradient_difference); 0: off, as in LDM
     detail_weight: float = 0.0  # errors weighted 1 + w·detail (vae_losses.detail_map); 0: off, as in LDM
