@@ -3,7 +3,7 @@
 # its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
-# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [B_STEPS=N] [VAE=f4|f8|c8]
+# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [VAEDEC_WHOLE=1] [B_STEPS=N] [VAE=f4|f8|c8]
 # scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
@@ -24,7 +24,9 @@
 # VAEDEC_DETAIL=W: that stage's `--detail_weight` (default 0: plain L2, the shipped recipe; 12,000 more
 # decoder steps on the shipped VAE lift the model 2-5 points with W = 5 or plain L2 alike: the length counts,
 # not the weight; MODEL_CARD.md, "Not done yet"). VAEDEC_FOCUS=P: that stage's `--crop_focus` in percent
-# (default 0: uniform windows; P% of them placed on an object, whole: feed.ShapesTrain). B_STEPS=N: stage
+# (default 0: uniform windows; P% of them placed on an object, whole: feed.ShapesTrain). VAEDEC_WHOLE=1:
+# that stage on whole 64² scenes at batch 8 (the same pixels, and FLOPs, a step as 32 windows of 32²), so the
+# decoder learns from the latents of whole scenes, as the denoiser makes them. B_STEPS=N: stage
 # B's length (default 9000); paying for a longer decoder stage with it does not work (6000 with a 9500-step
 # decoder stage: 90.0% against 94.1% validation).
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
@@ -64,6 +66,15 @@ case $VAEDEC_FOCUS in
 esac
 if [ "$VAEDEC_FOCUS" -gt 100 ]; then
     echo "VAEDEC_FOCUS must be a whole percentage 0..100, got '$VAEDEC_FOCUS'" >&2
+    exit 2
+fi
+VAEDEC_WHOLE=${VAEDEC_WHOLE:-0}
+case $VAEDEC_WHOLE in
+    0|1) ;;
+    *) echo "VAEDEC_WHOLE must be 0 or 1, got '$VAEDEC_WHOLE'" >&2; exit 2 ;;
+esac
+if [ "$VAEDEC_WHOLE" = 1 ] && [ "$VAEDEC_FOCUS" != 0 ]; then
+    echo "VAEDEC_FOCUS places windows; VAEDEC_WHOLE=1 has none (whole scenes): set one of them" >&2
     exit 2
 fi
 B_STEPS=${B_STEPS:-9000}
@@ -125,7 +136,7 @@ stage "$BSTAGE" "$R/$BSTAGE" $LF train denoiser "${DENOISER[@]}" "${OBJECTIVE[@]
 # latent scale stay bit-identical, so the denoiser's latents keep their meaning (the shipped recipe's VAE
 # stage 5). It needs only the stage-1 VAE, so it may run before the denoiser as well as after it. Its folder
 # is vaedec, or vaedec<N> for another length (and -detail<W> with a detail weight, -focus<P> with focused
-# windows), so that a changed VAEDEC_STEPS, VAEDEC_DETAIL or VAEDEC_FOCUS never reuses a finished stage.
+# windows, -whole on whole scenes), so that a changed VAEDEC_* switch never reuses a finished stage.
 DEC=vaedec TAG=$SUFFIX
 if [ "$VAEDEC_STEPS" != 3000 ]; then DEC=vaedec$VAEDEC_STEPS TAG=$SUFFIX-dec$VAEDEC_STEPS; fi
 DECFLAGS=()  # plain L2 on uniform windows unless VAEDEC_DETAIL or VAEDEC_FOCUS is set
@@ -136,10 +147,12 @@ if [ "$VAEDEC_FOCUS" != 0 ]; then
     DEC=$DEC-focus$VAEDEC_FOCUS TAG=$TAG-focus$VAEDEC_FOCUS
     DECFLAGS+=(--crop_focus "$(printf '%d.%02d' $((VAEDEC_FOCUS / 100)) $((VAEDEC_FOCUS % 100)))")
 fi
+WINDOWS=(--crop 32 --batch_size 32)
+if [ "$VAEDEC_WHOLE" = 1 ]; then DEC=$DEC-whole TAG=$TAG-whole WINDOWS=(--crop 0 --batch_size 8); fi
 DEC=$DEC$F
 stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
     --train_part decoder --recon l2 ${DECFLAGS[@]+"${DECFLAGS[@]}"} --lr 5e-4 --lr_schedule cosine \
-    --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 20 --max_steps "$VAEDEC_STEPS" \
+    --min_lr_ratio 0.1 "${WINDOWS[@]}" --warmup_steps 20 --max_steps "$VAEDEC_STEPS" \
     --checkpoint_every 500 --seed 2
 
 # the model file: float16, the denoiser and text tower of stage B with the stage-2 VAE, the default

@@ -128,6 +128,20 @@ def test_focused_decoder_windows_get_their_own_folder(tmp_path, p, flag):
     assert f"--detail_weight 5 --crop_focus {flag} " in both[4] and both[4].endswith(f"-detail5-focus{p}")
 
 
+def test_a_whole_scene_decoder_stage_gets_its_own_folder(tmp_path):
+    done, calls = run(tmp_path, VAEDEC_WHOLE="1")
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    dec, ship = calls[4], calls[5]
+    assert "--crop 0 --batch_size 8 " in dec and "--crop 32" not in dec and "--crop_focus" not in dec
+    assert dec.endswith(f"--out {r}/vaedec5000-whole")
+    assert ship.endswith(f"--out {r}/shapes64-2h-eps-minsnr-dec5000-whole.safetensors")
+    assert "--crop 32 --batch_size 32 " in calls[0]  # the VAE's first stage keeps its windows
+    (tmp_path / "plain").mkdir()
+    _, plain = run(tmp_path / "plain")
+    assert "--crop 32 --batch_size 32 " in plain[4]  # the shipped recipe's decoder stage
+
+
 @pytest.mark.parametrize("v", ["f8", "c8"])
 def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_path, v):
     done, calls = run(tmp_path, VAE=v)
@@ -166,6 +180,8 @@ def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_pa
         ({"VAEDEC_FOCUS": "0.75"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '0.75'"),
         ({"VAEDEC_FOCUS": "101"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '101'"),
         ({"VAEDEC_FOCUS": "075"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '075'"),
+        ({"VAEDEC_WHOLE": "yes"}, "VAEDEC_WHOLE must be 0 or 1, got 'yes'"),
+        ({"VAEDEC_WHOLE": "1", "VAEDEC_FOCUS": "75"}, "VAEDEC_WHOLE=1 has none (whole scenes)"),
         ({"B_STEPS": "0"}, "B_STEPS must be a positive whole number, got '0'"),
         ({"B_STEPS": "-6000"}, "B_STEPS must be a positive whole number, got '-6000'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),
