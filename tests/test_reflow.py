@@ -59,7 +59,10 @@ def test_an_eps_teacher_gives_pairs_from_the_same_unit_noise(tmp_path):
     want = pipe.sample(
         reflow.shapes_prompts(2, 5)[1], steps=2, sampler="euler", cfg=2.0, seed=seed, progress=False
     )
-    torch.testing.assert_close(data[1]["latent"], want[0].float(), rtol=1e-4, atol=1e-5)
+    # batch of 2 against 1: the same float32 blocking error on a start noise of scale σ_max (14.6) as in the
+    # test above (1.5e-5 seen on an AVX2 CPU, within 1e-5 on the AVX-512 ones); a wrong coupling errs by O(1)
+    atol = 1e-5 * float(pipe.model_sampling.sigma_max)
+    torch.testing.assert_close(data[1]["latent"], want[0].float(), rtol=1e-4, atol=atol)
     noise = variation_noise((1, *index["latent_shape"]), [seed], None, 0.0, None, "cpu")[0]
     assert torch.equal(data[1]["noise"], noise)
     # a stochastic sampler's sample is not a function of the pair's noise: refused, with the choices

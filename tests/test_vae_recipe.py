@@ -55,7 +55,7 @@ def _where(full: torch.Tensor, win: torch.Tensor) -> list[tuple[int, int]]:
 
 def test_focused_crops_hold_an_object_whole_and_focus_0_is_todays_windows():
     """--crop_focus 1: every window holds one of its scene's objects whole (both sizes fit a 32² window: a
-    large box is 19 px); uniform windows do so far less often (a small object in a corner cell is whole in
+    large box is 18 px); uniform windows do so far less often (a small object in a corner cell is whole in
     7 of the 33 offsets on each axis). --crop_focus 0 draws exactly today's windows."""
     today, zero, focused = (
         ShapesTrain(64, 5, crop=32),
