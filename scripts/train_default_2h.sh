@@ -3,7 +3,8 @@
 # its text tower, from scratch, one seed per stage. With no switches it makes the shipped file (the ninth
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
-# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [VAEDEC_WHOLE=1] [B_STEPS=N] [VAE=f4|f8|c8]
+# [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [VAEDEC_WHOLE=1] [VAE1_WHOLE=1] [B_STEPS=N]
+# [VAE=f4|f8|c8]
 # scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
@@ -29,6 +30,11 @@
 # decoder learns from the latents of whole scenes, as the denoiser makes them (5000 such steps on the shipped
 # VAE: validation 96.9% against 94.1%, judges 2.8% against 5.2%; run end to end from VAE 1 on 2026-12-07,
 # 92.3% / 7.3%, a new draw of the denoiser below the shipped one: MODEL_CARD.md, "Not done yet").
+# VAE1_WHOLE=1: the VAE's first stage on whole 64² scenes at batch 8 too (the same pixels, and FLOPs, a step
+# as its 32 windows of 32²), so that encoder and decoder learn from what they are used on; every later stage
+# runs on that VAE, in its own folders (suffix -vw: vae-vw, cache-vw, unet-vw-...). With VAEDEC_WHOLE=1 the
+# decoder then has whole-scene steps from its first one (on the e2e42 run's VAE 1 the decoder stage at 10,000
+# whole-scene steps against 5000 took the model from 92.3 to 94.4% on validation: MODEL_CARD.md).
 # B_STEPS=N: stage B's length (default 9000); paying for a longer decoder stage with it does not work (6000
 # with a 9500-step decoder stage: 90.0% against 94.1% validation).
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
@@ -75,6 +81,11 @@ case $VAEDEC_WHOLE in
     0|1) ;;
     *) echo "VAEDEC_WHOLE must be 0 or 1, got '$VAEDEC_WHOLE'" >&2; exit 2 ;;
 esac
+VAE1_WHOLE=${VAE1_WHOLE:-0}
+case $VAE1_WHOLE in
+    0|1) ;;
+    *) echo "VAE1_WHOLE must be 0 or 1, got '$VAE1_WHOLE'" >&2; exit 2 ;;
+esac
 if [ "$VAEDEC_WHOLE" = 1 ] && [ "$VAEDEC_FOCUS" != 0 ]; then
     echo "VAEDEC_FOCUS places windows; VAEDEC_WHOLE=1 has none (whole scenes): set one of them" >&2
     exit 2
@@ -90,6 +101,8 @@ case $OBJ in
     eps|eps-minsnr) OBJECTIVE=(--objective.prediction eps --objective.sigma_sampling uniform_discrete) ;;
     *) echo "OBJ must be flow, eps or eps-minsnr, got '$OBJ'" >&2; exit 2 ;;
 esac
+VAE1_WINDOWS=(--crop 32 --batch_size 32)
+if [ "$VAE1_WHOLE" = 1 ]; then F=$F-vw VAE1_WINDOWS=(--crop 0 --batch_size 8); fi
 SUFFIX=$F$SUFFIX
 ASUFFIX=$SUFFIX  # stage A's folder: ε's for both ε recipes
 if [ "$OBJ" != flow ]; then ASUFFIX="$SUFFIX-eps" SUFFIX="$SUFFIX-$OBJ"; fi
@@ -106,9 +119,10 @@ stage() {  # stage NAME OUT_DIR command...: a timed training stage
     timed "$name" train_into "$@"
 }
 
-# VAE: f = 4 (VAE=f8: f = 8, 16 channels; VAE=c8: 8 channels), narrow posterior from the start (log-variance bias -6), L2 on random 32×32 windows, batch 32
+# VAE: f = 4 (VAE=f8: f = 8, 16 channels; VAE=c8: 8 channels), narrow posterior from the start (log-variance
+# bias -6), L2 on random 32×32 windows, batch 32 (VAE1_WHOLE=1: whole scenes, batch 8)
 stage "vae$F" "$R/vae$F" $LF train vae --preset $VAEPRESET --logvar_init -6 --recon l2 --lr 1e-3 \
-    --lr_schedule cosine --min_lr_ratio 0.1 --crop 32 --batch_size 32 --warmup_steps 10 --max_steps 3000 \
+    --lr_schedule cosine --min_lr_ratio 0.1 "${VAE1_WINDOWS[@]}" --warmup_steps 10 --max_steps 3000 \
     --checkpoint_every 500 --seed 0
 
 # 60,000 training scenes, 80% of them captioned in the labelled form the layout completion writes

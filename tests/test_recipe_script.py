@@ -142,6 +142,28 @@ def test_a_whole_scene_decoder_stage_gets_its_own_folder(tmp_path):
     assert "--crop 32 --batch_size 32 " in plain[4]  # the shipped recipe's decoder stage
 
 
+def test_a_whole_scene_first_vae_stage_runs_every_later_stage_in_its_own_folders(tmp_path):
+    done, calls = run(tmp_path, VAE1_WHOLE="1", VAEDEC_WHOLE="1")
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    vae, data, stage_a, stage_b, dec, ship = calls
+    assert "--crop 0 --batch_size 8 " in vae and "--crop 32" not in vae and f"--out {r}/vae-vw" in vae
+    assert "--preset shapes64-vae " in vae and "--max_steps 3000" in vae  # the same preset, steps and seed
+    assert f"{r}/data" in data  # the same scenes
+    for stage in (stage_a, stage_b):
+        assert f"--vae {r}/vae-vw/checkpoints/last.safetensors" in stage
+        assert f"--cache_dir {r}/cache-vw" in stage
+        assert "--preset shapes64 " in stage
+    assert f"--out {r}/unet-vw-epsA" in stage_a and f"--out {r}/unet-vw-eps-minsnrB" in stage_b
+    assert f"--init_from {r}/vae-vw/checkpoints/last.safetensors" in dec and "--crop 0 --batch_size 8 " in dec
+    assert dec.endswith(f"--out {r}/vaedec5000-whole-vw")
+    assert ship.endswith(f"--out {r}/shapes64-2h-vw-eps-minsnr-dec5000-whole.safetensors")
+    # the shipped recipe's first VAE stage keeps its windows, in the folders it always had
+    (tmp_path / "plain").mkdir()
+    _, plain = run(tmp_path / "plain")
+    assert "--crop 32 --batch_size 32 " in plain[0] and plain[0].endswith(f"--out {tmp_path}/plain/runs/vae")
+
+
 @pytest.mark.parametrize("v", ["f8", "c8"])
 def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_path, v):
     done, calls = run(tmp_path, VAE=v)
@@ -181,6 +203,7 @@ def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_pa
         ({"VAEDEC_FOCUS": "101"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '101'"),
         ({"VAEDEC_FOCUS": "075"}, "VAEDEC_FOCUS must be a whole percentage 0..100, got '075'"),
         ({"VAEDEC_WHOLE": "yes"}, "VAEDEC_WHOLE must be 0 or 1, got 'yes'"),
+        ({"VAE1_WHOLE": "2"}, "VAE1_WHOLE must be 0 or 1, got '2'"),
         ({"VAEDEC_WHOLE": "1", "VAEDEC_FOCUS": "75"}, "VAEDEC_WHOLE=1 has none (whole scenes)"),
         ({"B_STEPS": "0"}, "B_STEPS must be a positive whole number, got '0'"),
         ({"B_STEPS": "-6000"}, "B_STEPS must be a positive whole number, got '-6000'"),
