@@ -102,8 +102,11 @@ case $OBJ in
     eps|eps-minsnr) OBJECTIVE=(--objective.prediction eps --objective.sigma_sampling uniform_discrete) ;;
     *) echo "OBJ must be flow, eps or eps-minsnr, got '$OBJ'" >&2; exit 2 ;;
 esac
-VAE1_WINDOWS=(--crop 32 --batch_size 32)
-if [ "$VAE1_WHOLE" = 1 ]; then F=$F-vw VAE1_WINDOWS=(--crop 0 --batch_size 8); fi
+# what a VAE stage learns from: random 32×32 windows, 32 a step, or whole 64² scenes, 8 a step (the same
+# pixels)
+CROPS=(--crop 32 --batch_size 32) WHOLE=(--crop 0 --batch_size 8)
+VAE1_WINDOWS=("${CROPS[@]}")
+if [ "$VAE1_WHOLE" = 1 ]; then F=$F-vw VAE1_WINDOWS=("${WHOLE[@]}"); fi
 SUFFIX=$F$SUFFIX
 ASUFFIX=$SUFFIX  # stage A's folder: ε's for both ε recipes
 if [ "$OBJ" != flow ]; then ASUFFIX="$SUFFIX-eps" SUFFIX="$SUFFIX-$OBJ"; fi
@@ -164,8 +167,8 @@ if [ "$VAEDEC_FOCUS" != 0 ]; then
     DEC=$DEC-focus$VAEDEC_FOCUS TAG=$TAG-focus$VAEDEC_FOCUS
     DECFLAGS+=(--crop_focus "$(printf '%d.%02d' $((VAEDEC_FOCUS / 100)) $((VAEDEC_FOCUS % 100)))")
 fi
-WINDOWS=(--crop 32 --batch_size 32)
-if [ "$VAEDEC_WHOLE" = 1 ]; then DEC=$DEC-whole TAG=$TAG-whole WINDOWS=(--crop 0 --batch_size 8); fi
+WINDOWS=("${CROPS[@]}")
+if [ "$VAEDEC_WHOLE" = 1 ]; then DEC=$DEC-whole TAG=$TAG-whole WINDOWS=("${WHOLE[@]}"); fi
 DEC=$DEC$F
 stage "$DEC" "$R/$DEC" $LF train vae --preset $VAEPRESET --init_from "$R/vae$F/checkpoints/last.safetensors" \
     --train_part decoder --recon l2 ${DECFLAGS[@]+"${DECFLAGS[@]}"} --lr 5e-4 --lr_schedule cosine \
