@@ -4,7 +4,7 @@
 # version, MODEL_CARD.md "Recipe": 122.4 min end to end on a slow day of a 2-core Xeon): ε with Min-SNR-5
 # and a 5000-step decoder stage. Usage: [PY=.venv/bin/python] [NET=unet|dit] [OBJ=eps-minsnr|eps|flow]
 # [VAEDEC_STEPS=N] [VAEDEC_DETAIL=W] [VAEDEC_FOCUS=P] [VAEDEC_WHOLE=1] [VAE1_WHOLE=1] [B_STEPS=N]
-# [VAE=f4|f8|c8]
+# [SMALLW=W] [VAE=f4|f8|c8]
 # scripts/train_default_2h.sh RUNS_DIR
 # OBJ=eps-minsnr (default): SD1's ε-prediction on the 1000-step table (t ~ U{0..999}) for stages A and B, with
 # Min-SNR-5 loss weighting in stage B (Hang et al. 2023); stage A is ε's own, shared (folder unet-epsA),
@@ -36,6 +36,9 @@
 # (round trip after a 5000-step whole-scene decoder stage 88.1% against the windows' 95.3%: MODEL_CARD.md,
 # "Not done yet"); the decoder stage's whole-scene steps are what count (10,000 against 5000 on the e2e42
 # run's VAE 1 took the model from 92.3 to 94.4% on validation).
+# SMALLW=W: stage B's `--small_object_weight` (default 0: off, the shipped recipe): the latent pixels of
+# each small object a caption states weigh 1 + W in its loss (shapes.data.small_object_weights: a function
+# of the caption, so the optimum is unchanged); its own stage B folder and file (suffix -small<W>).
 # B_STEPS=N: stage B's length (default 9000); paying for a longer decoder stage with it does not work (6000
 # with a 9500-step decoder stage: 90.0% against 94.1% validation).
 # Each stage leaves RUNS_DIR/<stage>.done with its wall time; run the script again to continue after a stop
@@ -91,6 +94,10 @@ if [ "$VAEDEC_WHOLE" = 1 ] && [ "$VAEDEC_FOCUS" != 0 ]; then
     echo "VAEDEC_FOCUS places windows; VAEDEC_WHOLE=1 has none (whole scenes): set one of them" >&2
     exit 2
 fi
+SMALLW=${SMALLW:-0}
+case $SMALLW in
+    ''|*[!0-9]*|0?*) echo "SMALLW must be a whole number >= 0, got '$SMALLW'" >&2; exit 2 ;;
+esac
 B_STEPS=${B_STEPS:-9000}
 case $B_STEPS in
     ''|*[!0-9]*|0*) echo "B_STEPS must be a positive whole number, got '$B_STEPS'" >&2; exit 2 ;;
@@ -113,6 +120,9 @@ if [ "$OBJ" != flow ]; then ASUFFIX="$SUFFIX-eps" SUFFIX="$SUFFIX-$OBJ"; fi
 if [ "$OBJ" = eps-minsnr ]; then WEIGHTING=(--objective.weighting min_snr --objective.min_snr_gamma 5); fi
 BSTAGE=${NET}${SUFFIX}B  # stage B's folder, and below the shipped file's tag: their own for another length
 if [ "$B_STEPS" != 9000 ]; then BSTAGE=$BSTAGE$B_STEPS SUFFIX=$SUFFIX-b$B_STEPS; fi
+if [ "$SMALLW" != 0 ]; then
+    BSTAGE=$BSTAGE-small$SMALLW SUFFIX=$SUFFIX-small$SMALLW WEIGHTING+=(--small_object_weight "$SMALLW")
+fi
 mkdir -p "$R"
 # shellcheck source=stages.sh
 source "$(dirname "$0")/stages.sh"  # timed, train_into

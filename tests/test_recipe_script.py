@@ -112,6 +112,22 @@ def test_a_detail_weighted_decoder_stage_and_a_shorter_stage_b_get_their_own_fol
     assert not any("--detail_weight" in c for c in plain) and "--max_steps 9000" in plain[3]
 
 
+def test_small_object_weight_gets_its_own_stage_b_and_file(tmp_path):
+    done, calls = run(tmp_path, SMALLW="4")
+    assert done.returncode == 0, done.stderr
+    r = tmp_path / "runs"
+    stage_a, stage_b, ship = calls[2], calls[3], calls[5]
+    assert "--small_object_weight" not in stage_a
+    assert "--small_object_weight 4" in stage_b and "--objective.weighting min_snr" in stage_b
+    assert f"--out {r}/unet-eps-minsnrB-small4" in stage_b
+    assert f"--init_from {r}/unet-epsA/checkpoints/last.safetensors" in stage_b  # stage A shared
+    assert f"{r}/unet-eps-minsnrB-small4/checkpoints/last.safetensors" in ship
+    assert ship.endswith(f"--out {r}/shapes64-2h-eps-minsnr-small4-dec5000.safetensors")
+    (tmp_path / "plain").mkdir()
+    _, plain = run(tmp_path / "plain", SMALLW="0")
+    assert not any("--small_object_weight" in c for c in plain)
+
+
 @pytest.mark.parametrize(("p", "flag"), [("75", "0.75"), ("5", "0.05"), ("100", "1.00")])
 def test_focused_decoder_windows_get_their_own_folder(tmp_path, p, flag):
     done, calls = run(tmp_path, VAEDEC_FOCUS=p)
@@ -205,6 +221,8 @@ def test_vae_f8_and_c8_run_every_stage_on_their_own_vae_cache_and_folders(tmp_pa
         ({"VAEDEC_WHOLE": "yes"}, "VAEDEC_WHOLE must be 0 or 1, got 'yes'"),
         ({"VAE1_WHOLE": "2"}, "VAE1_WHOLE must be 0 or 1, got '2'"),
         ({"VAEDEC_WHOLE": "1", "VAEDEC_FOCUS": "75"}, "VAEDEC_WHOLE=1 has none (whole scenes)"),
+        ({"SMALLW": "0.5"}, "SMALLW must be a whole number >= 0, got '0.5'"),
+        ({"SMALLW": "04"}, "SMALLW must be a whole number >= 0, got '04'"),
         ({"B_STEPS": "0"}, "B_STEPS must be a positive whole number, got '0'"),
         ({"B_STEPS": "-6000"}, "B_STEPS must be a positive whole number, got '-6000'"),
         ({"NET": "mmdit"}, "NET must be unet or dit, got 'mmdit'"),

@@ -18,6 +18,7 @@ import torch
 from latentforge.checkpoints import read_state_dict
 from latentforge.cli import main as cli
 from latentforge.pipeline import Pipeline
+from latentforge.shapes.captions import parse
 from latentforge.training.config import resolve
 from latentforge.training.loop import TrainingError
 from latentforge.training.metrics import read_metrics
@@ -824,3 +825,36 @@ def test_f8_and_c8_vaes_and_their_denoisers_train_and_generate(tmp_path, v, mult
     assert tuple(sampled.shape) == (1, *latent)
     (img,) = pipe("two red stars", steps=2, cfg=3.0, progress=False)
     assert img.size == (64, 64)
+
+
+def test_small_object_weight_weighs_the_stated_small_objects(tmp_path, monkeypatch):
+    """`small_object_weight`: its weights are made from the captions the network was given (dropped ones
+    empty: weight 1), > 1 exactly where a caption states a small object's size and place, and the first
+    step (the same weights, batch and draws as a plain run) has a higher loss than the plain run's."""
+    from latentforge.shapes import data as shapes_data
+    from latentforge.training import trainer as trainer_mod
+
+    seen = []
+
+    def spy(captions, size, factor, weight):
+        out = shapes_data.small_object_weights(captions, size, factor, weight)
+        seen.append((list(captions), size, factor, weight, out))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "small_object_weights", spy)
+    losses = {}
+    for name, over in (("plain", {}), ("small", {"small_object_weight": "4"})):
+        out = str(tmp_path / name)
+        train_denoiser(micro(max_steps=3, eval_n=0, caption_dropout="0.25", **over), out, progress=False)
+        losses[name] = [r["loss"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "loss" in r]
+    assert len(seen) == 3 and all(s[1:4] == (32, 1, 4.0) for s in seen)  # shapes-tiny: pixel space, 32²
+    captions, _, _, _, w = seen[0]
+    assert w.shape == (4, 1, 32, 32)
+    for c, wi in zip(captions, w, strict=True):
+        assert (wi.max() > 1) == any(
+            o.size == "small" and o.position is not None for o in (parse(c).objects if parse(c) else ())
+        ), c
+    assert (w > 1).any() and (w == 1).all(dim=(1, 2, 3)).any()  # the first batch has captions of both kinds
+    assert losses["small"][0] > losses["plain"][0]
+    with pytest.raises(ValueError, match="small_object_weight must be >= 0"):
+        micro(small_object_weight="-1")

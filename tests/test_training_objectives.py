@@ -568,3 +568,81 @@ def test_mismatched_model_sampling_and_shapes_raise():
         loss(cfg, model_sampling_for(cfg), lambda x, t: x[:, :1], x0)
     with pytest.raises(ValueError, match="'x1'.*'eps'"):
         min_snr_weight(torch.ones(1), 5.0, "x1")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-element loss weights (`pixel_weight`: kohya's masked loss; shapes.data.small_object_weights)
+
+
+def _shifted_net(ms, gmm, delta):
+    """The raw network whose denoiser is D_exact + delta."""
+    d_exact = gmm.denoiser(flow=False)
+
+    def net(x_in, t, sigma):
+        x = x_in / ms.calculate_input(sigma, torch.ones_like(x_in))
+        a = ms.calculate_denoised(sigma, torch.zeros_like(x), x)
+        b = ms.calculate_denoised(sigma, torch.ones_like(x), x) - a
+        return (d_exact(x, sigma) + delta - a) / b
+
+    return net
+
+
+def test_pixel_weight_of_the_conditioning_keeps_the_posterior_mean_as_minimiser():
+    """A weight map that is the same for every sample of a condition (as the small-object map is a function
+    of the caption) leaves E[x₀ | x] the minimiser: shifting the denoiser by δ costs exactly
+    δ²·mean(w)/c_out² in expectation. A map that depends on x₀ itself does not: it tilts the optimum towards
+    the heavily weighted samples, and a shifted denoiser then beats the exact one."""
+    gmm = GaussianMixture.random(k=3, dim=4, seed=0)
+    cfg = _cfg("eps")
+    ms = model_sampling_for(cfg)
+    n, s, delta = 20000, 0.8, 0.05
+    g = torch.Generator().manual_seed(5)
+    x0 = gmm.sample(n, g).reshape(n, 1, 2, 2)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    sigma = torch.full((n,), s, dtype=torch.float64)
+    c2 = float(c_out_squared(ms, sigma[:1]))
+
+    def raw(net, pw):
+        return loss(cfg, ms, net, x0, {"sigma": sigma}, noise=noise, sigma=sigma, pixel_weight=pw)[1][
+            "loss_raw"
+        ]
+
+    same = torch.tensor([1.0, 1.0, 5.0, 5.0], dtype=torch.float64).reshape(1, 1, 2, 2)
+    for d in (delta, -delta):
+        gap = raw(_shifted_net(ms, gmm, d), same) - raw(_shifted_net(ms, gmm, 0.0), same)
+        expected = d * d * float(same.mean()) / c2
+        se = float(gap.std()) / math.sqrt(n)
+        assert abs(float(gap.mean()) - expected) < 4 * se, (d, float(gap.mean()), expected, se)
+
+    tilted = 1.0 + 4.0 * (x0 > 0).double()  # depends on the sample, not on a condition
+    gap = raw(_shifted_net(ms, gmm, delta), tilted) - raw(_shifted_net(ms, gmm, 0.0), tilted)
+    se = float(gap.std()) / math.sqrt(n)
+    assert float(gap.mean()) < -4 * se, (float(gap.mean()), se)  # shifted towards x₀ > 0: better than exact
+
+
+def test_pixel_weight_of_ones_is_the_plain_loss_and_a_bad_shape_is_refused():
+    cfg = _cfg("eps")
+    ms = model_sampling_for(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+
+    def net(x, t):
+        return 0.3 * x
+
+    plain, _ = loss(cfg, ms, net, x0, generator=torch.Generator().manual_seed(1))
+    ones, _ = loss(
+        cfg, ms, net, x0, generator=torch.Generator().manual_seed(1), pixel_weight=torch.ones(3, 1, 8, 8)
+    )
+    assert torch.equal(plain, ones)
+    twice, _ = loss(
+        cfg,
+        ms,
+        net,
+        x0,
+        generator=torch.Generator().manual_seed(1),
+        pixel_weight=torch.full((3, 1, 8, 8), 2.0),
+    )
+    torch.testing.assert_close(twice, 2 * plain)
+    for bad in (torch.ones(3, 1, 4, 4), torch.ones(3, 2, 8, 8, 1)):
+        with pytest.raises(ValueError, match="pixel_weight shape"):
+            loss(cfg, ms, net, x0, generator=torch.Generator().manual_seed(1), pixel_weight=bad)

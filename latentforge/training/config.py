@@ -68,6 +68,9 @@ class DenoiserTrainConfig:
     cache_latents: bool = False  # folder data: VAE latents (and frozen text conditioning) cached on disk
     cache_dir: str | None = None  # where; None: <out>/cache. Reused across runs while inputs are unchanged
     caption_dropout: float = 0.1  # P(caption -> ""): trains the unconditional branch for CFG
+    # shapes captions: each stated small object's latent pixels weigh 1 + this in the loss (0: off;
+    # shapes.data.small_object_weights)
+    small_object_weight: float = 0.0
     num_workers: int = 1
     min_image_size: int = MIN_IMAGE_SIZE  # folder images with a side below this are skipped and counted
     # -- optimisation -----------------------------------------------------------------------------------
@@ -126,6 +129,8 @@ class DenoiserTrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if not 0 <= self.ema_decay <= 1:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.small_object_weight < 0:
+            raise ValueError(f"small_object_weight must be >= 0 (0: off), got {self.small_object_weight}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.grad_clip < 0:

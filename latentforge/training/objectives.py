@@ -311,14 +311,17 @@ def loss(
     noise: torch.Tensor | None = None,
     sigma: torch.Tensor | float | None = None,
     net_dtype: torch.dtype | None = None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training loss: mean_b w(σ_b)·mean_dims (F(c_in·x_b, t(σ_b)) − target_b)².
 
     `net(x_in, t, **cond)` is the raw network (as in `Denoiser`). `noise` and `sigma` override the
     draws (σ: scalar or [B]). `net_dtype` casts the network input (e.g. torch.bfloat16); timesteps stay
-    float32 (999 does not survive bf16) and the output is cast back before the loss.
-    Returns the scalar loss and `info` with per-sample "sigma", "timestep", "loss_raw" (unweighted
-    target-space MSE) and "weight" (all detached).
+    float32 (999 does not survive bf16) and the output is cast back before the loss. `pixel_weight`
+    (broadcastable to x0, e.g. [B, 1, h, w]) multiplies each element's squared error before the mean over
+    dims (kohya's masked loss; `shapes.data.small_object_weights`).
+    Returns the scalar loss and `info` with per-sample "sigma", "timestep", "loss_raw" (target-space MSE
+    without the σ weight, with `pixel_weight` when given) and "weight" (all detached).
     """
     _check_pair(cfg, ms)
     if x0.ndim < 2:
@@ -343,7 +346,19 @@ def loss(
         raise ValueError(f"network output shape {tuple(out.shape)} != x0 shape {tuple(x0.shape)}")
 
     target = prediction_target(ms, sigma, noise, x0w, x)
-    raw = (out - target).pow(2).flatten(1).mean(1)  # [B]
+    err = (out - target).pow(2)
+    if pixel_weight is not None:
+        try:
+            err = err * pixel_weight.to(err)
+        except RuntimeError:
+            raise ValueError(
+                f"pixel_weight shape {tuple(pixel_weight.shape)} does not broadcast to x0's {tuple(x0.shape)}"
+            ) from None
+        if err.shape != out.shape:
+            raise ValueError(
+                f"pixel_weight shape {tuple(pixel_weight.shape)} does not broadcast to x0's {tuple(x0.shape)}"
+            )
+    raw = err.flatten(1).mean(1)  # [B]
     w = loss_weight(cfg, ms, sigma).to(work)
     total = (w * raw).mean()
     info = {"sigma": sigma.detach(), "timestep": t.detach(), "loss_raw": raw.detach(), "weight": w.detach()}

@@ -43,6 +43,7 @@ from latentforge.checkpoints import (
 )
 from latentforge.models.init import init_weights
 from latentforge.models.vae import LatentFormat
+from latentforge.shapes.data import small_object_weights
 from latentforge.training import dist, loop, run_folder
 from latentforge.training.config import MODEL_FIELDS, DenoiserTrainConfig
 from latentforge.training.ema import weights_swapped
@@ -294,8 +295,13 @@ class DenoiserTask(loop.Task):
         h, w = x0.shape[-2:]
         size = (h * f, w * f)
         model_fn = _Bound(mb.nets["model"], captions, size, self._cached_cond(mb.batch, drop, size))
+        pw = None
+        if cfg.small_object_weight > 0:  # [B, 1, h, w] from this rank's captions as given (dropped: 1)
+            pw = small_object_weights(captions, h * f, f, cfg.small_object_weight).to(dev)
         with autocast(cfg.precision, dev):
-            loss, _ = objective_loss(cfg.objective, self.ms, model_fn, x0, noise=noise, sigma=sigma.to(dev))
+            loss, _ = objective_loss(
+                cfg.objective, self.ms, model_fn, x0, noise=noise, sigma=sigma.to(dev), pixel_weight=pw
+            )
         mb.backward(loss)
         return {"loss": loss.detach().double().cpu()}
 
