@@ -858,3 +858,11 @@ def test_small_object_weight_weighs_the_stated_small_objects(tmp_path, monkeypat
     assert losses["small"][0] > losses["plain"][0]
     with pytest.raises(ValueError, match="small_object_weight must be >= 0"):
         micro(small_object_weight="-1")
+    with pytest.raises(
+        ValueError, match="square shapes scenes of 32..512 px; got resolution 32 with buckets"
+    ):
+        micro(small_object_weight="1", buckets="true")
+    with pytest.raises(ValueError, match="square shapes scenes of 32..512 px; got resolution 1024"):
+        resolve(
+            "denoiser", "sd15", overrides={"small_object_weight": "1", "resolution": "1024", "data": "/x"}
+        )

@@ -131,6 +131,14 @@ class DenoiserTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.small_object_weight < 0:
             raise ValueError(f"small_object_weight must be >= 0 (0: off), got {self.small_object_weight}")
+        if self.small_object_weight > 0 and (
+            self.buckets or not SHAPES_RES_MIN <= self.resolution <= SHAPES_RES_MAX
+        ):
+            raise ValueError(
+                "small_object_weight weighs square shapes scenes of "
+                f"{SHAPES_RES_MIN}..{SHAPES_RES_MAX} px; got resolution {self.resolution}"
+                + (" with buckets (other sizes)" if self.buckets else "")
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.grad_clip < 0:

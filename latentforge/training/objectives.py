@@ -351,10 +351,8 @@ def loss(
         try:
             err = err * pixel_weight.to(err)
         except RuntimeError:
-            raise ValueError(
-                f"pixel_weight shape {tuple(pixel_weight.shape)} does not broadcast to x0's {tuple(x0.shape)}"
-            ) from None
-        if err.shape != out.shape:
+            err = None
+        if err is None or err.shape != out.shape:
             raise ValueError(
                 f"pixel_weight shape {tuple(pixel_weight.shape)} does not broadcast to x0's {tuple(x0.shape)}"
             )
