@@ -168,7 +168,7 @@ def small_object_weights(captions: list[str], size: int, factor: int, weight: fl
     size = check_resolution(size)
     if factor < 1 or size % factor:
         raise ValueError(f"factor must be a positive divisor of the image size {size}, got {factor}")
-    if not weight >= 0 or weight == float("inf"):
+    if not 0 <= weight < float("inf"):  # NaN fails too
         raise ValueError(f"small-object weight must be a finite number >= 0, got {weight}")
     m = torch.zeros(len(captions), 1, size, size)
     for i, text in enumerate(captions):

@@ -297,7 +297,7 @@ class DenoiserTask(loop.Task):
         model_fn = _Bound(mb.nets["model"], captions, size, self._cached_cond(mb.batch, drop, size))
         pw = None
         if cfg.small_object_weight > 0:  # [B, 1, h, w] from this rank's captions as given (dropped: 1)
-            pw = small_object_weights(captions, h * f, f, cfg.small_object_weight).to(dev)
+            pw = small_object_weights(captions, size[0], f, cfg.small_object_weight).to(dev)
         with autocast(cfg.precision, dev):
             loss, _ = objective_loss(
                 cfg.objective, self.ms, model_fn, x0, noise=noise, sigma=sigma.to(dev), pixel_weight=pw
