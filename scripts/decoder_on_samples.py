@@ -86,6 +86,10 @@ def windows(z: torch.Tensor, x: torch.Tensor, crop: int, f: int, g: torch.Genera
 def train(args) -> None:
     files = [read_state_dict(path) for path in args.pairs]
     pairs = {k: torch.cat([f[k] for f in files]) for k in ("latents", "index", "strength")}
+    keep = pairs["strength"] <= args.max_strength + 1e-6
+    if not keep.any():
+        raise SystemExit(f"--max-strength {args.max_strength}: no pair has a strength that low")
+    pairs = {k: v[keep] for k, v in pairs.items()}
     model = model_file(args.model)
     vae, fmt = load_vae_file(args.init or model)
     if args.init and fmt != load_vae_file(model)[1]:
@@ -147,6 +151,7 @@ def main() -> int:
     b.add_argument("--pairs", required=True, nargs="+", help="gen's files (their scenes from one --seed)")
     b.add_argument("--pair-seed", type=int, default=21, help="the scenes' seed given to gen --seed")
     b.add_argument("--init", default=None, help="a VAE file to start from (default: the model's VAE)")
+    b.add_argument("--max-strength", type=float, default=1.0, help="train on the pairs up to this strength")
     b.add_argument("--steps", type=int, default=3000)
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--crop", type=int, default=32)
